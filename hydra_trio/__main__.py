@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from hydra_trio.cli import main
+
+main()

@@ -1,0 +1,183 @@
+"""Transport: frames over trio streams, and TCP with keepalive.  The only module touching sockets.
+
+``FramedChannel`` joins a ``trio.abc.Stream`` (a TCP stream, a TLS stream, or a memory stream in
+tests) to a sans-I/O ``Connection``.  It has exactly one writer at a time: ``send`` may be called
+by any number of tasks concurrently; frames queued while a write is in flight are coalesced into
+the next ``send_all`` (never a ``BusyResourceError``, and fewer system calls under load).
+
+TCP options complement the application ping, they do not replace it: keepalive and
+``TCP_USER_TIMEOUT`` bound how long a write into a black hole can hang and let the kernel notice
+a vanished peer on an idle link, but only the ping proves the peer's event loop is running.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from hydra_trio.protocol.connection import Connection
+from hydra_trio.protocol.errors import HydraTrioError
+from hydra_trio.protocol.messages import Message
+
+RECEIVE_SIZE = 256 * 1024
+
+
+class ConnectionLost(HydraTrioError):
+    """The peer closed the stream, or the stream broke."""
+
+
+class FramedChannel:
+    """Frames over one stream.  The caller owns ``stream``; ``aclose`` closes it."""
+
+    def __init__(self, stream: trio.abc.Stream, connection: Connection) -> None:
+        self.stream = stream
+        self.connection = connection
+        self._pending: list[bytes] = []
+        self._write_lock = trio.Lock()
+        self._received: deque[Message] = deque()
+        self._eof = False
+
+    async def send(self, message: Message) -> None:
+        """Send one message.  Returns once it has been handed to the stream.
+
+        The frame is queued synchronously; whichever task holds the write lock flushes
+        everything queued, so a task cancelled while waiting may still have its frame sent.
+        """
+        self._pending.append(self.connection.send(message, trio.current_time()))
+        await self._flush()
+
+    async def send_all(self, messages: list[Message]) -> None:
+        """Send several messages in one write."""
+        now = trio.current_time()
+        self._pending.extend(self.connection.send(m, now) for m in messages)
+        await self._flush()
+
+    async def _flush(self) -> None:
+        async with self._write_lock:
+            while self._pending:
+                data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+                self._pending.clear()
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise ConnectionLost(f"send failed: {exc or type(exc).__name__}") from exc
+
+    async def receive(self) -> Message:
+        """The next message.  Raises ``ConnectionLost`` at EOF and ``RemoteProtocolError``
+        for an invalid frame."""
+        received = self._received
+        while not received:
+            if self._eof:
+                raise ConnectionLost("connection closed by peer")
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ConnectionLost(f"receive failed: {exc or type(exc).__name__}") from exc
+            if not data:
+                self._eof = True
+                self.connection.receive_eof()
+                raise ConnectionLost("connection closed by peer")
+            received.extend(self.connection.receive_data(data, trio.current_time()))
+        return received.popleft()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# Addresses and TCP.
+
+
+@attrs.frozen
+class HostPort:
+    """A ``HOST:PORT`` as given on the command line; ``host`` has no brackets."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        """``127.0.0.1:7420``, ``[::1]:7420``, ``localhost:7420``; ValueError otherwise."""
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        if host.startswith("["):
+            if not host.endswith("]"):
+                raise ValueError(f"{text!r}: unbalanced brackets around the IPv6 address")
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:7420")
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
+        return cls(host, int(port_text))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def configure_keepalive(stream: trio.abc.Stream, timeout: float) -> None:
+    """Set ``SO_KEEPALIVE``, ``TCP_KEEPIDLE/INTVL/CNT`` and ``TCP_USER_TIMEOUT`` from
+    ``timeout`` (seconds): an idle dead peer is probed after timeout/2 and given up on after
+    about ``timeout``; unacknowledged data older than ``timeout`` fails the connection."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return
+    idle = max(1, int(timeout / 2))
+    interval = max(1, int(timeout / 6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", max(1000, int(timeout * 1000))),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:  # not every platform has every option
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def keepalive_settings(stream: trio.abc.Stream) -> dict[str, int]:
+    """Read the keepalive options back (for tests and diagnostics)."""
+    sock = stream.socket  # type: ignore[attr-defined]
+    settings = {"SO_KEEPALIVE": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)}
+    for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_USER_TIMEOUT"):
+        option = getattr(socket, name, None)
+        if option is not None:
+            settings[name] = sock.getsockopt(socket.IPPROTO_TCP, option)
+    return settings
+
+
+async def open_tcp(address: HostPort, *, keepalive_timeout: float) -> trio.SocketStream:
+    """Connect to ``address`` with keepalive set.  Callers bound it with ``fail_after``."""
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    configure_keepalive(stream, keepalive_timeout)
+    return stream
+
+
+async def serve_tcp(
+    handler: Callable[[trio.SocketStream], Awaitable[Any]],
+    address: HostPort,
+    *,
+    keepalive_timeout: float,
+    task_status: trio.TaskStatus[list[HostPort]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``handler`` on ``address`` forever; reports the bound addresses when listening.
+
+    ``::`` and ``0.0.0.0`` mean every interface; ``::`` listens on IPv6 and IPv4.
+    """
+    host: str | None = None if address.host in ("::", "") else address.host
+    listeners = await trio.open_tcp_listeners(address.port, host=host)
+
+    async def configured(stream: trio.SocketStream) -> None:
+        configure_keepalive(stream, keepalive_timeout)
+        await handler(stream)
+
+    bound = [HostPort(*listener.socket.getsockname()[:2]) for listener in listeners]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, configured, listeners)
+        task_status.started(bound)

@@ -1,0 +1,513 @@
+"""Message types of the hydra-trio wire protocol.
+
+Theory of operation
+-------------------
+Every frame body is one msgpack map.  Its ``"type"`` key names the message (the *tag*); the
+other keys are the message's fields, by their Python names.  Each message is a frozen attrs
+class whose validators are the single place where field shapes are checked: a message built
+locally with a wrong field raises ``ValueError`` at construction, and the decoder turns the same
+failure on a received frame into ``RemoteProtocolError`` naming the message and the field.
+
+Records (``BuildRef``, ``FileInfo``, ``InputSpec``, ``Limits``) are nested maps without a tag.
+
+Compatibility rules (see docs/protocol.md):
+
+- A field with a default may be missing on the wire; the default applies.  A field without a
+  default is required.
+- Keys a receiver does not know are ignored, so a minor version may add optional fields.
+- Every message about a build carries ``attempt``: the fencing token.  The runner accepts a
+  message about a build only for the attempt it currently has assigned to that machine.
+- Each message may travel in one direction only (``SENDERS``); a frame in the wrong direction
+  is a protocol error.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import attrs
+
+from hydra_trio.protocol import validators as v
+from hydra_trio.protocol.errors import RemoteProtocolError
+
+#: The protocol version this code speaks.  Same major = compatible.
+PROTOCOL_VERSION = "1.0"
+
+
+class Role(enum.Enum):
+    """Which end of a connection a side is."""
+
+    #: the queue runner: accepts connections, assigns builds.
+    RUNNER = "runner"
+    #: a builder: dials in, pings, runs builds.
+    BUILDER = "builder"
+
+
+class Phase(enum.Enum):
+    """What a running build is doing, as reported by ``Progress``."""
+
+    #: fetching the outputs of the builds it depends on into ``$IN``.
+    FETCHING = "fetching"
+    #: the command is running.
+    BUILDING = "building"
+    #: uploading what the command left in ``$OUT``.
+    UPLOADING = "uploading"
+
+
+class BuildStatus(enum.Enum):
+    """Why a build (or one attempt of it) ended."""
+
+    #: exit status 0 and outputs uploaded.
+    SUCCESS = "success"
+    #: the command exited non-zero (or could not be started).
+    BUILD_FAILED = "build-failed"
+    #: the wall-clock ``timeout`` passed.
+    TIMED_OUT = "timed-out"
+    #: no log output for ``maxSilent`` seconds.
+    SILENT_TOO_LONG = "silent-too-long"
+    #: the log grew past its limit.
+    LOG_LIMIT_EXCEEDED = "log-limit-exceeded"
+    #: ``$OUT`` grew past its limit.
+    OUTPUT_LIMIT_EXCEEDED = "output-limit-exceeded"
+    #: a build it depends on failed, so it never ran.
+    DEPENDENCY_FAILED = "dependency-failed"
+    #: the builder running it was lost (infrastructure failure, retried).
+    BUILDER_LOST = "builder-lost"
+    #: its inputs could not be fetched (infrastructure failure, retried).
+    FETCH_FAILED = "fetch-failed"
+    #: its outputs could not be uploaded (infrastructure failure, retried).
+    UPLOAD_FAILED = "upload-failed"
+    #: the builder could not prepare the build (infrastructure failure, retried).
+    INTERNAL_ERROR = "internal-error"
+    #: cancelled by an operator.
+    CANCELLED = "cancelled"
+
+    @property
+    def is_infrastructure(self) -> bool:
+        """True for failures that are the farm's fault, not the build's: these are retried."""
+        return self in _INFRASTRUCTURE
+
+
+_INFRASTRUCTURE = frozenset(
+    {
+        BuildStatus.BUILDER_LOST,
+        BuildStatus.FETCH_FAILED,
+        BuildStatus.UPLOAD_FAILED,
+        BuildStatus.INTERNAL_ERROR,
+    }
+)
+
+
+_EMPTY_MAP: Mapping[str, Any] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Records (nested maps without a tag).
+
+
+@attrs.frozen(kw_only=True)
+class BuildRef:
+    """A build and the attempt it runs under."""
+
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    attempt: int = attrs.field(validator=v.check_count)
+
+
+@attrs.frozen(kw_only=True)
+class FileInfo:
+    """One file of a build's output (or of an input), addressed by content.
+
+    ``path`` is relative with ``/`` separators.  ``link`` is set (and ``sha256`` is the hash of
+    the empty string) for a symbolic link, which is stored as a link and never followed.
+    """
+
+    path: str = attrs.field(validator=v.check_nonempty_str)
+    size: int = attrs.field(validator=v.check_count)
+    sha256: str = attrs.field(validator=v.sha256_hex)
+    executable: bool = attrs.field(default=False, validator=v.check_bool)
+    link: str = attrs.field(default="", validator=v.check_str)
+
+
+@attrs.frozen(kw_only=True)
+class InputSpec:
+    """The output of one dependency, to be placed under ``$IN/<name>``."""
+
+    name: str = attrs.field(validator=v.check_nonempty_str)
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    files: tuple[FileInfo, ...] = attrs.field(
+        default=(), converter=v.as_tuple, validator=v.records_of(FileInfo)
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """Limits a builder enforces on one build; ``None`` means no limit."""
+
+    timeout: float | None = attrs.field(default=None, validator=v.check_seconds_or_none)
+    max_silent: float | None = attrs.field(default=None, validator=v.check_seconds_or_none)
+    max_log_bytes: int | None = attrs.field(default=None, validator=v.check_count_or_none)
+    max_output_bytes: int | None = attrs.field(default=None, validator=v.check_count_or_none)
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages.
+
+_B = frozenset({Role.BUILDER})
+_R = frozenset({Role.RUNNER})
+_BOTH = frozenset({Role.BUILDER, Role.RUNNER})
+
+
+@attrs.frozen(kw_only=True)
+class Hello:
+    """Builder -> runner, first frame: who the builder is and what it can build."""
+
+    TAG: ClassVar[str] = "hello"
+    SENDERS: ClassVar[frozenset[Role]] = _B
+
+    protocol_version: str = attrs.field(validator=v.check_nonempty_str)
+    machine_id: str = attrs.field(validator=v.check_nonempty_str)
+    hostname: str = attrs.field(validator=v.check_nonempty_str)
+    systems: tuple[str, ...] = attrs.field(converter=v.as_tuple, validator=v.check_str_tuple)
+    supported_features: tuple[str, ...] = attrs.field(
+        default=(), converter=v.as_tuple, validator=v.check_str_tuple
+    )
+    mandatory_features: tuple[str, ...] = attrs.field(
+        default=(), converter=v.as_tuple, validator=v.check_str_tuple
+    )
+    max_jobs: int = attrs.field(default=1, validator=v.check_positive_int)
+    speed_factor: float = attrs.field(default=1.0, validator=v.check_positive_number)
+    ping_interval: float = attrs.field(default=10.0, validator=v.check_positive_number)
+    #: the builder's proof that it knows the shared token (empty when no token is configured).
+    credentials: bytes = attrs.field(default=b"", validator=v.check_bytes)
+
+
+@attrs.frozen(kw_only=True)
+class Welcome:
+    """Runner -> builder: the hello was accepted; the connection is established."""
+
+    TAG: ClassVar[str] = "welcome"
+    SENDERS: ClassVar[frozenset[Role]] = _R
+
+    protocol_version: str = attrs.field(validator=v.check_nonempty_str)
+    session_id: str = attrs.field(validator=v.check_nonempty_str)
+    #: how long the runner waits for a frame before it declares this builder lost.
+    builder_timeout: float = attrs.field(validator=v.check_positive_number)
+
+
+@attrs.frozen(kw_only=True)
+class Reject:
+    """Runner -> builder: the hello was refused; the runner closes the connection."""
+
+    TAG: ClassVar[str] = "reject"
+    SENDERS: ClassVar[frozenset[Role]] = _R
+
+    #: machine-readable: ``incompatible-version``, ``auth-failed``, ``invalid-hello``, ...
+    code: str = attrs.field(validator=v.check_nonempty_str)
+    reason: str = attrs.field(validator=v.check_str)
+
+
+@attrs.frozen(kw_only=True)
+class Ping:
+    """Builder -> runner, every ping interval: I am alive, and this is what I run."""
+
+    TAG: ClassVar[str] = "ping"
+    SENDERS: ClassVar[frozenset[Role]] = _B
+
+    seq: int = attrs.field(validator=v.check_count)
+    load: float = attrs.field(default=0.0, validator=v.check_seconds)
+    disk_free: int = attrs.field(default=0, validator=v.check_count)
+    running: tuple[BuildRef, ...] = attrs.field(
+        default=(), converter=v.as_tuple, validator=v.records_of(BuildRef)
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Pong:
+    """Runner -> builder: the answer to ``Ping`` with the same ``seq``."""
+
+    TAG: ClassVar[str] = "pong"
+    SENDERS: ClassVar[frozenset[Role]] = _R
+
+    seq: int = attrs.field(validator=v.check_count)
+
+
+@attrs.frozen(kw_only=True)
+class Assign:
+    """Runner -> builder: run this build under this attempt."""
+
+    TAG: ClassVar[str] = "assign"
+    SENDERS: ClassVar[frozenset[Role]] = _R
+
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    attempt: int = attrs.field(validator=v.check_count)
+    name: str = attrs.field(default="", validator=v.check_str)
+    command: tuple[str, ...] = attrs.field(converter=v.as_tuple, validator=v.check_str_tuple)
+    env: Mapping[str, str] = attrs.field(default=_EMPTY_MAP, validator=v.check_str_map)
+    inputs: tuple[InputSpec, ...] = attrs.field(
+        default=(), converter=v.as_tuple, validator=v.records_of(InputSpec)
+    )
+    limits: Limits = attrs.field(factory=Limits, validator=v.exactly(Limits))
+
+    @command.validator
+    def _command_not_empty(self, attr: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+        if not value:
+            raise ValueError("command: must not be empty")
+
+
+@attrs.frozen(kw_only=True)
+class Abort:
+    """Runner -> builder: stop this attempt of this build (cancelled, or no longer current)."""
+
+    TAG: ClassVar[str] = "abort"
+    SENDERS: ClassVar[frozenset[Role]] = _R
+
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    attempt: int = attrs.field(validator=v.check_count)
+    reason: str = attrs.field(default="", validator=v.check_str)
+
+
+@attrs.frozen(kw_only=True)
+class Progress:
+    """Builder -> runner: the build entered a new phase."""
+
+    TAG: ClassVar[str] = "progress"
+    SENDERS: ClassVar[frozenset[Role]] = _B
+
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    attempt: int = attrs.field(validator=v.check_count)
+    phase: Phase = attrs.field(validator=v.exactly(Phase))
+
+
+@attrs.frozen(kw_only=True)
+class LogChunk:
+    """Builder -> runner: the next bytes of a build's log (stdout and stderr merged)."""
+
+    TAG: ClassVar[str] = "log"
+    SENDERS: ClassVar[frozenset[Role]] = _B
+
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    attempt: int = attrs.field(validator=v.check_count)
+    data: bytes = attrs.field(validator=v.check_bytes)
+
+
+@attrs.frozen(kw_only=True)
+class Result:
+    """Builder -> runner: how an attempt ended.  Committed only if ``attempt`` is current."""
+
+    TAG: ClassVar[str] = "result"
+    SENDERS: ClassVar[frozenset[Role]] = _B
+
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    attempt: int = attrs.field(validator=v.check_count)
+    status: BuildStatus = attrs.field(validator=v.exactly(BuildStatus))
+    exit_code: int | None = attrs.field(default=None, validator=v.check_int_or_none)
+    #: seconds spent per phase: ``fetch``, ``build``, ``upload``.
+    timings: Mapping[str, float] = attrs.field(default=_EMPTY_MAP, validator=v.check_float_map)
+    outputs: tuple[FileInfo, ...] = attrs.field(
+        default=(), converter=v.as_tuple, validator=v.records_of(FileInfo)
+    )
+    error: str = attrs.field(default="", validator=v.check_str)
+
+
+@attrs.frozen(kw_only=True)
+class Drain:
+    """Either way: runner -> builder, stop taking work; builder -> runner, I am shutting down
+    and will finish what I run (a draining builder keeps pinging and is never reported lost)."""
+
+    TAG: ClassVar[str] = "drain"
+    SENDERS: ClassVar[frozenset[Role]] = _BOTH
+
+    reason: str = attrs.field(default="", validator=v.check_str)
+
+
+@attrs.frozen(kw_only=True)
+class Goodbye:
+    """Either way: a clean close; the sender closes the connection after it."""
+
+    TAG: ClassVar[str] = "goodbye"
+    SENDERS: ClassVar[frozenset[Role]] = _BOTH
+
+    reason: str = attrs.field(default="", validator=v.check_str)
+
+
+@attrs.frozen(kw_only=True)
+class FetchRequest:
+    """Builder -> runner: send me the file with this content hash (an input of a build)."""
+
+    TAG: ClassVar[str] = "fetch"
+    SENDERS: ClassVar[frozenset[Role]] = _B
+
+    request_id: int = attrs.field(validator=v.check_count)
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    attempt: int = attrs.field(validator=v.check_count)
+    sha256: str = attrs.field(validator=v.sha256_hex)
+
+
+@attrs.frozen(kw_only=True)
+class FetchData:
+    """Runner -> builder: the next chunk of a requested file; ``error`` set means it failed."""
+
+    TAG: ClassVar[str] = "fetch-data"
+    SENDERS: ClassVar[frozenset[Role]] = _R
+
+    request_id: int = attrs.field(validator=v.check_count)
+    data: bytes = attrs.field(default=b"", validator=v.check_bytes)
+    eof: bool = attrs.field(default=False, validator=v.check_bool)
+    error: str = attrs.field(default="", validator=v.check_str)
+
+
+@attrs.frozen(kw_only=True)
+class UploadData:
+    """Builder -> runner: the next chunk of one output file of an attempt.
+
+    The first chunk of a file carries ``offset`` 0; the last carries ``eof`` and the file's
+    ``FileInfo`` so the runner can check size and hash before it keeps the file.
+    """
+
+    TAG: ClassVar[str] = "upload"
+    SENDERS: ClassVar[frozenset[Role]] = _B
+
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    attempt: int = attrs.field(validator=v.check_count)
+    path: str = attrs.field(validator=v.check_nonempty_str)
+    offset: int = attrs.field(validator=v.check_count)
+    data: bytes = attrs.field(default=b"", validator=v.check_bytes)
+    eof: bool = attrs.field(default=False, validator=v.check_bool)
+
+
+Message = (
+    Hello
+    | Welcome
+    | Reject
+    | Ping
+    | Pong
+    | Assign
+    | Abort
+    | Progress
+    | LogChunk
+    | Result
+    | Drain
+    | Goodbye
+    | FetchRequest
+    | FetchData
+    | UploadData
+)
+
+MESSAGE_TYPES: tuple[type[Message], ...] = typing.get_args(Message)
+BY_TAG: dict[str, type[Message]] = {cls.TAG: cls for cls in MESSAGE_TYPES}
+RECORD_TYPES: tuple[type[Any], ...] = (BuildRef, FileInfo, InputSpec, Limits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion between messages and plain msgpack-able maps.  The per-class plans are computed
+# once at import so the hot path is a loop over (name, converter) pairs.
+
+_Plan = tuple[tuple[str, Callable[[Any], Any] | None, bool], ...]
+
+
+def _field_kind(cls: type[Any], field: attrs.Attribute[Any]) -> Callable[[Any], Any] | None:
+    """The decoder for a field's wire value: records and enums need one, scalars do not."""
+    hints = typing.get_type_hints(cls)
+    hint = hints[field.name]
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint in RECORD_TYPES:
+        return functools.partial(_decode_record, hint)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return functools.partial(_decode_enum, hint)
+    if origin is tuple and args and args[0] in RECORD_TYPES:
+        return functools.partial(_decode_record_list, args[0])
+    return None
+
+
+def _plan(cls: type[Any]) -> _Plan:
+    return tuple(
+        (f.name, _field_kind(cls, f), f.default is attrs.NOTHING) for f in attrs.fields(cls)
+    )
+
+
+def _decode_enum(kind: type[enum.Enum], raw: object) -> object:
+    try:
+        return kind(raw)
+    except (ValueError, TypeError):
+        return raw  # the validator reports it, naming the field
+
+
+def _decode_record_list(record: type[Any], raw: object) -> object:
+    if type(raw) is not list or len(raw) > v.MAX_LIST:
+        return raw
+    return tuple(_decode_record(record, item) for item in raw)
+
+
+def _decode_record(record: type[Any], raw: object) -> object:
+    if not isinstance(raw, dict):
+        return raw
+    return _build(record, _PLANS[record], raw, record.__name__)
+
+
+def _build(cls: type[Any], plan: _Plan, raw: dict[Any, Any], what: str) -> Any:
+    kwargs: dict[str, Any] = {}
+    for name, decode, required in plan:
+        if name in raw:
+            value = raw[name]
+            kwargs[name] = decode(value) if decode is not None else value
+        elif required:
+            raise RemoteProtocolError(f"{what}: missing field {name!r}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise RemoteProtocolError(f"{what}.{exc}") from None
+
+
+_PLANS: dict[type[Any], _Plan] = {cls: _plan(cls) for cls in (*RECORD_TYPES, *MESSAGE_TYPES)}
+
+
+def from_wire(raw: object) -> Message:
+    """Turn one decoded msgpack value into a message, or raise ``RemoteProtocolError``."""
+    if not isinstance(raw, dict):
+        raise RemoteProtocolError(f"frame is a {v.type_name(raw)}, not a map")
+    tag = raw.get("type")
+    cls = BY_TAG.get(tag) if type(tag) is str else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {tag!r}")
+    return _build(cls, _PLANS[cls], raw, cls.TAG)  # type: ignore[no-any-return]
+
+
+def _to_plain(value: Any) -> Any:
+    kind = type(value)
+    if kind is tuple:
+        return [_to_plain(v) for v in value]
+    if kind in _PLANS:
+        return {name: _to_plain(getattr(value, name)) for name, _, _ in _PLANS[kind]}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def to_wire(message: Message) -> dict[str, Any]:
+    """The msgpack-able map for a message, with its ``"type"`` tag."""
+    wire: dict[str, Any] = {"type": message.TAG}
+    for name, decode, _ in _PLANS[type(message)]:
+        value = getattr(message, name)
+        wire[name] = value if decode is None and type(value) is not tuple else _to_plain(value)
+    return wire
+
+
+def parse_version(version: str) -> tuple[int, int] | None:
+    """``"1.0"`` -> ``(1, 0)``; ``None`` when the string is not ``MAJOR.MINOR``."""
+    major, sep, minor = version.partition(".")
+    if not sep or not major.isdigit() or not minor.isdigit():
+        return None
+    return int(major), int(minor)
+
+
+def compatible(ours: str, theirs: str) -> bool:
+    """Same major version: compatible (minor versions only add optional fields)."""
+    a, b = parse_version(ours), parse_version(theirs)
+    return a is not None and b is not None and a[0] == b[0]

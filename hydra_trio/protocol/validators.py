@@ -1,0 +1,167 @@
+"""Field validators for the message classes: the single place where field shapes are checked.
+
+Each validator raises ``ValueError("<field>: <what is wrong>")``; ``messages.from_wire`` turns
+that into a ``RemoteProtocolError`` naming the message too.  Types are checked exactly (``type(x)
+is int``, so ``True`` is not an integer and a subclass cannot sneak in).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+# Limits against abuse: a peer cannot make us hold arbitrarily large structures even inside one
+# frame (the frame size limit bounds bytes, these bound the count of items we build objects for).
+MAX_STRING = 64 * 1024
+MAX_LIST = 100_000
+
+Validator = Callable[[object, "attrs.Attribute[Any]", object], None]
+
+
+def type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def check_str(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if type(value) is not str:
+        raise ValueError(f"{attr.name}: expected a string, got {type_name(value)}")
+    if len(value) > MAX_STRING:
+        raise ValueError(f"{attr.name}: string longer than {MAX_STRING} characters")
+
+
+def check_nonempty_str(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    check_str(inst, attr, value)
+    if not value:
+        raise ValueError(f"{attr.name}: must not be empty")
+
+
+def check_bytes(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if type(value) is not bytes:
+        raise ValueError(f"{attr.name}: expected bytes, got {type_name(value)}")
+
+
+def check_bool(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if type(value) is not bool:
+        raise ValueError(f"{attr.name}: expected a boolean, got {type_name(value)}")
+
+
+def check_count(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    """A non-negative integer (sizes, sequence numbers, attempts)."""
+    if type(value) is not int:
+        raise ValueError(f"{attr.name}: expected an integer, got {type_name(value)}")
+    if value < 0:
+        raise ValueError(f"{attr.name}: must not be negative, got {value}")
+    if value >= 2**63:
+        raise ValueError(f"{attr.name}: too large")
+
+
+def check_int_or_none(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if type(value) is not int:
+        raise ValueError(f"{attr.name}: expected an integer or nil, got {type_name(value)}")
+    if not -(2**31) <= value < 2**31:
+        raise ValueError(f"{attr.name}: out of range")
+
+
+def check_seconds(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    """A finite, non-negative number of seconds (int or float on the wire)."""
+    if type(value) is not float and type(value) is not int:
+        raise ValueError(f"{attr.name}: expected a number, got {type_name(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{attr.name}: must be a finite non-negative number, got {value}")
+
+
+def check_seconds_or_none(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        check_seconds(inst, attr, value)
+
+
+def check_positive_number(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    check_seconds(inst, attr, value)
+    if value == 0:
+        raise ValueError(f"{attr.name}: must be positive")
+
+
+def check_positive_int(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    check_count(inst, attr, value)
+    if value == 0:
+        raise ValueError(f"{attr.name}: must be positive")
+
+
+def check_count_or_none(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        check_count(inst, attr, value)
+
+
+def check_list(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if type(value) is not tuple:
+        raise ValueError(f"{attr.name}: expected a list, got {type_name(value)}")
+    if len(value) > MAX_LIST:
+        raise ValueError(f"{attr.name}: more than {MAX_LIST} items")
+
+
+def check_str_tuple(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    check_list(inst, attr, value)
+    assert isinstance(value, tuple)
+    for item in value:
+        if type(item) is not str or len(item) > MAX_STRING:
+            raise ValueError(f"{attr.name}: every item must be a string, got {type_name(item)}")
+
+
+def check_str_map(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{attr.name}: expected a map, got {type_name(value)}")
+    if len(value) > MAX_LIST:
+        raise ValueError(f"{attr.name}: more than {MAX_LIST} entries")
+    for k, v in value.items():
+        if type(k) is not str or type(v) is not str:
+            raise ValueError(f"{attr.name}: keys and values must be strings")
+
+
+def check_float_map(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{attr.name}: expected a map, got {type_name(value)}")
+    if len(value) > MAX_LIST:
+        raise ValueError(f"{attr.name}: more than {MAX_LIST} entries")
+    for k, v in value.items():
+        if type(k) is not str or not (type(v) is float or type(v) is int):
+            raise ValueError(f"{attr.name}: keys must be strings and values numbers")
+        if not math.isfinite(v):
+            raise ValueError(f"{attr.name}: values must be finite")
+
+
+def records_of(record: type[Any]) -> Validator:
+    def check(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+        check_list(inst, attr, value)
+        assert isinstance(value, tuple)
+        for item in value:
+            if type(item) is not record:
+                raise ValueError(f"{attr.name}: every item must be a {record.__name__}")
+
+    return check
+
+
+def exactly(kind: type[Any]) -> Validator:
+    """A value of exactly this type (a record or an enum)."""
+
+    def check(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+        if type(value) is not kind:
+            raise ValueError(f"{attr.name}: expected a {kind.__name__}")
+
+    return check
+
+
+def sha256_hex(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    check_str(inst, attr, value)
+    assert isinstance(value, str)
+    if len(value) != 64 or value.strip("0123456789abcdef"):
+        raise ValueError(f"{attr.name}: expected 64 lowercase hex digits")
+
+
+def as_tuple(value: Any) -> Any:
+    """Converter: lists become tuples, so frozen messages are deeply immutable and hashable."""
+    return tuple(value) if type(value) is list else value
