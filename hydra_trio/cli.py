@@ -1,13 +1,552 @@
-"""Command line: a click group that parses options into frozen configs and calls trio.run."""
+"""Command line: a click group that parses options into frozen configs and calls ``trio.run``.
+
+Every option can also come from ``HYDRA_TRIO_<OPTION>`` or from ``--config FILE`` (TOML, same
+names, either at top level or in a ``[queue-runner]`` / ``[builder]`` / ... table); precedence is
+command line > environment > file > default.  User mistakes are one line on stderr and exit
+status 2 (usage) or 1 (everything else), never a traceback.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import math
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
 import click
+import httpx
+import trio
 
-from hydra_trio import __version__
+from hydra_trio import __version__, net
+from hydra_trio.protocol.errors import IncompatibleVersionError
+from hydra_trio.system import default_hostname, default_system
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_URL = "http://127.0.0.1:7421"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# ---------------------------------------------------------------------------------------------
+# Option helpers.
+
+
+class HostPortType(click.ParamType):  # type: ignore[type-arg]
+    name = "HOST:PORT"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> net.HostPort:
+        if isinstance(value, net.HostPort):
+            return value
+        try:
+            return net.HostPort.parse(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class ListType(click.ParamType):  # type: ignore[type-arg]
+    """A comma-separated list (TOML lists are accepted too)."""
+
+    name = "LIST"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, ...]:
+        if isinstance(value, (list, tuple)):
+            return tuple(str(v) for v in value)
+        return tuple(item.strip() for item in str(value).split(",") if item.strip())
+
+
+HOSTPORT = HostPortType()
+LIST = ListType()
+SECONDS = click.FloatRange(min=0, min_open=True)
+
+
+def option(*decls: str, **kwargs: Any) -> Callable[[F], F]:
+    """``click.option`` with the contract's environment variable and defaults shown."""
+    long = next(d for d in decls if d.startswith("--"))
+    kwargs.setdefault("envvar", "HYDRA_TRIO_" + long[2:].replace("-", "_").upper())
+    kwargs.setdefault("show_default", True)
+    kwargs.setdefault("show_envvar", True)
+    return click.option(*decls, **kwargs)
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if not value:
+        return
+    try:
+        with open(value, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{value} is not valid TOML: {exc}") from None
+    command = ctx.info_name or ""
+    merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    section = data.get(command)
+    if isinstance(section, dict):
+        merged.update(section)
+    ctx.default_map = {key.replace("-", "_"): v for key, v in merged.items()}
+
+
+def config_option(f: F) -> F:
+    return option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        callback=_load_config,
+        is_eager=True,
+        expose_value=False,
+        help="TOML file with the same option names.",
+    )(f)
+
+
+def logging_options(f: F) -> F:
+    f = option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        default="info",
+        help="Least severe messages logged.",
+    )(f)
+    return option(
+        "--log-format", type=click.Choice(["text", "json"]), default="text", help="Log line format."
+    )(f)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def fail(message: str) -> None:
+    """A user-facing error: one line, exit status 1."""
+    click.echo(f"hydra-trio: error: {message}", err=True)
+    sys.exit(1)
+
+
+async def run_until_signal(
+    main: Callable[[], Awaitable[None]], on_sigterm: Callable[[], None] | None = None
+) -> None:
+    """Run ``main``; SIGINT cancels it; SIGTERM calls ``on_sigterm`` (a graceful drain) if
+    given, else cancels.  A second signal always cancels."""
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            graceful = on_sigterm
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGTERM and graceful is not None:
+                        graceful()
+                        graceful = None
+                        continue
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(watch)
+        await main()
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Daemons.
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="hydra-trio")
 def main() -> None:
     """hydra-trio: a build farm whose builder connections can never die silently."""
+
+
+def _runner_options(f: F) -> F:
+    for decorator in reversed(
+        [
+            option(
+                "--listen",
+                type=HOSTPORT,
+                default="127.0.0.1:7420",
+                help="Where builders connect ([::]:7420 for every interface).",
+            ),
+            option(
+                "--state-dir",
+                type=click.Path(file_okay=False, path_type=Path),
+                default="./hydra-trio-state",
+                help="Database, logs and build outputs.",
+            ),
+            option(
+                "--builder-timeout",
+                type=SECONDS,
+                default=30.0,
+                help="A builder silent this long is disconnected and its builds rescheduled.",
+            ),
+            option(
+                "--handshake-timeout",
+                type=SECONDS,
+                default=10.0,
+                help="A connection without a hello by then is closed.",
+            ),
+            option(
+                "--max-tries",
+                type=click.IntRange(min=1),
+                default=3,
+                help="Attempts per build for infrastructure failures.",
+            ),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def _runner_config(**kw: Any) -> Any:
+    from hydra_trio.runner.daemon import RunnerConfig
+
+    return RunnerConfig(
+        listen=kw["listen"],
+        http=kw["http"],
+        state_dir=kw["state_dir"],
+        builder_timeout=kw["builder_timeout"],
+        handshake_timeout=kw["handshake_timeout"],
+        max_tries=kw["max_tries"],
+    )
+
+
+@main.command("queue-runner")
+@config_option
+@_runner_options
+@option("--http", type=HOSTPORT, default="127.0.0.1:7421", help="HTTP API, metrics, dashboard.")
+@logging_options
+def queue_runner(log_level: str, log_format: str, **kw: Any) -> None:
+    """Run the queue runner: builders dial in, builds are handed out."""
+    from hydra_trio.runner.daemon import serve_runner
+
+    setup_logging(log_level, log_format)
+    config = _runner_config(**kw)
+    try:
+        trio.run(run_until_signal, functools.partial(serve_runner, config))
+    except OSError as exc:
+        fail(f"cannot listen: {exc.strerror or exc} (is another runner using the port?)")
+
+
+def _builder_options(f: F) -> F:
+    for decorator in reversed(
+        [
+            option("--systems", type=LIST, default=default_system(), help="Comma-separated."),
+            option("--features", type=LIST, default="", help="Supported features."),
+            option(
+                "--mandatory-features",
+                type=LIST,
+                default="",
+                help="Features every build run here must require.",
+            ),
+            option("--max-jobs", type=click.IntRange(min=1), default=1, help="Job slots."),
+            option("--speed-factor", type=SECONDS, default=1.0, help="Preference among machines."),
+            option("--ping-interval", type=SECONDS, default=10.0, help="Seconds between pings."),
+            option(
+                "--ping-timeout",
+                type=SECONDS,
+                default=None,
+                help="No frame from the runner this long: reconnect.  [default: 3 x interval]",
+            ),
+            option("--reconnect-max", type=SECONDS, default=60.0, help="Cap of reconnect backoff."),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+@main.command("builder")
+@config_option
+@option("--server", type=HOSTPORT, required=True, help="The queue runner's builder port.")
+@_builder_options
+@option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="./hydra-trio-builder",
+    help="Build directories and the machine id.",
+)
+@option("--hostname", default=default_hostname(), help="Shown in /status.")
+@logging_options
+def builder(log_level: str, log_format: str, **kw: Any) -> None:
+    """Run a builder: connect to the queue runner and run what it assigns."""
+    from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
+
+    setup_logging(log_level, log_format)
+    if not kw["systems"]:
+        raise click.BadParameter("at least one system is needed", param_hint="--systems")
+    config = BuilderConfig(
+        server=kw["server"],
+        systems=kw["systems"],
+        supported_features=kw["features"],
+        mandatory_features=kw["mandatory_features"],
+        max_jobs=kw["max_jobs"],
+        speed_factor=kw["speed_factor"],
+        ping_interval=kw["ping_interval"],
+        ping_timeout=kw["ping_timeout"],
+        work_dir=kw["work_dir"],
+        hostname=kw["hostname"],
+        reconnect_max=kw["reconnect_max"],
+    )
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            state: BuilderState = await nursery.start(functools.partial(run_builder, config))
+            drains.append(state.request_drain)
+
+    drains: list[Callable[[], None]] = []
+
+    def on_sigterm() -> None:
+        for request_drain in drains:
+            request_drain()
+
+    try:
+        trio.run(run_until_signal, serve, on_sigterm)
+    except IncompatibleVersionError as exc:
+        fail(str(exc))
+
+
+@main.command("up")
+@config_option
+@option("--builders", type=click.IntRange(min=0), default=2, help="Local builders to start.")
+@option("--http", type=HOSTPORT, default="127.0.0.1:7421", help="HTTP API and dashboard.")
+@_runner_options
+@option("--max-jobs", type=click.IntRange(min=1), default=2, help="Job slots per builder.")
+@option("--ping-interval", type=SECONDS, default=10.0, help="Builders' ping interval.")
+@logging_options
+def up(
+    log_level: str, log_format: str, builders: int, max_jobs: int, ping_interval: float, **kw: Any
+) -> None:
+    """A queue runner and N local builders in one process (trying it out; one-machine farms)."""
+    from hydra_trio.builder.daemon import BuilderConfig, run_builder
+    from hydra_trio.runner.daemon import RunnerAddresses, serve_runner
+
+    setup_logging(log_level, log_format)
+    config = _runner_config(**kw)
+    hostname = default_hostname()
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            addresses: RunnerAddresses = await nursery.start(
+                functools.partial(serve_runner, config)
+            )
+            server = addresses.builders[0]
+            for index in range(builders):
+                nursery.start_soon(
+                    functools.partial(
+                        run_builder,
+                        BuilderConfig(
+                            server=server,
+                            hostname=f"{hostname}-builder{index + 1}",
+                            work_dir=config.state_dir / "builders" / str(index + 1),
+                            max_jobs=max_jobs,
+                            ping_interval=ping_interval,
+                        ),
+                    )
+                )
+            url = addresses.http[0] if addresses.http else None
+            if url:
+                click.echo(
+                    f"\nhydra-trio is up: {builders} builders x {max_jobs} slots.\n"
+                    f"  dashboard and API: {url}/\n"
+                    f"  try:  hydra-trio submit --url {url} --wait -- sh -c 'echo hello > $OUT/x'\n"
+                    f"        hydra-trio status --url {url}\n"
+                    "  stop with Ctrl-C\n",
+                    err=True,
+                )
+
+    try:
+        trio.run(run_until_signal, serve)
+    except OSError as exc:
+        fail(f"cannot listen: {exc.strerror or exc} (is another runner using the port?)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Client commands.
+
+
+def client_options(f: F) -> F:
+    f = option("--url", default=DEFAULT_URL, help="The queue runner's HTTP API.")(f)
+    return config_option(f)
+
+
+def _request(method: str, url: str, path: str, **kwargs: Any) -> Any:
+    try:
+        response = httpx.request(method, url.rstrip("/") + path, timeout=30.0, **kwargs)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the queue runner at {url}: {exc} (is it running? `hydra-trio up`)")
+    if response.status_code >= 400:
+        try:
+            message = response.json().get("error", response.text)
+        except ValueError:
+            message = response.text.strip() or response.reason_phrase
+        fail(f"{message} (HTTP {response.status_code})")
+    if response.headers.get("content-type", "").startswith("application/json"):
+        return response.json()
+    return response.text
+
+
+@main.command("submit")
+@client_options
+@click.option("--name", default="", help="A name for the build (its input dir for dependents).")
+@click.option("--system", default=None, help="Required system [default: the runner's].")
+@click.option("--feature", "features", multiple=True, help="Required feature (repeatable).")
+@click.option("--after", multiple=True, help="Build id that must succeed first (repeatable).")
+@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--timeout", type=SECONDS, default=None, help="Wall-clock limit in seconds.")
+@click.option("--max-silent", type=SECONDS, default=None, help="Limit on seconds without output.")
+@click.option("--wait", is_flag=True, help="Wait for the build; exit 0 if it succeeded.")
+@click.argument("command", nargs=-1, required=True)
+def submit(
+    url: str,
+    name: str,
+    system: str | None,
+    features: tuple[str, ...],
+    after: tuple[str, ...],
+    priority: int,
+    timeout: float | None,
+    max_silent: float | None,
+    wait: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Submit one build: hydra-trio submit [OPTIONS] -- COMMAND [ARG]..."""
+    body: dict[str, Any] = {
+        "command": list(command),
+        "name": name,
+        "after": list(after),
+        "requiredFeatures": list(features),
+        "priority": priority,
+    }
+    if system:
+        body["system"] = system
+    if timeout is not None:
+        body["timeout"] = timeout
+    if max_silent is not None:
+        body["maxSilent"] = max_silent
+    build_id = _request("POST", url, "/builds", json=body)["id"]
+    click.echo(build_id)
+    if wait:
+        sys.exit(_wait(url, build_id))
+
+
+def _wait(url: str, build_id: str) -> int:
+    last = None
+    started = time.monotonic()
+    while True:
+        build = _request("GET", url, f"/builds/{build_id}")
+        shown = (build["state"], build.get("phase"), build.get("machine"), build["attempts"])
+        if shown != last:
+            where = f" on {build['machine']}" if build.get("machine") else ""
+            phase = f" ({build['phase']})" if build.get("phase") else ""
+            click.echo(
+                f"[{time.monotonic() - started:6.1f}s] {build['state']}{phase}{where}"
+                f" attempt {build['attempts']}",
+                err=True,
+            )
+            last = shown
+        if build["state"] in ("succeeded", "failed", "cancelled"):
+            if build["state"] != "succeeded":
+                click.echo(
+                    f"build {build_id} {build['state']}: {build['status']}"
+                    + (f" ({build['error']})" if build.get("error") else ""),
+                    err=True,
+                )
+            return 0 if build["state"] == "succeeded" else 1
+        time.sleep(0.5)
+
+
+def _age(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
+
+
+@main.command("status")
+@client_options
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def status(url: str, as_json: bool) -> None:
+    """Machines and queue counts."""
+    data = _request("GET", url, "/status")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    rows = [("HOSTNAME", "STATE", "JOBS", "SINCE PING", "OK/FAILED/LOST")]
+    for m in data["machines"]:
+        rows.append(
+            (
+                m["hostname"],
+                m["state"],
+                f"{m['currentJobs']}/{m['maxJobs']}",
+                _age(m["sinceLastPing"]),
+                f"{m['succeededBuilds']}/{m['failedBuilds']}/{m['lostBuilds']}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    q = data["queue"]
+    click.echo("\nqueue: " + ", ".join(f"{q[k]} {k}" for k in q))
+
+
+@main.command("show")
+@client_options
+@click.argument("build_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def show(url: str, build_id: str, as_json: bool) -> None:
+    """One build's state."""
+    data = _request("GET", url, f"/builds/{build_id}")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key in ("id", "name", "state", "status", "attempts", "machine", "exitCode", "error"):
+        if data.get(key) is not None:
+            click.echo(f"{key}: {data[key]}")
+    for output in data.get("outputs", []):
+        click.echo(f"output: {output['path']} ({output['size']} bytes)")
+
+
+@main.command("log")
+@client_options
+@click.argument("build_id")
+def log_command(url: str, build_id: str) -> None:
+    """A build's log."""
+    click.echo(_request("GET", url, f"/builds/{build_id}/log"), nl=False)
+
+
+@main.command("cancel")
+@client_options
+@click.argument("build_id")
+def cancel(url: str, build_id: str) -> None:
+    """Cancel a queued or running build."""
+    data = _request("POST", url, f"/builds/{build_id}/cancel")
+    click.echo(f"{data['id']}: {data['state']}")
+
+
+@main.command("drain")
+@client_options
+@click.argument("machine")
+def drain(url: str, machine: str) -> None:
+    """Stop giving a machine (hostname or machine id) new builds."""
+    data = _request("POST", url, f"/machines/{machine}/drain")
+    click.echo(f"{data['hostname']}: {data['state']}")

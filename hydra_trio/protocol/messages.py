@@ -502,9 +502,15 @@ def to_wire(message: Message) -> dict[str, Any]:
 def parse_version(version: str) -> tuple[int, int] | None:
     """``"1.0"`` -> ``(1, 0)``; ``None`` when the string is not ``MAJOR.MINOR``."""
     major, sep, minor = version.partition(".")
-    if not sep or not major.isdigit() or not minor.isdigit():
+    # The version comes from the peer: ASCII digits only (str.isdigit() is also true for "²",
+    # which int() rejects), and short enough that int() cannot hit its digit limit.
+    if not sep or not _is_ascii_number(major) or not _is_ascii_number(minor):
         return None
     return int(major), int(minor)
+
+
+def _is_ascii_number(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 9
 
 
 def compatible(ours: str, theirs: str) -> bool:

@@ -1,0 +1,3 @@
+"""The builder daemon: dials the queue runner, pings, runs builds, reconnects."""
+
+from __future__ import annotations

@@ -1,0 +1,411 @@
+"""The builder daemon: connect, hello, then one nursery per connection; reconnect forever.
+
+Theory of operation
+-------------------
+``run_builder`` loops: connect (under ``connect_timeout``), run one session, wait a jittered
+backoff, again.  A session is one nursery that holds the ping task, the receive loop with its
+keepalive watchdog, and one task per assigned build.  Any way the connection can fail ends up
+cancelling that nursery:
+
+- the watchdog: a cancel scope whose deadline moves to ``now + ping_timeout`` on every frame
+  received; when it expires the runner has been silent too long (a blackholed link, a frozen
+  runner, a half-open socket);
+- a send or receive error, EOF, or a protocol error in any task;
+- a ``Goodbye`` or ``Reject`` from the runner.
+
+Cancelling the nursery kills every build's process group and removes its directory, so nothing
+of the old connection outlives it; the runner requeues those builds under a new attempt.  Only
+an incompatible protocol version ends ``run_builder`` (with ``IncompatibleVersionError``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import attrs
+import trio
+
+from hydra_trio import net
+from hydra_trio.builder.backoff import Backoff
+from hydra_trio.builder.executor import execute
+from hydra_trio.protocol.connection import Connection
+from hydra_trio.protocol.errors import IncompatibleVersionError, ProtocolError
+from hydra_trio.protocol.messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    Assign,
+    BuildRef,
+    BuildStatus,
+    Drain,
+    Goodbye,
+    Hello,
+    Message,
+    Reject,
+    Result,
+    Role,
+    Welcome,
+)
+from hydra_trio.system import default_hostname, default_system
+
+log = logging.getLogger("hydra_trio.builder")
+
+Connect = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+@attrs.frozen(kw_only=True)
+class BuilderConfig:
+    """Everything a builder is configured with (see CONTRACT.md for the options)."""
+
+    server: net.HostPort = net.HostPort("127.0.0.1", 7420)
+    systems: tuple[str, ...] = attrs.field(factory=lambda: (default_system(),))
+    supported_features: tuple[str, ...] = ()
+    mandatory_features: tuple[str, ...] = ()
+    max_jobs: int = 1
+    speed_factor: float = 1.0
+    ping_interval: float = 10.0
+    #: None: 3 x ping_interval.
+    ping_timeout: float | None = None
+    work_dir: Path = Path("hydra-trio-builder")
+    hostname: str = attrs.field(factory=default_hostname)
+    connect_timeout: float = 10.0
+    reconnect_base: float = 1.0
+    reconnect_max: float = 60.0
+    reconnect_floor: float = 0.1
+    #: a session that lasted this long resets the backoff (None: 2 x ping timeout).
+    healthy_after: float | None = None
+    max_frame_size: int = 8 * 1024 * 1024
+
+    @property
+    def effective_ping_timeout(self) -> float:
+        return self.ping_timeout if self.ping_timeout is not None else 3 * self.ping_interval
+
+    @property
+    def effective_healthy_after(self) -> float:
+        if self.healthy_after is not None:
+            return self.healthy_after
+        return 2 * self.effective_ping_timeout
+
+
+def load_machine_id(work_dir: Path) -> str:
+    """The machine id stored in ``work_dir``; created on first use, the same ever after."""
+    path = work_dir / "machine-id"
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing
+    work_dir.mkdir(parents=True, exist_ok=True)
+    machine_id = str(uuid.uuid4())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(machine_id + "\n")
+    tmp.replace(path)
+    return machine_id
+
+
+@attrs.define(eq=False)
+class _RunningBuild:
+    assign: Assign
+    scope: trio.CancelScope
+
+
+@attrs.define(eq=False)
+class BuilderState:
+    """What survives between sessions of one builder process."""
+
+    config: BuilderConfig
+    machine_id: str
+    rng: random.Random = attrs.field(factory=random.Random)
+    #: set by SIGTERM or an operator's drain: finish running builds, then say goodbye.
+    draining: bool = False
+    drain_event: trio.Event = attrs.field(factory=trio.Event)
+    sessions: int = 0
+    #: (monotonic time, event) pairs for tests and diagnostics; bounded.
+    events: list[tuple[float, str]] = attrs.field(factory=list)
+
+    def record(self, event: str) -> None:
+        self.events.append((trio.current_time(), event))
+        del self.events[:-1000]
+
+    def request_drain(self) -> None:
+        self.draining = True
+        self.drain_event.set()
+
+
+async def run_builder(
+    config: BuilderConfig,
+    *,
+    connect: Connect | None = None,
+    state: BuilderState | None = None,
+    task_status: trio.TaskStatus[BuilderState] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve as a builder until drained (returns) or the runner is incompatible (raises).
+
+    ``connect`` opens a stream to the runner; by default TCP to ``config.server`` with keepalive
+    set from the ping timeout.  Each attempt is bounded by ``config.connect_timeout``.
+    """
+    if state is None:
+        machine_id = await trio.to_thread.run_sync(load_machine_id, config.work_dir)
+        state = BuilderState(config=config, machine_id=machine_id)
+    if connect is None:
+        connect = _tcp_connector(config)
+    backoff = Backoff(
+        base=config.reconnect_base,
+        cap=config.reconnect_max,
+        floor=config.reconnect_floor,
+        rng=state.rng,
+    )
+    task_status.started(state)
+    while True:
+        started = trio.current_time()
+        try:
+            with trio.fail_after(config.connect_timeout):
+                stream = await connect()
+        except (OSError, trio.TooSlowError, net.ConnectionLost) as exc:
+            reason = f"cannot connect to {config.server}: {exc or type(exc).__name__}"
+            established = False
+        else:
+            state.record("connected")
+            try:
+                reason = await _session(config, state, stream)
+            finally:
+                with trio.move_on_after(1, shield=True):
+                    await stream.aclose()
+            established = True
+            if state.draining and reason == "drained":
+                log.info("drained: no builds left, exiting")
+                return
+        state.record(f"disconnected: {reason}")
+        if established and trio.current_time() - started >= config.effective_healthy_after:
+            backoff.reset()
+        delay = backoff.next_delay()
+        log.warning("%s; reconnecting in %.1f s", reason, delay)
+        await trio.sleep(delay)
+
+
+def _tcp_connector(config: BuilderConfig) -> Connect:
+    async def connect() -> trio.abc.Stream:
+        return await net.open_tcp(config.server, keepalive_timeout=config.effective_ping_timeout)
+
+    return connect
+
+
+async def _session(config: BuilderConfig, state: BuilderState, stream: trio.abc.Stream) -> str:
+    """One connection's life; returns why it ended (``"drained"`` after a clean drain)."""
+    ping_timeout = config.effective_ping_timeout
+    conn = Connection(
+        Role.BUILDER,
+        now=trio.current_time(),
+        peer_timeout=ping_timeout,
+        ping_interval=config.ping_interval,
+        max_frame_size=config.max_frame_size,
+    )
+    channel = net.FramedChannel(stream, conn)
+    try:
+        welcome = await _handshake(config, state, channel)
+    except (net.ConnectionLost, ProtocolError, trio.TooSlowError) as exc:
+        return f"handshake failed: {exc or type(exc).__name__}"
+    if isinstance(welcome, str):
+        return welcome
+    state.sessions += 1
+    log.info(
+        "connected to %s as %s (session %s)", config.server, state.machine_id, welcome.session_id
+    )
+    session = _Session(config, state, channel)
+    return await session.run()
+
+
+async def _handshake(
+    config: BuilderConfig, state: BuilderState, channel: net.FramedChannel
+) -> Welcome | str:
+    with trio.fail_after(config.connect_timeout):
+        await channel.send(
+            Hello(
+                protocol_version=PROTOCOL_VERSION,
+                machine_id=state.machine_id,
+                hostname=config.hostname,
+                systems=config.systems,
+                supported_features=config.supported_features,
+                mandatory_features=config.mandatory_features,
+                max_jobs=config.max_jobs,
+                speed_factor=config.speed_factor,
+                ping_interval=config.ping_interval,
+            )
+        )
+        reply = await channel.receive()
+    if isinstance(reply, Reject):
+        if reply.code == "incompatible-version":
+            raise IncompatibleVersionError(f"the queue runner rejected us: {reply.reason}")
+        return f"rejected by the queue runner ({reply.code}): {reply.reason}"
+    assert isinstance(reply, Welcome)
+    return reply
+
+
+class _Session:
+    """The builder's end of one established connection."""
+
+    def __init__(
+        self, config: BuilderConfig, state: BuilderState, channel: net.FramedChannel
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.channel = channel
+        self.builds: dict[str, _RunningBuild] = {}
+        self.reason: str | None = None
+        self.scope = trio.CancelScope()
+        self.builds_changed = trio.Event()
+
+    def close(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.scope.cancel()
+
+    async def send(self, message: Message) -> None:
+        try:
+            await self.channel.send(message)
+        except (net.ConnectionLost, ProtocolError) as exc:
+            self.close(str(exc))
+            raise
+
+    async def run(self) -> str:
+        with self.scope:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._pinger)
+                nursery.start_soon(self._drainer)
+                await self._receive_loop()
+                nursery.cancel_scope.cancel()
+        return self.reason or "closed"
+
+    async def _receive_loop(self) -> None:
+        conn = self.channel.connection
+        timeout = self.config.effective_ping_timeout
+        try:
+            with trio.CancelScope(deadline=conn.deadline) as watchdog:
+                while True:
+                    message = await self.channel.receive()
+                    watchdog.deadline = conn.deadline  # any frame proves the runner is alive
+                    if isinstance(message, Assign):
+                        self._start_build(message)
+                    elif isinstance(message, Abort):
+                        running = self.builds.get(message.build_id)
+                        if running is not None and running.assign.attempt == message.attempt:
+                            log.info(
+                                "build %s attempt %d aborted: %s",
+                                message.build_id,
+                                message.attempt,
+                                message.reason,
+                            )
+                            running.scope.cancel()
+                    elif isinstance(message, Drain):
+                        log.info("the runner asked us to drain: %s", message.reason)
+                    elif isinstance(message, Goodbye):
+                        self.close(f"the runner said goodbye ({message.reason})")
+                        return
+        except (net.ConnectionLost, ProtocolError) as exc:
+            self.close(str(exc))
+            return
+        if watchdog.cancelled_caught:
+            self.state.record("watchdog")
+            self.close(f"no frame from the runner for {timeout:g} s")
+
+    async def _pinger(self) -> None:
+        conn = self.channel.connection
+        work_dir = self.config.work_dir
+        while True:
+            await trio.sleep_until(conn.next_ping_at)
+            now = trio.current_time()
+            ping = conn.make_ping(
+                now,
+                load=_load(),
+                disk_free=_disk_free(work_dir),
+                running=tuple(
+                    BuildRef(build_id=b.assign.build_id, attempt=b.assign.attempt)
+                    for b in self.builds.values()
+                ),
+            )
+            try:
+                await self.send(ping)
+            except (net.ConnectionLost, ProtocolError):
+                return
+
+    async def _drainer(self) -> None:
+        await self.state.drain_event.wait()
+        try:
+            await self.send(Drain(reason="builder shutting down"))
+            while self.builds:
+                self.builds_changed = trio.Event()
+                await self.builds_changed.wait()
+            await self.send(Goodbye(reason="drained"))
+        except (net.ConnectionLost, ProtocolError):
+            return
+        self.close("drained")
+
+    def _start_build(self, assign: Assign) -> None:
+        if assign.build_id in self.builds:
+            log.warning("ignoring a second assignment of build %s", assign.build_id)
+            return
+        running = _RunningBuild(assign=assign, scope=trio.CancelScope())
+        self.builds[assign.build_id] = running
+        self.nursery.start_soon(self._build, running)
+
+    async def _build(self, running: _RunningBuild) -> None:
+        assign = running.assign
+        build_dir = (
+            self.config.work_dir.absolute() / "builds" / f"{assign.build_id}-{assign.attempt}"
+        )
+        log.info(
+            "build %s attempt %d: %s",
+            assign.build_id,
+            assign.attempt,
+            " ".join(assign.command)[:200],
+        )
+        try:
+            with running.scope:
+                try:
+                    result = await execute(assign, build_dir, self.send, _base_env())
+                except (net.ConnectionLost, ProtocolError):
+                    raise
+                except Exception as exc:  # a bug or an OS failure must not end the session
+                    log.exception(
+                        "build %s attempt %d: internal error", assign.build_id, assign.attempt
+                    )
+                    result = Result(
+                        build_id=assign.build_id,
+                        attempt=assign.attempt,
+                        status=BuildStatus.INTERNAL_ERROR,
+                        error=f"builder internal error: {type(exc).__name__}: {exc}",
+                    )
+                await self.send(result)
+                log.info(
+                    "build %s attempt %d: %s", assign.build_id, assign.attempt, result.status.value
+                )
+        except (net.ConnectionLost, ProtocolError):
+            pass  # the session is closing; the runner requeues the build
+        finally:
+            del self.builds[assign.build_id]
+            self.builds_changed.set()
+
+
+def _base_env() -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LANG": "C.UTF-8"}
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+def _disk_free(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0

@@ -1,0 +1,225 @@
+"""Run one build's command in a fresh directory, as a child process in its own process group.
+
+The caller owns the returned ``Result`` and sends it.  Cancelling ``execute`` (an ``Abort``, or
+the connection's nursery being cancelled) kills the whole process group and removes the build
+directory.  Limits: ``timeout`` (wall clock), ``max_silent`` (no output), ``max_log_bytes`` and
+``max_output_bytes``; each kills the whole group and gives its own status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hydra_trio.protocol.messages import (
+    Assign,
+    BuildStatus,
+    FileInfo,
+    LogChunk,
+    Message,
+    Phase,
+    Progress,
+    Result,
+)
+
+log = logging.getLogger("hydra_trio.builder")
+
+Send = Callable[[Message], Awaitable[None]]
+
+#: Log bytes per LogChunk frame at most (a read returns what the pipe has, up to this).
+LOG_CHUNK = 64 * 1024
+_HASH_BLOCK = 1024 * 1024
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def _deliver_cancel(process: trio.Process) -> None:
+    _kill_group(process.pid)
+
+
+def _prepare(build_dir: Path) -> None:
+    if build_dir.exists():
+        shutil.rmtree(build_dir)
+    for sub in ("work", "out", "in", "tmp"):
+        (build_dir / sub).mkdir(parents=True)
+
+
+def _remove(build_dir: Path) -> None:
+    shutil.rmtree(build_dir, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def scan_outputs(out_dir: Path) -> list[FileInfo]:
+    """Every file under ``out_dir`` with size and hash; symlinks are listed as links and
+    never followed; other special files are skipped.  Runs in a worker thread."""
+    files: list[FileInfo] = []
+    empty = hashlib.sha256(b"").hexdigest()
+    for root, dirs, names in os.walk(out_dir):
+        dirs.sort()
+        base = Path(root)
+        for name in [*sorted(names), *[d for d in dirs if (base / d).is_symlink()]]:
+            path = base / name
+            rel = path.relative_to(out_dir).as_posix()
+            if path.is_symlink():
+                files.append(FileInfo(path=rel, size=0, sha256=empty, link=os.readlink(path)))
+            elif path.is_file():
+                mode = path.stat().st_mode
+                files.append(
+                    FileInfo(
+                        path=rel,
+                        size=path.stat().st_size,
+                        sha256=_sha256(path),
+                        executable=bool(mode & 0o111),
+                    )
+                )
+    return files
+
+
+async def execute(assign: Assign, build_dir: Path, send: Send, base_env: dict[str, str]) -> Result:
+    """Run ``assign`` in ``build_dir`` (created fresh, removed afterwards)."""
+    ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
+    timings: dict[str, float] = {}
+    try:
+        await trio.to_thread.run_sync(_prepare, build_dir)
+        env = {
+            **base_env,
+            "HOME": str(build_dir / "work"),
+            "TMPDIR": str(build_dir / "tmp"),
+            "OUT": str(build_dir / "out"),
+            "IN": str(build_dir / "in"),
+            "HYDRA_TRIO_BUILD_ID": assign.build_id,
+            "HYDRA_TRIO_ATTEMPT": str(assign.attempt),
+            **assign.env,
+        }
+        await send(Progress(**ref, phase=Phase.BUILDING))
+        started = time.monotonic()
+        status, exit_code, error = await _run(assign, build_dir, env, send)
+        timings["build"] = round(time.monotonic() - started, 6)
+        outputs: list[FileInfo] = []
+        if status is BuildStatus.SUCCESS:
+            outputs = await trio.to_thread.run_sync(scan_outputs, build_dir / "out")
+            total = sum(f.size for f in outputs)
+            limit = assign.limits.max_output_bytes
+            if limit is not None and total > limit:
+                status = BuildStatus.OUTPUT_LIMIT_EXCEEDED
+                error = f"outputs are {total} bytes, the limit is {limit}"
+                outputs = []
+        return Result(
+            **ref,
+            status=status,
+            exit_code=exit_code,
+            timings=timings,
+            outputs=tuple(outputs),
+            error=error,
+        )
+    finally:
+        with trio.move_on_after(30, shield=True):
+            await trio.to_thread.run_sync(_remove, build_dir)
+
+
+async def _reap_group(process: trio.Process) -> None:
+    """When the command exits, whatever it left behind in its process group dies too, so a
+    background child cannot hold the log pipe open (or outlive its build)."""
+    await process.wait()
+    _kill_group(process.pid)
+
+
+async def _stream_log(
+    process: trio.Process, assign: Assign, send: Send
+) -> tuple[BuildStatus | None, str, int]:
+    """Forward the merged stdout/stderr as LogChunks until EOF, enforcing ``max_silent`` and
+    ``max_log_bytes``.  Returns (status if a limit hit, error, bytes logged)."""
+    assert process.stdout is not None
+    limits = assign.limits
+    max_silent = limits.max_silent if limits.max_silent is not None else math.inf
+    max_log = limits.max_log_bytes
+    log_bytes = 0
+    with trio.CancelScope(deadline=trio.current_time() + max_silent) as silence:
+        while data := await process.stdout.receive_some(LOG_CHUNK):
+            silence.deadline = trio.current_time() + max_silent
+            over = max_log is not None and log_bytes + len(data) > max_log
+            if over:
+                assert max_log is not None
+                data = data[: max_log - log_bytes]
+            log_bytes += len(data)
+            if data:
+                chunk = LogChunk(build_id=assign.build_id, attempt=assign.attempt, data=bytes(data))
+                await send(chunk)
+            if over:
+                _kill_group(process.pid)
+                return BuildStatus.LOG_LIMIT_EXCEEDED, f"log exceeded {max_log} bytes", log_bytes
+    if silence.cancelled_caught:
+        _kill_group(process.pid)
+        return BuildStatus.SILENT_TOO_LONG, f"no output for {max_silent:g} s", log_bytes
+    return None, "", log_bytes
+
+
+async def _run(
+    assign: Assign, build_dir: Path, env: dict[str, str], send: Send
+) -> tuple[BuildStatus, int | None, str]:
+    limits = assign.limits
+    ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
+    status: BuildStatus | None = None
+    error = ""
+    process: trio.Process | None = None
+    timeout = limits.timeout if limits.timeout is not None else math.inf
+    start_error: OSError | None = None
+    with trio.move_on_after(timeout) as wall:
+        async with trio.open_nursery() as nursery:
+            try:
+                process = await nursery.start(
+                    functools.partial(
+                        trio.run_process,
+                        list(assign.command),
+                        cwd=str(build_dir / "work"),
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        check=False,
+                        deliver_cancel=_deliver_cancel,
+                    )
+                )
+            except OSError as exc:  # the command could not be started
+                start_error = exc
+            else:
+                assert process is not None
+                nursery.start_soon(_reap_group, process)
+                status, error, _ = await _stream_log(process, assign, send)
+    if start_error is not None:
+        message = f"cannot run {assign.command[0]!r}: {start_error.strerror or start_error}\n"
+        await send(LogChunk(**ref, data=message.encode()))
+        return BuildStatus.BUILD_FAILED, 127, message.strip()
+    if wall.cancelled_caught:
+        return BuildStatus.TIMED_OUT, None, f"timed out after {timeout:g} s"
+    assert process is not None
+    code = process.returncode
+    if status is not None:
+        return status, code, error
+    if code == 0:
+        return BuildStatus.SUCCESS, 0, ""
+    return BuildStatus.BUILD_FAILED, code, f"exit status {code}"

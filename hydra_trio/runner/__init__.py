@@ -1,0 +1,3 @@
+"""The queue runner daemon: machine registry, queue and scheduler, liveness, HTTP API."""
+
+from __future__ import annotations

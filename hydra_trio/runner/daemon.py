@@ -1,0 +1,118 @@
+"""The queue runner daemon: builder port, HTTP API and dispatcher in one nursery."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from hydra_trio import net
+from hydra_trio.runner.farm import Farm, FarmConfig
+from hydra_trio.runner.http import create_app
+from hydra_trio.runner.session import SessionConfig, serve_builder
+from hydra_trio.system import default_system
+
+log = logging.getLogger("hydra_trio.runner")
+
+
+@attrs.frozen(kw_only=True)
+class RunnerConfig:
+    """Everything the queue runner is configured with (see CONTRACT.md for the options)."""
+
+    listen: net.HostPort = net.HostPort("127.0.0.1", 7420)
+    http: net.HostPort | None = net.HostPort("127.0.0.1", 7421)
+    state_dir: Path = Path("hydra-trio-state")
+    builder_timeout: float = attrs.field(default=30.0)
+    handshake_timeout: float = 10.0
+    max_tries: int = 3
+    default_system: str = attrs.field(factory=default_system)
+    max_frame_size: int = 8 * 1024 * 1024
+
+    @builder_timeout.validator
+    def _positive(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if not value > 0 or not math.isfinite(value):
+            raise ValueError(f"{attribute.name} must be a positive number of seconds")
+
+    def session_config(self) -> SessionConfig:
+        return SessionConfig(
+            builder_timeout=self.builder_timeout,
+            handshake_timeout=self.handshake_timeout,
+            max_frame_size=self.max_frame_size,
+        )
+
+
+@attrs.frozen
+class RunnerAddresses:
+    """Where a started runner listens."""
+
+    builders: list[net.HostPort]
+    http: list[str]
+
+
+class Dispatcher:
+    """Runs ``farm.dispatch`` whenever woken, and when a delayed retry becomes due."""
+
+    def __init__(self) -> None:
+        self._wakeup = trio.Event()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self, farm: Farm) -> None:
+        while True:
+            self._wakeup = trio.Event()
+            next_due = farm.dispatch(trio.current_time())
+            with trio.move_on_at(next_due if next_due is not None else math.inf):
+                await self._wakeup.wait()
+
+
+def make_farm(config: RunnerConfig) -> tuple[Farm, Dispatcher]:
+    dispatcher = Dispatcher()
+    farm = Farm(config=FarmConfig(max_tries=config.max_tries), on_change=dispatcher.wake)
+    return farm, dispatcher
+
+
+async def serve_runner(
+    config: RunnerConfig,
+    *,
+    farm: Farm | None = None,
+    dispatcher: Dispatcher | None = None,
+    task_status: trio.TaskStatus[RunnerAddresses] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the queue runner until cancelled.  Reports where it listens once it does.
+
+    ``farm``/``dispatcher`` may be given by embedders and tests (``make_farm``); otherwise they
+    are created here.
+    """
+    if farm is None or dispatcher is None:
+        farm, dispatcher = make_farm(config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dispatcher.run, farm)
+        handler = functools.partial(serve_builder, farm, config.session_config())
+        builders = await nursery.start(
+            functools.partial(
+                net.serve_tcp, handler, config.listen, keepalive_timeout=config.builder_timeout
+            )
+        )
+        http: list[str] = []
+        if config.http is not None:
+            app = create_app(farm, default_system=config.default_system)
+            hc = HypercornConfig()
+            hc.bind = [str(config.http)]
+            hc.accesslog = None
+            hc.errorlog = logging.getLogger("hydra_trio.http")
+            hc.graceful_timeout = 1.0
+            serve_http = functools.partial(hypercorn_serve, app, hc)  # type: ignore[arg-type]
+            http = await nursery.start(serve_http)
+        log.info(
+            "queue runner listening for builders on %s, HTTP on %s",
+            ", ".join(map(str, builders)),
+            ", ".join(http) or "(off)",
+        )
+        task_status.started(RunnerAddresses(builders=builders, http=http))

@@ -1,0 +1,524 @@
+"""The queue runner's state and every transition of it: queue, machines, dispatch, fencing.
+
+Theory of operation
+-------------------
+``Farm`` is synchronous and does no I/O: sessions call it when frames arrive, the HTTP API when
+clients ask, the dispatcher task when it is woken.  Because trio runs one task at a time and no
+method here awaits, each method is one atomic transition; the invariants hold between calls:
+
+- A machine's ``running`` holds exactly the builds whose ``state`` is RUNNING and whose
+  ``machine_id`` is that machine; a DISCONNECTED machine runs nothing.
+- A build's ``attempts`` is its fencing token.  A Progress, LogChunk or Result is applied only
+  if it comes from the session currently attached to the build's machine *and* names the
+  build's current attempt while the build is RUNNING.  Anything else is counted in
+  ``stale_rejected`` and changes nothing, so a result is committed at most once.
+- Losing a session (EOF, error, watchdog, superseded) is one call, ``detach``: the machine is
+  marked disconnected, its slots are freed, and each build it ran is requeued as an
+  infrastructure failure (``builder-lost``) counted against ``max_tries``.
+
+Whenever something happens that could make a dispatch possible, ``on_change`` is called; the
+daemon's dispatcher task then calls ``dispatch(now)``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+
+import attrs
+
+from hydra_trio.protocol.messages import (
+    Abort,
+    Assign,
+    BuildRef,
+    BuildStatus,
+    Drain,
+    Hello,
+    Limits,
+    LogChunk,
+    Ping,
+    Progress,
+    Result,
+)
+from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine, MachineState, Session
+
+log = logging.getLogger("hydra_trio.runner")
+
+#: Retry delay for an infrastructure failure: RETRY_BASE * 2**(n-2) after the n-th failure, the
+#: first retry immediate (the builder is gone, not the build's fault).  Capped at RETRY_CAP.
+RETRY_BASE = 2.0
+RETRY_CAP = 60.0
+
+
+class UnknownBuildError(KeyError):
+    """No build with that id."""
+
+
+class InvalidGraphError(ValueError):
+    """A submission names unknown builds or would create a cycle."""
+
+
+@attrs.define(eq=False)
+class FarmConfig:
+    """The parts of the runner's configuration the farm's logic depends on."""
+
+    max_tries: int = 3
+    max_log_bytes: int = 64 * 1024 * 1024
+    max_output_bytes: int | None = None
+    default_timeout: float | None = None
+    default_max_silent: float | None = None
+
+
+@attrs.define(eq=False)
+class Farm:
+    config: FarmConfig = attrs.field(factory=FarmConfig)
+    on_change: Callable[[], None] = lambda: None
+
+    builds: dict[str, Build] = attrs.field(factory=dict, init=False)
+    machines: dict[str, Machine] = attrs.field(factory=dict, init=False)
+    #: runnable builds per system: heap of (-priority, seq, build id); stale entries skipped.
+    _runnable: dict[str, list[tuple[int, int, str]]] = attrs.field(factory=dict, init=False)
+    _seq: int = attrs.field(default=0, init=False)
+    #: counters for /metrics and /status.
+    stale_rejected: int = attrs.field(default=0, init=False)
+    builders_lost_idle: int = attrs.field(default=0, init=False)
+    builders_lost_busy: int = attrs.field(default=0, init=False)
+    requeued: Counter[str] = attrs.field(factory=Counter, init=False)
+    finished: Counter[str] = attrs.field(factory=Counter, init=False)
+    dispatch_latencies: list[float] = attrs.field(factory=list, init=False)
+
+    # -- submissions ------------------------------------------------------------------------
+
+    def submit(self, spec: BuildSpec, now: float) -> Build:
+        """Queue one build.  Raises ``InvalidGraphError`` if ``after`` names unknown builds."""
+        return self.submit_graph([spec], now, lambda name: None)[0]
+
+    def submit_graph(
+        self, specs: list[BuildSpec], now: float, local: Callable[[str], int | None]
+    ) -> list[Build]:
+        """Queue several builds atomically: all of them or (on error) none.
+
+        ``after`` entries may name existing build ids or, via ``local(name) -> index``, builds of
+        this same submission (which must come earlier in ``specs``, so no cycle can form).
+        """
+        ids = [uuid.uuid4().hex[:16] for _ in specs]
+        resolved: list[list[str]] = []
+        for index, spec in enumerate(specs):
+            deps: list[str] = []
+            for ref in spec.after:
+                other = local(ref)
+                if other is not None:
+                    if other >= index:
+                        raise InvalidGraphError(f"{ref!r} must be defined before it is used")
+                    deps.append(ids[other])
+                elif ref in self.builds:
+                    deps.append(ref)
+                else:
+                    raise InvalidGraphError(f"unknown build {ref!r} in 'after'")
+            resolved.append(deps)
+        created = []
+        for build_id, spec, deps in zip(ids, specs, resolved, strict=True):
+            self._seq += 1
+            build = Build(
+                id=build_id,
+                spec=attrs.evolve(spec, after=tuple(deps)),
+                seq=self._seq,
+                submitted_at=time.time(),
+            )
+            self.builds[build_id] = build
+            created.append(build)
+            failed_dep = None
+            for dep_id in deps:
+                dep = self.builds[dep_id]
+                dep.dependents.append(build_id)
+                if dep.state is BuildState.SUCCEEDED:
+                    continue
+                if dep.state.finished:
+                    failed_dep = dep
+                else:
+                    build.waiting_for.add(dep_id)
+            log.info("build %s queued: %s", build_id, " ".join(spec.command)[:200])
+            if failed_dep is not None:
+                self._finish(
+                    build,
+                    BuildStatus.DEPENDENCY_FAILED,
+                    now,
+                    error=f"dependency {failed_dep.id} {failed_dep.state.value}",
+                )
+            elif not build.waiting_for:
+                self._make_runnable(build)
+            else:
+                build.waiting_reason = "waiting for dependencies"
+        self.on_change()
+        return created
+
+    def get(self, build_id: str) -> Build:
+        try:
+            return self.builds[build_id]
+        except KeyError:
+            raise UnknownBuildError(build_id) from None
+
+    def cancel(self, build_id: str, now: float) -> Build:
+        """Cancel a queued or running build; a running one is aborted on its builder."""
+        build = self.get(build_id)
+        if build.state.finished:
+            return build
+        if build.state is BuildState.RUNNING:
+            machine = self.machines[build.machine_id]  # type: ignore[index]
+            del machine.running[build.id]
+            if machine.session is not None:
+                machine.session.post(
+                    Abort(build_id=build.id, attempt=build.attempts, reason="cancelled")
+                )
+        self._finish(build, BuildStatus.CANCELLED, now, state=BuildState.CANCELLED)
+        self.on_change()
+        return build
+
+    # -- machines ---------------------------------------------------------------------------
+
+    def attach(self, session: Session, hello: Hello, now: float) -> Machine:
+        """A builder completed its hello.  A previous session of the same machine is
+        superseded: detached (its builds requeued) and closed before this one gets work."""
+        machine = self.machines.get(hello.machine_id)
+        if machine is not None and machine.session is not None:
+            old = machine.session
+            self.detach(old, "superseded by a new connection from the same machine", now)
+            old.close("superseded by a new connection from the same machine")
+        if machine is None:
+            machine = Machine(
+                machine_id=hello.machine_id,
+                hostname=hello.hostname,
+                systems=hello.systems,
+                supported_features=frozenset(hello.supported_features),
+                mandatory_features=frozenset(hello.mandatory_features),
+                max_jobs=hello.max_jobs,
+                speed_factor=hello.speed_factor,
+            )
+            self.machines[hello.machine_id] = machine
+        else:
+            machine.hostname = hello.hostname
+            machine.systems = hello.systems
+            machine.supported_features = frozenset(hello.supported_features)
+            machine.mandatory_features = frozenset(hello.mandatory_features)
+            machine.max_jobs = hello.max_jobs
+            machine.speed_factor = hello.speed_factor
+        machine.session = session
+        machine.state = MachineState.DRAINING if machine.drain_requested else MachineState.CONNECTED
+        machine.draining_itself = False
+        machine.connected_at = machine.last_ping_at = now
+        machine.disconnected_at = None
+        machine.disconnect_reason = ""
+        machine.sessions += 1
+        log.info(
+            "builder %s (%s) connected: systems %s, %d job slots",
+            machine.hostname,
+            machine.machine_id,
+            ",".join(machine.systems),
+            machine.max_jobs,
+        )
+        self.on_change()
+        return machine
+
+    def detach(self, session: Session, reason: str, now: float) -> None:
+        """A session ended.  No-op if it was already superseded."""
+        machine = self._machine_of(session)
+        if machine is None:
+            return
+        silent = now - machine.last_ping_at
+        machine.session = None
+        machine.state = MachineState.DISCONNECTED
+        machine.disconnected_at = now
+        machine.disconnect_reason = reason
+        lost = list(machine.running.values())
+        machine.running.clear()
+        if lost:
+            self.builders_lost_busy += 1
+        else:
+            self.builders_lost_idle += 1
+        log.warning(
+            "builder %s (%s) disconnected: %s (last ping %.1f s ago); requeueing %d builds",
+            machine.hostname,
+            machine.machine_id,
+            reason,
+            silent,
+            len(lost),
+        )
+        for build in lost:
+            machine.lost_builds += 1
+            self._infrastructure_failure(
+                build, BuildStatus.BUILDER_LOST, now, f"builder {machine.hostname} lost: {reason}"
+            )
+        self.on_change()
+
+    def drain(self, machine_key: str) -> Machine:
+        """Stop giving a machine new builds; what it runs finishes.  Key: id or hostname."""
+        machine = self.find_machine(machine_key)
+        machine.drain_requested = True
+        if machine.state is MachineState.CONNECTED:
+            machine.state = MachineState.DRAINING
+        if machine.session is not None:
+            machine.session.post(Drain(reason="drain requested by an operator"))
+        return machine
+
+    def find_machine(self, key: str) -> Machine:
+        if key in self.machines:
+            return self.machines[key]
+        matches = [m for m in self.machines.values() if m.hostname == key]
+        if len(matches) != 1:
+            raise KeyError(key)
+        return matches[0]
+
+    def _machine_of(self, session: Session) -> Machine | None:
+        for machine in self.machines.values():
+            if machine.session is session:
+                return machine
+        return None
+
+    # -- frames from builders ---------------------------------------------------------------
+
+    def on_ping(self, session: Session, machine: Machine, ping: Ping, now: float) -> None:
+        """Record liveness and reconcile: a build the builder runs that is not its current
+        assignment is aborted (it may be a stale attempt from before a partition)."""
+        if machine.session is not session:
+            return
+        machine.last_ping_at = now
+        machine.load = ping.load
+        machine.disk_free = ping.disk_free
+        for ref in ping.running:
+            build = machine.running.get(ref.build_id)
+            if build is None or build.attempts != ref.attempt:
+                session.post(
+                    Abort(
+                        build_id=ref.build_id,
+                        attempt=ref.attempt,
+                        reason="not assigned to this machine under this attempt",
+                    )
+                )
+
+    def on_builder_drain(self, session: Session, machine: Machine) -> None:
+        """The builder announced it is shutting down after its running builds."""
+        if machine.session is session and machine.state is MachineState.CONNECTED:
+            machine.state = MachineState.DRAINING
+            machine.draining_itself = True
+
+    def current(
+        self, session: Session, machine: Machine, build_id: str, attempt: int
+    ) -> Build | None:
+        """The build a frame is about, if the frame is current; else count it as stale."""
+        build = machine.running.get(build_id) if machine.session is session else None
+        if build is None or build.attempts != attempt:
+            self.stale_rejected += 1
+            log.info(
+                "rejected stale frame for build %s attempt %d from %s",
+                build_id,
+                attempt,
+                machine.hostname,
+            )
+            return None
+        return build
+
+    def on_progress(self, session: Session, machine: Machine, msg: Progress) -> None:
+        build = self.current(session, machine, msg.build_id, msg.attempt)
+        if build is not None:
+            build.phase = msg.phase
+
+    def on_log(self, session: Session, machine: Machine, msg: LogChunk) -> None:
+        build = self.current(session, machine, msg.build_id, msg.attempt)
+        if build is None:
+            return
+        room = self.config.max_log_bytes - len(build.log)
+        if room > 0:
+            build.log += msg.data[:room]
+
+    def on_result(self, session: Session, machine: Machine, msg: Result, now: float) -> bool:
+        """Commit a result if (and only if) it is for the current attempt.  Returns whether
+        it was committed."""
+        build = self.current(session, machine, msg.build_id, msg.attempt)
+        if build is None:
+            return False
+        del machine.running[build.id]
+        build.exit_code = msg.exit_code
+        build.timings = dict(msg.timings)
+        if msg.status is BuildStatus.SUCCESS:
+            machine.succeeded_builds += 1
+            build.outputs = msg.outputs
+            self._finish(build, msg.status, now, state=BuildState.SUCCEEDED)
+        elif msg.status.is_infrastructure:
+            self._infrastructure_failure(build, msg.status, now, msg.error)
+        else:
+            machine.failed_builds += 1
+            self._finish(build, msg.status, now, error=msg.error)
+        self.on_change()
+        return True
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def dispatch(self, now: float) -> float | None:
+        """Assign every runnable build that has a free, capable machine.  Returns the next
+        time a delayed retry becomes due (so the caller can sleep until then), or None."""
+        next_due: float | None = None
+        for system, heap in self._runnable.items():
+            machines = [
+                m for m in self.machines.values() if m.free_slots > 0 and system in m.systems
+            ]
+            if not machines:
+                continue
+            deferred: list[tuple[int, int, str]] = []
+            while heap and machines:
+                entry = heapq.heappop(heap)
+                build = self.builds.get(entry[2])
+                if build is None or build.state is not BuildState.QUEUED or build.waiting_for:
+                    continue  # stale heap entry
+                if build.not_before > now:
+                    next_due = (
+                        build.not_before if next_due is None else min(next_due, build.not_before)
+                    )
+                    deferred.append(entry)
+                    continue
+                machine = self._pick_machine(build, machines)
+                if machine is None:
+                    build.waiting_reason = "no connected machine supports its system and features"
+                    deferred.append(entry)
+                    continue
+                self._assign(build, machine, now)
+                if machine.free_slots == 0:
+                    machines.remove(machine)
+            for entry in deferred:
+                heapq.heappush(heap, entry)
+        for system, heap in self._runnable.items():
+            if heap and not any(
+                system in m.systems
+                for m in self.machines.values()
+                if m.state is MachineState.CONNECTED
+            ):
+                for _, _, build_id in heap:
+                    build = self.builds.get(build_id)
+                    if build is not None and build.state is BuildState.QUEUED:
+                        build.waiting_reason = f"no connected machine for system {system}"
+        return next_due
+
+    def _pick_machine(self, build: Build, machines: list[Machine]) -> Machine | None:
+        """Among capable machines with free slots: avoid machines that failed this build,
+        then the most free capacity scaled by speed factor."""
+        capable = [m for m in machines if m.can_build(build.spec)]
+        if not capable:
+            return None
+        return max(
+            capable,
+            key=lambda m: (
+                m.machine_id not in build.failed_on,
+                m.free_slots * m.speed_factor,
+                m.speed_factor,
+            ),
+        )
+
+    def _assign(self, build: Build, machine: Machine, now: float) -> None:
+        assert machine.session is not None
+        build.attempts += 1
+        build.state = BuildState.RUNNING
+        build.machine_id = machine.machine_id
+        build.hostname = machine.hostname
+        build.phase = None
+        build.waiting_reason = ""
+        build.started_at = time.time()
+        build.log.clear()
+        machine.running[build.id] = build
+        spec = build.spec
+        timeout = spec.timeout if spec.timeout is not None else self.config.default_timeout
+        max_silent = (
+            spec.max_silent if spec.max_silent is not None else self.config.default_max_silent
+        )
+        machine.session.post(
+            Assign(
+                build_id=build.id,
+                attempt=build.attempts,
+                name=spec.name,
+                command=spec.command,
+                env=dict(spec.env),
+                limits=Limits(
+                    timeout=timeout,
+                    max_silent=max_silent,
+                    max_log_bytes=self.config.max_log_bytes,
+                    max_output_bytes=self.config.max_output_bytes,
+                ),
+            )
+        )
+        log.info("build %s attempt %d assigned to %s", build.id, build.attempts, machine.hostname)
+
+    # -- transitions ------------------------------------------------------------------------
+
+    def _make_runnable(self, build: Build) -> None:
+        build.waiting_reason = "waiting for a free machine"
+        heap = self._runnable.setdefault(build.spec.system, [])
+        heapq.heappush(heap, (-build.spec.priority, build.seq, build.id))
+
+    def _infrastructure_failure(
+        self, build: Build, status: BuildStatus, now: float, error: str
+    ) -> None:
+        build.infra_failures += 1
+        if build.machine_id is not None:
+            build.failed_on.append(build.machine_id)
+        if build.attempts >= self.config.max_tries:
+            log.warning("build %s failed after %d attempts: %s", build.id, build.attempts, error)
+            self._finish(build, status, now, error=error)
+            return
+        delay = (
+            0.0
+            if build.infra_failures <= 1
+            else min(RETRY_CAP, RETRY_BASE * 2 ** (build.infra_failures - 2))
+        )
+        build.state = BuildState.QUEUED
+        build.status = status
+        build.error = error
+        build.phase = None
+        build.not_before = now + delay
+        self.requeued[status.value] += 1
+        log.info("build %s requeued (%s), retry in %.0f s", build.id, status.value, delay)
+        self._make_runnable(build)
+
+    def _finish(
+        self,
+        build: Build,
+        status: BuildStatus,
+        now: float,
+        *,
+        state: BuildState = BuildState.FAILED,
+        error: str = "",
+    ) -> None:
+        build.state = state
+        build.status = status
+        build.error = error
+        build.phase = None
+        build.finished_at = time.time()
+        build.waiting_reason = ""
+        self.finished[status.value] += 1
+        log.info("build %s finished: %s%s", build.id, status.value, f" ({error})" if error else "")
+        for dep_id in build.dependents:
+            dependent = self.builds[dep_id]
+            if dependent.state.finished:
+                continue
+            dependent.waiting_for.discard(build.id)
+            if state is not BuildState.SUCCEEDED:
+                self._finish(
+                    dependent,
+                    BuildStatus.DEPENDENCY_FAILED,
+                    now,
+                    error=f"dependency {build.id} {status.value}",
+                )
+            elif not dependent.waiting_for:
+                self._make_runnable(dependent)
+
+    # -- views ------------------------------------------------------------------------------
+
+    def queue_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys((s.value for s in BuildState), 0)
+        for build in self.builds.values():
+            counts[build.state.value] += 1
+        return counts
+
+    def running_refs(self, machine: Machine) -> list[BuildRef]:
+        return [BuildRef(build_id=b.id, attempt=b.attempts) for b in machine.running.values()]

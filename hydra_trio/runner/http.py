@@ -1,0 +1,162 @@
+"""The HTTP API (Starlette), served by hypercorn's trio worker inside the runner's nursery.
+
+Handlers only read the farm or call one of its transitions; none of them blocks.  Every
+caller mistake is a JSON ``{"error": ...}`` with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from hydra_trio.runner.farm import Farm, InvalidGraphError, UnknownBuildError
+from hydra_trio.runner.metrics import render_metrics
+from hydra_trio.runner.model import BuildSpec
+
+#: Limit on request bodies: a build spec is small; this keeps a client from making the runner
+#: buffer arbitrary amounts.
+MAX_BODY = 1024 * 1024
+
+
+class SpecError(ValueError):
+    """A build spec from a client is invalid; the message names the field."""
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def parse_spec(body: Any, default_system: str) -> BuildSpec:
+    """Validate a ``POST /builds`` body into a ``BuildSpec``."""
+    if not isinstance(body, dict):
+        raise SpecError("the body must be a JSON object")
+    command = body.get("command")
+    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+        raise SpecError("command: must be a non-empty list of strings")
+    name = body.get("name") or ""
+    if not isinstance(name, str):
+        raise SpecError("name: must be a string")
+    system = body.get("system") or default_system
+    if not isinstance(system, str):
+        raise SpecError("system: must be a string")
+    features = body.get("requiredFeatures") or []
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        raise SpecError("requiredFeatures: must be a list of strings")
+    after = body.get("after") or []
+    if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
+        raise SpecError("after: must be a list of build ids")
+    priority = body.get("priority", 0)
+    if type(priority) is not int:
+        raise SpecError("priority: must be an integer")
+    env = body.get("env") or {}
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise SpecError("env: must be an object of strings")
+    return BuildSpec(
+        command=tuple(command),
+        name=name,
+        system=system,
+        required_features=frozenset(features),
+        after=tuple(after),
+        priority=priority,
+        timeout=_seconds(body, "timeout"),
+        max_silent=_seconds(body, "maxSilent"),
+        env=tuple(sorted(env.items())),
+    )
+
+
+def _seconds(body: dict[str, Any], key: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        raise SpecError(f"{key}: must be a positive number of seconds")
+    return float(value)
+
+
+async def _json_body(request: Request) -> Any:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise HTTPException(413, f"request body larger than {MAX_BODY} bytes")
+    try:
+        return json.loads(body or b"null")
+    except ValueError as exc:
+        raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+
+
+def create_app(farm: Farm, *, default_system: str) -> Starlette:
+    """The Starlette application over ``farm``."""
+
+    async def status(request: Request) -> Response:
+        now = trio.current_time()
+        return JSONResponse(
+            {
+                "machines": [m.to_json(now) for m in farm.machines.values()],
+                "queue": farm.queue_counts(),
+            }
+        )
+
+    async def submit(request: Request) -> Response:
+        try:
+            spec = parse_spec(await _json_body(request), default_system)
+            build = farm.submit(spec, trio.current_time())
+        except (SpecError, InvalidGraphError) as exc:
+            return _error(422, str(exc))
+        return JSONResponse({"id": build.id}, status_code=201)
+
+    def _build(request: Request) -> Any:
+        try:
+            return farm.get(request.path_params["build_id"])
+        except UnknownBuildError:
+            raise HTTPException(404, f"no build {request.path_params['build_id']!r}") from None
+
+    async def show(request: Request) -> Response:
+        return JSONResponse(_build(request).to_json())
+
+    async def build_log(request: Request) -> Response:
+        return PlainTextResponse(bytes(_build(request).log).decode("utf-8", "replace"))
+
+    async def cancel(request: Request) -> Response:
+        build = _build(request)
+        farm.cancel(build.id, trio.current_time())
+        return JSONResponse(build.to_json())
+
+    async def drain(request: Request) -> Response:
+        try:
+            machine = farm.drain(request.path_params["machine_id"])
+        except KeyError:
+            return _error(404, f"no machine {request.path_params['machine_id']!r}")
+        return JSONResponse(machine.to_json(trio.current_time()))
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(
+            render_metrics(farm, trio.current_time()), media_type="text/plain; version=0.0.4"
+        )
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, exc.detail)
+
+    return Starlette(
+        routes=[
+            Route("/status", status),
+            Route("/builds", submit, methods=["POST"]),
+            Route("/builds/{build_id}", show),
+            Route("/builds/{build_id}/log", build_log),
+            Route("/builds/{build_id}/cancel", cancel, methods=["POST"]),
+            Route("/machines/{machine_id}/drain", drain, methods=["POST"]),
+            Route("/metrics", metrics),
+        ],
+        exception_handlers={HTTPException: http_error},
+    )

@@ -1,0 +1,213 @@
+"""What the queue runner knows: builds and machines, and the states they move through.
+
+These are plain bookkeeping objects; ``farm.Farm`` owns them and is the only code that changes
+them, so every transition (and its invariants) is in one place.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Protocol
+
+import attrs
+
+from hydra_trio.protocol.messages import BuildStatus, FileInfo, Message, Phase
+
+
+class BuildState(enum.Enum):
+    """Where a build is in its life."""
+
+    #: waiting for its dependencies, a retry delay, or a free machine.
+    QUEUED = "queued"
+    #: assigned to a machine under its current attempt.
+    RUNNING = "running"
+    #: ended with status ``success``.
+    SUCCEEDED = "succeeded"
+    #: ended with any failure status.
+    FAILED = "failed"
+    #: cancelled by an operator.
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({BuildState.SUCCEEDED, BuildState.FAILED, BuildState.CANCELLED})
+
+
+class MachineState(enum.Enum):
+    """A builder machine as the runner sees it."""
+
+    #: a live session; eligible for new builds.
+    CONNECTED = "connected"
+    #: a live session, but no new builds; it finishes what it runs.
+    DRAINING = "draining"
+    #: no live session: its slots are free and its builds were requeued.
+    DISCONNECTED = "disconnected"
+
+
+class Session(Protocol):
+    """What the farm needs of a builder connection (implemented in ``runner.session``)."""
+
+    @property
+    def session_id(self) -> str: ...
+
+    def post(self, message: Message) -> None:
+        """Queue a message for the builder without waiting."""
+
+    def close(self, reason: str) -> None:
+        """End the connection (idempotent); the session then detaches itself."""
+
+
+@attrs.frozen(kw_only=True)
+class BuildSpec:
+    """What a client asks to build (validated before it reaches the farm)."""
+
+    command: tuple[str, ...]
+    name: str = ""
+    system: str
+    required_features: frozenset[str] = frozenset()
+    after: tuple[str, ...] = ()
+    priority: int = 0
+    timeout: float | None = None
+    max_silent: float | None = None
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@attrs.define(eq=False)
+class Build:
+    """One build and everything known about it."""
+
+    id: str
+    spec: BuildSpec
+    #: submission order: FIFO within a priority.
+    seq: int
+    submitted_at: float
+    state: BuildState = BuildState.QUEUED
+    #: why it ended (or why its last attempt ended while it waits for a retry).
+    status: BuildStatus | None = None
+    #: dispatches so far; the current (or last) attempt's number, and so its fencing token.
+    attempts: int = 0
+    #: attempts that ended in an infrastructure failure.
+    infra_failures: int = 0
+    machine_id: str | None = None
+    hostname: str | None = None
+    phase: Phase | None = None
+    exit_code: int | None = None
+    error: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    outputs: tuple[FileInfo, ...] = ()
+    timings: dict[str, float] = attrs.field(factory=dict)
+    #: a retry is not dispatched before this (monotonic) time.
+    not_before: float = 0.0
+    #: machines whose attempts failed for infrastructure reasons: tried last on a retry.
+    failed_on: list[str] = attrs.field(factory=list)
+    #: unfinished builds named in ``after``.
+    waiting_for: set[str] = attrs.field(factory=set)
+    #: builds that name this one in ``after``.
+    dependents: list[str] = attrs.field(factory=list)
+    #: why it is still queued, for ``GET /builds/{id}``.
+    waiting_reason: str = ""
+    log: bytearray = attrs.field(factory=bytearray, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.spec.name or None,
+            "command": list(self.spec.command),
+            "system": self.spec.system,
+            "requiredFeatures": sorted(self.spec.required_features),
+            "after": list(self.spec.after),
+            "priority": self.spec.priority,
+            "timeout": self.spec.timeout,
+            "maxSilent": self.spec.max_silent,
+            "state": self.state.value,
+            "status": self.status.value if self.status else None,
+            "phase": self.phase.value if self.phase and self.state is BuildState.RUNNING else None,
+            "attempts": self.attempts,
+            "machine": self.hostname,
+            "machineId": self.machine_id,
+            "exitCode": self.exit_code,
+            "error": self.error or None,
+            "waitingFor": sorted(self.waiting_for),
+            "waitingReason": self.waiting_reason or None,
+            "outputs": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.outputs],
+            "timings": self.timings,
+            "submittedAt": self.submitted_at,
+            "startedAt": self.started_at,
+            "finishedAt": self.finished_at,
+        }
+
+
+@attrs.define(eq=False)
+class Machine:
+    """A builder machine, known by its machine id; outlives its connections."""
+
+    machine_id: str
+    hostname: str
+    systems: tuple[str, ...]
+    supported_features: frozenset[str]
+    mandatory_features: frozenset[str]
+    max_jobs: int
+    speed_factor: float
+    state: MachineState = MachineState.DISCONNECTED
+    session: Session | None = None
+    #: builds it runs now, by id.
+    running: dict[str, Build] = attrs.field(factory=dict)
+    connected_at: float = 0.0
+    #: monotonic time of the last Ping (or of the connection, before the first ping).
+    last_ping_at: float = 0.0
+    disconnected_at: float | None = None
+    disconnect_reason: str = ""
+    #: the runner was told to drain it (survives reconnects).
+    drain_requested: bool = False
+    #: the builder said it is shutting down (only for this session).
+    draining_itself: bool = False
+    succeeded_builds: int = 0
+    failed_builds: int = 0
+    lost_builds: int = 0
+    sessions: int = 0
+    load: float = 0.0
+    disk_free: int = 0
+
+    @property
+    def free_slots(self) -> int:
+        if self.state is not MachineState.CONNECTED:
+            return 0
+        return max(0, self.max_jobs - len(self.running))
+
+    def can_build(self, spec: BuildSpec) -> bool:
+        """Hydra's rule: the system matches, required <= supported, mandatory <= required."""
+        return (
+            spec.system in self.systems
+            and spec.required_features <= self.supported_features
+            and self.mandatory_features <= spec.required_features
+        )
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        connected = self.state is not MachineState.DISCONNECTED
+        return {
+            "machineId": self.machine_id,
+            "hostname": self.hostname,
+            "systems": list(self.systems),
+            "supportedFeatures": sorted(self.supported_features),
+            "mandatoryFeatures": sorted(self.mandatory_features),
+            "maxJobs": self.max_jobs,
+            "speedFactor": self.speed_factor,
+            "currentJobs": len(self.running) if connected else 0,
+            "sinceLastPing": round(max(0.0, now - self.last_ping_at), 3),
+            "connected": connected,
+            "state": self.state.value,
+            "succeededBuilds": self.succeeded_builds,
+            "failedBuilds": self.failed_builds,
+            "lostBuilds": self.lost_builds,
+            "disconnectReason": self.disconnect_reason or None,
+            "load": self.load,
+            "diskFree": self.disk_free,
+        }
