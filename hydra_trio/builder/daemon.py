@@ -33,7 +33,7 @@ import trio
 
 from hydra_trio import net
 from hydra_trio.builder.backoff import Backoff
-from hydra_trio.builder.executor import execute
+from hydra_trio.builder.executor import Send, execute
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import IncompatibleVersionError, ProtocolError
 from hydra_trio.protocol.messages import (
@@ -56,6 +56,7 @@ from hydra_trio.system import default_hostname, default_system
 log = logging.getLogger("hydra_trio.builder")
 
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
+Executor = Callable[[Assign, Path, Send, dict[str, str]], Awaitable[Result]]
 
 
 @attrs.frozen(kw_only=True)
@@ -128,6 +129,8 @@ class BuilderState:
     sessions: int = 0
     #: (monotonic time, event) pairs for tests and diagnostics; bounded.
     events: list[tuple[float, str]] = attrs.field(factory=list)
+    #: runs one build (replaceable by embedders and tests).
+    execute: Executor = execute
 
     def record(self, event: str) -> None:
         self.events.append((trio.current_time(), event))
@@ -369,7 +372,7 @@ class _Session:
         try:
             with running.scope:
                 try:
-                    result = await execute(assign, build_dir, self.send, _base_env())
+                    result = await self.state.execute(assign, build_dir, self.send, _base_env())
                 except (net.ConnectionLost, ProtocolError):
                     raise
                 except Exception as exc:  # a bug or an OS failure must not end the session
