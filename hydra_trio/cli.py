@@ -8,6 +8,7 @@ status 2 (usage) or 1 (everything else), never a traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -18,7 +19,7 @@ import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 import httpx
@@ -142,7 +143,41 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
-def fail(message: str) -> None:
+def _leaf(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``exc`` or in the exception groups it nests."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _leaf(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
+def run_daemon(
+    main: Callable[[], Awaitable[None]], on_sigterm: Callable[[], None] | None = None
+) -> None:
+    """``trio.run`` a daemon until a signal; startup errors a user can fix are one line."""
+    try:
+        trio.run(run_until_signal, main, on_sigterm)
+    except BaseException as exc:
+        incompatible = _leaf(exc, IncompatibleVersionError)
+        if incompatible is not None:
+            fail(str(incompatible))
+        os_error = _leaf(exc, OSError)
+        if isinstance(os_error, OSError) and os_error.errno in (
+            errno.EADDRINUSE,
+            errno.EADDRNOTAVAIL,
+            errno.EACCES,
+        ):
+            fail(f"cannot listen: {os_error.strerror} (is another runner using the port?)")
+        if isinstance(os_error, OSError) and os_error.filename:
+            fail(f"{os_error.filename}: {os_error.strerror}")
+        raise
+
+
+def fail(message: str) -> NoReturn:
     """A user-facing error: one line, exit status 1."""
     click.echo(f"hydra-trio: error: {message}", err=True)
     sys.exit(1)
@@ -244,10 +279,7 @@ def queue_runner(log_level: str, log_format: str, **kw: Any) -> None:
 
     setup_logging(log_level, log_format)
     config = _runner_config(**kw)
-    try:
-        trio.run(run_until_signal, functools.partial(serve_runner, config))
-    except OSError as exc:
-        fail(f"cannot listen: {exc.strerror or exc} (is another runner using the port?)")
+    run_daemon(functools.partial(serve_runner, config))
 
 
 def _builder_options(f: F) -> F:
@@ -321,10 +353,7 @@ def builder(log_level: str, log_format: str, **kw: Any) -> None:
         for request_drain in drains:
             request_drain()
 
-    try:
-        trio.run(run_until_signal, serve, on_sigterm)
-    except IncompatibleVersionError as exc:
-        fail(str(exc))
+    run_daemon(serve, on_sigterm)
 
 
 @main.command("up")
@@ -376,10 +405,7 @@ def up(
                     err=True,
                 )
 
-    try:
-        trio.run(run_until_signal, serve)
-    except OSError as exc:
-        fail(f"cannot listen: {exc.strerror or exc} (is another runner using the port?)")
+    run_daemon(serve)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
 from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
-from hydra_trio.runner.daemon import RunnerConfig, make_farm
+from hydra_trio.runner.blobs import Storage
+from hydra_trio.runner.daemon import RunnerConfig, make_farm, open_storage
 from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.model import MachineState
 from hydra_trio.runner.session import serve_builder
@@ -160,14 +162,20 @@ class Farmlet:
 
     nursery: trio.Nursery
     runner_config: RunnerConfig
+    state_dir: Path
+    storage: Storage = attrs.field(init=False)
     farm: Farm = attrs.field(init=False)
     network: Network = attrs.field(init=False)
     builders: dict[str, BuilderState] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
+        self.runner_config = attrs.evolve(self.runner_config, state_dir=self.state_dir)
         self.farm, dispatcher = make_farm(self.runner_config)
+        self.storage = open_storage(self.runner_config, self.farm)
         self.nursery.start_soon(dispatcher.run, self.farm)
-        handler = functools.partial(serve_builder, self.farm, self.runner_config.session_config())
+        handler = functools.partial(
+            serve_builder, self.farm, self.runner_config.session_config(), self.storage
+        )
         self.network = Network(self.nursery, handler)
 
     async def add_builder(self, name: str, config: BuilderConfig, **state_kw: Any) -> BuilderState:

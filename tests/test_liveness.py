@@ -59,7 +59,7 @@ def hanging_executor(
 ):
     """An executor that reports ``phase`` and then hangs (a stuck fetch or a long build)."""
 
-    async def execute(assign: Assign, build_dir: Path, send, env) -> Result:  # type: ignore[no-untyped-def]
+    async def execute(assign: Assign, build_dir: Path, send, env, fetch) -> Result:  # type: ignore[no-untyped-def]
         log.append((assign.build_id, assign.attempt))
         await send(Progress(build_id=assign.build_id, attempt=assign.attempt, phase=phase))
         await trio.sleep(seconds)
@@ -88,7 +88,7 @@ async def test_blackholed_link_is_detected_on_both_sides_and_the_build_moves(
     the runner drops the machine after exactly builder-timeout, the build runs on B, and A's
     child process is gone."""
     async with trio.open_nursery() as nursery:
-        farm = Farmlet(nursery, RUNNER)
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
         pid_file = tmp_path / "pid"
         state_a = await farm.add_builder("a", builder_config(tmp_path, "a"))
         build = farm.farm.submit(
@@ -126,7 +126,7 @@ async def test_a_fetch_hanging_for_ten_hours_never_disconnects_a_healthy_builder
     """The seed's case: a build stuck fetching inputs for 10 hours; pings keep flowing."""
     started: list[tuple[str, int]] = []
     async with trio.open_nursery() as nursery:
-        farm = Farmlet(nursery, RUNNER)
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
         await farm.add_builder(
             "a",
             builder_config(tmp_path, "a"),
@@ -154,7 +154,7 @@ async def test_a_blip_shorter_than_the_timeouts_changes_nothing(
     """A 15 s pause in both directions, shorter than timeout - interval: nothing changes."""
     started: list[tuple[str, int]] = []
     async with trio.open_nursery() as nursery:
-        farm = Farmlet(nursery, RUNNER)
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
         await farm.add_builder(
             "a", builder_config(tmp_path, "a"), execute=hanging_executor(started)
         )
@@ -182,7 +182,7 @@ async def test_a_late_result_for_a_superseded_attempt_is_rejected(
     attempt's result is committed, once."""
     started: list[tuple[str, int]] = []
     async with trio.open_nursery() as nursery:
-        farm = Farmlet(nursery, RUNNER)
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
         await farm.add_builder(
             "a", builder_config(tmp_path, "a"), execute=hanging_executor(started, seconds=100)
         )
@@ -205,10 +205,12 @@ async def test_a_late_result_for_a_superseded_attempt_is_rejected(
         stale = Result(build_id=build.id, attempt=1, status=BuildStatus.SUCCESS, exit_code=0)
         rejected_before = farm.farm.stale_rejected
         assert not farm.farm.on_result(session, machine_a, stale, trio.current_time())
-        farm.farm.on_log(session, machine_a, LogChunk(build_id=build.id, attempt=1, data=b"stale"))
+        stale_log = LogChunk(build_id=build.id, attempt=1, data=b"stale")
+        assert farm.farm.on_log(session, machine_a, stale_log) is None
         assert farm.farm.stale_rejected == rejected_before + 2
         assert build.state is BuildState.RUNNING
-        assert b"stale" not in build.log
+        assert b"stale" not in await farm.storage.logs.read(build.id, 1)
+        assert b"stale" not in await farm.storage.logs.read(build.id, 2)
 
         await wait_until(lambda: build.state.finished)
         assert build.state is BuildState.SUCCEEDED
@@ -231,7 +233,7 @@ async def test_a_reconnect_while_the_old_socket_is_half_open_supersedes_it(
     runner = RunnerConfig(builder_timeout=300.0, http=None, default_system=SYSTEM)
     started: list[tuple[str, int]] = []
     async with trio.open_nursery() as nursery:
-        farm = Farmlet(nursery, runner)
+        farm = Farmlet(nursery, runner, tmp_path / "runner")
         state = await farm.add_builder(
             "a", builder_config(tmp_path, "a", ping_timeout=30.0), execute=hanging_executor(started)
         )
@@ -262,7 +264,7 @@ async def test_cancel_of_a_running_build_aborts_it_and_its_late_result_is_stale(
     """Cancelling a running build frees the slot at once; the builder aborts the attempt."""
     started: list[tuple[str, int]] = []
     async with trio.open_nursery() as nursery:
-        farm = Farmlet(nursery, RUNNER)
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
         state = await farm.add_builder(
             "a", builder_config(tmp_path, "a"), execute=hanging_executor(started)
         )
@@ -285,7 +287,7 @@ async def test_a_hundred_builders_reconnect_spread_out_never_faster_than_the_flo
 ) -> None:
     """When the runner goes away, reconnect attempts spread over the jitter window."""
     async with trio.open_nursery() as nursery:
-        farm = Farmlet(nursery, RUNNER)
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
         for index in range(100):
             await farm.add_builder(
                 f"b{index}", builder_config(tmp_path, f"b{index}"), rng=random.Random(index)
@@ -324,9 +326,9 @@ async def test_builder_messages_are_applied_only_for_the_current_attempt(
 ) -> None:
     """Progress and log frames of the current attempt are applied."""
     async with trio.open_nursery() as nursery:
-        farm = Farmlet(nursery, RUNNER)
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
 
-        async def execute(assign: Assign, build_dir: Path, send, env) -> Result:  # type: ignore[no-untyped-def]
+        async def execute(assign: Assign, build_dir: Path, send, env, fetch) -> Result:  # type: ignore[no-untyped-def]
             await send(
                 Progress(build_id=assign.build_id, attempt=assign.attempt, phase=Phase.BUILDING)
             )
@@ -342,6 +344,6 @@ async def test_builder_messages_are_applied_only_for_the_current_attempt(
         build = farm.farm.submit(spec(), trio.current_time())
         await wait_until(lambda: build.state.finished)
         assert build.state is BuildState.SUCCEEDED
-        assert bytes(build.log) == b"hi\n"
+        assert await farm.storage.logs.read(build.id, build.attempts) == b"hi\n"
         assert farm.farm.stale_rejected == 0
         nursery.cancel_scope.cancel()

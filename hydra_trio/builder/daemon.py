@@ -20,6 +20,7 @@ an incompatible protocol version ends ``run_builder`` (with ``IncompatibleVersio
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -33,7 +34,7 @@ import trio
 
 from hydra_trio import net
 from hydra_trio.builder.backoff import Backoff
-from hydra_trio.builder.executor import Send, execute
+from hydra_trio.builder.executor import Fetch, FetchError, Send, execute
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import IncompatibleVersionError, ProtocolError
 from hydra_trio.protocol.messages import (
@@ -43,6 +44,9 @@ from hydra_trio.protocol.messages import (
     BuildRef,
     BuildStatus,
     Drain,
+    FetchData,
+    FetchRequest,
+    FileInfo,
     Goodbye,
     Hello,
     Message,
@@ -56,7 +60,12 @@ from hydra_trio.system import default_hostname, default_system
 log = logging.getLogger("hydra_trio.builder")
 
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
-Executor = Callable[[Assign, Path, Send, dict[str, str]], Awaitable[Result]]
+Executor = Callable[[Assign, Path, Send, dict[str, str], Fetch], Awaitable[Result]]
+
+#: Input chunks requested ahead of the one being written: enough to keep a loopback or LAN
+#: link busy, few enough that a fetch holds at most FETCH_WINDOW x FETCH_CHUNK in memory.
+FETCH_WINDOW = 4
+FETCH_CHUNK = 256 * 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -81,6 +90,8 @@ class BuilderConfig:
     #: a session that lasted this long resets the backoff (None: 2 x ping timeout).
     healthy_after: float | None = None
     max_frame_size: int = 8 * 1024 * 1024
+    #: an input fetch that receives nothing for this long fails the attempt (retried).
+    fetch_timeout: float = 120.0
 
     @property
     def effective_ping_timeout(self) -> float:
@@ -263,6 +274,8 @@ class _Session:
         self.reason: str | None = None
         self.scope = trio.CancelScope()
         self.builds_changed = trio.Event()
+        self.fetches: dict[int, trio.MemorySendChannel[FetchData]] = {}
+        self._next_request = 0
 
     def close(self, reason: str) -> None:
         if self.reason is None:
@@ -306,6 +319,14 @@ class _Session:
                                 message.reason,
                             )
                             running.scope.cancel()
+                    elif isinstance(message, FetchData):
+                        waiter = self.fetches.get(message.request_id)
+                        if waiter is not None:
+                            try:
+                                waiter.send_nowait(message)
+                            except trio.WouldBlock:
+                                self.close("the runner sent more fetch data than requested")
+                                return
                     elif isinstance(message, Drain):
                         log.info("the runner asked us to drain: %s", message.reason)
                     elif isinstance(message, Goodbye):
@@ -372,7 +393,9 @@ class _Session:
         try:
             with running.scope:
                 try:
-                    result = await self.state.execute(assign, build_dir, self.send, _base_env())
+                    result = await self.state.execute(
+                        assign, build_dir, self.send, _base_env(), self.fetch
+                    )
                 except (net.ConnectionLost, ProtocolError):
                     raise
                 except Exception as exc:  # a bug or an OS failure must not end the session
@@ -394,6 +417,96 @@ class _Session:
         finally:
             del self.builds[assign.build_id]
             self.builds_changed.set()
+
+    async def fetch(self, assign: Assign, info: FileInfo) -> Path:
+        """Bring one input file into the cache (unless it is there) and return its path.
+
+        Chunks are pulled FETCH_WINDOW at a time; nothing arriving for ``fetch_timeout``
+        raises ``FetchError``, as does a size or hash that does not match."""
+        cache = self.config.work_dir.absolute() / "cache"
+        target = cache / info.sha256[:2] / info.sha256
+        if await trio.to_thread.run_sync(_cached, target, info.size):
+            return target
+        request_id = self._next_request
+        self._next_request += 1
+        send, receive = trio.open_memory_channel[FetchData](FETCH_WINDOW)
+        self.fetches[request_id] = send
+        tmp = cache / "tmp" / f"{request_id}-{info.sha256}"
+        writer = await trio.to_thread.run_sync(_CacheWriter, tmp)
+        try:
+            requested = received = in_flight = 0
+            while received < info.size or (info.size == 0 and requested == 0):
+                while in_flight < FETCH_WINDOW and (requested < info.size or requested == 0):
+                    await self.send(
+                        FetchRequest(
+                            request_id=request_id,
+                            build_id=assign.build_id,
+                            attempt=assign.attempt,
+                            sha256=info.sha256,
+                            offset=requested,
+                            length=FETCH_CHUNK,
+                        )
+                    )
+                    requested += FETCH_CHUNK
+                    in_flight += 1
+                with trio.move_on_after(self.config.fetch_timeout) as stall:
+                    chunk = await receive.receive()
+                if stall.cancelled_caught:
+                    raise FetchError(
+                        f"fetching {info.path}: nothing received for "
+                        f"{self.config.fetch_timeout:g} s"
+                    )
+                in_flight -= 1
+                if chunk.error:
+                    raise FetchError(f"fetching {info.path}: {chunk.error}")
+                await trio.to_thread.run_sync(writer.write, chunk.data)
+                received += len(chunk.data)
+                if chunk.eof or not chunk.data:
+                    break
+            await trio.to_thread.run_sync(writer.finish, target, info.size, info.sha256)
+        finally:
+            del self.fetches[request_id]
+            await trio.to_thread.run_sync(writer.discard)
+        return target
+
+
+class _CacheWriter:
+    """A fetched file being written to the cache: hashed as it arrives, renamed into place
+    (read-only) only once size and hash match.  Blocking: call through a thread."""
+
+    def __init__(self, tmp: Path) -> None:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp
+        self.file = tmp.open("wb")
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.hasher.update(data)
+        self.size += len(data)
+
+    def finish(self, target: Path, size: int, sha256: str) -> None:
+        self.file.close()
+        if self.size != size or self.hasher.hexdigest() != sha256:
+            raise FetchError(
+                f"fetched {self.size} bytes with sha256 {self.hasher.hexdigest()}, "
+                f"expected {size} bytes with {sha256}"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.tmp, 0o444)
+        os.replace(self.tmp, target)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _cached(target: Path, size: int) -> bool:
+    try:
+        return target.stat().st_size == size
+    except FileNotFoundError:
+        return False
 
 
 def _base_env() -> dict[str, str]:

@@ -33,14 +33,24 @@ from hydra_trio.protocol.messages import (
     Phase,
     Progress,
     Result,
+    UploadData,
 )
 
 log = logging.getLogger("hydra_trio.builder")
 
 Send = Callable[[Message], Awaitable[None]]
+#: Fetch one input file into the local cache; returns its verified path there.
+Fetch = Callable[[Assign, FileInfo], Awaitable[Path]]
+
+
+class FetchError(Exception):
+    """An input could not be fetched (an infrastructure failure: the build is retried)."""
+
 
 #: Log bytes per LogChunk frame at most (a read returns what the pipe has, up to this).
 LOG_CHUNK = 64 * 1024
+#: Bytes per UploadData frame: small enough that a Ping never waits long behind one.
+UPLOAD_CHUNK = 256 * 1024
 _HASH_BLOCK = 1024 * 1024
 
 
@@ -98,12 +108,29 @@ def scan_outputs(out_dir: Path) -> list[FileInfo]:
     return files
 
 
-async def execute(assign: Assign, build_dir: Path, send: Send, base_env: dict[str, str]) -> Result:
-    """Run ``assign`` in ``build_dir`` (created fresh, removed afterwards)."""
+async def execute(
+    assign: Assign,
+    build_dir: Path,
+    send: Send,
+    base_env: dict[str, str],
+    fetch: Fetch | None = None,
+) -> Result:
+    """Run ``assign`` in ``build_dir`` (created fresh, removed afterwards): fetch its inputs
+    into ``$IN``, run the command, upload what it left in ``$OUT``."""
     ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
     timings: dict[str, float] = {}
     try:
         await trio.to_thread.run_sync(_prepare, build_dir)
+        if assign.inputs:
+            await send(Progress(**ref, phase=Phase.FETCHING))
+            started = time.monotonic()
+            try:
+                if fetch is None:
+                    raise FetchError("this builder cannot fetch inputs")
+                await _place_inputs(assign, build_dir / "in", fetch)
+            except FetchError as exc:
+                return Result(**ref, status=BuildStatus.FETCH_FAILED, error=str(exc))
+            timings["fetch"] = round(time.monotonic() - started, 6)
         env = {
             **base_env,
             "HOME": str(build_dir / "work"),
@@ -127,6 +154,11 @@ async def execute(assign: Assign, build_dir: Path, send: Send, base_env: dict[st
                 status = BuildStatus.OUTPUT_LIMIT_EXCEEDED
                 error = f"outputs are {total} bytes, the limit is {limit}"
                 outputs = []
+            else:
+                await send(Progress(**ref, phase=Phase.UPLOADING))
+                started = time.monotonic()
+                await _upload(assign, build_dir / "out", outputs, send)
+                timings["upload"] = round(time.monotonic() - started, 6)
         return Result(
             **ref,
             status=status,
@@ -138,6 +170,70 @@ async def execute(assign: Assign, build_dir: Path, send: Send, base_env: dict[st
     finally:
         with trio.move_on_after(30, shield=True):
             await trio.to_thread.run_sync(_remove, build_dir)
+
+
+def _link_or_copy(source: Path, target: Path, executable: bool) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = 0o555 if executable else 0o444
+    if source.stat().st_mode & 0o777 == mode:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass  # another file system: copy
+    shutil.copyfile(source, target)
+    os.chmod(target, mode)
+
+
+async def _place_inputs(assign: Assign, in_dir: Path, fetch: Fetch) -> None:
+    """Put each dependency's outputs under ``$IN/<name>``; files come through ``fetch``
+    (the builder's verified cache), links are recreated as links."""
+    for spec in assign.inputs:
+        if "/" in spec.name or spec.name in (".", ".."):
+            raise FetchError(f"input name {spec.name!r} is not a single path component")
+        base = in_dir / spec.name
+        await trio.to_thread.run_sync(functools.partial(base.mkdir, parents=True, exist_ok=True))
+        for info in spec.files:
+            target = base / info.path
+            if info.link:
+                await trio.to_thread.run_sync(_make_link, target, info.link)
+                continue
+            cached = await fetch(assign, info)
+            await trio.to_thread.run_sync(_link_or_copy, cached, target, info.executable)
+
+
+def _make_link(target: Path, link: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(link, target)
+
+
+async def _upload(assign: Assign, out_dir: Path, outputs: list[FileInfo], send: Send) -> None:
+    """Stream every regular output file in ``UPLOAD_CHUNK`` frames; memory stays bounded by
+    one chunk per file, and the runner checks size and hash on arrival."""
+    for info in outputs:
+        if info.link:
+            continue
+        f = await trio.to_thread.run_sync((out_dir / info.path).open, "rb")
+        try:
+            offset = 0
+            while True:
+                data = await trio.to_thread.run_sync(f.read, UPLOAD_CHUNK)
+                eof = len(data) < UPLOAD_CHUNK or offset + len(data) >= info.size
+                await send(
+                    UploadData(
+                        build_id=assign.build_id,
+                        attempt=assign.attempt,
+                        path=info.path,
+                        offset=offset,
+                        data=data,
+                        eof=eof,
+                    )
+                )
+                offset += len(data)
+                if eof:
+                    break
+        finally:
+            await trio.to_thread.run_sync(f.close)
 
 
 async def _reap_group(process: trio.Process) -> None:

@@ -125,7 +125,7 @@ class FileInfo:
     the empty string) for a symbolic link, which is stored as a link and never followed.
     """
 
-    path: str = attrs.field(validator=v.check_nonempty_str)
+    path: str = attrs.field(validator=v.check_relative_path)
     size: int = attrs.field(validator=v.check_count)
     sha256: str = attrs.field(validator=v.sha256_hex)
     executable: bool = attrs.field(default=False, validator=v.check_bool)
@@ -336,7 +336,9 @@ class Goodbye:
 
 @attrs.frozen(kw_only=True)
 class FetchRequest:
-    """Builder -> runner: send me the file with this content hash (an input of a build)."""
+    """Builder -> runner: send me ``length`` bytes at ``offset`` of the input file with this
+    content hash (an input of a build this builder runs under ``attempt``).  Pull-based, so the
+    builder bounds how much is in flight."""
 
     TAG: ClassVar[str] = "fetch"
     SENDERS: ClassVar[frozenset[Role]] = _B
@@ -345,11 +347,14 @@ class FetchRequest:
     build_id: str = attrs.field(validator=v.check_nonempty_str)
     attempt: int = attrs.field(validator=v.check_count)
     sha256: str = attrs.field(validator=v.sha256_hex)
+    offset: int = attrs.field(default=0, validator=v.check_count)
+    length: int = attrs.field(default=256 * 1024, validator=v.check_positive_int)
 
 
 @attrs.frozen(kw_only=True)
 class FetchData:
-    """Runner -> builder: the next chunk of a requested file; ``error`` set means it failed."""
+    """Runner -> builder: the bytes of one ``FetchRequest``; ``eof`` when they reach the end of
+    the file; ``error`` set means the request failed."""
 
     TAG: ClassVar[str] = "fetch-data"
     SENDERS: ClassVar[frozenset[Role]] = _R
@@ -373,7 +378,7 @@ class UploadData:
 
     build_id: str = attrs.field(validator=v.check_nonempty_str)
     attempt: int = attrs.field(validator=v.check_count)
-    path: str = attrs.field(validator=v.check_nonempty_str)
+    path: str = attrs.field(validator=v.check_relative_path)
     offset: int = attrs.field(validator=v.check_count)
     data: bytes = attrs.field(default=b"", validator=v.check_bytes)
     eof: bool = attrs.field(default=False, validator=v.check_bool)

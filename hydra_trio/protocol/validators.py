@@ -38,6 +38,17 @@ def check_nonempty_str(inst: object, attr: attrs.Attribute[Any], value: object) 
         raise ValueError(f"{attr.name}: must not be empty")
 
 
+def check_relative_path(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    """A path inside a build's ``$OUT``/``$IN``: relative, ``/``-separated, already normalised,
+    with no ``..``, ``.`` or empty component and no NUL.  Files from builders are untrusted;
+    this keeps every path under the directory it is placed in."""
+    check_nonempty_str(inst, attr, value)
+    assert isinstance(value, str)
+    parts = value.split("/")
+    if "\0" in value or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{attr.name}: {value!r} is not a normalised relative path")
+
+
 def check_bytes(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
     if type(value) is not bytes:
         raise ValueError(f"{attr.name}: expected bytes, got {type_name(value)}")

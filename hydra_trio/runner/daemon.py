@@ -13,6 +13,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from hydra_trio import net
+from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm, FarmConfig
 from hydra_trio.runner.http import create_app
 from hydra_trio.runner.session import SessionConfig, serve_builder
@@ -78,6 +79,13 @@ def make_farm(config: RunnerConfig) -> tuple[Farm, Dispatcher]:
     return farm, dispatcher
 
 
+def open_storage(config: RunnerConfig, farm: Farm) -> Storage:
+    """The state dir's files; log followers are woken on every build change."""
+    storage = Storage.in_dir(config.state_dir)
+    farm.on_build_change = storage.logs.notify
+    return storage
+
+
 async def serve_runner(
     config: RunnerConfig,
     *,
@@ -92,9 +100,10 @@ async def serve_runner(
     """
     if farm is None or dispatcher is None:
         farm, dispatcher = make_farm(config)
+    storage = await trio.to_thread.run_sync(open_storage, config, farm)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dispatcher.run, farm)
-        handler = functools.partial(serve_builder, farm, config.session_config())
+        handler = functools.partial(serve_builder, farm, config.session_config(), storage)
         builders = await nursery.start(
             functools.partial(
                 net.serve_tcp, handler, config.listen, keepalive_timeout=config.builder_timeout
@@ -102,7 +111,7 @@ async def serve_runner(
         )
         http: list[str] = []
         if config.http is not None:
-            app = create_app(farm, default_system=config.default_system)
+            app = create_app(farm, storage, default_system=config.default_system)
             hc = HypercornConfig()
             hc.bind = [str(config.http)]
             hc.accesslog = None

@@ -38,6 +38,7 @@ from hydra_trio.protocol.messages import (
     BuildStatus,
     Drain,
     Hello,
+    InputSpec,
     Limits,
     LogChunk,
     Ping,
@@ -77,6 +78,8 @@ class FarmConfig:
 class Farm:
     config: FarmConfig = attrs.field(factory=FarmConfig)
     on_change: Callable[[], None] = lambda: None
+    #: called with a build id when it is assigned or finishes (wakes log followers).
+    on_build_change: Callable[[str], None] = lambda build_id: None
 
     builds: dict[str, Build] = attrs.field(factory=dict, init=False)
     machines: dict[str, Machine] = attrs.field(factory=dict, init=False)
@@ -326,13 +329,15 @@ class Farm:
         if build is not None:
             build.phase = msg.phase
 
-    def on_log(self, session: Session, machine: Machine, msg: LogChunk) -> None:
+    def on_log(self, session: Session, machine: Machine, msg: LogChunk) -> bytes | None:
+        """The part of a log chunk to keep (cut at the log limit), or None if it is stale."""
         build = self.current(session, machine, msg.build_id, msg.attempt)
         if build is None:
-            return
-        room = self.config.max_log_bytes - len(build.log)
-        if room > 0:
-            build.log += msg.data[:room]
+            return None
+        room = self.config.max_log_bytes - build.log_size
+        data = msg.data[: max(0, room)]
+        build.log_size += len(data)
+        return data
 
     def on_result(self, session: Session, machine: Machine, msg: Result, now: float) -> bool:
         """Commit a result if (and only if) it is for the current attempt.  Returns whether
@@ -425,7 +430,7 @@ class Farm:
         build.phase = None
         build.waiting_reason = ""
         build.started_at = time.time()
-        build.log.clear()
+        build.log_size = 0
         machine.running[build.id] = build
         spec = build.spec
         timeout = spec.timeout if spec.timeout is not None else self.config.default_timeout
@@ -439,6 +444,10 @@ class Farm:
                 name=spec.name,
                 command=spec.command,
                 env=dict(spec.env),
+                inputs=tuple(
+                    InputSpec(name=dep.name or dep.id, build_id=dep.id, files=dep.outputs)
+                    for dep in (self.builds[dep_id] for dep_id in spec.after)
+                ),
                 limits=Limits(
                     timeout=timeout,
                     max_silent=max_silent,
@@ -448,6 +457,7 @@ class Farm:
             )
         )
         log.info("build %s attempt %d assigned to %s", build.id, build.attempts, machine.hostname)
+        self.on_build_change(build.id)
 
     # -- transitions ------------------------------------------------------------------------
 
@@ -496,6 +506,7 @@ class Farm:
         build.finished_at = time.time()
         build.waiting_reason = ""
         self.finished[status.value] += 1
+        self.on_build_change(build.id)
         log.info("build %s finished: %s%s", build.id, status.value, f" ({error})" if error else "")
         for dep_id in build.dependents:
             dependent = self.builds[dep_id]

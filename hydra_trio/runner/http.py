@@ -8,18 +8,26 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 
+from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm, InvalidGraphError, UnknownBuildError
 from hydra_trio.runner.metrics import render_metrics
-from hydra_trio.runner.model import BuildSpec
+from hydra_trio.runner.model import Build, BuildSpec
 
 #: Limit on request bodies: a build spec is small; this keeps a client from making the runner
 #: buffer arbitrary amounts.
@@ -95,7 +103,7 @@ async def _json_body(request: Request) -> Any:
         raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
 
 
-def create_app(farm: Farm, *, default_system: str) -> Starlette:
+def create_app(farm: Farm, storage: Storage, *, default_system: str) -> Starlette:
     """The Starlette application over ``farm``."""
 
     async def status(request: Request) -> Response:
@@ -125,7 +133,43 @@ def create_app(farm: Farm, *, default_system: str) -> Starlette:
         return JSONResponse(_build(request).to_json())
 
     async def build_log(request: Request) -> Response:
-        return PlainTextResponse(bytes(_build(request).log).decode("utf-8", "replace"))
+        build = _build(request)
+        if request.query_params.get("follow") not in ("1", "true", "yes"):
+            data = await storage.logs.read(build.id, build.attempts)
+            return Response(data, media_type="text/plain; charset=utf-8")
+        return StreamingResponse(_follow(build), media_type="text/plain; charset=utf-8")
+
+    async def _follow(build: Build) -> AsyncIterator[bytes]:
+        # Streams the current attempt's log until the build ends; a retry restarts the stream
+        # with a marker line, as the log shown is always the current attempt's.
+        attempt, offset = build.attempts, 0
+        while True:
+            if build.attempts != attempt:
+                attempt, offset = build.attempts, 0
+                yield f"\n--- attempt {attempt} ---\n".encode()
+            data = await storage.logs.read(build.id, attempt, offset, 1024 * 1024)
+            if data:
+                offset += len(data)
+                yield data
+                continue
+            if build.state.finished:
+                return
+            with trio.move_on_after(5):
+                await storage.logs.wait(build.id)
+
+    async def output(request: Request) -> Response:
+        build = _build(request)
+        path = request.path_params["path"]
+        for info in build.outputs:
+            if info.path == path:
+                if info.link:
+                    return _error(409, f"{path} is a symbolic link to {info.link}")
+                return FileResponse(
+                    storage.blobs.path_of(info.sha256),
+                    media_type="application/octet-stream",
+                    filename=path.rsplit("/", 1)[-1],
+                )
+        return _error(404, f"build {build.id} has no output {path!r}")
 
     async def cancel(request: Request) -> Response:
         build = _build(request)
@@ -154,6 +198,7 @@ def create_app(farm: Farm, *, default_system: str) -> Starlette:
             Route("/builds", submit, methods=["POST"]),
             Route("/builds/{build_id}", show),
             Route("/builds/{build_id}/log", build_log),
+            Route("/builds/{build_id}/outputs/{path:path}", output),
             Route("/builds/{build_id}/cancel", cancel, methods=["POST"]),
             Route("/machines/{machine_id}/drain", drain, methods=["POST"]),
             Route("/metrics", metrics),

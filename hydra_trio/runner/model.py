@@ -110,7 +110,8 @@ class Build:
     dependents: list[str] = attrs.field(factory=list)
     #: why it is still queued, for ``GET /builds/{id}``.
     waiting_reason: str = ""
-    log: bytearray = attrs.field(factory=bytearray, repr=False)
+    #: bytes of the current attempt's log accepted so far.
+    log_size: int = 0
 
     @property
     def name(self) -> str:

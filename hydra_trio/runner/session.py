@@ -21,7 +21,10 @@ from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import ProtocolError
 from hydra_trio.protocol.messages import (
     PROTOCOL_VERSION,
+    BuildStatus,
     Drain,
+    FetchData,
+    FetchRequest,
     Goodbye,
     Hello,
     LogChunk,
@@ -32,9 +35,11 @@ from hydra_trio.protocol.messages import (
     Reject,
     Result,
     Role,
+    UploadData,
     Welcome,
     compatible,
 )
+from hydra_trio.runner.blobs import BlobError, PendingUpload, Storage
 from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.model import Machine
 
@@ -45,6 +50,9 @@ log = logging.getLogger("hydra_trio.runner")
 OUTBOX_SIZE = 4096
 #: Frames written per send_all when several are queued.
 WRITE_BATCH = 64
+#: The most bytes one FetchData carries, whatever the builder asks (keeps frames small, so a
+#: fetch never holds up a Pong for long).
+MAX_FETCH_CHUNK = 1024 * 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -62,6 +70,8 @@ class BuilderSession:
     session_id: str = attrs.field(factory=lambda: uuid.uuid4().hex[:12])
     close_reason: str | None = None
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: output files arriving, by (build id, attempt, path).
+    uploads: dict[tuple[str, int, str], PendingUpload] = attrs.field(factory=dict)
     _send: trio.MemorySendChannel[Message] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[Message] = attrs.field(init=False)
 
@@ -95,7 +105,9 @@ class BuilderSession:
             self.close(str(exc))
 
 
-async def serve_builder(farm: Farm, config: SessionConfig, stream: trio.abc.Stream) -> None:
+async def serve_builder(
+    farm: Farm, config: SessionConfig, storage: Storage, stream: trio.abc.Stream
+) -> None:
     """Handle one builder connection until it ends.  Owns and closes ``stream``.
 
     Timeouts: the hello must arrive within ``handshake_timeout``; after it, any ``builder_timeout``
@@ -129,7 +141,7 @@ async def serve_builder(farm: Farm, config: SessionConfig, stream: trio.abc.Stre
                 session.post(Drain(reason="drain requested by an operator"))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.writer)
-                reason = await _receive_loop(farm, session, machine, channel, config)
+                reason = await _receive_loop(farm, session, machine, channel, config, storage)
                 nursery.cancel_scope.cancel()
         if session.close_reason is not None:
             reason = session.close_reason
@@ -143,6 +155,8 @@ async def serve_builder(farm: Farm, config: SessionConfig, stream: trio.abc.Stre
     finally:
         if session is not None:
             farm.detach(session, reason, trio.current_time())
+            for upload in session.uploads.values():
+                upload.tmp.unlink(missing_ok=True)
         with trio.move_on_after(1, shield=True):
             await stream.aclose()
 
@@ -177,6 +191,7 @@ async def _receive_loop(
     machine: Machine,
     channel: FramedChannel,
     config: SessionConfig,
+    storage: Storage,
 ) -> str:
     """Apply frames until the builder leaves or goes silent; returns why the loop ended."""
     conn = channel.connection
@@ -191,12 +206,21 @@ async def _receive_loop(
                     assert isinstance(message, Ping)
                     session.post(Pong(seq=message.seq))
                     farm.on_ping(session, machine, message, now)
+                elif kind is UploadData:
+                    assert isinstance(message, UploadData)
+                    await _on_upload(farm, session, machine, storage, message)
+                elif kind is FetchRequest:
+                    assert isinstance(message, FetchRequest)
+                    await _on_fetch(farm, session, machine, storage, message)
                 elif kind is LogChunk:
                     assert isinstance(message, LogChunk)
-                    farm.on_log(session, machine, message)
+                    data = farm.on_log(session, machine, message)
+                    if data:
+                        await storage.logs.append(message.build_id, message.attempt, data)
                 elif kind is Result:
                     assert isinstance(message, Result)
-                    farm.on_result(session, machine, message, now)
+                    result = await _check_outputs(session, storage, message)
+                    farm.on_result(session, machine, result, trio.current_time())
                 elif kind is Progress:
                     assert isinstance(message, Progress)
                     farm.on_progress(session, machine, message)
@@ -211,3 +235,79 @@ async def _receive_loop(
     if watchdog.cancelled_caught:
         return f"silent for {config.builder_timeout:g} s"
     return session.close_reason or "closed"
+
+
+async def _on_upload(
+    farm: Farm, session: BuilderSession, machine: Machine, storage: Storage, msg: UploadData
+) -> None:
+    """Append one chunk of an output file of the current attempt (stale chunks are dropped)."""
+    if farm.current(session, machine, msg.build_id, msg.attempt) is None:
+        return
+    key = (msg.build_id, msg.attempt, msg.path)
+    upload = session.uploads.get(key)
+    if upload is None:
+        if msg.offset != 0:
+            return  # its start was refused; the result will say the upload failed
+        upload = await trio.to_thread.run_sync(storage.blobs.begin, msg.path)
+        session.uploads[key] = upload
+    try:
+        await trio.to_thread.run_sync(storage.blobs.append, upload, msg.offset, msg.data)
+    except BlobError as exc:
+        log.warning("upload of build %s: %s", msg.build_id, exc)
+        await trio.to_thread.run_sync(storage.blobs.discard, upload)
+
+
+async def _check_outputs(session: BuilderSession, storage: Storage, result: Result) -> Result:
+    """Keep each uploaded output whose size and hash match the result's list.  A success whose
+    outputs did not all arrive intact becomes ``upload-failed`` (retried elsewhere)."""
+    uploads = {
+        path: session.uploads.pop((b, a, path))
+        for (b, a, path) in list(session.uploads)
+        if b == result.build_id and a == result.attempt
+    }
+    problem = ""
+    for info in result.outputs:
+        if info.link:
+            continue
+        upload = uploads.pop(info.path, None)
+        if upload is None:
+            if await trio.to_thread.run_sync(storage.blobs.has, info.sha256):
+                continue
+            problem = problem or f"output {info.path} was not uploaded"
+            continue
+        try:
+            await trio.to_thread.run_sync(storage.blobs.commit, upload, info.size, info.sha256)
+        except BlobError as exc:
+            problem = problem or str(exc)
+    for upload in uploads.values():  # uploaded but not listed: not an output
+        await trio.to_thread.run_sync(storage.blobs.discard, upload)
+    if problem and result.status is BuildStatus.SUCCESS:
+        log.warning("build %s attempt %d: %s", result.build_id, result.attempt, problem)
+        return attrs.evolve(result, status=BuildStatus.UPLOAD_FAILED, error=problem, outputs=())
+    return result
+
+
+async def _on_fetch(
+    farm: Farm, session: BuilderSession, machine: Machine, storage: Storage, msg: FetchRequest
+) -> None:
+    """Serve a chunk of an input of a build this builder runs under the current attempt."""
+    build = farm.current(session, machine, msg.build_id, msg.attempt)
+    if build is None:
+        error = "not an input of a build you run under this attempt"
+    elif not any(
+        f.sha256 == msg.sha256 and not f.link
+        for dep_id in build.spec.after
+        for f in farm.builds[dep_id].outputs
+    ):
+        error = f"{msg.sha256} is not an input of build {msg.build_id}"
+    else:
+        try:
+            data, eof = await trio.to_thread.run_sync(
+                storage.blobs.read, msg.sha256, msg.offset, min(msg.length, MAX_FETCH_CHUNK)
+            )
+        except BlobError as exc:
+            error = str(exc)
+        else:
+            session.post(FetchData(request_id=msg.request_id, data=data, eof=eof))
+            return
+    session.post(FetchData(request_id=msg.request_id, error=error))

@@ -1,0 +1,109 @@
+"""Content-addressed files in the runner's state dir: build outputs, served again as inputs.
+
+A file lives at ``<root>/<first two hex digits>/<sha256>``.  An upload is written to a
+temporary file beside the store, hashed as it arrives, and renamed into place only after its
+size and hash match what the builder declared, so a crash or a lying builder never leaves a
+half-written or wrong file visible.  All methods block: call them through
+``trio.to_thread.run_sync``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import attrs
+
+from hydra_trio.runner.logs import LogStore
+
+
+class BlobError(Exception):
+    """An upload did not match what was declared, or a blob is missing."""
+
+
+@attrs.define(eq=False)
+class PendingUpload:
+    """One output file arriving in chunks."""
+
+    path: str
+    tmp: Path
+    size: int = 0
+    hasher: hashlib._Hash = attrs.field(factory=hashlib.sha256)
+    done: bool = False
+
+
+@attrs.define(eq=False)
+class BlobStore:
+    root: Path
+
+    def __attrs_post_init__(self) -> None:
+        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def path_of(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path_of(sha256).is_file()
+
+    def begin(self, path: str) -> PendingUpload:
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix="upload-")
+        os.close(fd)
+        return PendingUpload(path=path, tmp=Path(name))
+
+    def append(self, upload: PendingUpload, offset: int, data: bytes) -> None:
+        if upload.done or offset != upload.size:
+            raise BlobError(f"{upload.path}: chunk at offset {offset}, expected {upload.size}")
+        with upload.tmp.open("ab") as f:
+            f.write(data)
+        upload.hasher.update(data)
+        upload.size += len(data)
+
+    def commit(self, upload: PendingUpload, size: int, sha256: str) -> None:
+        """Check the finished upload against the declared size and hash; keep it if they
+        match (fsync, then rename into place), else discard it and raise ``BlobError``."""
+        try:
+            if upload.size != size or upload.hasher.hexdigest() != sha256:
+                raise BlobError(
+                    f"{upload.path}: received {upload.size} bytes with sha256 "
+                    f"{upload.hasher.hexdigest()}, declared {size} bytes with {sha256}"
+                )
+            target = self.path_of(sha256)
+            if target.exists():
+                return
+            target.parent.mkdir(exist_ok=True)
+            with upload.tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(upload.tmp, 0o444)
+            os.replace(upload.tmp, target)
+        finally:
+            upload.done = True
+            upload.tmp.unlink(missing_ok=True)
+
+    def discard(self, upload: PendingUpload) -> None:
+        upload.done = True
+        upload.tmp.unlink(missing_ok=True)
+
+    def read(self, sha256: str, offset: int, length: int) -> tuple[bytes, bool]:
+        """``length`` bytes at ``offset``, and whether they reach the end of the blob."""
+        try:
+            with self.path_of(sha256).open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(offset)
+                data = f.read(length)
+        except FileNotFoundError:
+            raise BlobError(f"no file with sha256 {sha256}") from None
+        return data, offset + len(data) >= size
+
+
+@attrs.define(eq=False)
+class Storage:
+    """The runner's files: content-addressed outputs and per-attempt logs."""
+
+    blobs: BlobStore
+    logs: LogStore
+
+    @classmethod
+    def in_dir(cls, state_dir: Path) -> Storage:
+        return cls(blobs=BlobStore(state_dir / "blobs"), logs=LogStore(state_dir / "logs"))
