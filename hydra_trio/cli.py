@@ -442,8 +442,14 @@ def _request(method: str, url: str, path: str, **kwargs: Any) -> Any:
 @click.option("--priority", type=int, default=0, show_default=True)
 @click.option("--timeout", type=SECONDS, default=None, help="Wall-clock limit in seconds.")
 @click.option("--max-silent", type=SECONDS, default=None, help="Limit on seconds without output.")
-@click.option("--wait", is_flag=True, help="Wait for the build; exit 0 if it succeeded.")
-@click.argument("command", nargs=-1, required=True)
+@click.option(
+    "--file",
+    "graph_file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="A TOML graph of named builds (instead of COMMAND).",
+)
+@click.option("--wait", is_flag=True, help="Wait for the build(s); exit 0 if all succeeded.")
+@click.argument("command", nargs=-1)
 def submit(
     url: str,
     name: str,
@@ -453,10 +459,24 @@ def submit(
     priority: int,
     timeout: float | None,
     max_silent: float | None,
+    graph_file: str | None,
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
-    """Submit one build: hydra-trio submit [OPTIONS] -- COMMAND [ARG]..."""
+    """Submit a build: hydra-trio submit [OPTIONS] -- COMMAND [ARG]...
+
+    With --file GRAPH.toml, submit a whole graph and print one NAME ID line per build."""
+    if graph_file is not None:
+        if command:
+            raise click.UsageError("give either --file or a COMMAND, not both")
+        ids = _request("POST", url, "/builds", json=load_graph(graph_file))["ids"]
+        for build_name, build_id in ids.items():
+            click.echo(f"{build_name} {build_id}")
+        if wait:
+            sys.exit(max(_wait(url, build_id) for build_id in ids.values()))
+        return
+    if not command:
+        raise click.UsageError("give the COMMAND to run after --, or --file GRAPH.toml")
     body: dict[str, Any] = {
         "command": list(command),
         "name": name,
@@ -474,6 +494,54 @@ def submit(
     click.echo(build_id)
     if wait:
         sys.exit(_wait(url, build_id))
+
+
+_GRAPH_KEYS = {
+    "command": "command",
+    "system": "system",
+    "features": "requiredFeatures",
+    "required-features": "requiredFeatures",
+    "requiredFeatures": "requiredFeatures",
+    "after": "after",
+    "priority": "priority",
+    "timeout": "timeout",
+    "max-silent": "maxSilent",
+    "maxSilent": "maxSilent",
+    "env": "env",
+}
+
+
+def load_graph(path: str) -> dict[str, Any]:
+    """Read a TOML graph: ``[build.NAME]`` tables (or ``[[build]]`` with ``name``), each with
+    ``command`` and optionally ``after``, ``system``, ``features``, ``priority``, ``timeout``,
+    ``max-silent``, ``env``.  Returns the ``POST /builds`` body; mistakes are usage errors."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{path} is not valid TOML: {exc}", param_hint="--file") from None
+    table = data.get("build")
+    if isinstance(table, dict):
+        entries = [
+            {"name": key, **value} for key, value in table.items() if isinstance(value, dict)
+        ]
+    elif isinstance(table, list):
+        entries = [dict(entry) for entry in table if isinstance(entry, dict)]
+    else:
+        raise click.BadParameter(f"{path}: no [build.NAME] tables", param_hint="--file")
+    builds = []
+    for entry in entries:
+        unknown = sorted(set(entry) - set(_GRAPH_KEYS) - {"name"})
+        if unknown:
+            raise click.BadParameter(
+                f"{path}: build {entry.get('name')!r} has unknown keys {', '.join(unknown)}",
+                param_hint="--file",
+            )
+        builds.append(
+            {"name": entry.get("name")}
+            | {_GRAPH_KEYS[k]: v for k, v in entry.items() if k != "name"}
+        )
+    return {"builds": builds}
 
 
 def _wait(url: str, build_id: str) -> int:

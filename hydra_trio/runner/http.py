@@ -7,7 +7,6 @@ caller mistake is a JSON ``{"error": ...}`` with a 4xx status.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,72 +26,20 @@ from starlette.routing import Route
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm, InvalidGraphError, UnknownBuildError
 from hydra_trio.runner.metrics import render_metrics
-from hydra_trio.runner.model import Build, BuildSpec
+from hydra_trio.runner.model import Build
+from hydra_trio.runner.specs import SpecError, parse_graph, parse_spec
 
-#: Limit on request bodies: a build spec is small; this keeps a client from making the runner
-#: buffer arbitrary amounts.
-MAX_BODY = 1024 * 1024
-
-
-class SpecError(ValueError):
-    """A build spec from a client is invalid; the message names the field."""
+#: Limit on request bodies: big enough for a graph of MAX_GRAPH_BUILDS small builds; it keeps a
+#: client from making the runner buffer arbitrary amounts.
+MAX_BODY = 64 * 1024 * 1024
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def parse_spec(body: Any, default_system: str) -> BuildSpec:
-    """Validate a ``POST /builds`` body into a ``BuildSpec``."""
-    if not isinstance(body, dict):
-        raise SpecError("the body must be a JSON object")
-    command = body.get("command")
-    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
-        raise SpecError("command: must be a non-empty list of strings")
-    name = body.get("name") or ""
-    if not isinstance(name, str):
-        raise SpecError("name: must be a string")
-    system = body.get("system") or default_system
-    if not isinstance(system, str):
-        raise SpecError("system: must be a string")
-    features = body.get("requiredFeatures") or []
-    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
-        raise SpecError("requiredFeatures: must be a list of strings")
-    after = body.get("after") or []
-    if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
-        raise SpecError("after: must be a list of build ids")
-    priority = body.get("priority", 0)
-    if type(priority) is not int:
-        raise SpecError("priority: must be an integer")
-    env = body.get("env") or {}
-    if not isinstance(env, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-    ):
-        raise SpecError("env: must be an object of strings")
-    return BuildSpec(
-        command=tuple(command),
-        name=name,
-        system=system,
-        required_features=frozenset(features),
-        after=tuple(after),
-        priority=priority,
-        timeout=_seconds(body, "timeout"),
-        max_silent=_seconds(body, "maxSilent"),
-        env=tuple(sorted(env.items())),
-    )
-
-
-def _seconds(body: dict[str, Any], key: str) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-        raise SpecError(f"{key}: must be a positive number of seconds")
-    return float(value)
-
-
 async def _json_body(request: Request) -> Any:
-    body = b""
+    body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY:
@@ -116,9 +63,17 @@ def create_app(farm: Farm, storage: Storage, *, default_system: str) -> Starlett
         )
 
     async def submit(request: Request) -> Response:
+        body = await _json_body(request)
         try:
-            spec = parse_spec(await _json_body(request), default_system)
-            build = farm.submit(spec, trio.current_time())
+            if isinstance(body, dict) and "builds" in body:
+                specs, names = parse_graph(body, default_system)
+                index = {name: i for i, name in enumerate(names)}
+                builds = farm.submit_graph(specs, trio.current_time(), index.get)
+                return JSONResponse(
+                    {"ids": {name: b.id for name, b in zip(names, builds, strict=True)}},
+                    status_code=201,
+                )
+            build = farm.submit(parse_spec(body, default_system), trio.current_time())
         except (SpecError, InvalidGraphError) as exc:
             return _error(422, str(exc))
         return JSONResponse({"id": build.id}, status_code=201)

@@ -1,0 +1,116 @@
+"""Validation of build specs and graphs from clients (JSON bodies and TOML graph files).
+
+Pure functions: each error is a ``SpecError`` whose message names the field (and, in a graph,
+the build), so the HTTP layer can answer 422 with it and the CLI can print it as one line.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hydra_trio.runner.model import BuildSpec
+
+#: Builds one graph submission may hold: a limit against abuse that still admits very large
+#: evaluations (Hydra jobsets of tens of thousands of steps).
+MAX_GRAPH_BUILDS = 100_000
+
+
+class SpecError(ValueError):
+    """A build spec from a client is invalid; the message names the field."""
+
+
+def parse_spec(body: Any, default_system: str) -> BuildSpec:
+    """Validate a ``POST /builds`` body into a ``BuildSpec``."""
+    if not isinstance(body, dict):
+        raise SpecError("the body must be a JSON object")
+    command = body.get("command")
+    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+        raise SpecError("command: must be a non-empty list of strings")
+    name = body.get("name") or ""
+    if not isinstance(name, str):
+        raise SpecError("name: must be a string")
+    system = body.get("system") or default_system
+    if not isinstance(system, str):
+        raise SpecError("system: must be a string")
+    features = body.get("requiredFeatures") or []
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        raise SpecError("requiredFeatures: must be a list of strings")
+    after = body.get("after") or []
+    if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
+        raise SpecError("after: must be a list of build ids")
+    priority = body.get("priority", 0)
+    if type(priority) is not int:
+        raise SpecError("priority: must be an integer")
+    env = body.get("env") or {}
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise SpecError("env: must be an object of strings")
+    return BuildSpec(
+        command=tuple(command),
+        name=name,
+        system=system,
+        required_features=frozenset(features),
+        after=tuple(after),
+        priority=priority,
+        timeout=_seconds(body, "timeout"),
+        max_silent=_seconds(body, "maxSilent"),
+        env=tuple(sorted(env.items())),
+    )
+
+
+def _seconds(body: dict[str, Any], key: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        raise SpecError(f"{key}: must be a positive number of seconds")
+    return float(value)
+
+
+def parse_graph(body: Any, default_system: str) -> tuple[list[BuildSpec], list[str]]:
+    """Validate ``{"builds": [{"name": ..., "command": ..., "after": [...]}, ...]}``.
+
+    ``after`` entries name other builds of the graph or existing build ids.  Returns the specs
+    in an order where every build comes after the graph builds it names, with ``after``
+    still holding names, and the list of names in that order.  A cycle, a duplicate or
+    missing name, or too many builds is a ``SpecError``.
+    """
+    if not isinstance(body, dict) or not isinstance(body.get("builds"), list):
+        raise SpecError("builds: must be a list of build specs")
+    entries = body["builds"]
+    if not entries:
+        raise SpecError("builds: the graph is empty")
+    if len(entries) > MAX_GRAPH_BUILDS:
+        raise SpecError(f"builds: more than {MAX_GRAPH_BUILDS} builds in one graph")
+    specs: dict[str, BuildSpec] = {}
+    for index, entry in enumerate(entries):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name:
+            raise SpecError(f"builds[{index}].name: every build of a graph needs a name")
+        if name in specs:
+            raise SpecError(f"builds[{index}].name: {name!r} is defined twice")
+        try:
+            specs[name] = parse_spec(entry, default_system)
+        except SpecError as exc:
+            raise SpecError(f"build {name!r}: {exc}") from None
+    # Kahn's algorithm; what is left over lies on a cycle.
+    pending = {n: {a for a in s.after if a in specs} for n, s in specs.items()}
+    dependents: dict[str, list[str]] = {n: [] for n in specs}
+    for name, deps in pending.items():
+        for dep in deps:
+            dependents[dep].append(name)
+    ready = [n for n, deps in pending.items() if not deps]
+    order: list[str] = []
+    while ready:
+        name = ready.pop()
+        order.append(name)
+        for dependent in dependents[name]:
+            pending[dependent].discard(name)
+            if not pending[dependent]:
+                ready.append(dependent)
+    if len(order) < len(specs):
+        cycle = sorted(n for n in specs if n not in order)
+        raise SpecError(f"after: the graph has a cycle through {', '.join(map(repr, cycle))}")
+    return [specs[n] for n in order], order
