@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/hydra-trio up
+	$(BIN)/hydra-trio up --submit examples/graph.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check hydra_trio tests benchmarks

@@ -363,22 +363,44 @@ def builder(log_level: str, log_format: str, **kw: Any) -> None:
 @_runner_options
 @option("--max-jobs", type=click.IntRange(min=1), default=2, help="Job slots per builder.")
 @option("--ping-interval", type=SECONDS, default=10.0, help="Builders' ping interval.")
+@option(
+    "--submit",
+    "graph_file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="A TOML graph to submit once the farm is up (something to look at).",
+)
 @logging_options
 def up(
-    log_level: str, log_format: str, builders: int, max_jobs: int, ping_interval: float, **kw: Any
+    log_level: str,
+    log_format: str,
+    builders: int,
+    max_jobs: int,
+    ping_interval: float,
+    graph_file: str | None,
+    **kw: Any,
 ) -> None:
     """A queue runner and N local builders in one process (trying it out; one-machine farms)."""
     from hydra_trio.builder.daemon import BuilderConfig, run_builder
-    from hydra_trio.runner.daemon import RunnerAddresses, serve_runner
+    from hydra_trio.runner.daemon import RunnerAddresses, make_farm, serve_runner
+    from hydra_trio.runner.specs import SpecError, parse_graph
 
     setup_logging(log_level, log_format)
     config = _runner_config(**kw)
     hostname = default_hostname()
+    farm, dispatcher = make_farm(config)
+    if graph_file is not None:
+        try:
+            specs, names = parse_graph(load_graph(graph_file), config.default_system)
+        except SpecError as exc:
+            raise click.BadParameter(str(exc), param_hint="--submit") from None
+        index = {name: i for i, name in enumerate(names)}
+        farm.submit_graph(specs, 0.0, index.get)
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
             addresses: RunnerAddresses = await nursery.start(
-                functools.partial(serve_runner, config)
+                functools.partial(serve_runner, config, farm=farm, dispatcher=dispatcher)
             )
             server = addresses.builders[0]
             for index in range(builders):

@@ -176,7 +176,7 @@ async def run_builder(
         rng=state.rng,
     )
     task_status.started(state)
-    while True:
+    while not state.draining:  # without a connection there is nothing left to finish
         started = trio.current_time()
         try:
             with trio.fail_after(config.connect_timeout):
@@ -200,7 +200,9 @@ async def run_builder(
             backoff.reset()
         delay = backoff.next_delay()
         log.warning("%s; reconnecting in %.1f s", reason, delay)
-        await trio.sleep(delay)
+        with trio.move_on_after(delay):
+            await state.drain_event.wait()
+    log.info("drained while disconnected: exiting")
 
 
 def _tcp_connector(config: BuilderConfig) -> Connect:
@@ -329,6 +331,7 @@ class _Session:
                                 return
                     elif isinstance(message, Drain):
                         log.info("the runner asked us to drain: %s", message.reason)
+                        self.state.request_drain()
                     elif isinstance(message, Goodbye):
                         self.close(f"the runner said goodbye ({message.reason})")
                         return

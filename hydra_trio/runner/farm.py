@@ -226,8 +226,9 @@ class Farm:
         self.on_change()
         return machine
 
-    def detach(self, session: Session, reason: str, now: float) -> None:
-        """A session ended.  No-op if it was already superseded."""
+    def detach(self, session: Session, reason: str, now: float, *, lost: bool = True) -> None:
+        """A session ended (``lost=False``: the builder said goodbye after draining).
+        No-op if it was already superseded."""
         machine = self._machine_of(session)
         if machine is None:
             return
@@ -236,11 +237,10 @@ class Farm:
         machine.state = MachineState.DISCONNECTED
         machine.disconnected_at = now
         machine.disconnect_reason = reason
-        lost = list(machine.running.values())
-        machine.running.clear()
-        if lost:
+        requeue = list(machine.running.values())
+        if lost and machine.running:
             self.builders_lost_busy += 1
-        else:
+        elif lost:
             self.builders_lost_idle += 1
         log.warning(
             "builder %s (%s) disconnected: %s (last ping %.1f s ago); requeueing %d builds",
@@ -248,9 +248,10 @@ class Farm:
             machine.machine_id,
             reason,
             silent,
-            len(lost),
+            len(requeue),
         )
-        for build in lost:
+        machine.running.clear()
+        for build in requeue:
             machine.lost_builds += 1
             self._infrastructure_failure(
                 build, BuildStatus.BUILDER_LOST, now, f"builder {machine.hostname} lost: {reason}"

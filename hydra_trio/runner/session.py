@@ -122,6 +122,7 @@ async def serve_builder(
     channel = FramedChannel(stream, conn)
     session: BuilderSession | None = None
     reason = "closed"
+    said_goodbye = False
     try:
         hello = await _handshake(channel, config)
         if hello is None:
@@ -142,6 +143,7 @@ async def serve_builder(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.writer)
                 reason = await _receive_loop(farm, session, machine, channel, config, storage)
+                said_goodbye = reason.startswith("said goodbye")
                 nursery.cancel_scope.cancel()
         if session.close_reason is not None:
             reason = session.close_reason
@@ -154,7 +156,7 @@ async def serve_builder(
         log.exception("builder connection failed")
     finally:
         if session is not None:
-            farm.detach(session, reason, trio.current_time())
+            farm.detach(session, reason, trio.current_time(), lost=not said_goodbye)
             for upload in session.uploads.values():
                 upload.tmp.unlink(missing_ok=True)
         with trio.move_on_after(1, shield=True):

@@ -1,0 +1,131 @@
+"""Build semantics through the in-process farm: graphs, retries, drain, cancel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from hydra_trio.protocol.messages import Assign, BuildStatus, Phase, Progress, Result
+from hydra_trio.runner.daemon import RunnerConfig
+from hydra_trio.runner.model import BuildSpec, BuildState, MachineState
+
+from .sim import Farmlet
+from .test_liveness import SYSTEM, builder_config, spec, wait_until
+
+RUNNER = RunnerConfig(builder_timeout=30.0, http=None, default_system=SYSTEM, max_tries=3)
+
+
+def scripted_executor(
+    script: dict[str, BuildStatus], seen: list[tuple[str, int, str]], seconds: float = 1.0
+):
+    """An executor that ends each build with the status ``script`` names for its command."""
+
+    async def execute(assign: Assign, build_dir: Path, send, env, fetch) -> Result:  # type: ignore[no-untyped-def]
+        seen.append((assign.build_id, assign.attempt, env.get("WHO", "")))
+        await send(Progress(build_id=assign.build_id, attempt=assign.attempt, phase=Phase.BUILDING))
+        await trio.sleep(seconds)
+        status = script.get(assign.command[0], BuildStatus.SUCCESS)
+        return Result(
+            build_id=assign.build_id,
+            attempt=assign.attempt,
+            status=status,
+            exit_code=0 if status is BuildStatus.SUCCESS else 1,
+        )
+
+    return execute
+
+
+def with_after(build_spec: BuildSpec, *ids: str, name: str = "") -> BuildSpec:
+    return BuildSpec(command=build_spec.command, system=build_spec.system, after=ids, name=name)
+
+
+async def test_a_failure_in_the_middle_of_a_diamond_fails_everything_below_it(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """top -> (left, right) -> bottom: left fails, so bottom is dependency-failed, never run."""
+    seen: list[tuple[str, int, str]] = []
+    script = {"fail": BuildStatus.BUILD_FAILED}
+    async with trio.open_nursery() as nursery:
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
+        await farm.add_builder(
+            "a", builder_config(tmp_path, "a", max_jobs=2), execute=scripted_executor(script, seen)
+        )
+        now = trio.current_time()
+        top = farm.farm.submit(spec("ok"), now)
+        left = farm.farm.submit(with_after(spec("fail"), top.id), now)
+        right = farm.farm.submit(with_after(spec("ok"), top.id), now)
+        bottom = farm.farm.submit(with_after(spec("ok"), left.id, right.id), now)
+        await wait_until(lambda: bottom.state.finished and right.state.finished)
+        assert top.state is BuildState.SUCCEEDED
+        assert left.status is BuildStatus.BUILD_FAILED
+        assert right.state is BuildState.SUCCEEDED
+        assert bottom.status is BuildStatus.DEPENDENCY_FAILED
+        assert bottom.attempts == 0
+        assert bottom.id not in {build_id for build_id, _, _ in seen}
+        nursery.cancel_scope.cancel()
+
+
+async def test_infrastructure_failures_are_retried_on_another_builder_up_to_max_tries(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A fetch failure is retried, preferring the other builder; after max-tries it fails
+    with the last reason; a build failure is not retried."""
+    seen: list[tuple[str, int, str]] = []
+    script = {"flaky": BuildStatus.FETCH_FAILED, "broken": BuildStatus.BUILD_FAILED}
+    async with trio.open_nursery() as nursery:
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
+        for name in ("a", "b"):
+            await farm.add_builder(
+                name, builder_config(tmp_path, name), execute=scripted_executor(script, seen)
+            )
+        flaky = farm.farm.submit(spec("flaky"), trio.current_time())
+        broken = farm.farm.submit(spec("broken"), trio.current_time())
+        await wait_until(lambda: flaky.state.finished and broken.state.finished)
+        assert flaky.status is BuildStatus.FETCH_FAILED
+        assert flaky.attempts == RUNNER.max_tries
+        attempts = [attempt for build_id, attempt, _ in seen if build_id == flaky.id]
+        assert attempts == [1, 2, 3]
+        assert len(set(flaky.failed_on[:2])) == 2  # the retry went to the other builder
+        assert broken.status is BuildStatus.BUILD_FAILED
+        assert broken.attempts == 1
+        assert farm.farm.requeued["fetch-failed"] == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_drained_builder_finishes_its_build_keeps_pinging_and_leaves_cleanly(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """Drain during a long build: no new work, never disconnected while building, the build
+    succeeds, then the builder says goodbye and run_builder returns (exit 0)."""
+    seen: list[tuple[str, int, str]] = []
+    async with trio.open_nursery() as nursery:
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
+        state = await farm.add_builder(
+            "a",
+            builder_config(tmp_path, "a", max_jobs=2),
+            execute=scripted_executor({}, seen, seconds=600),
+        )
+        long = farm.farm.submit(spec("long"), trio.current_time())
+        await wait_until(lambda: long.state is BuildState.RUNNING)
+        machine = farm.machine("a")
+        farm.farm.drain("a")
+        assert machine.state is MachineState.DRAINING
+        later = farm.farm.submit(spec("later"), trio.current_time())
+        states = set()
+        while not long.state.finished:
+            states.add(machine.state)
+            assert trio.current_time() - machine.last_ping_at <= 10.0
+            await trio.sleep(1)
+        assert states == {MachineState.DRAINING}
+        assert long.state is BuildState.SUCCEEDED
+        await wait_until(lambda: machine.state is MachineState.DISCONNECTED)
+        assert "goodbye" in machine.disconnect_reason
+        assert farm.farm.builders_lost_idle == farm.farm.builders_lost_busy == 0
+        assert later.state is BuildState.QUEUED  # never given to the draining builder
+        assert [build_id for build_id, _, _ in seen] == [long.id]
+        assert state.draining
+        await trio.sleep(100)
+        assert len(farm.network.links["a"]) == 1  # it did not reconnect: it exited
+        nursery.cancel_scope.cancel()
