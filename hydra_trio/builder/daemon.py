@@ -277,6 +277,7 @@ class _Session:
         self.scope = trio.CancelScope()
         self.builds_changed = trio.Event()
         self.fetches: dict[int, trio.MemorySendChannel[FetchData]] = {}
+        self.disk_free = 0
         self._next_request = 0
 
     def close(self, reason: str) -> None:
@@ -296,6 +297,7 @@ class _Session:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self._pinger)
+                nursery.start_soon(self._disk_watcher)
                 nursery.start_soon(self._drainer)
                 await self._receive_loop()
                 nursery.cancel_scope.cancel()
@@ -344,14 +346,12 @@ class _Session:
 
     async def _pinger(self) -> None:
         conn = self.channel.connection
-        work_dir = self.config.work_dir
         while True:
             await trio.sleep_until(conn.next_ping_at)
-            now = trio.current_time()
             ping = conn.make_ping(
-                now,
+                trio.current_time(),
                 load=_load(),
-                disk_free=_disk_free(work_dir),
+                disk_free=self.disk_free,
                 running=tuple(
                     BuildRef(build_id=b.assign.build_id, attempt=b.assign.attempt)
                     for b in self.builds.values()
@@ -361,6 +361,15 @@ class _Session:
                 await self.send(ping)
             except (net.ConnectionLost, ProtocolError):
                 return
+
+    async def _disk_watcher(self) -> None:
+        # statvfs can hang on a sick file system: it runs in a thread, in its own task, so a
+        # ping never waits for it (pings carry the last value measured).
+        while True:
+            self.disk_free = await trio.to_thread.run_sync(
+                _disk_free, self.config.work_dir, abandon_on_cancel=True
+            )
+            await trio.sleep(self.config.ping_interval)
 
     async def _drainer(self) -> None:
         await self.state.drain_event.wait()
