@@ -129,3 +129,37 @@ async def test_a_drained_builder_finishes_its_build_keeps_pinging_and_leaves_cle
         await trio.sleep(100)
         assert len(farm.network.links["a"]) == 1  # it did not reconnect: it exited
         nursery.cancel_scope.cancel()
+
+
+async def test_a_build_no_machine_can_run_stays_queued_and_says_why(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """An unsupported system or feature never fails the build early; /builds/{id} says why."""
+    seen: list[tuple[str, int, str]] = []
+    async with trio.open_nursery() as nursery:
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
+        await farm.add_builder(
+            "a",
+            builder_config(
+                tmp_path, "a", mandatory_features=("big",), supported_features=("big", "kvm")
+            ),
+            execute=scripted_executor({}, seen),
+        )
+        now = trio.current_time()
+        other = farm.farm.submit(BuildSpec(command=("x",), system="aarch64-linux"), now)
+        plain = farm.farm.submit(spec("x"), now)  # lacks the machine's mandatory feature
+        fits = farm.farm.submit(
+            BuildSpec(command=("x",), system=SYSTEM, required_features=frozenset({"big"})), now
+        )
+        await wait_until(lambda: fits.state.finished)
+        await trio.sleep(24 * 3600)
+        assert other.state is BuildState.QUEUED
+        assert plain.state is BuildState.QUEUED
+        reason = farm.farm.waiting_reason(other, trio.current_time())
+        assert reason is not None and "aarch64-linux" in reason
+        assert "no connected machine" in (
+            farm.farm.waiting_reason(plain, trio.current_time()) or ""
+        )
+        assert fits.state is BuildState.SUCCEEDED
+        assert farm.farm.waiting_reason(fits, trio.current_time()) is None
+        nursery.cancel_scope.cancel()

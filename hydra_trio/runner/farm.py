@@ -154,8 +154,6 @@ class Farm:
                 )
             elif not build.waiting_for:
                 self._make_runnable(build)
-            else:
-                build.waiting_reason = "waiting for dependencies"
         self.on_change()
         return created
 
@@ -387,7 +385,6 @@ class Farm:
                     continue
                 machine = self._pick_machine(build, machines)
                 if machine is None:
-                    build.waiting_reason = "no connected machine supports its system and features"
                     deferred.append(entry)
                     continue
                 self._assign(build, machine, now)
@@ -395,17 +392,29 @@ class Farm:
                     machines.remove(machine)
             for entry in deferred:
                 heapq.heappush(heap, entry)
-        for system, heap in self._runnable.items():
-            if heap and not any(
-                system in m.systems
-                for m in self.machines.values()
-                if m.state is MachineState.CONNECTED
-            ):
-                for _, _, build_id in heap:
-                    build = self.builds.get(build_id)
-                    if build is not None and build.state is BuildState.QUEUED:
-                        build.waiting_reason = f"no connected machine for system {system}"
         return next_due
+
+    def waiting_reason(self, build: Build, now: float) -> str | None:
+        """Why a queued build is not running (derived on demand: keeping it up to date in
+        ``dispatch`` would cost a pass over the whole queue)."""
+        if build.state is not BuildState.QUEUED:
+            return None
+        if build.waiting_for:
+            return f"waiting for {len(build.waiting_for)} dependencies"
+        if build.not_before > now:
+            reason = build.status.value if build.status else "a failure"
+            return f"retry in {build.not_before - now:.0f} s after {reason}"
+        spec = build.spec
+        capable = [m for m in self.machines.values() if m.can_build(spec)]
+        if not any(m.state is not MachineState.DISCONNECTED for m in capable):
+            features = ", ".join(sorted(spec.required_features)) or "none"
+            return (
+                f"no connected machine can build it (system {spec.system}, "
+                f"required features: {features}); it stays queued until one connects"
+            )
+        if all(m.state is MachineState.DRAINING for m in capable if m.session is not None):
+            return "every machine that can build it is draining"
+        return "waiting for a free job slot"
 
     def _pick_machine(self, build: Build, machines: list[Machine]) -> Machine | None:
         """Among capable machines with free slots: avoid machines that failed this build,
@@ -429,7 +438,6 @@ class Farm:
         build.machine_id = machine.machine_id
         build.hostname = machine.hostname
         build.phase = None
-        build.waiting_reason = ""
         build.started_at = time.time()
         build.log_size = 0
         machine.running[build.id] = build
@@ -463,7 +471,6 @@ class Farm:
     # -- transitions ------------------------------------------------------------------------
 
     def _make_runnable(self, build: Build) -> None:
-        build.waiting_reason = "waiting for a free machine"
         heap = self._runnable.setdefault(build.spec.system, [])
         heapq.heappush(heap, (-build.spec.priority, build.seq, build.id))
 
@@ -505,7 +512,6 @@ class Farm:
         build.error = error
         build.phase = None
         build.finished_at = time.time()
-        build.waiting_reason = ""
         self.finished[status.value] += 1
         self.on_build_change(build.id)
         log.info("build %s finished: %s%s", build.id, status.value, f" ({error})" if error else "")

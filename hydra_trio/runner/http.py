@@ -84,8 +84,11 @@ def create_app(farm: Farm, storage: Storage, *, default_system: str) -> Starlett
         except UnknownBuildError:
             raise HTTPException(404, f"no build {request.path_params['build_id']!r}") from None
 
+    def build_json(build: Build) -> dict[str, Any]:
+        return build.to_json(farm.waiting_reason(build, trio.current_time()))
+
     async def show(request: Request) -> Response:
-        return JSONResponse(_build(request).to_json())
+        return JSONResponse(build_json(_build(request)))
 
     async def build_log(request: Request) -> Response:
         build = _build(request)
@@ -129,7 +132,7 @@ def create_app(farm: Farm, storage: Storage, *, default_system: str) -> Starlett
     async def cancel(request: Request) -> Response:
         build = _build(request)
         farm.cancel(build.id, trio.current_time())
-        return JSONResponse(build.to_json())
+        return JSONResponse(build_json(build))
 
     async def drain(request: Request) -> Response:
         try:

@@ -108,8 +108,6 @@ class Build:
     waiting_for: set[str] = attrs.field(factory=set)
     #: builds that name this one in ``after``.
     dependents: list[str] = attrs.field(factory=list)
-    #: why it is still queued, for ``GET /builds/{id}``.
-    waiting_reason: str = ""
     #: bytes of the current attempt's log accepted so far.
     log_size: int = 0
 
@@ -117,7 +115,7 @@ class Build:
     def name(self) -> str:
         return self.spec.name
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, waiting_reason: str | None = None) -> dict[str, Any]:
         return {
             "id": self.id,
             "name": self.spec.name or None,
@@ -137,7 +135,7 @@ class Build:
             "exitCode": self.exit_code,
             "error": self.error or None,
             "waitingFor": sorted(self.waiting_for),
-            "waitingReason": self.waiting_reason or None,
+            "waitingReason": waiting_reason,
             "outputs": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.outputs],
             "timings": self.timings,
             "submittedAt": self.submitted_at,
