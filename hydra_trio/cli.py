@@ -645,9 +645,23 @@ def show(url: str, build_id: str, as_json: bool) -> None:
 @main.command("log")
 @client_options
 @click.argument("build_id")
-def log_command(url: str, build_id: str) -> None:
-    """A build's log."""
-    click.echo(_request("GET", url, f"/builds/{build_id}/log"), nl=False)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the build ends.")
+def log_command(url: str, build_id: str, follow: bool) -> None:
+    """A build's log (of its current attempt)."""
+    if not follow:
+        click.echo(_request("GET", url, f"/builds/{build_id}/log"), nl=False)
+        return
+    _request("GET", url, f"/builds/{build_id}")  # a clear error for an unknown id
+    out = sys.stdout.buffer
+    try:
+        with httpx.stream(
+            "GET", url.rstrip("/") + f"/builds/{build_id}/log?follow=1", timeout=None
+        ) as response:
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+                out.flush()
+    except httpx.HTTPError as exc:
+        fail(f"lost the log stream from {url}: {exc}")
 
 
 @main.command("cancel")

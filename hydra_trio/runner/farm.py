@@ -83,8 +83,10 @@ class Farm:
 
     builds: dict[str, Build] = attrs.field(factory=dict, init=False)
     machines: dict[str, Machine] = attrs.field(factory=dict, init=False)
-    #: runnable builds per system: heap of (-priority, seq, build id); stale entries skipped.
-    _runnable: dict[str, list[tuple[int, int, str]]] = attrs.field(factory=dict, init=False)
+    #: runnable builds per system: heap of (-priority, -dependents, seq, build id), so Hydra's
+    #: order: priority, then builds that unblock the most others, then age.  Entries whose
+    #: build is no longer queued are skipped when popped.
+    _runnable: dict[str, list[tuple[int, int, int, str]]] = attrs.field(factory=dict, init=False)
     _seq: int = attrs.field(default=0, init=False)
     #: counters for /metrics and /status.
     stale_rejected: int = attrs.field(default=0, init=False)
@@ -371,10 +373,10 @@ class Farm:
             ]
             if not machines:
                 continue
-            deferred: list[tuple[int, int, str]] = []
+            deferred: list[tuple[int, int, int, str]] = []
             while heap and machines:
                 entry = heapq.heappop(heap)
-                build = self.builds.get(entry[2])
+                build = self.builds.get(entry[3])
                 if build is None or build.state is not BuildState.QUEUED or build.waiting_for:
                     continue  # stale heap entry
                 if build.not_before > now:
@@ -472,7 +474,7 @@ class Farm:
 
     def _make_runnable(self, build: Build) -> None:
         heap = self._runnable.setdefault(build.spec.system, [])
-        heapq.heappush(heap, (-build.spec.priority, build.seq, build.id))
+        heapq.heappush(heap, (-build.spec.priority, -len(build.dependents), build.seq, build.id))
 
     def _infrastructure_failure(
         self, build: Build, status: BuildStatus, now: float, error: str
