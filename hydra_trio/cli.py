@@ -26,7 +26,7 @@ import httpx
 import trio
 
 from hydra_trio import __version__, net
-from hydra_trio.protocol.errors import IncompatibleVersionError
+from hydra_trio.protocol.errors import HydraTrioError
 from hydra_trio.system import default_hostname, default_system
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -162,9 +162,9 @@ def run_daemon(
     try:
         trio.run(run_until_signal, main, on_sigterm)
     except BaseException as exc:
-        incompatible = _leaf(exc, IncompatibleVersionError)
-        if incompatible is not None:
-            fail(str(incompatible))
+        ours = _leaf(exc, HydraTrioError)  # incompatible runner, database refused, state locked
+        if ours is not None:
+            fail(str(ours))
         os_error = _leaf(exc, OSError)
         if isinstance(os_error, OSError) and os_error.errno in (
             errno.EADDRINUSE,
@@ -232,6 +232,11 @@ def _runner_options(f: F) -> F:
                 help="Database, logs and build outputs.",
             ),
             option(
+                "--db",
+                default=None,
+                help="sqlite:///PATH or postgresql://...  [default: <state-dir>/queue.sqlite]",
+            ),
+            option(
                 "--builder-timeout",
                 type=SECONDS,
                 default=30.0,
@@ -262,6 +267,7 @@ def _runner_config(**kw: Any) -> Any:
         listen=kw["listen"],
         http=kw["http"],
         state_dir=kw["state_dir"],
+        db=kw["db"],
         builder_timeout=kw["builder_timeout"],
         handshake_timeout=kw["handshake_timeout"],
         max_tries=kw["max_tries"],
@@ -389,19 +395,24 @@ def up(
     config = _runner_config(**kw)
     hostname = default_hostname()
     farm, dispatcher = make_farm(config)
+    graph: tuple[list[Any], list[str]] | None = None
     if graph_file is not None:
         try:
-            specs, names = parse_graph(load_graph(graph_file), config.default_system)
+            graph = parse_graph(load_graph(graph_file), config.default_system)
         except SpecError as exc:
             raise click.BadParameter(str(exc), param_hint="--submit") from None
-        index = {name: i for i, name in enumerate(names)}
-        farm.submit_graph(specs, 0.0, index.get)
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
             addresses: RunnerAddresses = await nursery.start(
                 functools.partial(serve_runner, config, farm=farm, dispatcher=dispatcher)
             )
+            if graph is not None:
+                specs, names = graph
+                positions = {name: i for i, name in enumerate(names)}
+                submitted = farm.submit_graph(specs, trio.current_time(), positions.get)
+                for name, build in zip(names, submitted, strict=True):
+                    click.echo(f"submitted {name} {build.id}", err=True)
             server = addresses.builders[0]
             for index in range(builders):
                 nursery.start_soon(

@@ -179,10 +179,12 @@ class Connection:
             else:
                 self.state = ConnectionState.CLOSED
             return
-        if type(message) is Goodbye or type(message) is Reject:
-            self.state = ConnectionState.CLOSED
-        elif type(message) is Hello or type(message) is Welcome:
+        # Reject answers a hello, like Welcome: the receiving side refuses it after the
+        # handshake, so sending it here would only get us a protocol error back.
+        if type(message) is Hello or type(message) is Welcome or type(message) is Reject:
             raise LocalProtocolError(f"{message.TAG} is only valid during the handshake")
+        if type(message) is Goodbye:
+            self.state = ConnectionState.CLOSED
 
     # -- receiving --------------------------------------------------------------------------
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import math
 from pathlib import Path
+from typing import IO
 
 import attrs
 import trio
@@ -17,6 +19,7 @@ from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm, FarmConfig
 from hydra_trio.runner.http import create_app
 from hydra_trio.runner.session import SessionConfig, serve_builder
+from hydra_trio.runner.store import Persister, StoreError, open_store
 from hydra_trio.system import default_system
 
 log = logging.getLogger("hydra_trio.runner")
@@ -29,6 +32,8 @@ class RunnerConfig:
     listen: net.HostPort = net.HostPort("127.0.0.1", 7420)
     http: net.HostPort | None = net.HostPort("127.0.0.1", 7421)
     state_dir: Path = Path("hydra-trio-state")
+    #: None: ``sqlite:///<state_dir>/queue.sqlite``.
+    db: str | None = None
     builder_timeout: float = attrs.field(default=30.0)
     handshake_timeout: float = 10.0
     max_tries: int = 3
@@ -79,6 +84,21 @@ def make_farm(config: RunnerConfig) -> tuple[Farm, Dispatcher]:
     return farm, dispatcher
 
 
+def lock_state_dir(state_dir: Path) -> IO[bytes]:
+    """Take the state dir's single-instance lock (held until the returned file is closed)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = (state_dir / "lock").open("a+b")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise StoreError(
+            f"another queue runner is using {state_dir}: stop it, or give this one "
+            "another --state-dir"
+        ) from None
+    return lock
+
+
 def open_storage(config: RunnerConfig, farm: Farm) -> Storage:
     """The state dir's files; log followers are woken on every build change."""
     storage = Storage.in_dir(config.state_dir)
@@ -101,27 +121,65 @@ async def serve_runner(
     if farm is None or dispatcher is None:
         farm, dispatcher = make_farm(config)
     storage = await trio.to_thread.run_sync(open_storage, config, farm)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(dispatcher.run, farm)
-        handler = functools.partial(serve_builder, farm, config.session_config(), storage)
-        builders = await nursery.start(
-            functools.partial(
-                net.serve_tcp, handler, config.listen, keepalive_timeout=config.builder_timeout
-            )
+    lock = await trio.to_thread.run_sync(lock_state_dir, config.state_dir)
+    try:
+        store = await trio.to_thread.run_sync(open_store, config.db, config.state_dir)
+    except BaseException:
+        lock.close()
+        raise
+    persister = Persister(store, farm)
+    try:
+        await trio.to_thread.run_sync(store.migrate)
+        snapshot = await trio.to_thread.run_sync(store.load)
+        farm.restore(snapshot, trio.current_time())
+        farm.on_dirty = persister.wake
+        persister.wake()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(persister.run)
+            await _serve(config, farm, dispatcher, storage, persister, nursery, task_status)
+    finally:
+        # Whatever ends the runner, what changed until now is written if the database lets us.
+        # (The persister task is gone with its nursery: write the last batch directly.)
+        with trio.move_on_after(10, shield=True):
+            if persister.failure is None:
+                builds, edges, machines = farm.take_dirty()
+                await trio.to_thread.run_sync(store.save, builds, edges, machines)
+        await trio.to_thread.run_sync(store.close)
+        lock.close()
+
+
+async def _serve(
+    config: RunnerConfig,
+    farm: Farm,
+    dispatcher: Dispatcher,
+    storage: Storage,
+    persister: Persister,
+    nursery: trio.Nursery,
+    task_status: trio.TaskStatus[RunnerAddresses],
+) -> None:
+    """Start the dispatcher, the builder port and the HTTP API in ``nursery``."""
+    nursery.start_soon(dispatcher.run, farm)
+    handler = functools.partial(serve_builder, farm, config.session_config(), storage)
+    builders = await nursery.start(
+        functools.partial(
+            net.serve_tcp, handler, config.listen, keepalive_timeout=config.builder_timeout
         )
-        http: list[str] = []
-        if config.http is not None:
-            app = create_app(farm, storage, default_system=config.default_system)
-            hc = HypercornConfig()
-            hc.bind = [str(config.http)]
-            hc.accesslog = None
-            hc.errorlog = logging.getLogger("hydra_trio.http")
-            hc.graceful_timeout = 1.0
-            serve_http = functools.partial(hypercorn_serve, app, hc)  # type: ignore[arg-type]
-            http = await nursery.start(serve_http)
-        log.info(
-            "queue runner listening for builders on %s, HTTP on %s",
-            ", ".join(map(str, builders)),
-            ", ".join(http) or "(off)",
+    )
+    http: list[str] = []
+    if config.http is not None:
+        app = create_app(
+            farm, storage, default_system=config.default_system, persist=persister.flush
         )
-        task_status.started(RunnerAddresses(builders=builders, http=http))
+        hc = HypercornConfig()
+        hc.bind = [str(config.http)]
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("hydra_trio.http")
+        hc.graceful_timeout = 1.0
+        serve_http = functools.partial(hypercorn_serve, app, hc)  # type: ignore[arg-type]
+        http = await nursery.start(serve_http)
+    log.info(
+        "queue runner listening for builders on %s, HTTP on %s",
+        ", ".join(map(str, builders)),
+        ", ".join(http) or "(off)",
+    )
+    task_status.started(RunnerAddresses(builders=builders, http=http))

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -46,6 +47,7 @@ from hydra_trio.protocol.messages import (
     Result,
 )
 from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine, MachineState, Session
+from hydra_trio.runner.store import Snapshot, build_row, machine_row
 
 log = logging.getLogger("hydra_trio.runner")
 
@@ -80,6 +82,8 @@ class Farm:
     on_change: Callable[[], None] = lambda: None
     #: called with a build id when it is assigned or finishes (wakes log followers).
     on_build_change: Callable[[str], None] = lambda build_id: None
+    #: called when there is something for the persister to write.
+    on_dirty: Callable[[], None] = lambda: None
 
     builds: dict[str, Build] = attrs.field(factory=dict, init=False)
     machines: dict[str, Machine] = attrs.field(factory=dict, init=False)
@@ -95,6 +99,10 @@ class Farm:
     requeued: Counter[str] = attrs.field(factory=Counter, init=False)
     finished: Counter[str] = attrs.field(factory=Counter, init=False)
     dispatch_latencies: list[float] = attrs.field(factory=list, init=False)
+    #: changed since the persister last took them (see ``store.Persister``).
+    _dirty_builds: set[str] = attrs.field(factory=set, init=False)
+    _dirty_machines: set[str] = attrs.field(factory=set, init=False)
+    _new_edges: list[tuple[str, str]] = attrs.field(factory=list, init=False)
 
     # -- submissions ------------------------------------------------------------------------
 
@@ -136,6 +144,8 @@ class Farm:
             )
             self.builds[build_id] = build
             created.append(build)
+            self._touch(build)
+            self._new_edges.extend((build_id, dep_id) for dep_id in deps)
             failed_dep = None
             for dep_id in deps:
                 dep = self.builds[dep_id]
@@ -216,6 +226,7 @@ class Farm:
         machine.disconnected_at = None
         machine.disconnect_reason = ""
         machine.sessions += 1
+        self._touch_machine(machine)
         log.info(
             "builder %s (%s) connected: systems %s, %d job slots",
             machine.hostname,
@@ -238,6 +249,7 @@ class Farm:
         machine.disconnected_at = now
         machine.disconnect_reason = reason
         requeue = list(machine.running.values())
+        self._touch_machine(machine)
         if lost and machine.running:
             self.builders_lost_busy += 1
         elif lost:
@@ -262,6 +274,7 @@ class Farm:
         """Stop giving a machine new builds; what it runs finishes.  Key: id or hostname."""
         machine = self.find_machine(machine_key)
         machine.drain_requested = True
+        self._touch_machine(machine)
         if machine.state is MachineState.CONNECTED:
             machine.state = MachineState.DRAINING
         if machine.session is not None:
@@ -347,6 +360,7 @@ class Farm:
         if build is None:
             return False
         del machine.running[build.id]
+        self._touch_machine(machine)
         build.exit_code = msg.exit_code
         build.timings = dict(msg.timings)
         if msg.status is BuildStatus.SUCCESS:
@@ -437,6 +451,7 @@ class Farm:
         assert machine.session is not None
         build.attempts += 1
         build.state = BuildState.RUNNING
+        self._touch(build)
         build.machine_id = machine.machine_id
         build.hostname = machine.hostname
         build.phase = None
@@ -480,6 +495,7 @@ class Farm:
         self, build: Build, status: BuildStatus, now: float, error: str
     ) -> None:
         build.infra_failures += 1
+        self._touch(build)
         if build.machine_id is not None:
             build.failed_on.append(build.machine_id)
         if build.attempts >= self.config.max_tries:
@@ -514,6 +530,7 @@ class Farm:
         build.error = error
         build.phase = None
         build.finished_at = time.time()
+        self._touch(build)
         self.finished[status.value] += 1
         self.on_build_change(build.id)
         log.info("build %s finished: %s%s", build.id, status.value, f" ({error})" if error else "")
@@ -531,6 +548,78 @@ class Farm:
                 )
             elif not dependent.waiting_for:
                 self._make_runnable(dependent)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def _touch(self, build: Build) -> None:
+        self._dirty_builds.add(build.id)
+        self.on_dirty()
+
+    def _touch_machine(self, machine: Machine) -> None:
+        self._dirty_machines.add(machine.machine_id)
+        self.on_dirty()
+
+    def take_dirty(
+        self,
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[str, str]], list[tuple[Any, ...]]]:
+        """Rows of everything changed since the last call (build rows in submission order, so
+        a build is written no earlier than the builds it depends on), then forget them."""
+        builds = sorted((self.builds[i] for i in self._dirty_builds), key=lambda b: b.seq)
+        now = time.time()
+        machines = [machine_row(self.machines[i], now) for i in self._dirty_machines]
+        edges = self._new_edges
+        self._dirty_builds = set()
+        self._dirty_machines = set()
+        self._new_edges = []
+        return [build_row(b) for b in builds], edges, machines
+
+    def restore(self, snapshot: Snapshot, now: float) -> None:
+        """Load the queue a previous runner left.  Builds that were running go back to the
+        queue (their builders' connections died with that runner, and a builder cancels its
+        builds when its connection dies); the next dispatch gives them a new attempt number,
+        so a result of the old attempt can never be committed.  Known machines are listed as
+        disconnected until they reconnect; none of this counts as lost."""
+        for machine in snapshot.machines:
+            machine.disconnect_reason = "the runner restarted; waiting for it to reconnect"
+            machine.last_ping_at = machine.disconnected_at = now
+            self.machines[machine.machine_id] = machine
+        for build in snapshot.builds:
+            self.builds[build.id] = build
+            self._seq = max(self._seq, build.seq)
+        for build_id, dep_id in snapshot.edges:
+            if build_id in self.builds and dep_id in self.builds:
+                self.builds[dep_id].dependents.append(build_id)
+        requeued = 0
+        for build in snapshot.builds:
+            if build.state is BuildState.RUNNING:
+                build.state = BuildState.QUEUED
+                build.status = BuildStatus.BUILDER_LOST
+                build.error = "the runner restarted while it ran"
+                build.phase = None
+                self._touch(build)
+                requeued += 1
+            if build.state is not BuildState.QUEUED:
+                continue
+            deps = [self.builds[d] for d in build.spec.after if d in self.builds]
+            failed = [d for d in deps if d.state.finished and d.state is not BuildState.SUCCEEDED]
+            if failed:
+                self._finish(
+                    build,
+                    BuildStatus.DEPENDENCY_FAILED,
+                    now,
+                    error=f"dependency {failed[0].id} {failed[0].state.value}",
+                )
+                continue
+            build.waiting_for = {d.id for d in deps if not d.state.finished}
+            if not build.waiting_for:
+                self._make_runnable(build)
+        log.info(
+            "restored %d builds (%d requeued from running) and %d machines",
+            len(snapshot.builds),
+            requeued,
+            len(snapshot.machines),
+        )
+        self.on_change()
 
     # -- views ------------------------------------------------------------------------------
 

@@ -6,8 +6,9 @@ caller mistake is a JSON ``{"error": ...}`` with a 4xx status.
 
 from __future__ import annotations
 
+import heapq
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
@@ -24,9 +25,10 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from hydra_trio.runner.blobs import Storage
+from hydra_trio.runner.dashboard import dashboard
 from hydra_trio.runner.farm import Farm, InvalidGraphError, UnknownBuildError
 from hydra_trio.runner.metrics import render_metrics
-from hydra_trio.runner.model import Build
+from hydra_trio.runner.model import Build, BuildState
 from hydra_trio.runner.specs import SpecError, parse_graph, parse_spec
 
 #: Limit on request bodies: big enough for a graph of MAX_GRAPH_BUILDS small builds; it keeps a
@@ -34,8 +36,49 @@ from hydra_trio.runner.specs import SpecError, parse_graph, parse_spec
 MAX_BODY = 64 * 1024 * 1024
 
 
+#: ``GET /builds`` returns this many builds unless ``limit`` says otherwise ...
+DEFAULT_LIMIT = 50
+#: ... and never more than this.
+MAX_LIMIT = 500
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+async def list_builds(farm: Farm, request: Request) -> Response:
+    """``GET /builds?limit=N&state=S``: the newest builds first (by submission order).
+
+    ``limit`` is 1..MAX_LIMIT (default DEFAULT_LIMIT).  ``state`` keeps only builds in that
+    state; it may be repeated or comma-separated (``state=succeeded,failed``).  The answer is
+    ``{"builds": [Build.to_json(), ...], "total": <builds matching the filter>}``.
+    """
+    params = request.query_params
+    raw_limit = params.get("limit", str(DEFAULT_LIMIT)).strip()
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        return _error(400, f"limit must be an integer from 1 to {MAX_LIMIT}, not {raw_limit!r}")
+    limit = int(raw_limit)
+
+    states: set[BuildState] | None = None
+    names = [name.strip() for value in params.getlist("state") for name in value.split(",")]
+    if any(names):
+        states = set()
+        for name in filter(None, names):
+            try:
+                states.add(BuildState(name))
+            except ValueError:
+                valid = ", ".join(s.value for s in BuildState)
+                return _error(400, f"unknown state {name!r} (one of: {valid})")
+
+    matching = [b for b in farm.builds.values() if states is None or b.state in states]
+    newest = heapq.nlargest(limit, matching, key=lambda b: b.seq)
+    now = trio.current_time()
+    return JSONResponse(
+        {
+            "builds": [b.to_json(farm.waiting_reason(b, now)) for b in newest],
+            "total": len(matching),
+        }
+    )
 
 
 async def _json_body(request: Request) -> Any:
@@ -50,8 +93,19 @@ async def _json_body(request: Request) -> Any:
         raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
 
 
-def create_app(farm: Farm, storage: Storage, *, default_system: str) -> Starlette:
-    """The Starlette application over ``farm``."""
+async def _no_persistence() -> None:
+    return None
+
+
+def create_app(
+    farm: Farm,
+    storage: Storage,
+    *,
+    default_system: str,
+    persist: Callable[[], Awaitable[None]] = _no_persistence,
+) -> Starlette:
+    """The Starlette application over ``farm``.  ``persist`` returns once every change made so
+    far is durable; calls that change state await it before they answer."""
 
     async def status(request: Request) -> Response:
         now = trio.current_time()
@@ -69,6 +123,7 @@ def create_app(farm: Farm, storage: Storage, *, default_system: str) -> Starlett
                 specs, names = parse_graph(body, default_system)
                 index = {name: i for i, name in enumerate(names)}
                 builds = farm.submit_graph(specs, trio.current_time(), index.get)
+                await persist()
                 return JSONResponse(
                     {"ids": {name: b.id for name, b in zip(names, builds, strict=True)}},
                     status_code=201,
@@ -76,6 +131,7 @@ def create_app(farm: Farm, storage: Storage, *, default_system: str) -> Starlett
             build = farm.submit(parse_spec(body, default_system), trio.current_time())
         except (SpecError, InvalidGraphError) as exc:
             return _error(422, str(exc))
+        await persist()
         return JSONResponse({"id": build.id}, status_code=201)
 
     def _build(request: Request) -> Any:
@@ -86,6 +142,9 @@ def create_app(farm: Farm, storage: Storage, *, default_system: str) -> Starlett
 
     def build_json(build: Build) -> dict[str, Any]:
         return build.to_json(farm.waiting_reason(build, trio.current_time()))
+
+    async def builds(request: Request) -> Response:
+        return await list_builds(farm, request)
 
     async def show(request: Request) -> Response:
         return JSONResponse(build_json(_build(request)))
@@ -132,6 +191,7 @@ def create_app(farm: Farm, storage: Storage, *, default_system: str) -> Starlett
     async def cancel(request: Request) -> Response:
         build = _build(request)
         farm.cancel(build.id, trio.current_time())
+        await persist()
         return JSONResponse(build_json(build))
 
     async def drain(request: Request) -> Response:
@@ -139,6 +199,7 @@ def create_app(farm: Farm, storage: Storage, *, default_system: str) -> Starlett
             machine = farm.drain(request.path_params["machine_id"])
         except KeyError:
             return _error(404, f"no machine {request.path_params['machine_id']!r}")
+        await persist()
         return JSONResponse(machine.to_json(trio.current_time()))
 
     async def metrics(request: Request) -> Response:
@@ -152,7 +213,9 @@ def create_app(farm: Farm, storage: Storage, *, default_system: str) -> Starlett
 
     return Starlette(
         routes=[
+            Route("/", dashboard),
             Route("/status", status),
+            Route("/builds", builds, methods=["GET"]),
             Route("/builds", submit, methods=["POST"]),
             Route("/builds/{build_id}", show),
             Route("/builds/{build_id}/log", build_log),

@@ -1,0 +1,444 @@
+"""The durable queue: builds, their edges and known machines, in SQLite or PostgreSQL.
+
+Theory of operation
+-------------------
+The farm keeps the whole queue in memory and is the only writer of it; the store is its
+journal.  Every transition marks builds and machines dirty; the ``Persister`` task takes the
+dirty set, turns it into rows on the trio thread (cheap), and writes them in **one transaction
+per batch** on a worker thread (group commit: whatever changes while a batch is being written
+goes into the next).  Callers that must not answer before their change is durable (``POST
+/builds``) await ``Persister.flush()``.
+
+The transactions carry the invariants even though only one runner writes:
+
+- A graph is inserted in one transaction with its edges: all of it or none.
+- A build row is written with ``INSERT ... ON CONFLICT DO UPDATE ... WHERE``: the update applies
+  only if the stored row is not finished and its attempt is not newer than the one written.  So
+  committing a result is a compare-and-set on (build id, attempt): a finished build is never
+  written again (committed once) and a stale attempt changes nothing.
+- Requeueing a lost builder's builds marks them all dirty in one farm step, so they are written
+  in the same transaction.
+
+Blocking work (sqlite3, psycopg) runs only in ``trio.to_thread.run_sync``; one connection is
+used by one thread at a time (the persister's single writer, or startup).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from hydra_trio.protocol.errors import HydraTrioError
+from hydra_trio.protocol.messages import BuildStatus, FileInfo
+from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine, MachineState
+
+log = logging.getLogger("hydra_trio.runner")
+
+#: The schema this code writes.  A database with a newer version is refused.
+SCHEMA_VERSION = 1
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS builds (
+        id TEXT PRIMARY KEY,
+        seq BIGINT NOT NULL,
+        spec TEXT NOT NULL,
+        state TEXT NOT NULL,
+        status TEXT,
+        attempts INTEGER NOT NULL,
+        infra_failures INTEGER NOT NULL,
+        machine_id TEXT,
+        hostname TEXT,
+        exit_code INTEGER,
+        error TEXT NOT NULL,
+        submitted_at DOUBLE PRECISION NOT NULL,
+        started_at DOUBLE PRECISION,
+        finished_at DOUBLE PRECISION,
+        outputs TEXT NOT NULL,
+        timings TEXT NOT NULL,
+        failed_on TEXT NOT NULL
+    )""",
+    """CREATE INDEX IF NOT EXISTS builds_unfinished ON builds (state)""",
+    """CREATE TABLE IF NOT EXISTS build_deps (
+        build_id TEXT NOT NULL,
+        dep_id TEXT NOT NULL,
+        PRIMARY KEY (build_id, dep_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS machines (
+        machine_id TEXT PRIMARY KEY,
+        hostname TEXT NOT NULL,
+        info TEXT NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL,
+        succeeded INTEGER NOT NULL,
+        failed INTEGER NOT NULL,
+        lost INTEGER NOT NULL
+    )""",
+]
+
+_BUILD_COLUMNS = (
+    "id, seq, spec, state, status, attempts, infra_failures, machine_id, hostname, exit_code,"
+    " error, submitted_at, started_at, finished_at, outputs, timings, failed_on"
+)
+_FINISHED = ("succeeded", "failed", "cancelled")
+_UPSERT_BUILD = f"""
+    INSERT INTO builds ({_BUILD_COLUMNS}) VALUES ({", ".join(["?"] * 17)})
+    ON CONFLICT (id) DO UPDATE SET
+        state = excluded.state, status = excluded.status, attempts = excluded.attempts,
+        infra_failures = excluded.infra_failures, machine_id = excluded.machine_id,
+        hostname = excluded.hostname, exit_code = excluded.exit_code, error = excluded.error,
+        started_at = excluded.started_at, finished_at = excluded.finished_at,
+        outputs = excluded.outputs, timings = excluded.timings, failed_on = excluded.failed_on
+    WHERE builds.state NOT IN {_FINISHED!r} AND builds.attempts <= excluded.attempts
+"""
+_INSERT_EDGE = """
+    INSERT INTO build_deps (build_id, dep_id) VALUES (?, ?) ON CONFLICT DO NOTHING
+"""
+_UPSERT_MACHINE = """
+    INSERT INTO machines (machine_id, hostname, info, last_seen, succeeded, failed, lost)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (machine_id) DO UPDATE SET
+        hostname = excluded.hostname, info = excluded.info, last_seen = excluded.last_seen,
+        succeeded = excluded.succeeded, failed = excluded.failed, lost = excluded.lost
+"""
+
+
+class StoreError(HydraTrioError):
+    """The database cannot be used (newer schema, unreachable, locked)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows.
+
+
+def spec_to_json(spec: BuildSpec) -> str:
+    return json.dumps(
+        {
+            "command": list(spec.command),
+            "name": spec.name,
+            "system": spec.system,
+            "requiredFeatures": sorted(spec.required_features),
+            "after": list(spec.after),
+            "priority": spec.priority,
+            "timeout": spec.timeout,
+            "maxSilent": spec.max_silent,
+            "env": [list(pair) for pair in spec.env],
+        }
+    )
+
+
+def spec_from_json(text: str) -> BuildSpec:
+    data = json.loads(text)
+    return BuildSpec(
+        command=tuple(data["command"]),
+        name=data["name"],
+        system=data["system"],
+        required_features=frozenset(data["requiredFeatures"]),
+        after=tuple(data["after"]),
+        priority=data["priority"],
+        timeout=data["timeout"],
+        max_silent=data["maxSilent"],
+        env=tuple((k, v) for k, v in data["env"]),
+    )
+
+
+def build_row(build: Build) -> tuple[Any, ...]:
+    return (
+        build.id,
+        build.seq,
+        spec_to_json(build.spec),
+        build.state.value,
+        build.status.value if build.status else None,
+        build.attempts,
+        build.infra_failures,
+        build.machine_id,
+        build.hostname,
+        build.exit_code,
+        build.error,
+        build.submitted_at,
+        build.started_at,
+        build.finished_at,
+        json.dumps([attrs.asdict(f) for f in build.outputs]),
+        json.dumps(build.timings),
+        json.dumps(build.failed_on),
+    )
+
+
+def build_from_row(row: Sequence[Any]) -> Build:
+    (id_, seq, spec, state, status, attempts, infra, machine_id, hostname, exit_code, error,
+     submitted_at, started_at, finished_at, outputs, timings, failed_on) = row  # fmt: skip
+    return Build(
+        id=id_,
+        spec=spec_from_json(spec),
+        seq=seq,
+        submitted_at=submitted_at,
+        state=BuildState(state),
+        status=BuildStatus(status) if status else None,
+        attempts=attempts,
+        infra_failures=infra,
+        machine_id=machine_id,
+        hostname=hostname,
+        exit_code=exit_code,
+        error=error,
+        started_at=started_at,
+        finished_at=finished_at,
+        outputs=tuple(FileInfo(**f) for f in json.loads(outputs)),
+        timings=json.loads(timings),
+        failed_on=json.loads(failed_on),
+    )
+
+
+def machine_row(machine: Machine, last_seen: float) -> tuple[Any, ...]:
+    info = {
+        "systems": list(machine.systems),
+        "supportedFeatures": sorted(machine.supported_features),
+        "mandatoryFeatures": sorted(machine.mandatory_features),
+        "maxJobs": machine.max_jobs,
+        "speedFactor": machine.speed_factor,
+        "drainRequested": machine.drain_requested,
+    }
+    return (
+        machine.machine_id,
+        machine.hostname,
+        json.dumps(info),
+        last_seen,
+        machine.succeeded_builds,
+        machine.failed_builds,
+        machine.lost_builds,
+    )
+
+
+def machine_from_row(row: Sequence[Any]) -> Machine:
+    machine_id, hostname, info_text, _last_seen, succeeded, failed, lost = row
+    info = json.loads(info_text)
+    return Machine(
+        machine_id=machine_id,
+        hostname=hostname,
+        systems=tuple(info["systems"]),
+        supported_features=frozenset(info["supportedFeatures"]),
+        mandatory_features=frozenset(info["mandatoryFeatures"]),
+        max_jobs=info["maxJobs"],
+        speed_factor=info["speedFactor"],
+        state=MachineState.DISCONNECTED,
+        drain_requested=info.get("drainRequested", False),
+        succeeded_builds=succeeded,
+        failed_builds=failed,
+        lost_builds=lost,
+    )
+
+
+@attrs.frozen
+class Snapshot:
+    builds: list[Build]
+    edges: list[tuple[str, str]]
+    machines: list[Machine]
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends.  Both speak DB-API 2; they differ in placeholders and in how they connect.
+
+
+class _Connection(Protocol):
+    def cursor(self) -> Any: ...
+    def commit(self) -> None: ...
+    def rollback(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Store:
+    """The queue's tables over one DB-API connection.  Every method blocks: call it from a
+    worker thread (``trio.to_thread.run_sync``), one call at a time."""
+
+    placeholder = "?"
+
+    def __init__(self, connection: _Connection, description: str) -> None:
+        self._conn = connection
+        self.description = description
+        self._lock = threading.Lock()  # one thread in the connection at a time, whatever calls
+
+    def _sql(self, statement: str) -> str:
+        return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
+
+    def _transaction(self, work: Any) -> Any:
+        with self._lock:
+            cursor = self._conn.cursor()
+            try:
+                result = work(cursor)
+                self._conn.commit()
+                return result
+            except BaseException:
+                self._conn.rollback()
+                raise
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema; refuse a database written by newer code."""
+
+        def work(cursor: Any) -> None:
+            for statement in _SCHEMA:
+                cursor.execute(statement)
+            cursor.execute("SELECT version FROM schema_version")
+            rows = cursor.fetchall()
+            if not rows:
+                cursor.execute(
+                    self._sql("INSERT INTO schema_version VALUES (?)"), (SCHEMA_VERSION,)
+                )
+            elif rows[0][0] > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.description} has schema version {rows[0][0]}; this hydra-trio "
+                    f"knows up to {SCHEMA_VERSION}: upgrade hydra-trio, or use another database"
+                )
+
+        self._transaction(work)
+
+    def save(
+        self,
+        builds: list[tuple[Any, ...]],
+        edges: list[tuple[str, str]],
+        machines: list[tuple[Any, ...]],
+    ) -> None:
+        """Write one batch in one transaction: build rows (``build_row``; new or changed), the
+        edges of new builds, and machine rows (``machine_row``)."""
+
+        def work(cursor: Any) -> None:
+            if builds:
+                cursor.executemany(self._sql(_UPSERT_BUILD), builds)
+            if edges:
+                cursor.executemany(self._sql(_INSERT_EDGE), edges)
+            if machines:
+                cursor.executemany(self._sql(_UPSERT_MACHINE), machines)
+
+        self._transaction(work)
+
+    def load(self) -> Snapshot:
+        def work(cursor: Any) -> Snapshot:
+            cursor.execute(f"SELECT {_BUILD_COLUMNS} FROM builds ORDER BY seq")
+            builds = [build_from_row(row) for row in cursor.fetchall()]
+            cursor.execute("SELECT build_id, dep_id FROM build_deps")
+            edges = [(a, b) for a, b in cursor.fetchall()]
+            cursor.execute(
+                "SELECT machine_id, hostname, info, last_seen, succeeded, failed, lost "
+                "FROM machines"
+            )
+            machines = [machine_from_row(row) for row in cursor.fetchall()]
+            return Snapshot(builds=builds, edges=edges, machines=machines)
+
+        result: Snapshot = self._transaction(work)
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class SqliteStore(Store):
+    placeholder = "?"
+
+    @classmethod
+    def open(cls, path: Path) -> SqliteStore:
+        """WAL mode with ``synchronous=FULL``: a committed transaction survives a power loss,
+        and readers never block the writer."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return cls(conn, f"SQLite database {path}")
+
+
+class PostgresStore(Store):
+    placeholder = "%s"
+
+    @classmethod
+    def open(cls, url: str) -> PostgresStore:
+        try:
+            import psycopg
+        except ImportError:
+            raise StoreError(
+                "PostgreSQL needs psycopg: pip install 'hydra-trio[postgresql]'"
+            ) from None
+        try:
+            conn = psycopg.connect(url, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to {_redact(url)}: {exc}") from None
+        return cls(conn, f"PostgreSQL database {_redact(url)}")
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}@{host}"
+
+
+def open_store(url: str | None, state_dir: Path) -> Store:
+    """``None`` or ``sqlite:///PATH`` -> SQLite; ``postgresql://...`` -> PostgreSQL."""
+    if url is None:
+        return SqliteStore.open(state_dir / "queue.sqlite")
+    if url.startswith("sqlite:///"):
+        return SqliteStore.open(Path(url[len("sqlite:///") :]))
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore.open(url)
+    raise StoreError(f"unsupported --db URL {_redact(url)!r}: use sqlite:///PATH or postgresql://")
+
+
+# ---------------------------------------------------------------------------------------------
+# The persister task.
+
+
+class Persister:
+    """Writes the farm's dirty builds and machines, one transaction per batch."""
+
+    def __init__(self, store: Store, farm: Any) -> None:
+        self.store = store
+        self.farm = farm
+        self._wakeup = trio.Event()
+        self._requested = 0  # batches asked for
+        self._written = 0  # batches committed
+        self._written_event = trio.Event()
+        self.failure: BaseException | None = None
+        self.batches = 0
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def flush(self) -> None:
+        """Return once everything changed before this call is committed."""
+        self._requested += 1
+        target = self._requested
+        self.wake()
+        while self._written < target:
+            if self.failure is not None:
+                raise StoreError(f"the database write failed: {self.failure}")
+            event = self._written_event
+            await event.wait()
+
+    async def run(self) -> None:
+        farm = self.farm
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            target = self._requested
+            builds, edges, machines = farm.take_dirty()  # rows, made on this thread
+            try:
+                if builds or edges or machines:
+                    await trio.to_thread.run_sync(self.store.save, builds, edges, machines)
+            except Exception as exc:
+                # A database that stops taking writes is fatal: carrying on would answer
+                # clients with promises the runner cannot keep after a restart.
+                self.failure = exc
+                self._written_event.set()
+                raise
+            self.batches += 1
+            self._written = target
+            self._written_event.set()
+            self._written_event = trio.Event()

@@ -1,0 +1,117 @@
+"""The dashboard page and the ``GET /builds`` listing it polls."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from hydra_trio.runner.blobs import Storage
+from hydra_trio.runner.dashboard import DASHBOARD_HTML
+from hydra_trio.runner.farm import Farm
+from hydra_trio.runner.http import MAX_LIMIT, create_app
+from hydra_trio.runner.model import Build, BuildSpec
+
+SYSTEM = "x86_64-linux"
+
+
+def client_for(farm: Farm) -> httpx.AsyncClient:
+    """The real application (the POST /builds route sits beside the GET one)."""
+    storage = Storage.in_dir(Path(tempfile.mkdtemp(prefix="hydra-trio-dashboard-")))
+    app = create_app(farm, storage, default_system=SYSTEM)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://runner")
+
+
+def submit(farm: Farm, count: int) -> list[Build]:
+    return [
+        farm.submit(BuildSpec(command=("true", str(i)), system=SYSTEM), 0.0) for i in range(count)
+    ]
+
+
+async def test_builds_newest_first_with_default_limit() -> None:
+    """Without parameters the newest 50 builds come first, with the total count."""
+    farm = Farm()
+    builds = submit(farm, 60)
+    async with client_for(farm) as client:
+        response = await client.get("/builds")
+    assert response.status_code == 200
+    body = response.json()
+    assert [b["id"] for b in body["builds"]] == [b.id for b in reversed(builds)][:50]
+    assert body["total"] == 60
+    assert body["builds"][0]["command"] == ["true", "59"]
+    assert body["builds"][0]["waitingReason"].startswith("no connected machine")
+
+
+async def test_builds_limit() -> None:
+    """``limit`` caps the list to the newest builds."""
+    farm = Farm()
+    builds = submit(farm, 5)
+    async with client_for(farm) as client:
+        response = await client.get("/builds", params={"limit": "2"})
+        everything = await client.get("/builds", params={"limit": str(MAX_LIMIT)})
+    assert [b["id"] for b in response.json()["builds"]] == [builds[4].id, builds[3].id]
+    assert len(everything.json()["builds"]) == 5
+
+
+async def test_builds_state_filter() -> None:
+    """``state`` keeps builds in the given states, repeated or comma-separated."""
+    farm = Farm()
+    builds = submit(farm, 4)
+    farm.cancel(builds[1].id, 0.0)
+    farm.cancel(builds[2].id, 0.0)
+    async with client_for(farm) as client:
+        cancelled = (await client.get("/builds?state=cancelled")).json()
+        queued = (await client.get("/builds?state=queued")).json()
+        both = (await client.get("/builds?state=queued,cancelled&limit=3")).json()
+        repeated = (await client.get("/builds?state=running&state=cancelled")).json()
+    assert [b["id"] for b in cancelled["builds"]] == [builds[2].id, builds[1].id]
+    assert all(b["state"] == "cancelled" for b in cancelled["builds"])
+    assert [b["id"] for b in queued["builds"]] == [builds[3].id, builds[0].id]
+    assert [b["id"] for b in both["builds"]] == [b.id for b in reversed(builds[1:])]
+    assert both["total"] == 4
+    assert [b["id"] for b in repeated["builds"]] == [builds[2].id, builds[1].id]
+
+
+async def test_builds_bad_parameters() -> None:
+    """A limit outside 1..MAX_LIMIT, not an integer, or an unknown state is a 400."""
+    farm = Farm()
+    submit(farm, 1)
+    async with client_for(farm) as client:
+        for query in ("limit=abc", "limit=0", "limit=-1", f"limit={MAX_LIMIT + 1}", "limit=1.5"):
+            response = await client.get(f"/builds?{query}")
+            assert response.status_code == 400, query
+            assert "limit" in response.json()["error"]
+        response = await client.get("/builds?state=exploded")
+        assert response.status_code == 400
+        assert "exploded" in response.json()["error"]
+        posted = await client.post("/builds", json={"command": ["true"]})
+        assert posted.status_code == 201  # the POST beside the GET still works
+
+
+async def test_dashboard_is_self_contained_html() -> None:
+    """``GET /`` serves HTML that names no other host and does not use innerHTML."""
+    async with client_for(Farm()) as client:
+        response = await client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert response.text == DASHBOARD_HTML
+    assert re.search(r"https?://", response.text, re.IGNORECASE) is None
+    assert re.search(r"//[a-z0-9.-]+\.[a-z]{2,}/", response.text, re.IGNORECASE) is None
+    assert "innerHTML" not in response.text and "outerHTML" not in response.text
+    assert "document.write" not in response.text
+
+
+async def test_dashboard_policy_allows_its_own_script_and_style() -> None:
+    """The Content-Security-Policy hashes match the page's inline script and style."""
+    async with client_for(Farm()) as client:
+        response = await client.get("/")
+    policy = response.headers["content-security-policy"]
+    assert "connect-src 'self'" in policy
+    for tag in ("script", "style"):
+        (source,) = re.findall(rf"<{tag}>(.*?)</{tag}>", response.text, re.DOTALL)
+        digest = base64.b64encode(hashlib.sha256(source.encode()).digest()).decode()
+        assert f"{tag}-src 'sha256-{digest}'" in policy
