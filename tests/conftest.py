@@ -1,0 +1,55 @@
+"""Shared fixtures: the store backends (SQLite always, PostgreSQL when it is installed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hydra_trio.runner.store import PostgresStore, SqliteStore, Store
+
+from .pg import Cluster, find_bindir
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster | None]:
+    bindir = find_bindir()
+    if bindir is None:
+        yield None
+        return
+    cluster = Cluster.start(bindir)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path, pg_cluster: Cluster | None) -> str:
+    """A URL of an empty database of each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'queue.sqlite'}"
+    if pg_cluster is None:
+        pytest.skip("PostgreSQL is not installed: skipped the PostgreSQL half of the store tests")
+    return pg_cluster.new_database()
+
+
+@pytest.fixture
+def store(store_url: str, tmp_path: Path) -> Iterator[Store]:
+    from hydra_trio.runner.store import open_store
+
+    opened = open_store(store_url, tmp_path)
+    assert isinstance(opened, SqliteStore | PostgresStore)
+    opened.migrate()
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    bindir = find_bindir()
+    if bindir is None:
+        return "PostgreSQL: not installed, the PostgreSQL half of the store tests is skipped"
+    return f"PostgreSQL: {bindir}"
