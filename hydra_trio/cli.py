@@ -453,6 +453,8 @@ def client_options(f: F) -> F:
 def _request(method: str, url: str, path: str, **kwargs: Any) -> Any:
     try:
         response = httpx.request(method, url.rstrip("/") + path, timeout=30.0, **kwargs)
+    except httpx.InvalidURL as exc:
+        fail(f"invalid --url {url!r}: {exc}")
     except httpx.HTTPError as exc:
         fail(f"cannot reach the queue runner at {url}: {exc} (is it running? `hydra-trio up`)")
     if response.status_code >= 400:

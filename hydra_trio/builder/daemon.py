@@ -186,12 +186,13 @@ async def run_builder(
             established = False
         else:
             state.record("connected")
+            sessions_before = state.sessions
             try:
                 reason = await _session(config, state, stream)
             finally:
                 with trio.move_on_after(1, shield=True):
                     await stream.aclose()
-            established = True
+            established = state.sessions > sessions_before  # the handshake completed
             if state.draining and reason == "drained":
                 log.info("drained: no builds left, exiting")
                 return

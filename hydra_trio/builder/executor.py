@@ -82,29 +82,43 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def scan_outputs(out_dir: Path) -> list[FileInfo]:
+class OutputTooLarge(Exception):
+    """``$OUT`` holds more bytes than the build may upload."""
+
+    def __init__(self, total: int, limit: int) -> None:
+        super().__init__(f"outputs are {total} bytes, the limit is {limit}")
+
+
+def scan_outputs(out_dir: Path, max_bytes: int | None = None) -> list[FileInfo]:
     """Every file under ``out_dir`` with size and hash; symlinks are listed as links and
-    never followed; other special files are skipped.  Runs in a worker thread."""
-    files: list[FileInfo] = []
+    never followed; other special files are skipped.  Sizes are summed before anything is
+    hashed, so an oversized ``$OUT`` is refused (``OutputTooLarge``) without reading it.
+    Runs in a worker thread."""
     empty = hashlib.sha256(b"").hexdigest()
+    found: list[tuple[Path, str]] = []
     for root, dirs, names in os.walk(out_dir):
         dirs.sort()
         base = Path(root)
         for name in [*sorted(names), *[d for d in dirs if (base / d).is_symlink()]]:
             path = base / name
-            rel = path.relative_to(out_dir).as_posix()
-            if path.is_symlink():
-                files.append(FileInfo(path=rel, size=0, sha256=empty, link=os.readlink(path)))
-            elif path.is_file():
-                mode = path.stat().st_mode
-                files.append(
-                    FileInfo(
-                        path=rel,
-                        size=path.stat().st_size,
-                        sha256=_sha256(path),
-                        executable=bool(mode & 0o111),
-                    )
+            found.append((path, path.relative_to(out_dir).as_posix()))
+    total = sum(p.lstat().st_size for p, _ in found if p.is_file() and not p.is_symlink())
+    if max_bytes is not None and total > max_bytes:
+        raise OutputTooLarge(total, max_bytes)
+    files: list[FileInfo] = []
+    for path, rel in found:
+        if path.is_symlink():
+            files.append(FileInfo(path=rel, size=0, sha256=empty, link=os.readlink(path)))
+        elif path.is_file():
+            stat = path.stat()
+            files.append(
+                FileInfo(
+                    path=rel,
+                    size=stat.st_size,
+                    sha256=_sha256(path),
+                    executable=bool(stat.st_mode & 0o111),
                 )
+            )
     return files
 
 
@@ -147,13 +161,12 @@ async def execute(
         timings["build"] = round(time.monotonic() - started, 6)
         outputs: list[FileInfo] = []
         if status is BuildStatus.SUCCESS:
-            outputs = await trio.to_thread.run_sync(scan_outputs, build_dir / "out")
-            total = sum(f.size for f in outputs)
-            limit = assign.limits.max_output_bytes
-            if limit is not None and total > limit:
-                status = BuildStatus.OUTPUT_LIMIT_EXCEEDED
-                error = f"outputs are {total} bytes, the limit is {limit}"
-                outputs = []
+            try:
+                outputs = await trio.to_thread.run_sync(
+                    scan_outputs, build_dir / "out", assign.limits.max_output_bytes
+                )
+            except OutputTooLarge as exc:
+                status, error = BuildStatus.OUTPUT_LIMIT_EXCEEDED, str(exc)
             else:
                 await send(Progress(**ref, phase=Phase.UPLOADING))
                 started = time.monotonic()
@@ -267,6 +280,9 @@ async def _stream_log(
             if over:
                 _kill_group(process.pid)
                 return BuildStatus.LOG_LIMIT_EXCEEDED, f"log exceeded {max_log} bytes", log_bytes
+        # Closing stdout and stderr does not escape max_silent: a command that does and then
+        # hangs is still silent.
+        await process.wait()
     if silence.cancelled_caught:
         _kill_group(process.pid)
         return BuildStatus.SILENT_TOO_LONG, f"no output for {max_silent:g} s", log_bytes

@@ -140,12 +140,16 @@ async def serve_runner(
     finally:
         # Whatever ends the runner, what changed until now is written if the database lets us.
         # (The persister task is gone with its nursery: write the last batch directly.)
-        with trio.move_on_after(10, shield=True):
-            if persister.failure is None:
-                builds, edges, machines = farm.take_dirty()
-                await trio.to_thread.run_sync(store.save, builds, edges, machines)
-        await trio.to_thread.run_sync(store.close)
-        lock.close()
+        try:
+            with trio.move_on_after(10, shield=True):
+                try:
+                    if persister.failure is None:
+                        builds, edges, machines = farm.take_dirty()
+                        await trio.to_thread.run_sync(store.save, builds, edges, machines)
+                finally:
+                    await trio.to_thread.run_sync(store.close)
+        finally:
+            lock.close()
 
 
 async def _serve(

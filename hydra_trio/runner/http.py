@@ -6,6 +6,7 @@ caller mistake is a JSON ``{"error": ...}`` with a 4xx status.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -82,11 +83,15 @@ async def list_builds(farm: Farm, request: Request) -> Response:
 
 
 async def _json_body(request: Request) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise HTTPException(413, f"request body larger than {MAX_BODY} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise HTTPException(413, f"request body larger than {MAX_BODY} bytes")
+    async with contextlib.aclosing(request.stream()) as chunks:
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise HTTPException(413, f"request body larger than {MAX_BODY} bytes")
     try:
         return json.loads(body or b"null")
     except ValueError as exc:

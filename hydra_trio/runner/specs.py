@@ -30,6 +30,9 @@ def parse_spec(body: Any, default_system: str) -> BuildSpec:
     name = body.get("name") or ""
     if not isinstance(name, str):
         raise SpecError("name: must be a string")
+    if "/" in name or "\0" in name or name in (".", ".."):
+        # The name becomes $IN/<name> on the builders of its dependents.
+        raise SpecError(f"name: {name!r} must be a single path component (no '/', not . or ..)")
     system = body.get("system") or default_system
     if not isinstance(system, str):
         raise SpecError("system: must be a string")

@@ -1,0 +1,334 @@
+"""The builder's executor with real child processes (real time: no autojump clock here)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from hydra_trio.builder.executor import execute
+from hydra_trio.protocol.messages import (
+    Assign,
+    BuildStatus,
+    Limits,
+    LogChunk,
+    Message,
+    Phase,
+    Progress,
+    Result,
+    UploadData,
+)
+
+pytestmark = pytest.mark.realnet
+
+#: Every test is bounded: a hung child process must fail the test, not the suite.
+LIMIT = 20.0
+
+
+class Recorder:
+    """A ``send`` that keeps every message, in order."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    async def __call__(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def chunks(self) -> list[LogChunk]:
+        return [m for m in self.messages if isinstance(m, LogChunk)]
+
+    def uploads(self) -> list[UploadData]:
+        return [m for m in self.messages if isinstance(m, UploadData)]
+
+    def log(self) -> bytes:
+        return b"".join(m.data for m in self.chunks())
+
+
+def assign(*command: str, **limits: Any) -> Assign:
+    return Assign(build_id="b1", attempt=1, command=command, limits=Limits(**limits))
+
+
+async def run(tmp_path: Path, *command: str, **limits: Any) -> tuple[Result, Recorder, Path]:
+    build_dir = tmp_path / "build"
+    send = Recorder()
+    with trio.fail_after(LIMIT):
+        result = await execute(
+            assign(*command, **limits), build_dir, send, {"PATH": os.environ["PATH"]}
+        )
+    return result, send, build_dir
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (dead, not yet reaped by init) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+async def gone(pid: int) -> bool:
+    """Whether ``pid`` is dead within a few seconds (init reaps orphans asynchronously)."""
+    with trio.move_on_after(5):
+        while alive(pid):
+            await trio.sleep(0.02)
+    return not alive(pid)
+
+
+def pids_in(path: Path) -> list[int]:
+    """The pids a build wrote to ``path`` (none yet if it has not written them)."""
+    try:
+        return [int(word) for word in path.read_text().split()]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+async def read_pid(path: Path) -> int:
+    with trio.fail_after(10):
+        while not (pids := pids_in(path)):
+            await trio.sleep(0.01)
+    return pids[0]
+
+
+async def test_success_lists_outputs_with_size_hash_and_links(tmp_path: Path) -> None:
+    """A successful build's $OUT files are listed with size and sha256, uploaded, and a
+    symlink is listed as a link (not followed); Progress(BUILDING) comes first."""
+    script = (
+        "echo building; printf hello > $OUT/a; mkdir $OUT/sub; head -c 300000 /dev/zero"
+        " > $OUT/sub/big; ln -s /etc/passwd $OUT/link"
+    )
+    result, send, build_dir = await run(tmp_path, "sh", "-c", script)
+    assert result.status is BuildStatus.SUCCESS
+    assert result.exit_code == 0
+    assert send.messages[0] == Progress(build_id="b1", attempt=1, phase=Phase.BUILDING)
+    assert send.log() == b"building\n"
+    by_path = {f.path: f for f in result.outputs}
+    assert set(by_path) == {"a", "sub/big", "link"}
+    assert by_path["a"].size == 5
+    assert by_path["a"].sha256 == hashlib.sha256(b"hello").hexdigest()
+    assert by_path["sub/big"].size == 300000
+    assert by_path["sub/big"].sha256 == hashlib.sha256(bytes(300000)).hexdigest()
+    assert by_path["link"].link == "/etc/passwd"
+    assert by_path["link"].size == 0
+    uploaded: dict[str, bytes] = {}
+    for chunk in send.uploads():
+        assert chunk.offset == len(uploaded.get(chunk.path, b""))
+        uploaded[chunk.path] = uploaded.get(chunk.path, b"") + chunk.data
+    assert uploaded == {"a": b"hello", "sub/big": bytes(300000)}  # links are not uploaded
+    assert not build_dir.exists()
+
+
+async def test_the_build_environment_has_in_out_home_and_tmpdir(tmp_path: Path) -> None:
+    """$IN, $OUT, HOME and TMPDIR are existing directories inside the build directory, and
+    the command runs in a fresh working directory there."""
+    script = (
+        'for d in "$IN" "$OUT" "$HOME" "$TMPDIR" "$PWD"; do test -d "$d" || exit 9; done;'
+        ' echo "$IN|$OUT|$HOME|$TMPDIR|$PWD|$HYDRA_TRIO_BUILD_ID|$HYDRA_TRIO_ATTEMPT";'
+        " ls -A | wc -l"
+    )
+    result, send, build_dir = await run(tmp_path, "sh", "-c", script)
+    assert result.status is BuildStatus.SUCCESS, send.log()
+    fields, count = send.log().decode().strip().split("\n")
+    base = str(build_dir)
+    assert fields.split("|") == [
+        f"{base}/in",
+        f"{base}/out",
+        f"{base}/work",
+        f"{base}/tmp",
+        f"{base}/work",
+        "b1",
+        "1",
+    ]
+    assert count.strip() == "0"
+
+
+async def test_a_non_zero_exit_is_build_failed_with_its_code(tmp_path: Path) -> None:
+    """Exit status 3 is build-failed with exit code 3 and no outputs."""
+    result, _, build_dir = await run(tmp_path, "sh", "-c", "echo x > $OUT/f; exit 3")
+    assert result.status is BuildStatus.BUILD_FAILED
+    assert result.exit_code == 3
+    assert result.outputs == ()
+    assert not build_dir.exists()
+
+
+async def test_a_command_that_does_not_exist_fails_with_127_and_says_why(tmp_path: Path) -> None:
+    """A missing command is build-failed, exit 127, with the reason in the log."""
+    result, send, build_dir = await run(tmp_path, "no-such-command-hydra-trio")
+    assert result.status is BuildStatus.BUILD_FAILED
+    assert result.exit_code == 127
+    log = send.log().decode()
+    assert "no-such-command-hydra-trio" in log
+    assert "No such file" in log
+    assert result.error == log.strip()
+    assert not build_dir.exists()
+
+
+async def test_a_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    """Past the wall-clock timeout the build is timed-out and a background grandchild is
+    killed along with the command."""
+    pid_file = tmp_path / "pid"
+    started = time.monotonic()
+    result, _, build_dir = await run(
+        tmp_path, "sh", "-c", f"sleep 100 & echo $! > {pid_file}; sleep 100", timeout=1.0
+    )
+    assert result.status is BuildStatus.TIMED_OUT
+    assert result.exit_code is None
+    assert time.monotonic() - started >= 1.0
+    assert await gone(await read_pid(pid_file))
+    assert not build_dir.exists()
+
+
+async def test_no_output_for_max_silent_is_silent_too_long(tmp_path: Path) -> None:
+    """A build that stops printing for max_silent is killed as silent-too-long."""
+    pid_file = tmp_path / "pid"
+    result, send, build_dir = await run(
+        tmp_path, "sh", "-c", f"echo start; sleep 100 & echo $! > {pid_file}; wait", max_silent=0.5
+    )
+    assert result.status is BuildStatus.SILENT_TOO_LONG
+    assert send.log() == b"start\n"
+    assert await gone(await read_pid(pid_file))
+    assert not build_dir.exists()
+
+
+async def test_output_keeps_a_build_under_max_silent_alive(tmp_path: Path) -> None:
+    """Every chunk of output moves the silence deadline: a build printing more often than
+    max_silent succeeds even though it runs longer than max_silent in total."""
+    script = "for i in 1 2 3 4 5 6; do echo $i; sleep 0.2; done"
+    result, send, _ = await run(tmp_path, "sh", "-c", script, max_silent=0.6)
+    assert result.status is BuildStatus.SUCCESS
+    assert send.log() == b"1\n2\n3\n4\n5\n6\n"
+
+
+async def test_a_build_that_closes_its_output_and_hangs_is_silent_too_long(
+    tmp_path: Path,
+) -> None:
+    """Closing stdout and stderr does not escape max_silent: the build is still silent."""
+    result, send, _ = await run(
+        tmp_path, "sh", "-c", "echo hi; exec >/dev/null 2>&1; sleep 2", max_silent=0.5
+    )
+    assert send.log() == b"hi\n"
+    assert result.status is BuildStatus.SILENT_TOO_LONG
+
+
+async def test_a_log_past_max_log_bytes_is_cut_at_the_limit(tmp_path: Path) -> None:
+    """A log over max_log_bytes ends the build as log-limit-exceeded; exactly the first
+    max_log_bytes bytes are sent."""
+    result, send, build_dir = await run(
+        tmp_path, "sh", "-c", "yes | head -c 200000; sleep 100", max_log_bytes=1000
+    )
+    assert result.status is BuildStatus.LOG_LIMIT_EXCEEDED
+    assert send.log() == b"y\n" * 500
+    assert not build_dir.exists()
+
+
+async def test_outputs_past_max_output_bytes_are_refused(tmp_path: Path) -> None:
+    """$OUT larger than max_output_bytes: output-limit-exceeded, nothing uploaded."""
+    result, send, build_dir = await run(
+        tmp_path,
+        "sh",
+        "-c",
+        "head -c 600 /dev/zero > $OUT/a; head -c 600 /dev/zero > $OUT/b",
+        max_output_bytes=1000,
+    )
+    assert result.status is BuildStatus.OUTPUT_LIMIT_EXCEEDED
+    assert result.outputs == ()
+    assert "1200" in result.error
+    assert send.uploads() == []
+    assert not build_dir.exists()
+
+
+async def test_outputs_at_max_output_bytes_are_accepted(tmp_path: Path) -> None:
+    """The output limit is inclusive: exactly max_output_bytes succeeds."""
+    result, _, _ = await run(
+        tmp_path, "sh", "-c", "head -c 1000 /dev/zero > $OUT/a", max_output_bytes=1000
+    )
+    assert result.status is BuildStatus.SUCCESS
+    assert [f.size for f in result.outputs] == [1000]
+
+
+async def test_cancelling_execute_kills_the_group_and_removes_the_build_dir(
+    tmp_path: Path,
+) -> None:
+    """Cancelling execute (an Abort or a lost connection) kills the command and its
+    background children and removes the build directory."""
+    pids = tmp_path / "pids"
+    build_dir = tmp_path / "build"
+    send = Recorder()
+    script = f"sleep 100 & echo $$ $! > {pids}; sleep 100"
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+
+            async def build() -> None:
+                await execute(
+                    assign("sh", "-c", script), build_dir, send, {"PATH": os.environ["PATH"]}
+                )
+                raise AssertionError("execute returned instead of being cancelled")
+
+            nursery.start_soon(build)
+            while len(pids_in(pids)) < 2:
+                await trio.sleep(0.01)
+            assert build_dir.is_dir()
+            nursery.cancel_scope.cancel()
+    shell, child = pids_in(pids)
+    assert await gone(shell)
+    assert await gone(child)
+    assert not build_dir.exists()
+
+
+async def test_a_background_child_left_running_is_killed_and_does_not_hold_the_log(
+    tmp_path: Path,
+) -> None:
+    """The command exits while a child it started in the background still holds the log
+    pipe: the build ends at once with the command's status and the child is killed."""
+    pid_file = tmp_path / "pid"
+    started = time.monotonic()
+    result, send, build_dir = await run(
+        tmp_path, "sh", "-c", f"sleep 100 & echo $! > {pid_file}; echo done"
+    )
+    assert result.status is BuildStatus.SUCCESS
+    assert time.monotonic() - started < 10  # not the child's 100 s
+    assert send.log() == b"done\n"
+    assert await gone(await read_pid(pid_file))
+    assert not build_dir.exists()
+
+
+async def test_stdout_and_stderr_are_merged_into_log_chunks(tmp_path: Path) -> None:
+    """LogChunks carry stdout and stderr, for this build and attempt, in order."""
+    result, send, _ = await run(tmp_path, "sh", "-c", "echo out; echo err >&2; echo out2")
+    assert result.status is BuildStatus.SUCCESS
+    assert send.log() == b"out\nerr\nout2\n"
+    assert all(m.build_id == "b1" and m.attempt == 1 for m in send.chunks())
+
+
+async def test_inputs_without_a_fetcher_fail_as_fetch_failed(tmp_path: Path) -> None:
+    """An assignment with inputs on an executor that cannot fetch is fetch-failed (an
+    infrastructure failure, retried elsewhere) without running the command."""
+    from hydra_trio.protocol.messages import FileInfo, InputSpec
+
+    marker = tmp_path / "ran"
+    message = Assign(
+        build_id="b1",
+        attempt=1,
+        command=("sh", "-c", f"touch {marker}"),
+        inputs=(
+            InputSpec(
+                name="dep",
+                build_id="b0",
+                files=(FileInfo(path="f", size=1, sha256=hashlib.sha256(b"x").hexdigest()),),
+            ),
+        ),
+    )
+    build_dir = tmp_path / "build"
+    send = Recorder()
+    with trio.fail_after(LIMIT):
+        result = await execute(message, build_dir, send, {"PATH": os.environ["PATH"]})
+    assert result.status is BuildStatus.FETCH_FAILED
+    assert send.messages == [Progress(build_id="b1", attempt=1, phase=Phase.FETCHING)]
+    assert not marker.exists()
+    assert not build_dir.exists()

@@ -1,0 +1,332 @@
+"""The HTTP API of a real queue runner on loopback (real sockets and time: no autojump)."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import hashlib
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+
+from hydra_trio.builder.daemon import BuilderConfig, run_builder
+from hydra_trio.net import HostPort
+from hydra_trio.runner import http as runner_http
+from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
+from hydra_trio.runner.farm import Farm
+from hydra_trio.runner.model import MachineState
+
+pytestmark = pytest.mark.realnet
+
+SYSTEM = "x86_64-linux"
+#: Every test is bounded: a hung server must fail the test, not the suite.
+LIMIT = 20.0
+
+MACHINE_FIELDS = {
+    "machineId",
+    "hostname",
+    "systems",
+    "supportedFeatures",
+    "mandatoryFeatures",
+    "maxJobs",
+    "speedFactor",
+    "currentJobs",
+    "sinceLastPing",
+    "connected",
+    "state",
+    "succeededBuilds",
+    "failedBuilds",
+    "lostBuilds",
+}
+BUILD_FIELDS = {
+    "id",
+    "name",
+    "state",
+    "status",
+    "attempts",
+    "machine",
+    "exitCode",
+    "outputs",
+    "submittedAt",
+    "startedAt",
+    "finishedAt",
+}
+
+
+@attrs.define
+class Runner:
+    client: httpx.AsyncClient
+    farm: Farm
+    addresses: RunnerAddresses
+    nursery: trio.Nursery
+    tmp_path: Path
+
+    async def start_builder(self, name: str) -> None:
+        """A real builder over TCP; returns once the runner lists it as connected."""
+        config = BuilderConfig(
+            server=self.addresses.builders[0],
+            systems=(SYSTEM,),
+            work_dir=self.tmp_path / name,
+            hostname=name,
+            ping_interval=1,
+        )
+        await self.nursery.start(functools.partial(run_builder, config))
+        while not any(
+            m.hostname == name and m.state is MachineState.CONNECTED
+            for m in self.farm.machines.values()
+        ):
+            await trio.sleep(0.01)
+
+    async def submit(self, **body: Any) -> str:
+        response = await self.client.post("/builds", json={"command": ["true"], **body})
+        assert response.status_code == 201, response.text
+        build_id = response.json()["id"]
+        assert isinstance(build_id, str)
+        return build_id
+
+
+@pytest.fixture
+async def runner(tmp_path: Path) -> AsyncIterator[Runner]:
+    config = RunnerConfig(
+        listen=HostPort("127.0.0.1", 0),
+        http=HostPort("127.0.0.1", 0),
+        state_dir=tmp_path / "state",
+        default_system=SYSTEM,
+    )
+    farm, dispatcher = make_farm(config)
+    async with trio.open_nursery() as nursery:
+        addresses: RunnerAddresses = await nursery.start(
+            functools.partial(serve_runner, config, farm=farm, dispatcher=dispatcher)
+        )
+        assert addresses.http[0].startswith("http://127.0.0.1:")
+        async with httpx.AsyncClient(base_url=addresses.http[0], timeout=10) as client:
+            yield Runner(client, farm, addresses, nursery, tmp_path)
+        nursery.cancel_scope.cancel()
+
+
+async def test_status_lists_machines_with_every_contract_field_and_queue_counts(
+    runner: Runner,
+) -> None:
+    """GET /status: each machine has every field the contract names; queue counts by state."""
+    with trio.fail_after(LIMIT):
+        response = await runner.client.get("/status")
+        assert response.status_code == 200
+        assert response.json() == {
+            "machines": [],
+            "queue": {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0},
+        }
+        await runner.start_builder("b1")
+        await runner.submit()
+        await runner.submit(system="other-system")  # no machine can build it: stays queued
+        data = (await runner.client.get("/status")).json()
+        assert len(data["machines"]) == 1
+        machine = data["machines"][0]
+        assert set(machine) >= MACHINE_FIELDS
+        assert machine["hostname"] == "b1"
+        assert machine["systems"] == [SYSTEM]
+        assert machine["supportedFeatures"] == []
+        assert machine["mandatoryFeatures"] == []
+        assert machine["maxJobs"] == 1
+        assert machine["speedFactor"] == 1.0
+        assert machine["connected"] is True
+        assert machine["state"] == "connected"
+        assert machine["lostBuilds"] == 0
+        assert 0 <= machine["sinceLastPing"] < 5
+        assert set(data["queue"]) == {"queued", "running", "succeeded", "failed", "cancelled"}
+        assert sum(data["queue"].values()) == 2
+        assert data["queue"]["queued"] >= 1
+
+
+async def test_submit_returns_201_with_the_new_builds_id_and_show_describes_it(
+    runner: Runner,
+) -> None:
+    """POST /builds answers 201 {"id"}; GET /builds/{id} has every contract field."""
+    with trio.fail_after(LIMIT):
+        response = await runner.client.post(
+            "/builds",
+            json={"command": ["echo", "hi"], "name": "greet", "priority": 3, "timeout": 60},
+        )
+        assert response.status_code == 201
+        assert response.headers["content-type"].startswith("application/json")
+        assert set(response.json()) == {"id"}
+        build_id = response.json()["id"]
+        data = (await runner.client.get(f"/builds/{build_id}")).json()
+        assert set(data) >= BUILD_FIELDS
+        assert data["id"] == build_id
+        assert data["name"] == "greet"
+        assert data["command"] == ["echo", "hi"]
+        assert data["state"] == "queued"
+        assert data["status"] is None
+        assert data["attempts"] == 0
+        assert data["machine"] is None
+        assert data["exitCode"] is None
+        assert data["outputs"] == []
+        assert data["priority"] == 3
+        assert data["timeout"] == 60
+        assert isinstance(data["submittedAt"], float)
+        assert data["startedAt"] is None
+        assert data["finishedAt"] is None
+        assert "no connected machine" in data["waitingReason"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/builds/nope", "/builds/nope/log", "/builds/nope/outputs/f"],
+)
+async def test_an_unknown_build_is_a_404_with_a_json_error(runner: Runner, path: str) -> None:
+    """Reading an unknown build id answers 404 {"error": ...} naming the id."""
+    with trio.fail_after(LIMIT):
+        response = await runner.client.get(path)
+        assert response.status_code == 404
+        assert "nope" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "x"}, "command"),
+        ({"command": []}, "command"),
+        ({"command": "echo hi"}, "command"),
+        ({"command": ["echo", 1]}, "command"),
+        ({"command": ["true"], "timeout": -1}, "timeout"),
+        ({"command": ["true"], "timeout": "soon"}, "timeout"),
+        ({"command": ["true"], "maxSilent": 0}, "maxSilent"),
+        ({"command": ["true"], "after": ["no-such-build"]}, "after"),
+        ({"command": ["true"], "priority": "high"}, "priority"),
+        ({"command": ["true"], "requiredFeatures": "kvm"}, "requiredFeatures"),
+        (["true"], "object"),
+    ],
+)
+async def test_an_invalid_build_spec_is_a_422_naming_the_field(
+    runner: Runner, body: Any, field: str
+) -> None:
+    """An invalid POST /builds body: 422 {"error"} naming the field; nothing is queued."""
+    with trio.fail_after(LIMIT):
+        response = await runner.client.post("/builds", json=body)
+        assert response.status_code == 422, response.text
+        assert field in response.json()["error"]
+        assert runner.farm.builds == {}
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "."])
+async def test_a_name_that_is_not_a_single_path_component_is_a_422(
+    runner: Runner, name: str
+) -> None:
+    """A build's name is its dependents' $IN/<name>: one that is not a plain file name is
+    refused at submission rather than failing every dependent later."""
+    with trio.fail_after(LIMIT):
+        response = await runner.client.post("/builds", json={"command": ["true"], "name": name})
+        assert response.status_code == 422, response.text
+        assert "name" in response.json()["error"]
+
+
+async def test_an_oversized_body_is_a_413(runner: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body past the limit is refused with 413 (limit lowered: the real one is 64 MiB),
+    and the request's body stream is closed, not left to the garbage collector."""
+    monkeypatch.setattr(runner_http, "MAX_BODY", 1000)
+    with trio.fail_after(LIMIT), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        body = b'{"command": ["true"], "name": "' + b"x" * 2000 + b'"}'
+        response = await runner.client.post(
+            "/builds", content=body, headers={"content-type": "application/json"}
+        )
+        gc.collect()  # an unclosed body stream is reported now, not in a later test
+    assert response.status_code == 413
+    assert "1000" in response.json()["error"]
+    assert runner.farm.builds == {}
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+async def test_a_body_that_is_not_json_is_a_400(runner: Runner) -> None:
+    """Malformed JSON answers 400 {"error": ...}."""
+    with trio.fail_after(LIMIT):
+        response = await runner.client.post(
+            "/builds", content=b'{"command": [', headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400
+        assert "JSON" in response.json()["error"]
+        assert runner.farm.builds == {}
+
+
+async def test_cancel_ends_a_queued_build_and_is_idempotent(runner: Runner) -> None:
+    """POST /builds/{id}/cancel: the build is cancelled; cancelling it again changes nothing;
+    an unknown id is a 404."""
+    with trio.fail_after(LIMIT):
+        build_id = await runner.submit()
+        response = await runner.client.post(f"/builds/{build_id}/cancel")
+        assert response.status_code == 200
+        assert response.json()["state"] == "cancelled"
+        assert response.json()["status"] == "cancelled"
+        shown = (await runner.client.get(f"/builds/{build_id}")).json()
+        assert shown["state"] == "cancelled"
+        assert shown["finishedAt"] is not None
+        again = await runner.client.post(f"/builds/{build_id}/cancel")
+        assert again.status_code == 200
+        assert again.json()["state"] == "cancelled"
+        assert (await runner.client.get("/status")).json()["queue"]["cancelled"] == 1
+        missing = await runner.client.post("/builds/nope/cancel")
+        assert missing.status_code == 404
+        assert "error" in missing.json()
+
+
+async def test_drain_of_an_unknown_machine_is_a_404(runner: Runner) -> None:
+    """POST /machines/{id}/drain with an unknown id or hostname: 404 {"error"}."""
+    with trio.fail_after(LIMIT):
+        response = await runner.client.post("/machines/nope/drain")
+        assert response.status_code == 404
+        assert "nope" in response.json()["error"]
+
+
+async def test_metrics_are_prometheus_text_named_hydra_trio(runner: Runner) -> None:
+    """GET /metrics: text/plain, every family and sample named hydra_trio_*, with the
+    builds-by-state gauge counting a queued build."""
+    with trio.fail_after(LIMIT):
+        await runner.submit()
+        response = await runner.client.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        lines = [line for line in response.text.splitlines() if line]
+        assert lines
+        for line in lines:
+            name = line.split()[2] if line.startswith("# ") else line
+            assert name.startswith("hydra_trio_"), line
+        assert "# TYPE hydra_trio_builds gauge" in lines
+        assert 'hydra_trio_builds{state="queued"} 1' in lines
+
+
+async def test_a_build_runs_end_to_end_on_a_real_builder(runner: Runner) -> None:
+    """Submitted over HTTP, run by a real builder over TCP: it succeeds, its log says hi,
+    and its output f is listed and downloadable."""
+    with trio.fail_after(LIMIT):
+        await runner.start_builder("b1")
+        build_id = await runner.submit(command=["sh", "-c", "echo hi; echo x > $OUT/f"])
+        while (data := (await runner.client.get(f"/builds/{build_id}")).json())["state"] in (
+            "queued",
+            "running",
+        ):
+            await trio.sleep(0.05)
+        assert data["state"] == "succeeded", data
+        assert data["status"] == "success"
+        assert data["exitCode"] == 0
+        assert data["attempts"] == 1
+        assert data["machine"] == "b1"
+        assert data["outputs"] == [
+            {"path": "f", "size": 2, "sha256": hashlib.sha256(b"x\n").hexdigest()}
+        ]
+        assert data["startedAt"] <= data["finishedAt"]
+        log = await runner.client.get(f"/builds/{build_id}/log")
+        assert log.status_code == 200
+        assert log.headers["content-type"].startswith("text/plain")
+        assert "hi" in log.text
+        output = await runner.client.get(f"/builds/{build_id}/outputs/f")
+        assert output.status_code == 200
+        assert output.content == b"x\n"
+        machine = (await runner.client.get("/status")).json()["machines"][0]
+        assert machine["succeededBuilds"] == 1
+        assert machine["currentJobs"] == 0

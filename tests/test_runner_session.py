@@ -1,0 +1,418 @@
+"""The runner's per-connection handler and the builder's handshake, each against a hand-written
+peer over in-memory streams, in virtual time."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from hydra_trio.builder.daemon import BuilderConfig, BuilderState, load_machine_id, run_builder
+from hydra_trio.protocol import codec
+from hydra_trio.protocol.connection import Connection
+from hydra_trio.protocol.errors import IncompatibleVersionError
+from hydra_trio.protocol.messages import (
+    PROTOCOL_VERSION,
+    Assign,
+    BuildStatus,
+    Hello,
+    Message,
+    Phase,
+    Ping,
+    Pong,
+    Progress,
+    Reject,
+    Result,
+    Role,
+    Welcome,
+)
+from hydra_trio.runner.daemon import RunnerConfig, make_farm, open_storage
+from hydra_trio.runner.farm import Farm
+from hydra_trio.runner.model import BuildSpec, BuildState, MachineState
+from hydra_trio.runner.session import serve_builder
+
+SYSTEM = "x86_64-linux"
+CONFIG = RunnerConfig(
+    builder_timeout=30.0, handshake_timeout=10.0, http=None, default_system=SYSTEM
+)
+
+
+def hello(machine_id: str = "m1", version: str = PROTOCOL_VERSION) -> Hello:
+    return Hello(
+        protocol_version=version, machine_id=machine_id, hostname=machine_id, systems=(SYSTEM,)
+    )
+
+
+class FakeBuilder:
+    """The builder's end of one connection, driven step by step by a test."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = Connection(Role.BUILDER, now=trio.current_time(), peer_timeout=1e9)
+        self.received: list[Message] = []
+
+    async def send(self, message: Message) -> None:
+        await self.stream.send_all(self.conn.send(message))
+
+    async def receive(self) -> Message:
+        while not self.received:
+            data = await self.stream.receive_some()
+            assert data, "the runner closed the connection"
+            self.received.extend(self.conn.receive_data(data, trio.current_time()))
+        return self.received.pop(0)
+
+    async def closed(self) -> bytes:
+        """Wait for the runner to close the connection; returns what it sent before."""
+        data = b""
+        while chunk := await self.stream.receive_some():
+            data += chunk
+        return data
+
+    async def handshake(self, machine_id: str) -> Welcome:
+        await self.send(hello(machine_id))
+        welcome = await self.receive()
+        assert isinstance(welcome, Welcome)
+        return welcome
+
+    async def ping(self) -> Pong:
+        await self.send(self.conn.make_ping(trio.current_time()))
+        pong = await self.receive()
+        assert isinstance(pong, Pong)
+        return pong
+
+
+class Runner:
+    """A farm with its dispatcher, and ``serve_builder`` for each connection made."""
+
+    def __init__(self, nursery: trio.Nursery, state_dir: Path) -> None:
+        self.nursery = nursery
+        config = CONFIG
+        self.config = config
+        self.farm: Farm
+        self.farm, dispatcher = make_farm(config)
+        self.storage = open_storage(
+            RunnerConfig(state_dir=state_dir, http=None, default_system=SYSTEM), self.farm
+        )
+        nursery.start_soon(dispatcher.run, self.farm)
+        self.connections = 0
+        #: when each connection's handler returned, by connection number.
+        self.ended: dict[int, float] = {}
+
+    def connect(self) -> FakeBuilder:
+        runner_end, builder_end = trio.testing.memory_stream_pair()
+        number = self.connections
+        self.connections += 1
+
+        async def serve() -> None:
+            await serve_builder(self.farm, self.config.session_config(), self.storage, runner_end)
+            self.ended[number] = trio.current_time()
+
+        self.nursery.start_soon(serve)
+        return FakeBuilder(builder_end)
+
+
+def state_of(thing: Any) -> Any:
+    """Read a state another task changes (keeps mypy from narrowing it across awaits)."""
+    return thing.state
+
+
+def spec() -> BuildSpec:
+    return BuildSpec(command=("true",), system=SYSTEM)
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_exactly_the_handshake_timeout(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """No hello: the runner closes the connection at exactly handshake_timeout."""
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, tmp_path)
+        t0 = trio.current_time()
+        builder = runner.connect()
+        assert await builder.closed() == b""
+        assert trio.current_time() - t0 == pytest.approx(10.0, abs=1e-9)
+        await trio.testing.wait_all_tasks_blocked()
+        assert runner.ended[0] == pytest.approx(t0 + 10.0, abs=1e-9)
+        assert runner.farm.machines == {}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hello_that_is_half_sent_still_gets_the_handshake_timeout(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A peer trickling a partial frame does not extend the handshake deadline."""
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, tmp_path)
+        t0 = trio.current_time()
+        builder = runner.connect()
+        frame = codec.encode(hello())
+        for byte in frame[:-1]:  # a byte every ~0.1 s, done well before the deadline
+            await builder.stream.send_all(bytes([byte]))
+            await trio.sleep(8.0 / len(frame))
+        assert await builder.closed() == b""
+        assert trio.current_time() - t0 == pytest.approx(10.0, abs=1e-9)
+        assert runner.farm.machines == {}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_first_frame_other_than_hello_closes_the_connection(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A Ping before the hello: closed at once, and nothing is attached to the farm."""
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, tmp_path)
+        t0 = trio.current_time()
+        builder = runner.connect()
+        await builder.stream.send_all(codec.encode(Ping(seq=0)))
+        assert await builder.closed() == b""
+        assert trio.current_time() == t0
+        assert runner.farm.machines == {}
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_incompatible_protocol_version_is_rejected_naming_both_versions(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A hello speaking 2.0 gets Reject(incompatible-version) naming 2.0 and ours, then EOF."""
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, tmp_path)
+        builder = runner.connect()
+        await builder.send(hello(version="2.0"))
+        reject = await builder.receive()
+        assert isinstance(reject, Reject)
+        assert reject.code == "incompatible-version"
+        assert "2.0" in reject.reason
+        assert PROTOCOL_VERSION in reject.reason
+        assert await builder.closed() == b""
+        assert runner.farm.machines == {}
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(b"\x00\x00\x00\x03\xc1\xc1\xc1", id="invalid-msgpack"),
+        pytest.param(b"\xff\xff\xff\xff", id="oversized-frame"),
+        pytest.param(
+            codec.encode(Assign(build_id="x", attempt=1, command=("true",))), id="runner-only"
+        ),
+    ],
+)
+async def test_a_malformed_frame_closes_that_connection_only(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, garbage: bytes
+) -> None:
+    """Builder a sends a bad frame: a is dropped; b, connected at the same time, keeps its
+    session, gets its Pongs, and runs a build to completion."""
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, tmp_path)
+        a = runner.connect()
+        b = runner.connect()
+        await a.handshake("a")
+        await b.handshake("b")
+        machine_a, machine_b = runner.farm.machines["a"], runner.farm.machines["b"]
+        session_b = machine_b.session
+        await b.ping()
+
+        await a.stream.send_all(garbage)
+        assert await a.closed() == b""
+        assert machine_a.state is MachineState.DISCONNECTED
+        assert "protocol error" in machine_a.disconnect_reason
+
+        assert (await b.ping()).seq == 1
+        build = runner.farm.submit(spec(), trio.current_time())
+        assign = await b.receive()
+        assert isinstance(assign, Assign)
+        assert assign.build_id == build.id
+        await b.send(Result(build_id=build.id, attempt=assign.attempt, status=BuildStatus.SUCCESS))
+        assert (await b.ping()).seq == 2
+        assert build.state is BuildState.SUCCEEDED
+        assert build.hostname == "b"
+        assert machine_b.state is MachineState.CONNECTED
+        assert machine_b.session is session_b
+        assert machine_b.sessions == 1
+        assert 1 not in runner.ended
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_ping_gets_its_pong_and_resets_since_last_ping(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """Ping(seq) is answered with Pong(seq), and /status's sinceLastPing restarts from 0."""
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, tmp_path)
+        builder = runner.connect()
+        await builder.handshake("m1")
+        machine = runner.farm.machines["m1"]
+        await trio.sleep(7)
+        assert machine.to_json(trio.current_time())["sinceLastPing"] == pytest.approx(7.0)
+        for seq in range(3):
+            pong = await builder.ping()
+            assert pong.seq == seq
+        assert machine.to_json(trio.current_time())["sinceLastPing"] == 0.0
+        await trio.sleep(4)
+        assert machine.to_json(trio.current_time())["sinceLastPing"] == pytest.approx(4.0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_builder_is_disconnected_at_exactly_its_last_frame_plus_the_timeout(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """After its last frame a builder goes quiet: disconnected at last frame + 30 s exactly,
+    and its running build is requeued as builder-lost."""
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, tmp_path)
+        builder = runner.connect()
+        await builder.handshake("m1")
+        build = runner.farm.submit(spec(), trio.current_time())
+        assert isinstance(await builder.receive(), Assign)
+        await trio.sleep(12)
+        await builder.ping()
+        await trio.sleep(5)
+        await builder.send(Progress(build_id=build.id, attempt=1, phase=Phase.BUILDING))
+        last_frame = trio.current_time()
+        machine = runner.farm.machines["m1"]
+
+        await trio.sleep(29.9)
+        assert state_of(machine) is MachineState.CONNECTED
+        await builder.closed()
+        assert trio.current_time() == pytest.approx(last_frame + 30.0, abs=1e-9)
+        assert state_of(machine) is MachineState.DISCONNECTED
+        assert machine.disconnected_at == pytest.approx(last_frame + 30.0, abs=1e-9)
+        assert "silent for 30 s" in machine.disconnect_reason
+        assert build.state is BuildState.QUEUED
+        assert build.status is BuildStatus.BUILDER_LOST
+        assert machine.lost_builds == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_result_for_an_attempt_that_is_not_current_is_counted_and_ignored(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A Result naming another attempt changes nothing and is counted in stale_rejected; the
+    current attempt's Result is then committed."""
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, tmp_path)
+        builder = runner.connect()
+        await builder.handshake("m1")
+        build = runner.farm.submit(spec(), trio.current_time())
+        assign = await builder.receive()
+        assert isinstance(assign, Assign)
+        assert assign.attempt == 1
+        for attempt in (0, 2):
+            await builder.send(
+                Result(build_id=build.id, attempt=attempt, status=BuildStatus.SUCCESS)
+            )
+        await builder.send(Result(build_id="no-such-build", attempt=1, status=BuildStatus.SUCCESS))
+        await builder.ping()  # frames are handled in order: the results were seen
+        assert runner.farm.stale_rejected == 3
+        assert state_of(build) is BuildState.RUNNING
+        assert build.attempts == 1
+        assert runner.farm.machines["m1"].running == {build.id: build}
+
+        await builder.send(Result(build_id=build.id, attempt=1, status=BuildStatus.BUILD_FAILED))
+        await builder.ping()
+        assert state_of(build) is BuildState.FAILED
+        assert build.status is BuildStatus.BUILD_FAILED
+        assert runner.farm.stale_rejected == 3
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# The builder's side of the handshake.
+
+
+class FakeRunner:
+    """Answers every connection's hello with a Reject, and records when each came."""
+
+    def __init__(self, nursery: trio.Nursery, code: str) -> None:
+        self.nursery = nursery
+        self.code = code
+        self.connect_times: list[float] = []
+        self.hellos: list[Hello] = []
+        self.connected = trio.Event()
+
+    async def connect(self) -> trio.abc.Stream:
+        self.connect_times.append(trio.current_time())
+        builder_end, runner_end = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self._serve, runner_end)
+        self.connected.set()
+        self.connected = trio.Event()
+        return builder_end
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        conn = Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=1e9)
+        messages: list[Message] = []
+        while not messages:
+            data = await stream.receive_some()
+            assert data
+            messages = conn.receive_data(data, trio.current_time())
+        assert isinstance(messages[0], Hello)
+        self.hellos.append(messages[0])
+        await stream.send_all(conn.send(Reject(code=self.code, reason="go away")))
+        await stream.aclose()
+
+
+def builder_config(tmp_path: Path) -> BuilderConfig:
+    return BuilderConfig(
+        systems=(SYSTEM,),
+        work_dir=tmp_path / "builder",
+        hostname="b1",
+        reconnect_floor=0.5,
+        reconnect_base=1.0,
+        reconnect_max=60.0,
+    )
+
+
+async def test_a_runner_rejecting_our_version_ends_run_builder_with_an_error(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """Reject(incompatible-version) is the one rejection run_builder does not retry."""
+    config = builder_config(tmp_path)
+    async with trio.open_nursery() as nursery:
+        runner = FakeRunner(nursery, "incompatible-version")
+        state = BuilderState(config=config, machine_id="m1")
+        with pytest.raises(IncompatibleVersionError, match="go away"):
+            await run_builder(config, connect=runner.connect, state=state)
+        assert len(runner.connect_times) == 1
+        assert runner.hellos[0].protocol_version == PROTOCOL_VERSION
+        assert runner.hellos[0].machine_id == "m1"
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_auth_failure_backs_off_and_retries(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """Reject(auth-failed) does not end the builder: it reconnects after the jittered
+    backoff, never sooner than the floor, with growing windows."""
+    config = builder_config(tmp_path)
+    async with trio.open_nursery() as nursery:
+        runner = FakeRunner(nursery, "auth-failed")
+        state = BuilderState(config=config, machine_id="m1", rng=random.Random(7))
+        await nursery.start(
+            functools.partial(run_builder, config, connect=runner.connect, state=state)
+        )
+        while len(runner.connect_times) < 4:
+            await runner.connected.wait()
+        times = runner.connect_times
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        for n, gap in enumerate(gaps):
+            assert config.reconnect_floor <= gap <= config.reconnect_base * 2**n + 1e-9
+        rejected = [e for _, e in state.events if "auth-failed" in e]
+        assert len(rejected) >= 3
+        assert "go away" in rejected[0]
+        nursery.cancel_scope.cancel()
+
+
+def test_the_machine_id_is_kept_in_the_work_dir(tmp_path: Path) -> None:
+    """load_machine_id creates an id once and returns the same one ever after (a restart);
+    another work dir is another machine."""
+    first = load_machine_id(tmp_path / "w")
+    assert first
+    assert load_machine_id(tmp_path / "w") == first
+    assert (tmp_path / "w" / "machine-id").read_text().strip() == first
+    assert load_machine_id(tmp_path / "other") != first
