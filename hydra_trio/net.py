@@ -112,7 +112,7 @@ class HostPort:
             host = host[1:-1]
         elif ":" in host:
             raise ValueError(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:7420")
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
             raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
         return cls(host, int(port_text))
 

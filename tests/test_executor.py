@@ -332,3 +332,10 @@ async def test_inputs_without_a_fetcher_fail_as_fetch_failed(tmp_path: Path) -> 
     assert send.messages == [Progress(build_id="b1", attempt=1, phase=Phase.FETCHING)]
     assert not marker.exists()
     assert not build_dir.exists()
+
+
+async def test_an_output_whose_name_is_not_utf8_fails_the_build_clearly(tmp_path: Path) -> None:
+    """A file name that is not UTF-8 cannot be listed or uploaded: build-failed, saying why."""
+    result, _, _ = await run(tmp_path, "sh", "-c", "printf x > \"$OUT/$(printf 'a\\377')\"")
+    assert result.status is BuildStatus.BUILD_FAILED
+    assert "UTF-8" in result.error

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import json
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -198,6 +199,9 @@ async def test_an_unknown_build_is_a_404_with_a_json_error(runner: Runner, path:
         ({"command": ["true"], "timeout": "soon"}, "timeout"),
         ({"command": ["true"], "maxSilent": 0}, "maxSilent"),
         ({"command": ["true"], "after": ["no-such-build"]}, "after"),
+        ({"command": ["true", "\ud800"]}, "command"),
+        ({"command": ["true"], "env": {"A": "\udcff"}}, "env"),
+        ({"command": ["true"], "system": "\ud800"}, "system"),
         ({"command": ["true"], "priority": "high"}, "priority"),
         ({"command": ["true"], "requiredFeatures": "kvm"}, "requiredFeatures"),
         (["true"], "object"),
@@ -208,7 +212,9 @@ async def test_an_invalid_build_spec_is_a_422_naming_the_field(
 ) -> None:
     """An invalid POST /builds body: 422 {"error"} naming the field; nothing is queued."""
     with trio.fail_after(LIMIT):
-        response = await runner.client.post("/builds", json=body)
+        response = await runner.client.post(  # ASCII JSON: "\ud800" escapes, as clients send
+            "/builds", content=json.dumps(body), headers={"content-type": "application/json"}
+        )
         assert response.status_code == 422, response.text
         assert field in response.json()["error"]
         assert runner.farm.builds == {}

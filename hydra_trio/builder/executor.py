@@ -35,6 +35,7 @@ from hydra_trio.protocol.messages import (
     Result,
     UploadData,
 )
+from hydra_trio.protocol.validators import encodable
 
 log = logging.getLogger("hydra_trio.builder")
 
@@ -89,6 +90,10 @@ class OutputTooLarge(Exception):
         super().__init__(f"outputs are {total} bytes, the limit is {limit}")
 
 
+class BadOutput(Exception):
+    """``$OUT`` holds something that cannot be an output (a file name that is not UTF-8)."""
+
+
 def scan_outputs(out_dir: Path, max_bytes: int | None = None) -> list[FileInfo]:
     """Every file under ``out_dir`` with size and hash; symlinks are listed as links and
     never followed; other special files are skipped.  Sizes are summed before anything is
@@ -107,6 +112,8 @@ def scan_outputs(out_dir: Path, max_bytes: int | None = None) -> list[FileInfo]:
         raise OutputTooLarge(total, max_bytes)
     files: list[FileInfo] = []
     for path, rel in found:
+        if not encodable(rel) or (path.is_symlink() and not encodable(os.readlink(path))):
+            raise BadOutput(f"output {rel.encode('utf-8', 'replace')!r} is not a UTF-8 name")
         if path.is_symlink():
             files.append(FileInfo(path=rel, size=0, sha256=empty, link=os.readlink(path)))
         elif path.is_file():
@@ -167,6 +174,8 @@ async def execute(
                 )
             except OutputTooLarge as exc:
                 status, error = BuildStatus.OUTPUT_LIMIT_EXCEEDED, str(exc)
+            except BadOutput as exc:
+                status, error = BuildStatus.BUILD_FAILED, str(exc)
             else:
                 await send(Progress(**ref, phase=Phase.UPLOADING))
                 started = time.monotonic()

@@ -8,7 +8,7 @@ is int``, so ``True`` is not an integer and a subclass cannot sneak in).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -30,6 +30,18 @@ def check_str(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
         raise ValueError(f"{attr.name}: expected a string, got {type_name(value)}")
     if len(value) > MAX_STRING:
         raise ValueError(f"{attr.name}: string longer than {MAX_STRING} characters")
+    if not value.isascii() and not encodable(value):
+        raise ValueError(f"{attr.name}: not valid Unicode text (a lone surrogate)")
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` is UTF-8 encodable: no lone surrogates, as ``os.fsdecode`` makes from
+    file names that are not UTF-8, or JSON ``"\\ud800"`` can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_nonempty_str(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
@@ -121,20 +133,24 @@ def check_str_tuple(inst: object, attr: attrs.Attribute[Any], value: object) -> 
     for item in value:
         if type(item) is not str or len(item) > MAX_STRING:
             raise ValueError(f"{attr.name}: every item must be a string, got {type_name(item)}")
+        if not item.isascii() and not encodable(item):
+            raise ValueError(f"{attr.name}: not valid Unicode text (a lone surrogate)")
 
 
 def check_str_map(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict:
         raise ValueError(f"{attr.name}: expected a map, got {type_name(value)}")
     if len(value) > MAX_LIST:
         raise ValueError(f"{attr.name}: more than {MAX_LIST} entries")
     for k, v in value.items():
         if type(k) is not str or type(v) is not str:
             raise ValueError(f"{attr.name}: keys and values must be strings")
+        if not (k.isascii() and v.isascii()) and not (encodable(k) and encodable(v)):
+            raise ValueError(f"{attr.name}: not valid Unicode text (a lone surrogate)")
 
 
 def check_float_map(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict:
         raise ValueError(f"{attr.name}: expected a map, got {type_name(value)}")
     if len(value) > MAX_LIST:
         raise ValueError(f"{attr.name}: more than {MAX_LIST} entries")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from hydra_trio.protocol.messages import Assign
+from hydra_trio.protocol.validators import MAX_STRING, encodable
 from hydra_trio.runner.model import BuildSpec
 
 #: Builds one graph submission may hold: a limit against abuse that still admits very large
@@ -50,7 +52,7 @@ def parse_spec(body: Any, default_system: str) -> BuildSpec:
         isinstance(k, str) and isinstance(v, str) for k, v in env.items()
     ):
         raise SpecError("env: must be an object of strings")
-    return BuildSpec(
+    spec = BuildSpec(
         command=tuple(command),
         name=name,
         system=system,
@@ -61,6 +63,14 @@ def parse_spec(body: Any, default_system: str) -> BuildSpec:
         max_silent=_seconds(body, "maxSilent"),
         env=tuple(sorted(env.items())),
     )
+    for field, texts in (("system", [system]), ("requiredFeatures", features), ("after", after)):
+        if not all(encodable(t) and len(t) <= MAX_STRING for t in texts):
+            raise SpecError(f"{field}: not valid Unicode text, or too long")
+    try:  # what will be sent to a builder passes the protocol's own validators
+        Assign(build_id="check", attempt=1, name=name, command=spec.command, env=dict(spec.env))
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    return spec
 
 
 def _seconds(body: dict[str, Any], key: str) -> float | None:

@@ -1,0 +1,656 @@
+"""The sans-I/O connection: handshake and direction rules, ping schedule, silence deadlines."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from hydra_trio.protocol import codec
+from hydra_trio.protocol import messages as m
+from hydra_trio.protocol.connection import Connection, ConnectionState
+from hydra_trio.protocol.errors import LocalProtocolError, RemoteProtocolError
+
+from .strategies import EXAMPLES, MESSAGES
+
+HELLO = EXAMPLES[m.Hello]
+WELCOME = EXAMPLES[m.Welcome]
+REJECT = EXAMPLES[m.Reject]
+B, R = m.Role.BUILDER, m.Role.RUNNER
+ONE_WAY = [cls for cls in m.MESSAGE_TYPES if len(cls.SENDERS) == 1]
+
+
+def frame(message: m.Message) -> bytes:
+    return codec.encode(message)
+
+
+def state(conn: Connection) -> ConnectionState:
+    """The state, read through a call so mypy does not narrow it across transitions."""
+    return conn.state
+
+
+def builder(now: float = 0.0, **kwargs: Any) -> Connection:
+    kwargs.setdefault("peer_timeout", 30.0)
+    kwargs.setdefault("ping_interval", 10.0)
+    return Connection(B, now=now, **kwargs)
+
+
+def runner(now: float = 0.0, **kwargs: Any) -> Connection:
+    kwargs.setdefault("peer_timeout", 30.0)
+    return Connection(R, now=now, **kwargs)
+
+
+def established_builder(now: float = 0.0, **kwargs: Any) -> Connection:
+    conn = builder(now, **kwargs)
+    conn.send(HELLO)
+    assert conn.receive_data(frame(WELCOME), now) == [WELCOME]
+    return conn
+
+
+def established_runner(now: float = 0.0, **kwargs: Any) -> Connection:
+    conn = runner(now, **kwargs)
+    assert conn.receive_data(frame(HELLO), now) == [HELLO]
+    conn.send(WELCOME)
+    return conn
+
+
+# -- handshake: builder side ------------------------------------------------------------------
+
+
+def test_builder_handshake_welcome() -> None:
+    """A builder sends Hello, receives Welcome, and is then established."""
+    conn = builder()
+    assert conn.state is ConnectionState.HANDSHAKE
+    assert conn.send(HELLO) == frame(HELLO)
+    assert state(conn) is ConnectionState.HANDSHAKE
+    conn.receive_data(frame(WELCOME), 1.0)
+    assert state(conn) is ConnectionState.ESTABLISHED
+    assert conn.welcome == WELCOME
+
+
+def test_builder_handshake_reject_closes() -> None:
+    """A Reject in answer to the Hello closes the builder's connection."""
+    conn = builder()
+    conn.send(HELLO)
+    assert conn.receive_data(frame(REJECT), 1.0) == [REJECT]
+    assert conn.state is ConnectionState.CLOSED
+    with pytest.raises(LocalProtocolError, match="closed"):
+        conn.send(m.Goodbye())
+
+
+@pytest.mark.parametrize("cls", [c for c in m.MESSAGE_TYPES if B in c.SENDERS and c is not m.Hello])
+def test_builder_must_send_hello_first(cls: type[m.Message]) -> None:
+    """Anything but Hello as the builder's first frame is a LocalProtocolError."""
+    conn = builder()
+    with pytest.raises(LocalProtocolError, match="before the runner's welcome"):
+        conn.send(EXAMPLES[cls])
+    assert conn.state is ConnectionState.HANDSHAKE
+    conn.send(HELLO)  # the refused frame did not count
+
+
+def test_builder_sends_nothing_more_before_welcome() -> None:
+    """After its Hello the builder may send nothing (not even another Hello) until Welcome."""
+    conn = builder()
+    conn.send(HELLO)
+    for message in (HELLO, m.Ping(seq=0), m.Drain(), m.Goodbye()):
+        with pytest.raises(LocalProtocolError, match="before the runner's welcome"):
+            conn.send(message)
+
+
+def test_builder_receiving_before_its_hello() -> None:
+    """A runner frame before the builder's own Hello is a RemoteProtocolError."""
+    conn = builder()
+    with pytest.raises(RemoteProtocolError, match="welcome received before our hello"):
+        conn.receive_data(frame(WELCOME), 0.0)
+    assert conn.state is ConnectionState.CLOSED
+
+
+@pytest.mark.parametrize("message", [m.Pong(seq=0), m.Drain(), m.Goodbye(), EXAMPLES[m.Assign]])
+def test_builder_expects_welcome_or_reject(message: m.Message) -> None:
+    """After Hello, a runner frame other than Welcome or Reject is a RemoteProtocolError."""
+    conn = builder()
+    conn.send(HELLO)
+    with pytest.raises(RemoteProtocolError, match=f"expected welcome or reject, got {message.TAG}"):
+        conn.receive_data(frame(message), 0.0)
+    assert conn.state is ConnectionState.CLOSED
+
+
+# -- handshake: runner side -------------------------------------------------------------------
+
+
+def test_runner_handshake() -> None:
+    """A runner receives Hello, keeps it, answers Welcome and is established."""
+    conn = runner()
+    conn.receive_data(frame(HELLO), 0.5)
+    assert conn.hello == HELLO
+    assert conn.state is ConnectionState.HANDSHAKE
+    conn.send(WELCOME)
+    assert state(conn) is ConnectionState.ESTABLISHED
+
+
+def test_runner_reject_closes() -> None:
+    """A runner that answers Reject is closed and may send nothing more."""
+    conn = runner()
+    conn.receive_data(frame(HELLO), 0.0)
+    conn.send(REJECT)
+    assert conn.state is ConnectionState.CLOSED
+    with pytest.raises(LocalProtocolError, match="closed"):
+        conn.send(m.Goodbye())
+
+
+@pytest.mark.parametrize("message", [WELCOME, REJECT, m.Pong(seq=0), m.Goodbye()])
+def test_runner_sends_nothing_before_hello(message: m.Message) -> None:
+    """Before a Hello arrives the runner may send nothing, not even Welcome or Reject."""
+    with pytest.raises(LocalProtocolError, match="before accepting a hello"):
+        runner().send(message)
+
+
+@pytest.mark.parametrize("message", [EXAMPLES[m.Assign], m.Pong(seq=0), m.Drain(), m.Goodbye()])
+def test_runner_answers_hello_only_with_welcome_or_reject(message: m.Message) -> None:
+    """After the Hello, the runner's first frame must be Welcome or Reject."""
+    conn = runner()
+    conn.receive_data(frame(HELLO), 0.0)
+    with pytest.raises(LocalProtocolError, match="before accepting a hello"):
+        conn.send(message)
+    conn.send(WELCOME)
+
+
+@pytest.mark.parametrize(
+    "message", [m.Ping(seq=0), m.Drain(), m.Goodbye(), EXAMPLES[m.Result]], ids=lambda x: x.TAG
+)
+def test_runner_expects_hello_first(message: m.Message) -> None:
+    """A builder frame other than Hello first is a RemoteProtocolError."""
+    conn = runner()
+    with pytest.raises(RemoteProtocolError, match=f"expected hello first, got {message.TAG}"):
+        conn.receive_data(frame(message), 0.0)
+    assert conn.state is ConnectionState.CLOSED
+
+
+def test_runner_refuses_second_hello() -> None:
+    """A second Hello, before or after the Welcome, is a RemoteProtocolError."""
+    conn = runner()
+    with pytest.raises(RemoteProtocolError, match="expected hello first, got hello"):
+        conn.receive_data(frame(HELLO) + frame(HELLO), 0.0)
+    conn = established_runner()
+    with pytest.raises(RemoteProtocolError, match="hello after the handshake"):
+        conn.receive_data(frame(HELLO), 0.0)
+
+
+def test_builder_refuses_second_welcome() -> None:
+    """A Welcome or Reject after the handshake is a RemoteProtocolError on the builder."""
+    for late in (WELCOME, REJECT):
+        conn = established_builder()
+        with pytest.raises(RemoteProtocolError, match=f"{late.TAG} after the handshake"):
+            conn.receive_data(frame(late), 0.0)
+        assert conn.state is ConnectionState.CLOSED
+
+
+@pytest.mark.parametrize("late", [HELLO, WELCOME, REJECT], ids=lambda x: x.TAG)
+def test_handshake_messages_cannot_be_sent_after_it(late: m.Message) -> None:
+    """Hello, Welcome and Reject are refused locally once the connection is established."""
+    conn = established_builder() if B in late.SENDERS else established_runner()
+    with pytest.raises(LocalProtocolError, match="only valid during the handshake"):
+        conn.send(late)
+    assert conn.state is ConnectionState.ESTABLISHED
+
+
+# -- direction --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ONE_WAY, ids=lambda c: c.TAG)
+def test_wrong_direction_is_refused_on_receive(cls: type[m.Message]) -> None:
+    """A message received by the role that sends it is a RemoteProtocolError."""
+    (sender,) = cls.SENDERS
+    conn = established_builder() if sender is B else established_runner()
+    with pytest.raises(RemoteProtocolError, match=f"a {sender.value} does not receive {cls.TAG}"):
+        conn.receive_data(frame(EXAMPLES[cls]), 1.0)
+    assert conn.state is ConnectionState.CLOSED
+
+
+@pytest.mark.parametrize("cls", ONE_WAY, ids=lambda c: c.TAG)
+def test_wrong_direction_is_refused_on_send(cls: type[m.Message]) -> None:
+    """Sending a message of the other role is a LocalProtocolError, in any state."""
+    (sender,) = cls.SENDERS
+    other = R if sender is B else B
+    for conn in (
+        Connection(other, now=0, peer_timeout=1),
+        established_runner() if other is R else established_builder(),
+    ):
+        with pytest.raises(LocalProtocolError, match=f"a {other.value} cannot send {cls.TAG}"):
+            conn.send(EXAMPLES[cls])
+
+
+@pytest.mark.parametrize("cls", [c for c in m.MESSAGE_TYPES if len(c.SENDERS) == 1])
+def test_established_traffic_flows(cls: type[m.Message]) -> None:
+    """Once established, every non-handshake message flows in its direction."""
+    if cls in (m.Hello, m.Welcome, m.Reject):
+        return
+    (sender,) = cls.SENDERS
+    src = established_builder() if sender is B else established_runner()
+    dst = established_runner() if sender is B else established_builder()
+    assert dst.receive_data(src.send(EXAMPLES[cls]), 1.0) == [EXAMPLES[cls]]
+    assert src.state is dst.state is ConnectionState.ESTABLISHED
+
+
+# -- closing ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", [B, R])
+def test_goodbye_closes_both_sides(role: m.Role) -> None:
+    """Goodbye closes the sender when sent and the receiver when received."""
+    src = established_builder() if role is B else established_runner()
+    dst = established_runner() if role is B else established_builder()
+    dst.receive_data(src.send(m.Goodbye(reason="bye")), 1.0)
+    assert src.state is dst.state is ConnectionState.CLOSED
+    with pytest.raises(LocalProtocolError, match="closed"):
+        src.send(m.Drain())
+    with pytest.raises(RemoteProtocolError, match="after the connection was closed"):
+        dst.receive_data(frame(m.Drain()), 2.0)
+
+
+def test_frames_after_goodbye_in_the_same_chunk() -> None:
+    """A frame following Goodbye in the same read is a RemoteProtocolError."""
+    conn = established_runner()
+    with pytest.raises(RemoteProtocolError, match="drain received after the connection was closed"):
+        conn.receive_data(frame(m.Goodbye()) + frame(m.Drain()), 1.0)
+
+
+def test_eof_between_frames_closes() -> None:
+    """EOF between frames closes the connection without error."""
+    conn = established_runner()
+    conn.receive_eof()
+    assert conn.state is ConnectionState.CLOSED
+
+
+def test_eof_mid_frame_raises() -> None:
+    """EOF in the middle of a frame closes the connection and raises RemoteProtocolError."""
+    conn = established_runner()
+    conn.receive_data(frame(m.Ping(seq=0))[:5], 1.0)
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        conn.receive_eof()
+    assert conn.state is ConnectionState.CLOSED
+
+
+def test_bad_frame_closes() -> None:
+    """An undecodable frame closes the connection."""
+    conn = established_runner(max_frame_size=300)
+    with pytest.raises(RemoteProtocolError, match="announced"):
+        conn.receive_data(b"\x00\x00\x10\x00", 1.0)
+    assert conn.state is ConnectionState.CLOSED
+
+
+def test_send_respects_max_frame_size() -> None:
+    """A frame over the connection's max_frame_size is a LocalProtocolError and not counted."""
+    conn = established_builder(max_frame_size=300)
+    with pytest.raises(LocalProtocolError, match="exceeds the 300-byte limit"):
+        conn.send(m.LogChunk(build_id="b", attempt=0, data=bytes(300)))
+    assert conn.frames_sent == 1  # the hello
+    assert conn.state is ConnectionState.ESTABLISHED
+
+
+def test_frame_counters() -> None:
+    """frames_sent and frames_received count whole frames."""
+    conn = established_builder()
+    conn.send(conn.make_ping(0.0))
+    conn.receive_data(frame(m.Pong(seq=0)) + frame(m.Drain()), 1.0)
+    assert (conn.frames_sent, conn.frames_received) == (2, 3)
+
+
+def test_constructor_checks_times() -> None:
+    """A non-positive peer_timeout or ping_interval is refused."""
+    with pytest.raises(ValueError, match="positive"):
+        Connection(B, now=0, peer_timeout=0)
+    with pytest.raises(ValueError, match="positive"):
+        Connection(B, now=0, peer_timeout=1, ping_interval=-1)
+
+
+# -- pings ------------------------------------------------------------------------------------
+
+
+def test_no_ping_before_welcome() -> None:
+    """A builder is never due to ping before the Welcome, nor is a runner ever."""
+    conn = builder()
+    conn.send(HELLO)
+    assert not conn.ping_due(1000.0)
+    assert not established_runner().ping_due(1000.0)
+    with pytest.raises(LocalProtocolError, match="only builders ping"):
+        established_runner().make_ping(0.0)
+
+
+def test_first_ping_due_right_after_welcome() -> None:
+    """The first ping is due at the moment the Welcome arrives."""
+    conn = builder(now=0.0)
+    conn.send(HELLO)
+    conn.receive_data(frame(WELCOME), 7.0)
+    assert conn.next_ping_at == 7.0
+    assert not conn.ping_due(6.999)
+    assert conn.ping_due(7.0)
+
+
+def test_pings_scheduled_from_send_time() -> None:
+    """Each ping schedules the next one ping_interval after it was sent, with no catch-up."""
+    conn = established_builder(ping_interval=10.0)
+    assert conn.make_ping(0.0).seq == 0
+    assert conn.next_ping_at == 10.0
+    assert not conn.ping_due(9.99)
+    assert conn.ping_due(10.0)
+    late = conn.make_ping(35.0)  # three intervals late
+    assert late.seq == 1
+    assert conn.next_ping_at == 45.0  # not 20.0: no burst of catch-up pings
+    assert not conn.ping_due(44.0)
+
+
+def test_ping_carries_status() -> None:
+    """make_ping puts load, disk_free and running builds in the ping."""
+    refs = (m.BuildRef(build_id="b", attempt=3),)
+    ping = established_builder().make_ping(0.0, load=1.5, disk_free=9, running=refs)
+    assert ping == m.Ping(seq=0, load=1.5, disk_free=9, running=refs)
+
+
+def test_rtt_from_pong() -> None:
+    """A Pong yields the round-trip time of the ping with its seq; others are ignored."""
+    conn = established_builder()
+    conn.send(conn.make_ping(10.0))
+    conn.send(conn.make_ping(20.0))
+    assert conn.rtt is None
+    conn.receive_data(frame(m.Pong(seq=1)), 20.25)
+    assert conn.rtt == 0.25
+    conn.receive_data(frame(m.Pong(seq=0)), 21.0)
+    assert conn.rtt == 11.0
+    conn.receive_data(frame(m.Pong(seq=0)), 30.0)  # answered already
+    conn.receive_data(frame(m.Pong(seq=99)), 30.0)  # never sent
+    assert conn.rtt == 11.0
+
+
+def test_outstanding_pings_are_bounded() -> None:
+    """Only the 64 most recent unanswered pings are remembered for RTT."""
+    conn = established_builder()
+    for i in range(65):
+        conn.make_ping(float(i))
+    conn.receive_data(frame(m.Pong(seq=0)), 100.0)
+    assert conn.rtt is None
+    conn.receive_data(frame(m.Pong(seq=1)), 100.0)
+    assert conn.rtt == 99.0
+
+
+# -- silence ----------------------------------------------------------------------------------
+
+
+def test_deadline_starts_at_creation() -> None:
+    """Before any frame, the deadline is creation time + peer_timeout."""
+    conn = runner(now=100.0, peer_timeout=5.0)
+    assert conn.deadline == 105.0
+    assert not conn.peer_silent(104.999)
+    assert conn.peer_silent(105.0)
+
+
+def test_any_frame_moves_the_deadline() -> None:
+    """Every received frame, whatever its type, moves the deadline to now + peer_timeout."""
+    conn = established_runner(now=0.0, peer_timeout=30.0)
+    for t, message in [(10.0, m.Ping(seq=0)), (25.0, EXAMPLES[m.LogChunk]), (50.0, m.Drain())]:
+        conn.receive_data(frame(message), t)
+        assert conn.last_received == t
+        assert conn.deadline == t + 30.0
+        assert not conn.peer_silent(t + 29.999)
+        assert conn.peer_silent(t + 30.0)
+
+
+def test_partial_frame_does_not_count() -> None:
+    """Bytes that do not complete a frame do not move the deadline."""
+    conn = established_runner(now=0.0, peer_timeout=30.0)
+    data = frame(m.Ping(seq=0))
+    conn.receive_data(data[:-1], 20.0)
+    assert conn.deadline == 30.0
+    conn.receive_data(data[-1:], 25.0)
+    assert conn.deadline == 55.0
+
+
+def test_set_peer_timeout() -> None:
+    """set_peer_timeout changes the silence limit from the last frame; it must be positive."""
+    conn = runner(now=0.0, peer_timeout=5.0)
+    conn.receive_data(frame(HELLO), 2.0)
+    conn.set_peer_timeout(60.0)
+    assert conn.deadline == 62.0
+    with pytest.raises(ValueError, match="positive"):
+        conn.set_peer_timeout(0)
+
+
+# -- a builder and a runner over a fake link --------------------------------------------------
+
+
+@attrs.define(eq=False)
+class Pipe:
+    """One direction of a reliable byte stream that can stall (TCP holding data in a partition)."""
+
+    receiver: Connection
+    buffer: bytearray = attrs.field(factory=bytearray)
+    #: frames written and not yet fully delivered, with the stream offset where each ends.
+    in_flight: deque[tuple[int, m.Message]] = attrs.field(factory=deque)
+    written: int = 0
+    delivered: int = 0
+    #: the model's own record of when the receiver last completed a frame.
+    last_frame_at: float = 0.0
+
+    def write(self, data: bytes, message: m.Message) -> None:
+        self.buffer += data
+        self.written += len(data)
+        self.in_flight.append((self.written, message))
+
+    def deliver(self, sizes: list[int], now: float) -> list[m.Message]:
+        received: list[m.Message] = []
+        for size in sizes:
+            chunk = bytes(self.buffer[:size])
+            if not chunk:
+                break
+            del self.buffer[:size]
+            self.delivered += len(chunk)
+            received.extend(self.receiver.receive_data(chunk, now))
+        expected: list[m.Message] = []
+        while self.in_flight and self.in_flight[0][0] <= self.delivered:
+            expected.append(self.in_flight.popleft()[1])
+        assert received == expected
+        if expected:
+            self.last_frame_at = now
+        return received
+
+
+def arbitrary(role: m.Role) -> st.SearchStrategy[m.Message]:
+    """Messages ``role`` might try to send, except pings and pongs (the schedule owns those)."""
+    return st.one_of(
+        *(s for cls, s in MESSAGES.items() if role in cls.SENDERS and cls not in (m.Ping, m.Pong))
+    )
+
+
+class LinkMachine(RuleBasedStateMachine):
+    """A builder and a runner connection joined by a fake link that can stall and resume."""
+
+    @initialize(
+        start=st.floats(0, 1e6),
+        interval=st.floats(0.5, 30),
+        builder_factor=st.floats(1.05, 4),
+        runner_factor=st.floats(1.05, 4),
+    )
+    def connect(
+        self, start: float, interval: float, builder_factor: float, runner_factor: float
+    ) -> None:
+        self.now = start
+        self.interval = interval
+        self.builder = Connection(
+            B, now=start, peer_timeout=interval * builder_factor, ping_interval=interval
+        )
+        self.runner = Connection(R, now=start, peer_timeout=interval * runner_factor)
+        self.to_runner = Pipe(self.runner, last_frame_at=start)
+        self.to_builder = Pipe(self.builder, last_frame_at=start)
+        self.up = True
+        self.ever_cut = False
+        self.closing = False
+        self.unanswered: list[int] = []
+        self.ping_sent_at: OrderedDict[int, float] = OrderedDict()
+        self.last_seq = -1
+        self.last_pong_seq = -1
+        self.next_ping_at = start  # due right after the welcome
+        self._send(self.builder, HELLO)
+        self.to_runner.deliver([len(self.to_runner.buffer)], start)
+        self._send(self.runner, WELCOME)
+        self.to_builder.deliver([len(self.to_builder.buffer)], start)
+        assert self.builder.state is self.runner.state is ConnectionState.ESTABLISHED
+
+    def _send(self, conn: Connection, message: m.Message) -> None:
+        pipe = self.to_runner if conn is self.builder else self.to_builder
+        pipe.write(conn.send(message, self.now), message)
+
+    def _receive(self, pipe: Pipe, sizes: list[int]) -> None:
+        rtt = self.builder.rtt
+        for message in pipe.deliver(sizes, self.now):
+            if isinstance(message, m.Ping):
+                self.unanswered.append(message.seq)
+            elif isinstance(message, m.Pong):
+                assert message.seq > self.last_pong_seq
+                self.last_pong_seq = message.seq
+                sent = self.ping_sent_at.pop(message.seq, None)
+                if sent is not None:
+                    rtt = self.now - sent
+            elif isinstance(message, m.Goodbye):
+                assert pipe.receiver.state is ConnectionState.CLOSED
+        # several pongs may arrive in one delivery: the last one's round trip is kept
+        assert self.builder.rtt == rtt
+
+    def _settle(self) -> None:
+        """Both sides do everything due at this instant and the link delivers it all."""
+        while True:
+            if not self.closing and self.builder.ping_due(self.now):
+                self.builder_pings()
+            if not self.closing and self.unanswered:
+                self.runner_pongs()
+            if not (self.to_runner.buffer or self.to_builder.buffer):
+                return
+            for pipe in (self.to_runner, self.to_builder):
+                self._receive(pipe, [len(pipe.buffer)])
+
+    @rule(fraction=st.floats(0, 3))
+    def advance(self, fraction: float) -> None:
+        """Time passes.  While the link is up, both sides first finish what is due (the
+        builder never sleeps through a ping) and time stops at the next ping."""
+        now = self.now + fraction * self.interval
+        if self.up:
+            self._settle()
+            if not self.closing:
+                now = min(now, self.builder.next_ping_at)
+        self.now = now
+
+    @precondition(lambda self: not self.up)
+    @rule(runner_side=st.booleans())
+    def jump_to_deadline(self, runner_side: bool) -> None:
+        """While the link is cut, time jumps to exactly one side's silence deadline."""
+        self.now = max(self.now, (self.runner if runner_side else self.builder).deadline)
+
+    @precondition(lambda self: not self.closing and self.builder.ping_due(self.now))
+    @rule()
+    def builder_pings(self) -> None:
+        """The builder sends its due ping."""
+        ping = self.builder.make_ping(self.now)
+        assert ping.seq > self.last_seq
+        self.last_seq = ping.seq
+        self.ping_sent_at[ping.seq] = self.now
+        self.next_ping_at = self.now + self.interval
+        while len(self.ping_sent_at) > 64:
+            self.ping_sent_at.popitem(last=False)
+        self._send(self.builder, ping)
+
+    @precondition(lambda self: not self.closing and self.unanswered)
+    @rule()
+    def runner_pongs(self) -> None:
+        """The runner answers every ping it has received."""
+        for seq in self.unanswered:
+            self._send(self.runner, m.Pong(seq=seq))
+        self.unanswered.clear()
+
+    @precondition(lambda self: not self.closing)
+    @rule(
+        to_runner=st.booleans(),
+        builder_msg=arbitrary(B),
+        runner_msg=arbitrary(R),
+    )
+    def send_other(self, to_runner: bool, builder_msg: m.Message, runner_msg: m.Message) -> None:
+        """A side sends any other message; if send() accepts it, the peer must accept it too."""
+        conn, message = (self.builder, builder_msg) if to_runner else (self.runner, runner_msg)
+        before = conn.state
+        try:
+            self._send(conn, message)
+        except LocalProtocolError:
+            assert conn.state is before
+            return
+        if isinstance(message, m.Goodbye):
+            # The sender closes after a Goodbye and reads no more: frames already crossing
+            # towards it (a ping, say) are never delivered, as on a real closed socket.
+            self.closing = True
+            inbound = self.to_builder if conn is self.builder else self.to_runner
+            inbound.buffer.clear()
+            inbound.in_flight.clear()
+
+    @precondition(lambda self: self.up and (self.to_runner.buffer or self.to_builder.buffer))
+    @rule(to_runner=st.booleans(), sizes=st.lists(st.integers(1, 48), min_size=1, max_size=8))
+    def deliver(self, to_runner: bool, sizes: list[int]) -> None:
+        """Some pending bytes arrive, cut into arbitrary chunks."""
+        self._receive(self.to_runner if to_runner else self.to_builder, sizes)
+
+    @precondition(lambda self: self.up)
+    @rule()
+    def cut(self) -> None:
+        """The link stalls: bytes are held, nothing arrives."""
+        self.up = False
+        self.ever_cut = True
+
+    @precondition(lambda self: not self.up)
+    @rule()
+    def heal(self) -> None:
+        """The link resumes delivering what it held."""
+        self.up = True
+
+    @invariant()
+    def silence_is_exactly_the_deadline(self) -> None:
+        """Each side is silent exactly when now >= its last completed frame + peer_timeout."""
+        if not hasattr(self, "now"):
+            return
+        for conn, pipe in ((self.runner, self.to_runner), (self.builder, self.to_builder)):
+            assert conn.last_received == pipe.last_frame_at
+            assert conn.peer_silent(self.now) == (
+                self.now >= pipe.last_frame_at + conn.peer_timeout
+            )
+
+    @invariant()
+    def pings_follow_the_schedule(self) -> None:
+        """The next ping is due one interval after the last was sent (first: at the welcome)."""
+        if hasattr(self, "now"):
+            assert self.builder.next_ping_at == self.next_ping_at
+
+    @invariant()
+    def never_silent_while_the_link_delivers(self) -> None:
+        """With an uninterrupted link and pings on schedule, neither side is ever silent."""
+        if not hasattr(self, "now") or self.ever_cut or self.closing:
+            return
+        assert not self.runner.peer_silent(self.now)
+        assert not self.builder.peer_silent(self.now)
+
+    @invariant()
+    def goodbye_closes_everything(self) -> None:
+        """Once a Goodbye has been sent and everything delivered, both sides are closed."""
+        if getattr(self, "closing", False) and not (
+            self.to_runner.buffer or self.to_builder.buffer
+        ):
+            assert self.builder.state is self.runner.state is ConnectionState.CLOSED
+
+
+TestLink = LinkMachine.TestCase
+TestLink.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

@@ -1,0 +1,256 @@
+"""Transport: FramedChannel over memory streams, real loopback TCP with keepalive, HostPort."""
+
+from __future__ import annotations
+
+import functools
+import socket
+from collections.abc import Callable
+
+import pytest
+import trio
+import trio.testing
+
+from hydra_trio import net
+from hydra_trio.protocol import codec
+from hydra_trio.protocol import messages as m
+from hydra_trio.protocol.connection import Connection, ConnectionState
+from hydra_trio.protocol.errors import RemoteProtocolError
+
+from .strategies import EXAMPLES
+
+HELLO = EXAMPLES[m.Hello]
+WELCOME = EXAMPLES[m.Welcome]
+
+StreamPair = Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]]
+
+
+def channels(
+    pair: StreamPair = trio.testing.memory_stream_pair,
+) -> tuple[net.FramedChannel, net.FramedChannel]:
+    """A (builder, runner) pair of channels over a fresh stream pair, not yet handshaken."""
+    now = trio.current_time()
+    a, b = pair()
+    return (
+        net.FramedChannel(a, Connection(m.Role.BUILDER, now=now, peer_timeout=30.0)),
+        net.FramedChannel(b, Connection(m.Role.RUNNER, now=now, peer_timeout=30.0)),
+    )
+
+
+async def handshake(builder: net.FramedChannel, runner: net.FramedChannel) -> None:
+    """Hello and Welcome, each side in its own task (a lockstep stream blocks the writer
+    until the reader takes the bytes)."""
+
+    async def builder_side() -> None:
+        await builder.send(HELLO)
+        assert await builder.receive() == WELCOME
+
+    async def runner_side() -> None:
+        assert await runner.receive() == HELLO
+        await runner.send(WELCOME)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(builder_side)
+        nursery.start_soon(runner_side)
+
+
+async def test_round_trip(autojump_clock: trio.testing.MockClock) -> None:
+    """Messages sent on one channel arrive intact, in order, on the other."""
+    builder, runner = channels()
+    await handshake(builder, runner)
+    await runner.send_all([EXAMPLES[m.Assign], m.Pong(seq=0)])
+    assert await builder.receive() == EXAMPLES[m.Assign]
+    assert await builder.receive() == m.Pong(seq=0)
+    await builder.send(EXAMPLES[m.Result])
+    assert await runner.receive() == EXAMPLES[m.Result]
+    assert builder.connection.state is runner.connection.state is ConnectionState.ESTABLISHED
+
+
+async def test_receive_stamps_virtual_time(autojump_clock: trio.testing.MockClock) -> None:
+    """A frame's arrival time, from trio's clock, is what moves the peer's deadline."""
+    builder, runner = channels()
+    start = trio.current_time()
+    await handshake(builder, runner)
+    await trio.sleep(12.5)
+    await builder.send(m.Ping(seq=0))
+    await runner.receive()
+    assert runner.connection.last_received - start == 12.5
+    assert runner.connection.deadline - start == 42.5
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [trio.testing.memory_stream_pair, trio.testing.lockstep_stream_pair],
+    ids=["memory", "lockstep"],
+)
+async def test_concurrent_senders(autojump_clock: trio.testing.MockClock, pair: StreamPair) -> None:
+    """Many tasks sending at once never raise BusyResourceError; every frame arrives intact."""
+    builder, runner = channels(pair)
+    await handshake(builder, runner)
+    sent = [
+        m.LogChunk(build_id=f"b{i}", attempt=i, data=bytes([i % 256]) * (i * 37 % 5000))
+        for i in range(100)
+    ]
+    received: list[m.Message] = []
+
+    async def reader() -> None:
+        while len(received) < len(sent):
+            received.append(await runner.receive())
+
+    # fail_after turns a deadlock into an error: under autojump it would otherwise spin.
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            for message in sent:
+                nursery.start_soon(builder.send, message)
+    assert sorted(received, key=lambda x: x.attempt) == sent  # type: ignore[union-attr]
+
+
+async def test_eof_raises_connection_lost(autojump_clock: trio.testing.MockClock) -> None:
+    """A clean EOF raises ConnectionLost, again on every later receive, and closes."""
+    builder, runner = channels()
+    await handshake(builder, runner)
+    await runner.aclose()
+    for _ in range(2):
+        with pytest.raises(net.ConnectionLost, match="closed by peer"):
+            await builder.receive()
+    assert builder.connection.state is ConnectionState.CLOSED
+
+
+async def test_eof_mid_frame_is_a_protocol_error(autojump_clock: trio.testing.MockClock) -> None:
+    """A stream that ends inside a frame raises RemoteProtocolError."""
+    builder, runner = channels()
+    await builder.stream.send_all(codec.encode(HELLO)[:10])
+    await builder.aclose()
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        await runner.receive()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\xff\xff\xff\xff", b"\x00\x00\x00\x01\xc1", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"],
+    ids=["huge-length", "bad-msgpack", "http"],
+)
+async def test_garbage_raises_remote_protocol_error(
+    autojump_clock: trio.testing.MockClock, garbage: bytes
+) -> None:
+    """Bytes that are not frames raise RemoteProtocolError on receive."""
+    builder, runner = channels()
+    await builder.stream.send_all(garbage)
+    with pytest.raises(RemoteProtocolError):
+        await runner.receive()
+    assert runner.connection.state is ConnectionState.CLOSED
+
+
+async def test_protocol_violation_raises_remote_protocol_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A well-formed frame that breaks the handshake rules raises RemoteProtocolError."""
+    builder, runner = channels()
+    await builder.stream.send_all(codec.encode(m.Ping(seq=0)))
+    with pytest.raises(RemoteProtocolError, match="expected hello first"):
+        await runner.receive()
+
+
+async def test_send_to_closed_peer_raises_connection_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Sending after the stream broke raises ConnectionLost, not a trio exception."""
+    builder, _runner = channels()
+    await builder.aclose()
+    with pytest.raises(net.ConnectionLost, match="send failed"):
+        await builder.send(HELLO)
+
+
+async def test_configure_keepalive_without_socket_is_a_no_op() -> None:
+    """configure_keepalive leaves a stream without a socket (a memory stream) alone."""
+    a, _ = trio.testing.memory_stream_pair()
+    net.configure_keepalive(a, 30.0)
+
+
+def expected_keepalive(timeout: float) -> dict[str, int]:
+    """What configure_keepalive promises for ``timeout`` seconds, for the options we have."""
+    wanted = {
+        "SO_KEEPALIVE": 1,
+        "TCP_KEEPIDLE": max(1, int(timeout / 2)),
+        "TCP_KEEPINTVL": max(1, int(timeout / 6)),
+        "TCP_KEEPCNT": 3,
+        "TCP_USER_TIMEOUT": max(1000, int(timeout * 1000)),
+    }
+    return {k: v for k, v in wanted.items() if k == "SO_KEEPALIVE" or hasattr(socket, k)}
+
+
+@pytest.mark.realnet
+async def test_loopback_tcp_with_keepalive() -> None:
+    """serve_tcp and open_tcp exchange frames over 127.0.0.1 with keepalive set on both ends."""
+    server_settings: dict[str, int] = {}
+
+    async def handler(stream: trio.SocketStream) -> None:
+        server_settings.update(net.keepalive_settings(stream))
+        channel = net.FramedChannel(
+            stream, Connection(m.Role.RUNNER, now=trio.current_time(), peer_timeout=30.0)
+        )
+        assert await channel.receive() == HELLO
+        await channel.send(WELCOME)
+        await channel.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            serve = functools.partial(net.serve_tcp, keepalive_timeout=1.5)
+            bound = await nursery.start(serve, handler, net.HostPort("127.0.0.1", 0))
+            assert len(bound) == 1
+            assert bound[0].host == "127.0.0.1"
+            assert bound[0].port > 0
+            stream = await net.open_tcp(bound[0], keepalive_timeout=30.0)
+            assert net.keepalive_settings(stream) == expected_keepalive(30.0)
+            channel = net.FramedChannel(
+                stream, Connection(m.Role.BUILDER, now=trio.current_time(), peer_timeout=30.0)
+            )
+            await channel.send(HELLO)
+            assert await channel.receive() == WELCOME
+            with pytest.raises(net.ConnectionLost):
+                await channel.receive()
+            await channel.aclose()
+            nursery.cancel_scope.cancel()
+    # 1.5 s exercises the clamps: at least 1 s idle and interval, at least 1000 ms user timeout.
+    assert server_settings == expected_keepalive(1.5)
+    assert server_settings.get("TCP_USER_TIMEOUT", 1500) == 1500
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("127.0.0.1:7420", "127.0.0.1", 7420),
+        ("localhost:0", "localhost", 0),
+        ("example.org:65535", "example.org", 65535),
+        ("[::1]:7420", "::1", 7420),
+        ("[::]:80", "::", 80),
+        ("[fe80::1%eth0]:1", "fe80::1%eth0", 1),
+    ],
+)
+def test_hostport_parse(text: str, host: str, port: int) -> None:
+    """HOST:PORT parses IPv4, names and bracketed IPv6, and prints back the same way."""
+    parsed = net.HostPort.parse(text)
+    assert parsed == net.HostPort(host, port)
+    assert str(parsed) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("::1:7420", "put an IPv6 address in brackets"),
+        ("fe80::1", "put an IPv6 address in brackets"),
+        ("[::1:7420", "unbalanced brackets"),
+        ("localhost", "is not HOST:PORT"),
+        (":7420", "is not HOST:PORT"),
+        ("", "is not HOST:PORT"),
+        ("host:", "the port must be a number from 0 to 65535"),
+        ("host:65536", "the port must be a number from 0 to 65535"),
+        ("host:-1", "the port must be a number from 0 to 65535"),
+        ("host:http", "the port must be a number from 0 to 65535"),
+        ("host: 80", "the port must be a number from 0 to 65535"),
+    ],
+)
+def test_hostport_parse_refuses(text: str, message: str) -> None:
+    """Malformed addresses, bare IPv6 and bad ports raise ValueError saying what is wrong."""
+    with pytest.raises(ValueError, match=message):
+        net.HostPort.parse(text)
