@@ -4,8 +4,8 @@ Contestants (each sends one ping, waits for its pong, then sends the next):
 
 - ``hydra``: the real protocol layer.  Builder side: ``FramedChannel`` +
   ``Connection(Role.BUILDER)`` sends ``Hello``, waits for ``Welcome``, then
-  ``Connection.make_ping`` -> ``Ping(seq)``; runner side: ``FramedChannel`` +
-  ``Connection(Role.RUNNER)`` answers ``Welcome`` then ``Pong(seq)`` to every ``Ping``.
+  ``Connection.make_ping`` -> ``Ping(seq)``; runner side: the queue runner's own per-builder
+  handler, ``runner.session.serve_builder``, over a real farm.
   Every frame is validated and passes the state machine on both sides.
 - ``bare``: trio streams + ``msgpack`` + a 4-byte length prefix carrying the same maps, no
   validation, no message objects: the upper bound for this transport.
@@ -112,37 +112,19 @@ async def trio_serve_one(handler: Callable[[Any], Awaitable[None]], lifetime: fl
 
 
 async def hydra_server(stream: Any) -> None:
-    import trio
+    """The queue runner's real per-builder handler (``serve_builder``) over a real farm:
+    handshake, watchdog, liveness bookkeeping and the Pong, exactly as the daemon runs them."""
+    import tempfile
+    from pathlib import Path
 
-    from hydra_trio.net import ConnectionLost, FramedChannel
-    from hydra_trio.protocol.connection import Connection
-    from hydra_trio.protocol.messages import (
-        PROTOCOL_VERSION,
-        Goodbye,
-        Hello,
-        Ping,
-        Pong,
-        Role,
-        Welcome,
-    )
+    from hydra_trio.runner.blobs import Storage
+    from hydra_trio.runner.daemon import RunnerConfig, make_farm
+    from hydra_trio.runner.session import SessionConfig, serve_builder
 
-    connection = Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=3600.0)
-    channel = FramedChannel(stream, connection)
-    hello = await channel.receive()
-    if type(hello) is not Hello:
-        raise RuntimeError(f"expected hello, got {hello!r}")
-    await channel.send(
-        Welcome(protocol_version=PROTOCOL_VERSION, session_id="bench", builder_timeout=60.0)
-    )
-    while True:
-        try:
-            message = await channel.receive()
-        except ConnectionLost:
-            return
-        if type(message) is Ping:
-            await channel.send(Pong(seq=message.seq))
-        elif type(message) is Goodbye:
-            return
+    farm, _ = make_farm(RunnerConfig())
+    with tempfile.TemporaryDirectory(prefix="hydra-trio-bench-") as state:
+        storage = Storage.in_dir(Path(state))
+        await serve_builder(farm, SessionConfig(builder_timeout=3600.0), storage, stream)
 
 
 async def bare_server(stream: Any) -> None:

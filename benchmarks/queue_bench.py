@@ -8,6 +8,9 @@ For each store (SQLite in the state dir; PostgreSQL in a throwaway cluster from
 2. **enqueue**: one ``POST /builds`` with a graph of ``--builds`` builds (default 100,000, the
    most one graph may hold): 90 % independent, 10 % in chains of 10.  Timed from sending the
    request to the ``201`` (the runner answers once the graph is committed to the database).
+   Meanwhile an idle fake builder (of a system no build has) pings every 10 ms: the longest
+   ping round trip is how long the runner's event loop was blocked by the submission, i.e.
+   how long every builder's pings (and every HTTP request) went unanswered.
 3. **RSS**: the runner's ``VmRSS`` (and peak ``VmHWM``) from ``/proc/<pid>/status``, before the
    submission, after it, and after the dispatch phase.
 4. **dispatch**: ONE fake builder (in this process: the real protocol, ``FramedChannel`` +
@@ -168,7 +171,12 @@ class Runner:
 
 @contextlib.contextmanager
 def runner(
-    state: Path, db: str | None, log: Path, client: httpx.Client, profile: Path | None, ports=None
+    state: Path,
+    db: str | None,
+    log: Path,
+    client: httpx.Client,
+    profile: Path | None,
+    ports: tuple[int, int] | None = None,
 ) -> Iterator[tuple[Runner, float]]:
     """A started runner and how long it took to answer; stopped on leaving."""
     for _ in range(5):

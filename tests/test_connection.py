@@ -508,7 +508,7 @@ class LinkMachine(RuleBasedStateMachine):
 
     def _send(self, conn: Connection, message: m.Message) -> None:
         pipe = self.to_runner if conn is self.builder else self.to_builder
-        pipe.write(conn.send(message, self.now), message)
+        pipe.write(conn.send(message), message)
 
     def _receive(self, pipe: Pipe, sizes: list[int]) -> None:
         rtt = self.builder.rtt

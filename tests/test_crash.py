@@ -34,7 +34,7 @@ pytestmark = pytest.mark.realnet
 
 #: The runner's --builder-timeout.
 BUILDER_TIMEOUT = 3.0
-#: A bound on the whole test (it takes about 30-40 s on a 2-core machine).
+#: A bound on the whole test (it takes about 15-20 s on a 2-core machine).
 TEST_TIMEOUT = 90.0
 #: Times the runner is killed and restarted, and when (see ``moment_to_kill``).
 KILLS = 8
@@ -167,7 +167,7 @@ async def moment_to_kill(farm: RealFarm, state: Path, kind: str, rng: random.Ran
     - ``progress``: once a builder is connected, after 5-30 more builds succeeded (during
       dispatch, with builds running);
     - ``upload``: as soon as a new upload has 256 KiB or more in blobs/tmp (in the middle of a
-      big output's upload; no more than 8 s, then like ``progress``);
+      big output's upload; no more than 5 s, then like ``progress``);
     - ``early``: 0.05-1 s after the runner answers (builders are still reconnecting).
     """
     if kind == "early":
@@ -179,7 +179,7 @@ async def moment_to_kill(farm: RealFarm, state: Path, kind: str, rng: random.Ran
             await trio.sleep(POLL)
     if kind == "upload":
         before = set(upload_files(state))
-        with trio.move_on_after(8):
+        with trio.move_on_after(5):
             while True:
                 for name, size in upload_files(state).items():
                     if name not in before and size >= 256 * 1024:
@@ -188,7 +188,7 @@ async def moment_to_kill(farm: RealFarm, state: Path, kind: str, rng: random.Ran
     queue = await counts(farm)
     assert queue is not None
     target = queue["succeeded"] + rng.randint(5, 30)
-    with trio.move_on_after(6):
+    with trio.move_on_after(4):
         while (queue := await counts(farm)) is not None and queue["succeeded"] < target:
             await trio.sleep(0.005)
     return f"progress, {queue and queue['succeeded']} succeeded"

@@ -33,6 +33,7 @@ _HEADER_SIZE = HEADER.size
 _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_unpackb = msgpack.unpackb
 
 
 def encode_body(message: Message) -> bytes:
@@ -53,7 +54,7 @@ def encode(message: Message, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> by
 def decode_body(body: bytes | memoryview) -> Message:
     """Decode one frame body into a message, or raise ``RemoteProtocolError``."""
     try:
-        raw = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        raw = _unpackb(body)  # msgpack >= 1.0 defaults: raw=False, strict_map_key, use_list
     except Exception as exc:  # msgpack raises many kinds; every one means a bad frame
         raise RemoteProtocolError(
             f"frame body is not valid msgpack ({type(exc).__name__}: {exc})"
@@ -80,33 +81,36 @@ class FrameDecoder:
         if self._failed is not None:
             raise self._failed
         buffer = self._buffer
-        buffer += data
+        # Usually nothing is pending: parse frames straight out of `data` and keep only an
+        # incomplete tail, instead of copying every received byte through the buffer.
+        source: bytes | bytearray | memoryview = buffer if buffer else data
+        if buffer:
+            buffer += data
         messages: list[Message] = []
         offset = 0
-        end = len(buffer)
         try:
-            while end - offset >= _HEADER_SIZE:
-                (length,) = _unpack_header(buffer, offset)
-                if length > self.max_frame_size:
-                    raise RemoteProtocolError(
-                        f"frame of {length} bytes announced, the limit is {self.max_frame_size}"
-                    )
-                start = offset + _HEADER_SIZE
-                if end - start < length:
-                    break
-                with memoryview(buffer) as view:
-                    body = view[start : start + length]
-                    try:
+            with memoryview(source) as view:
+                end = len(view)
+                while end - offset >= _HEADER_SIZE:
+                    (length,) = _unpack_header(view, offset)
+                    if length > self.max_frame_size:
+                        raise RemoteProtocolError(
+                            f"frame of {length} bytes announced, the limit is {self.max_frame_size}"
+                        )
+                    start = offset + _HEADER_SIZE
+                    if end - start < length:
+                        break
+                    with view[start : start + length] as body:
                         messages.append(decode_body(body))
-                    finally:
-                        body.release()
-                offset = start + length
+                    offset = start + length
         except RemoteProtocolError as exc:
             self._failed = exc
             buffer.clear()
             raise
-        if offset:
-            del buffer[:offset]
+        if source is buffer:
+            del buffer[:offset]  # (only once no view of the buffer is left)
+        elif offset < len(data):
+            buffer += data[offset:]
         return messages
 
     def check_eof(self) -> None:

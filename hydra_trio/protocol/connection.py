@@ -151,7 +151,7 @@ class Connection:
 
     # -- sending ----------------------------------------------------------------------------
 
-    def send(self, message: Message, now: float | None = None) -> bytes:
+    def send(self, message: Message) -> bytes:
         """Check that ``message`` may be sent now and return its frame."""
         self._check_outgoing(message)
         data = codec.encode(message, self.max_frame_size)

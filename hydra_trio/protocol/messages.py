@@ -482,8 +482,13 @@ def from_wire(raw: object) -> Message:
     return _build(cls, _PLANS[cls], raw, cls.TAG)  # type: ignore[no-any-return]
 
 
+_SCALARS = frozenset({str, int, float, bool, bytes, type(None)})
+
+
 def _to_plain(value: Any) -> Any:
     kind = type(value)
+    if kind in _SCALARS:  # most values: skip the checks for containers below
+        return value
     if kind is tuple:
         return [_to_plain(v) for v in value]
     if kind in _PLANS:

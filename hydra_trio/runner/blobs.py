@@ -34,12 +34,29 @@ class PendingUpload:
     done: bool = False
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @attrs.define(eq=False)
 class BlobStore:
     root: Path
 
     def __attrs_post_init__(self) -> None:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def remove_partial_uploads(self) -> int:
+        """Delete uploads a killed runner left half-written.  Only call it while holding the
+        state dir's lock (no other runner can be writing them).  Returns how many."""
+        removed = 0
+        for leftover in (self.root / "tmp").glob("upload-*"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def path_of(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
@@ -72,11 +89,17 @@ class BlobStore:
             target = self.path_of(sha256)
             if target.exists():
                 return
+            new_dir = not target.parent.exists()
             target.parent.mkdir(exist_ok=True)
             with upload.tmp.open("rb") as f:
                 os.fsync(f.fileno())
             os.chmod(upload.tmp, 0o444)
             os.replace(upload.tmp, target)
+            # The rename is durable only once the directory is: the database may say the
+            # build succeeded right after this, so a power loss must not lose the file.
+            _fsync_dir(target.parent)
+            if new_dir:
+                _fsync_dir(self.root)
         finally:
             upload.done = True
             upload.tmp.unlink(missing_ok=True)

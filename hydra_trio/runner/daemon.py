@@ -122,6 +122,9 @@ async def serve_runner(
         farm, dispatcher = make_farm(config)
     storage = await trio.to_thread.run_sync(open_storage, config, farm)
     lock = await trio.to_thread.run_sync(lock_state_dir, config.state_dir)
+    removed = await trio.to_thread.run_sync(storage.blobs.remove_partial_uploads)
+    if removed:
+        log.info("removed %d partial uploads left by a previous runner", removed)
     try:
         store = await trio.to_thread.run_sync(open_store, config.db, config.state_dir)
     except BaseException:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -118,7 +118,9 @@ class Farm:
         ``after`` entries may name existing build ids or, via ``local(name) -> index``, builds of
         this same submission (which must come earlier in ``specs``, so no cycle can form).
         """
-        ids = [uuid.uuid4().hex[:16] for _ in specs]
+        # One random read for the whole graph (uuid4 per build is a syscall each).
+        entropy = os.urandom(8 * len(specs)).hex()
+        ids = [entropy[i : i + 16] for i in range(0, len(entropy), 16)]
         resolved: list[list[str]] = []
         for index, spec in enumerate(specs):
             deps: list[str] = []
@@ -134,13 +136,14 @@ class Farm:
                     raise InvalidGraphError(f"unknown build {ref!r} in 'after'")
             resolved.append(deps)
         created = []
+        submitted_at = time.time()
         for build_id, spec, deps in zip(ids, specs, resolved, strict=True):
             self._seq += 1
             build = Build(
                 id=build_id,
-                spec=attrs.evolve(spec, after=tuple(deps)),
+                spec=spec if spec.after == tuple(deps) else attrs.evolve(spec, after=tuple(deps)),
                 seq=self._seq,
-                submitted_at=time.time(),
+                submitted_at=submitted_at,
             )
             self.builds[build_id] = build
             created.append(build)
@@ -156,7 +159,8 @@ class Farm:
                     failed_dep = dep
                 else:
                     build.waiting_for.add(dep_id)
-            log.info("build %s queued: %s", build_id, " ".join(spec.command)[:200])
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("build %s queued: %s", build_id, " ".join(spec.command)[:200])
             if failed_dep is not None:
                 self._finish(
                     build,
@@ -166,6 +170,10 @@ class Farm:
                 )
             elif not build.waiting_for:
                 self._make_runnable(build)
+        if len(created) == 1:
+            log.info("build %s queued: %s", created[0].id, " ".join(specs[0].command)[:200])
+        else:
+            log.info("graph of %d builds queued", len(created))
         self.on_change()
         return created
 

@@ -35,6 +35,9 @@ from hydra_trio.runner.specs import SpecError, parse_graph, parse_spec
 #: Limit on request bodies: big enough for a graph of MAX_GRAPH_BUILDS small builds; it keeps a
 #: client from making the runner buffer arbitrary amounts.
 MAX_BODY = 64 * 1024 * 1024
+#: Bodies at least this large are parsed in a worker thread, so a big graph does not stall the
+#: event loop (smaller ones are not worth a thread hop).
+_THREAD_JSON = 256 * 1024
 
 
 #: ``GET /builds`` returns this many builds unless ``limit`` says otherwise ...
@@ -93,7 +96,9 @@ async def _json_body(request: Request) -> Any:
             if len(body) > MAX_BODY:
                 raise HTTPException(413, f"request body larger than {MAX_BODY} bytes")
     try:
-        return json.loads(body or b"null")
+        if len(body) < _THREAD_JSON:
+            return json.loads(body or b"null")
+        return await trio.to_thread.run_sync(json.loads, body)
     except ValueError as exc:
         raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
 
@@ -125,7 +130,8 @@ def create_app(
         body = await _json_body(request)
         try:
             if isinstance(body, dict) and "builds" in body:
-                specs, names = parse_graph(body, default_system)
+                # Validating a large graph takes seconds: in a thread (it touches nothing).
+                specs, names = await trio.to_thread.run_sync(parse_graph, body, default_system)
                 index = {name: i for i, name in enumerate(names)}
                 builds = farm.submit_graph(specs, trio.current_time(), index.get)
                 await persist()
@@ -186,8 +192,15 @@ def create_app(
             if info.path == path:
                 if info.link:
                     return _error(409, f"{path} is a symbolic link to {info.link}")
+                blob = storage.blobs.path_of(info.sha256)
+                if not await trio.to_thread.run_sync(blob.is_file):
+                    return _error(
+                        410,
+                        f"output {path!r} of build {build.id} is missing from the "
+                        "runner's state dir",
+                    )
                 return FileResponse(
-                    storage.blobs.path_of(info.sha256),
+                    blob,
                     media_type="application/octet-stream",
                     filename=path.rsplit("/", 1)[-1],
                 )

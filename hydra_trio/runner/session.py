@@ -86,6 +86,14 @@ class BuilderSession:
         except trio.WouldBlock:
             self.close(f"not reading: {OUTBOX_SIZE} frames queued")
 
+    async def reply(self, message: Message) -> None:
+        """Send an answer from the receive loop: directly when nothing is queued (saving the
+        writer task's scheduler pass on every Pong), else behind what is queued."""
+        if self._send.statistics().current_buffer_used:
+            self.post(message)
+        else:
+            await self.channel.send(message)
+
     def close(self, reason: str) -> None:
         if self.close_reason is None:
             self.close_reason = reason
@@ -206,7 +214,7 @@ async def _receive_loop(
                 kind = type(message)
                 if kind is Ping:
                     assert isinstance(message, Ping)
-                    session.post(Pong(seq=message.seq))
+                    await session.reply(Pong(seq=message.seq))
                     farm.on_ping(session, machine, message, now)
                 elif kind is UploadData:
                     assert isinstance(message, UploadData)

@@ -150,10 +150,13 @@ def spec_from_json(text: str) -> BuildSpec:
 
 
 def build_row(build: Build) -> tuple[Any, ...]:
+    """A snapshot of a build for ``Store.save``: taken on the trio thread (the mutable parts
+    copied), turned into SQL values by ``_sql_row`` in the worker thread (the JSON encoding,
+    which is most of the cost, stays off the event loop)."""
     return (
         build.id,
         build.seq,
-        spec_to_json(build.spec),
+        build.spec,  # frozen
         build.state.value,
         build.status.value if build.status else None,
         build.attempts,
@@ -165,9 +168,21 @@ def build_row(build: Build) -> tuple[Any, ...]:
         build.submitted_at,
         build.started_at,
         build.finished_at,
-        json.dumps([attrs.asdict(f) for f in build.outputs]),
-        json.dumps(build.timings),
-        json.dumps(build.failed_on),
+        build.outputs,  # a tuple of frozen records
+        dict(build.timings),
+        list(build.failed_on),
+    )
+
+
+def _sql_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    spec, outputs, timings, failed_on = row[2], row[14], row[15], row[16]
+    return (
+        *row[:2],
+        spec_to_json(spec),
+        *row[3:14],
+        json.dumps([attrs.asdict(f) for f in outputs]),
+        json.dumps(timings),
+        json.dumps(failed_on),
     )
 
 
@@ -308,7 +323,7 @@ class Store:
 
         def work(cursor: Any) -> None:
             if builds:
-                cursor.executemany(self._sql(_UPSERT_BUILD), builds)
+                cursor.executemany(self._sql(_UPSERT_BUILD), [_sql_row(b) for b in builds])
             if edges:
                 cursor.executemany(self._sql(_INSERT_EDGE), edges)
             if machines:
