@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import trio
 import trio.testing
 
-from hydra_trio.protocol.messages import Assign, BuildStatus, Phase, Progress, Result
+from hydra_trio.builder.daemon import BuilderState, run_builder
+from hydra_trio.protocol.connection import Connection
+from hydra_trio.protocol.messages import (
+    PROTOCOL_VERSION,
+    Assign,
+    BuildStatus,
+    FetchRequest,
+    FileInfo,
+    Hello,
+    InputSpec,
+    Message,
+    Phase,
+    Ping,
+    Pong,
+    Progress,
+    Result,
+    Role,
+    Welcome,
+)
 from hydra_trio.runner.daemon import RunnerConfig
 from hydra_trio.runner.model import BuildSpec, BuildState, MachineState
 
@@ -162,4 +181,74 @@ async def test_a_build_no_machine_can_run_stays_queued_and_says_why(
         )
         assert fits.state is BuildState.SUCCEEDED
         assert farm.farm.waiting_reason(fits, trio.current_time()) is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_input_fetch_that_stalls_fails_the_attempt_instead_of_hanging(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """The runner answers pings but never sends the input: after fetch-timeout without data
+    the attempt ends fetch-failed (retried by the runner), and the connection stays up."""
+    config = builder_config(tmp_path, "a", fetch_timeout=120.0)
+    seen: list[tuple[float, Message]] = []
+    info = FileInfo(path="big", size=10, sha256="ab" * 32)
+    assign = Assign(
+        build_id="b1",
+        attempt=1,
+        command=("true",),
+        inputs=(InputSpec(name="dep", build_id="b0", files=(info,)),),
+    )
+    builder_end, runner_end = trio.testing.memory_stream_pair()
+
+    async def fake_runner() -> None:
+        conn = Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=1e9)
+        while True:
+            data = await runner_end.receive_some()
+            for message in conn.receive_data(data, trio.current_time()):
+                seen.append((trio.current_time(), message))
+                if isinstance(message, Hello):
+                    welcome = Welcome(
+                        protocol_version=PROTOCOL_VERSION, session_id="s", builder_timeout=30.0
+                    )
+                    await runner_end.send_all(conn.send(welcome) + conn.send(assign))
+                elif isinstance(message, Ping):
+                    await runner_end.send_all(conn.send(Pong(seq=message.seq)))
+
+    async def connect() -> trio.abc.Stream:
+        return builder_end
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_runner)
+        state = BuilderState(config=config, machine_id="m")
+        await nursery.start(functools.partial(run_builder, config, connect=connect, state=state))
+        await wait_until(lambda: any(isinstance(m, Result) for _, m in seen))
+        [(asked, request)] = [(t, m) for t, m in seen if isinstance(m, FetchRequest)][:1]
+        assert request.sha256 == info.sha256
+        [(ended, result)] = [(t, m) for t, m in seen if isinstance(m, Result)]
+        assert result.status is BuildStatus.FETCH_FAILED
+        assert "nothing received for 120 s" in result.error
+        assert 120.0 <= ended - asked < 120.0 + config.ping_interval
+        assert state.sessions == 1 and not any("disconnected" in e for _, e in state.events)
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancelling_a_queued_build_never_runs_it_and_fails_its_dependents(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A build cancelled while queued is never assigned; builds after it are
+    dependency-failed."""
+    seen: list[tuple[str, int, str]] = []
+    async with trio.open_nursery() as nursery:
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
+        now = trio.current_time()
+        queued = farm.farm.submit(spec("x"), now)
+        after = farm.farm.submit(with_after(spec("y"), queued.id), now)
+        farm.farm.cancel(queued.id, now)
+        await farm.add_builder(
+            "a", builder_config(tmp_path, "a"), execute=scripted_executor({}, seen)
+        )
+        await trio.sleep(60)
+        assert queued.state is BuildState.CANCELLED and queued.attempts == 0
+        assert after.status is BuildStatus.DEPENDENCY_FAILED
+        assert seen == []
         nursery.cancel_scope.cancel()
