@@ -121,6 +121,12 @@ async def test_status_lists_machines_with_every_contract_field_and_queue_counts(
         assert response.json() == {
             "machines": [],
             "queue": {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0},
+            "counters": {
+                "staleResultsRejected": 0,
+                "buildersLostIdle": 0,
+                "buildersLostWhileBuilding": 0,
+                "requeued": {},
+            },
         }
         await runner.start_builder("b1")
         await runner.submit()

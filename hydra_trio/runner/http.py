@@ -123,6 +123,12 @@ def create_app(
             {
                 "machines": [m.to_json(now) for m in farm.machines.values()],
                 "queue": farm.queue_counts(),
+                "counters": {
+                    "staleResultsRejected": farm.stale_rejected,
+                    "buildersLostIdle": farm.builders_lost_idle,
+                    "buildersLostWhileBuilding": farm.builders_lost_busy,
+                    "requeued": dict(farm.requeued),
+                },
             }
         )
 
