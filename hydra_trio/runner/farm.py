@@ -162,12 +162,7 @@ class Farm:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("build %s queued: %s", build_id, " ".join(spec.command)[:200])
             if failed_dep is not None:
-                self._finish(
-                    build,
-                    BuildStatus.DEPENDENCY_FAILED,
-                    now,
-                    error=f"dependency {failed_dep.id} {failed_dep.state.value}",
-                )
+                self._dependency_failed(build, failed_dep, now)
             elif not build.waiting_for:
                 self._make_runnable(build)
         if len(created) == 1:
@@ -548,14 +543,17 @@ class Farm:
                 continue
             dependent.waiting_for.discard(build.id)
             if state is not BuildState.SUCCEEDED:
-                self._finish(
-                    dependent,
-                    BuildStatus.DEPENDENCY_FAILED,
-                    now,
-                    error=f"dependency {build.id} {status.value}",
-                )
+                self._dependency_failed(dependent, build, now)
             elif not dependent.waiting_for:
                 self._make_runnable(dependent)
+
+    def _dependency_failed(self, build: Build, dependency: Build, now: float) -> None:
+        """``build`` can never run: ``dependency`` ended without success (and so, through
+        ``_finish``, can nothing that depends on ``build``)."""
+        reason = dependency.status.value if dependency.status else dependency.state.value
+        self._finish(
+            build, BuildStatus.DEPENDENCY_FAILED, now, error=f"dependency {dependency.id} {reason}"
+        )
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -611,12 +609,7 @@ class Farm:
             deps = [self.builds[d] for d in build.spec.after if d in self.builds]
             failed = [d for d in deps if d.state.finished and d.state is not BuildState.SUCCEEDED]
             if failed:
-                self._finish(
-                    build,
-                    BuildStatus.DEPENDENCY_FAILED,
-                    now,
-                    error=f"dependency {failed[0].id} {failed[0].state.value}",
-                )
+                self._dependency_failed(build, failed[0], now)
                 continue
             build.waiting_for = {d.id for d in deps if not d.state.finished}
             if not build.waiting_for:
