@@ -1,7 +1,7 @@
 """Run every benchmark in turn and print their tables (``make bench``).
 
     .venv/bin/python benchmarks/run_all.py            # full runs (a few minutes)
-    .venv/bin/python benchmarks/run_all.py --quick    # smoke test of both scripts
+    .venv/bin/python benchmarks/run_all.py --quick    # smoke test of every script
 
 Each benchmark runs as its own process (so neither inherits the other's imports or heap); a
 benchmark that fails or exceeds its time limit makes this script exit non-zero.
@@ -21,6 +21,8 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = (
     ("codec_bench.py", 900),
     ("pingpong_bench.py", 1800),
+    ("builds_bench.py", 900),
+    ("transfer_bench.py", 1800),
 )
 
 

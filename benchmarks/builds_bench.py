@@ -1,0 +1,439 @@
+"""Build throughput and dispatch latency through a real farm, against bare ``trio.run_process``.
+
+Setup (all loopback, every daemon its own process, fresh state): one queue runner (default
+options: SQLite in the state dir, ``--log-level info`` written to a file) and ``--builders``
+builders (default 4) with ``--max-jobs 2 --ping-interval 1``.
+
+1. **throughput**: one graph of ``--count`` independent no-op builds (default 2,000, command
+   ``["true", "<n>"]``) in one ``POST /builds {"builds": [...]}``; timed from sending the POST
+   until ``GET /status`` (polled every 50 ms) counts all of them succeeded.  Baseline, in the
+   same run and interleaved with it: this script running ``trio.run_process(["true"])`` the same
+   number of times with ``builders x max-jobs`` (8) in flight.  Repeated ``--repeat`` times
+   (bare, farm, bare, farm, ...); medians and the median of the per-repetition ratios.  Around
+   each timed phase the CPU time of the runner and of the builders (utime + stime of the
+   processes themselves, from ``/proc/<pid>/stat``; their children not included) and of the
+   whole machine (``/proc/stat``) are read.
+2. **latency**: ``--latency`` single builds (default 200, after 10 warm-up), one at a time so a
+   builder is always free, each ``POST /builds {"command": ["date", "+%s.%N"]}``.  ``date``
+   reads the clock as soon as it runs and prints it to its log; latency = that time minus the
+   wall clock just before the POST was sent (same machine, same clock).  It includes the exec
+   of ``date`` itself (dynamic loading before ``main``): that cost is measured on its own in the
+   same run (this script ``trio.run_process``-ing the same ``date`` command) and reported as
+   the floor.  Also reported: POST -> ``startedAt`` (the runner's wall clock when it assigned
+   the build) and the POST round trip (until the ``201``).
+
+Goals: farm throughput >= 50 % of bare; POST -> child started p50 < 5 ms, p99 < 20 ms.
+
+    .venv/bin/python benchmarks/builds_bench.py                    # 3 x 2,000 builds, 200 latencies
+    .venv/bin/python benchmarks/builds_bench.py --quick            # 1 x 300, 50 latencies
+    .venv/bin/python benchmarks/builds_bench.py --profile /tmp/bp  # runner and b1 in cProfile
+
+With ``--profile DIR`` the runner and the first builder run under ``cProfile`` (slower: use it
+to see what dominates, not for the figures); the profiles are written to ``DIR/*.prof`` when
+they stop and their top functions printed.
+
+Only the processes this script starts are ever signalled, through their ``Popen`` handles;
+every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import pstats
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+STOP_GRACE = 10.0
+POLL = 0.02
+#: GET /status polls while a throughput graph runs (each one costs the runner a scan of all
+#: builds: kept sparse so the poll does not weigh on what it measures).
+THROUGHPUT_POLL = 0.05
+PING_INTERVAL = 1.0
+GOAL_RATIO = 0.5
+GOAL_P50 = 0.005
+GOAL_P99 = 0.020
+#: the longest any one timed phase may take before the script gives up.
+PHASE_TIMEOUT = 600.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def process_cpu(pid: int) -> float:
+    """utime + stime of ``pid`` itself (all threads), seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    total = sum(fields[:8])
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class Farm:
+    """A runner and builders as subprocesses, and an HTTP client."""
+
+    def __init__(self, workdir: Path, profile: Path | None) -> None:
+        self.workdir = workdir
+        self.profile = profile
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.client = httpx.Client(timeout=30.0)
+        self.url = ""
+        self.port = 0
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_TRIO_")}
+        command = [sys.executable]
+        if self.profile is not None and name in ("runner", "b1"):
+            command += ["-m", "cProfile", "-o", str(self.profile / f"{name}.prof")]
+        command += ["-m", "hydra_trio", *args]
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir, env=env
+            )
+        self.processes[name] = process
+        return process
+
+    def start_runner(self) -> None:
+        for _ in range(5):
+            self.port, http = free_port(), free_port()
+            runner = self.spawn(
+                "runner",
+                "queue-runner",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--http",
+                f"127.0.0.1:{http}",
+                "--state-dir",
+                str(self.workdir / "state"),
+            )
+            self.url = f"http://127.0.0.1:{http}"
+            deadline = time.monotonic() + 20
+            while runner.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.TransportError):
+                    if self.client.get(f"{self.url}/status").status_code == 200:
+                        return
+                time.sleep(0.05)
+            self.stop(runner)
+            del self.processes["runner"]
+            if "cannot listen" not in (self.workdir / "runner.log").read_text():
+                raise RuntimeError(f"the runner did not start; see {self.workdir}/runner.log")
+        raise RuntimeError("no free ports for the runner")
+
+    def start_builders(self, count: int, max_jobs: int) -> None:
+        for index in range(1, count + 1):
+            name = f"b{index}"
+            self.spawn(
+                name,
+                "builder",
+                "--server",
+                f"127.0.0.1:{self.port}",
+                "--ping-interval",
+                f"{PING_INTERVAL:g}",
+                "--max-jobs",
+                str(max_jobs),
+                "--hostname",
+                name,
+                "--work-dir",
+                str(self.workdir / name),
+            )
+        self.wait(
+            f"{count} builders connected",
+            lambda: sum(m["state"] == "connected" for m in self.status()["machines"]) == count,
+        )
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.client.get(f"{self.url}/status").json()
+        return result
+
+    def build(self, build_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.client.get(f"{self.url}/builds/{build_id}").json()
+        return result
+
+    def wait(self, what: str, predicate: Any, timeout: float = 30.0, poll: float = POLL) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what} (logs in {self.workdir})")
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({process.returncode}); see {self.workdir}")
+            time.sleep(poll)
+
+    def cpu(self) -> dict[str, float]:
+        return {name: process_cpu(p.pid) for name, p in self.processes.items()}
+
+    def stop(self, process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        try:
+            process.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(STOP_GRACE)
+
+    def close(self) -> None:
+        for process in reversed(list(self.processes.values())):
+            self.stop(process)
+        self.client.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines (in this process).
+
+
+async def _bare_batch(count: int, parallel: int) -> None:
+    limiter = trio.CapacityLimiter(parallel)
+
+    async def one() -> None:
+        async with limiter:
+            await trio.run_process(["true"], stdin=subprocess.DEVNULL)
+
+    with trio.fail_after(PHASE_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                nursery.start_soon(one)
+
+
+def bare_throughput(count: int, parallel: int) -> float:
+    start = time.monotonic()
+    trio.run(_bare_batch, count, parallel)
+    return time.monotonic() - start
+
+
+async def _exec_floor(count: int) -> list[float]:
+    """Seconds from just before ``trio.run_process(["date", "+%s.%N"])`` to the time it prints."""
+    samples = []
+    for _ in range(count):
+        before = time.time()
+        with trio.fail_after(10):
+            done = await trio.run_process(["date", "+%s.%N"], capture_stdout=True)
+        samples.append(float(done.stdout) - before)
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurements.
+
+
+def farm_throughput(farm: Farm, count: int, tag: str) -> dict[str, float]:
+    graph = {"builds": [{"name": f"{tag}-{i}", "command": ["true", str(i)]} for i in range(count)]}
+    body = json.dumps(graph).encode()
+    before = farm.status()["queue"]
+    target = before["succeeded"] + count
+    cpu0, busy0 = farm.cpu(), machine_busy()
+    start = time.monotonic()
+    response = farm.client.post(
+        f"{farm.url}/builds", content=body, headers={"content-type": "application/json"}
+    )
+    posted = time.monotonic() - start
+    assert response.status_code == 201, response.text
+    last: dict[str, Any] = {}
+
+    def done() -> bool:
+        nonlocal last
+        last = farm.status()["queue"]
+        if last["failed"] != before["failed"]:
+            raise RuntimeError(f"builds failed: {last} (logs in {farm.workdir})")
+        return bool(last["succeeded"] >= target)
+
+    farm.wait(f"{count} builds succeeded", done, timeout=PHASE_TIMEOUT, poll=THROUGHPUT_POLL)
+    elapsed = time.monotonic() - start
+    cpu1, busy1 = farm.cpu(), machine_busy()
+    builders = sum(cpu1[n] - cpu0[n] for n in cpu1 if n != "runner")
+    return {
+        "seconds": elapsed,
+        "post": posted,
+        "runner_cpu": cpu1["runner"] - cpu0["runner"],
+        "builders_cpu": builders,
+        "machine_busy": (busy1[0] - busy0[0]) / max(1e-9, elapsed),
+    }
+
+
+def farm_latency(farm: Farm, count: int, warmup: int) -> dict[str, list[float]]:
+    child: list[float] = []
+    dispatched: list[float] = []
+    roundtrip: list[float] = []
+    for index in range(warmup + count):
+        sent = time.time()
+        response = farm.client.post(f"{farm.url}/builds", json={"command": ["date", "+%s.%N"]})
+        answered = time.time()
+        assert response.status_code == 201, response.text
+        build_id = response.json()["id"]
+        build: dict[str, Any] = {}
+
+        def finished(build_id: str = build_id) -> bool:
+            nonlocal build
+            build = farm.build(build_id)
+            return build["state"] in ("succeeded", "failed", "cancelled")
+
+        farm.wait(f"build {build_id}", finished, poll=0.005)
+        assert build["state"] == "succeeded", build
+        log = farm.client.get(f"{farm.url}/builds/{build_id}/log").text
+        if index < warmup:
+            continue
+        child.append(float(log.strip()) - sent)
+        dispatched.append(float(build["startedAt"]) - sent)
+        roundtrip.append(answered - sent)
+    return {"child": child, "dispatched": dispatched, "roundtrip": roundtrip}
+
+
+def print_profiles(directory: Path) -> None:
+    for path in sorted(directory.glob("*.prof")):
+        print(f"\n===== {path} =====")
+        stats = pstats.Stats(str(path))
+        stats.sort_stats("cumulative").print_stats(25)
+        stats.sort_stats("tottime").print_stats(25)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=2000, help="builds per throughput run")
+    parser.add_argument("--repeat", type=int, default=3, help="throughput repetitions")
+    parser.add_argument("--builders", type=int, default=4)
+    parser.add_argument("--max-jobs", type=int, default=2)
+    parser.add_argument("--latency", type=int, default=200, help="single builds timed")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="1 x 300 builds, 50 latencies")
+    parser.add_argument("--profile", type=Path, default=None, help="cProfile runner and b1")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args()
+    # run_all.py stops an overrunning benchmark with SIGTERM: exit through the `finally`
+    # blocks, which stop the daemons this script started and remove its work dir.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.quick:
+        args.count, args.repeat, args.latency, args.warmup = 300, 1, 50, 5
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    parallel = args.builders * args.max_jobs
+
+    tmp = Path(tempfile.mkdtemp(prefix="builds-bench-"))
+    farm = Farm(tmp, args.profile)
+    runs: list[dict[str, float]] = []
+    try:
+        farm.start_runner()
+        farm.start_builders(args.builders, args.max_jobs)
+        farm_throughput(farm, min(100, args.count), "warmup")
+        bare_throughput(min(100, args.count), parallel)
+        for index in range(args.repeat):
+            busy0 = machine_busy()
+            bare = bare_throughput(args.count, parallel)
+            busy1 = machine_busy()
+            result = farm_throughput(farm, args.count, f"r{index}")
+            result["bare"] = bare
+            result["bare_busy"] = (busy1[0] - busy0[0]) / bare
+            runs.append(result)
+            print(
+                f"run {index + 1}: bare {args.count / bare:,.0f} builds/s, farm "
+                f"{args.count / result['seconds']:,.0f} builds/s "
+                f"(ratio {bare / result['seconds']:.2f}); runner CPU {result['runner_cpu']:.1f} s,"
+                f" builders CPU {result['builders_cpu']:.1f} s, machine busy "
+                f"{result['machine_busy']:.2f} CPUs",
+                flush=True,
+            )
+        floor = trio.run(_exec_floor, args.latency)
+        latency = farm_latency(farm, args.latency, args.warmup)
+    finally:
+        farm.close()
+        if args.keep:
+            print(f"work dir kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    farm_rates = [args.count / r["seconds"] for r in runs]
+    bare_rates = [args.count / r["bare"] for r in runs]
+    ratios = [r["bare"] / r["seconds"] for r in runs]
+    ms = 1000.0
+    print()
+    print(
+        f"machine: nproc {os.cpu_count()} ({cpu_model()}), Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
+    print(
+        f"farm: runner + {args.builders} builders x {args.max_jobs} slots, --ping-interval "
+        f"{PING_INTERVAL:g}; {args.repeat} x {args.count} no-op builds in one graph"
+    )
+    print(
+        f"throughput: farm {statistics.median(farm_rates):,.0f} builds/s "
+        f"({' / '.join(f'{r:,.0f}' for r in farm_rates)}), bare trio.run_process x{parallel} "
+        f"{statistics.median(bare_rates):,.0f} builds/s "
+        f"({' / '.join(f'{r:,.0f}' for r in bare_rates)})"
+    )
+    ratio = statistics.median(ratios)
+    print(
+        f"ratio farm/bare: {ratio:.2f} ({' / '.join(f'{r:.2f}' for r in ratios)}); goal >= "
+        f"{GOAL_RATIO:.0%}: {'met' if ratio >= GOAL_RATIO else 'NOT met'}"
+    )
+    per_build = statistics.median([r["runner_cpu"] / args.count for r in runs]) * 1e6
+    per_build_b = statistics.median([r["builders_cpu"] / args.count for r in runs]) * 1e6
+    print(
+        f"CPU per build: runner {per_build:,.0f} µs, builders {per_build_b:,.0f} µs (median); "
+        f"machine busy during farm runs {statistics.median([r['machine_busy'] for r in runs]):.2f}"
+        f" CPUs, during bare runs {statistics.median([r['bare_busy'] for r in runs]):.2f} CPUs"
+    )
+    for name, values in (
+        ("POST -> child process running (date's clock)", latency["child"]),
+        ("POST -> startedAt (runner assigned it)", latency["dispatched"]),
+        ("POST -> 201 answer", latency["roundtrip"]),
+        ("floor: run_process(date) -> date's clock", floor),
+    ):
+        print(
+            f"{name}: p50 {pct(values, 0.5) * ms:.2f} ms, p99 {pct(values, 0.99) * ms:.2f} ms, "
+            f"max {max(values) * ms:.2f} ms (n={len(values)})"
+        )
+    p50, p99 = pct(latency["child"], 0.5), pct(latency["child"], 0.99)
+    print(
+        f"goal p50 < {GOAL_P50 * ms:g} ms / p99 < {GOAL_P99 * ms:g} ms: "
+        f"{'met' if p50 < GOAL_P50 and p99 < GOAL_P99 else 'NOT met'}"
+    )
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps({"runs": runs, "latency": latency, "floor": floor}, indent=2)
+        )
+    if args.profile is not None:
+        print_profiles(args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

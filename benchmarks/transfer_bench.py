@@ -1,0 +1,499 @@
+"""1 GiB output: upload to the runner, fetch by a dependent build on another builder.
+
+Setup per repetition (fresh processes, state and work dirs each time; all loopback): one queue
+runner (default options, SQLite, ``--log-level info`` to a file) and two builders, ``bA`` and
+``bB``, each ``--max-jobs 1 --ping-interval 1`` and with a mandatory feature of its own
+(``side-a`` / ``side-b``) so that build A can only run on bA and build B only on bB: the
+fetch crosses the network.  One graph is submitted:
+
+- **A** (``requiredFeatures: [side-a]``): writes ``$OUT/big``, ``--size`` bytes (default
+  1 GiB), a random 1 MiB block repeated (as incompressible for this path as ``/dev/urandom``,
+  which would take ~10 s on the project's VM);
+- **B** (``after: [A]``, ``requiredFeatures: [side-b]``): ``sha256sum $IN/A/big`` (the script
+  checks the hash it logs against A's output).
+
+Measured:
+
+- **upload MB/s** = size / A's ``timings.upload`` (the builder's own measure: first
+  ``UploadData`` to the last one handed to the socket; hashing the output before and the
+  runner's check + fsync + rename after are not in it); **fetch MB/s** = size / B's
+  ``timings.fetch`` (first ``FetchRequest`` to the file verified in bB's cache and linked into
+  ``$IN``).  MB = 10^6 bytes.
+- **RSS**: ``VmRSS`` of the runner, bA and bB sampled every 100 ms, and ``VmHWM`` (the kernel's
+  peak) read just before they are stopped.
+- **liveness**: ``GET /status`` every 100 ms; the largest ``sinceLastPing`` of bA while A is
+  running (build, upload, and the runner's commit of the upload) and of bB while B is running
+  (fetch, build).  With ``--ping-interval 1`` it should stay below about 2 s.  Also the time
+  from A's phase leaving ``uploading`` to A ``succeeded`` (the runner's commit: hash check,
+  fsync of the file, rename; 100 ms resolution).
+- **baseline** in the same repetition: a raw trio socket copy of the same number of bytes over
+  loopback between two processes (this script in ``--source`` / ``--sink`` mode:
+  ``send_all`` of 256 KiB ``bytes`` / ``receive_some(256 KiB)`` discarded; no disk, no framing).
+
+Goals: upload and fetch >= 60 % of raw; runner and builder RSS < 150 MiB.
+
+    .venv/bin/python benchmarks/transfer_bench.py                  # 3 repetitions of 1 GiB
+    .venv/bin/python benchmarks/transfer_bench.py --quick          # 1 x 128 MiB
+    .venv/bin/python benchmarks/transfer_bench.py --profile /tmp/tp --repeat 1
+
+With ``--profile DIR`` the runner and both builders run under ``cProfile`` (slower; it shows
+what dominates, not the figures; only the event-loop thread is profiled).
+
+The work dirs are in a temporary directory on the same disk and removed afterwards (the 1 GiB
+files with them).  Only the processes this script starts are ever signalled, through their
+``Popen`` handles; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import pstats
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+STOP_GRACE = 10.0
+PING_INTERVAL = 1.0
+SAMPLE = 0.1
+CHUNK = 256 * 1024
+GOAL_RATIO = 0.6
+GOAL_RSS_MIB = 150
+#: the longest one repetition's transfer may take before the script gives up.
+RUN_TIMEOUT = 600.0
+GENERATE = (
+    "import os\n"
+    "block = os.urandom(1 << 20)\n"
+    "size = int(os.environ['BENCH_SIZE'])\n"
+    "with open(os.path.join(os.environ['OUT'], 'big'), 'wb') as f:\n"
+    "    while size > 0:\n"
+    "        f.write(block[: min(size, len(block))])\n"
+    "        size -= len(block)\n"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of ``pid`` in KiB (empty once it is gone)."""
+    found = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0])
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# The raw baseline: --sink and --source, two processes.
+
+
+async def sink_main(lifetime: float) -> None:
+    import trio
+
+    with trio.move_on_after(lifetime):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        print(f"PORT {listeners[0].socket.getsockname()[1]}", flush=True)
+        stream = await listeners[0].accept()
+        total = 0
+        while data := await stream.receive_some(CHUNK):
+            total += len(data)
+        await stream.send_all(total.to_bytes(8, "big"))
+        await stream.aclose()
+
+
+async def source_main(port: int, size: int, lifetime: float) -> None:
+    import trio
+
+    with trio.fail_after(lifetime):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        block = os.urandom(CHUNK)
+        start = time.monotonic()
+        sent = 0
+        while sent < size:
+            piece = block if size - sent >= CHUNK else block[: size - sent]
+            await stream.send_all(piece)
+            sent += len(piece)
+        await stream.send_eof()
+        reply = b""
+        while len(reply) < 8:
+            data = await stream.receive_some(8)
+            if not data:
+                break
+            reply += data
+        elapsed = time.monotonic() - start
+        await stream.aclose()
+    assert int.from_bytes(reply, "big") == size, reply
+    print(f"ELAPSED {elapsed:.6f}", flush=True)
+
+
+def raw_copy(size: int) -> float:
+    """Seconds to copy ``size`` bytes over loopback between two fresh processes."""
+    lifetime = "120"
+    sink = subprocess.Popen(
+        [sys.executable, __file__, "--sink", "--lifetime", lifetime],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    source: subprocess.Popen[str] | None = None
+    try:
+        assert sink.stdout is not None
+        line = sink.stdout.readline().strip()  # the sink exits after `lifetime` in any case
+        assert line.startswith("PORT "), line
+        source = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--source",
+                line.split()[1],
+                "--size",
+                str(size),
+                "--lifetime",
+                lifetime,
+            ],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        out, _ = source.communicate(timeout=float(lifetime) + 10)
+        assert out.startswith("ELAPSED "), out
+        return float(out.split()[1])
+    finally:
+        for process in (source, sink):
+            if process is not None and process.poll() is None:
+                process.kill()
+            if process is not None:
+                process.wait(10)
+                if process.stdout is not None:
+                    process.stdout.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The farm.
+
+
+class Farm:
+    def __init__(self, workdir: Path, profile: Path | None) -> None:
+        self.workdir = workdir
+        self.profile = profile
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.client = httpx.Client(timeout=10.0)
+        self.url = ""
+        self.port = 0
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_TRIO_")}
+        command = [sys.executable]
+        if self.profile is not None:
+            command += ["-m", "cProfile", "-o", str(self.profile / f"{name}.prof")]
+        command += ["-m", "hydra_trio", *args]
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir, env=env
+            )
+        self.processes[name] = process
+        return process
+
+    def start(self) -> None:
+        for _ in range(5):
+            self.port, http = free_port(), free_port()
+            runner = self.spawn(
+                "runner",
+                "queue-runner",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--http",
+                f"127.0.0.1:{http}",
+                "--state-dir",
+                str(self.workdir / "state"),
+            )
+            self.url = f"http://127.0.0.1:{http}"
+            deadline = time.monotonic() + 20
+            while runner.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.TransportError):
+                    if self.client.get(f"{self.url}/status").status_code == 200:
+                        break
+                time.sleep(0.05)
+            else:
+                self.stop(runner)
+                del self.processes["runner"]
+                if "cannot listen" not in (self.workdir / "runner.log").read_text():
+                    raise RuntimeError(f"the runner did not start; see {self.workdir}")
+                continue
+            break
+        else:
+            raise RuntimeError("no free ports for the runner")
+        for name, feature in (("bA", "side-a"), ("bB", "side-b")):
+            self.spawn(
+                name,
+                "builder",
+                "--server",
+                f"127.0.0.1:{self.port}",
+                "--ping-interval",
+                f"{PING_INTERVAL:g}",
+                "--max-jobs",
+                "1",
+                "--features",
+                feature,
+                "--mandatory-features",
+                feature,
+                "--hostname",
+                name,
+                "--work-dir",
+                str(self.workdir / name),
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            machines = self.get("/status")["machines"]
+            if sum(m["state"] == "connected" for m in machines) == 2:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"the builders did not connect; see {self.workdir}")
+
+    def get(self, path: str) -> Any:
+        return self.client.get(f"{self.url}{path}").json()
+
+    def stop(self, process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        try:
+            process.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(STOP_GRACE)
+
+    def close(self) -> None:
+        for process in reversed(list(self.processes.values())):
+            self.stop(process)
+        self.client.close()
+
+
+def one_run(workdir: Path, size: int, profile: Path | None) -> dict[str, Any]:
+    farm = Farm(workdir, profile)
+    try:
+        farm.start()
+        graph = {
+            "builds": [
+                {
+                    "name": "A",
+                    "command": [sys.executable, "-c", GENERATE],
+                    "env": {"BENCH_SIZE": str(size)},
+                    "requiredFeatures": ["side-a"],
+                },
+                {
+                    "name": "B",
+                    "command": ["sh", "-c", 'sha256sum "$IN/A/big"'],
+                    "after": ["A"],
+                    "requiredFeatures": ["side-b"],
+                },
+            ]
+        }
+        response = farm.client.post(f"{farm.url}/builds", json=graph)
+        assert response.status_code == 201, response.text
+        ids = response.json()["ids"]
+        pids = {name: p.pid for name, p in farm.processes.items()}
+        peak_rss = dict.fromkeys(pids, 0)
+        since = {"bA": 0.0, "bB": 0.0}
+        since_uploading = 0.0
+        since_fetching = 0.0
+        seen_uploading = False
+        upload_left: float | None = None
+        a_done: float | None = None
+        phases_seen: list[tuple[float, str, str]] = []
+        start = time.monotonic()
+        while True:
+            now = time.monotonic() - start
+            if now > RUN_TIMEOUT:
+                raise TimeoutError(f"the transfer took over {RUN_TIMEOUT:g} s; see {workdir}")
+            for name, pid in pids.items():
+                peak_rss[name] = max(peak_rss[name], memory(pid).get("VmRSS", 0))
+            machines = {m["hostname"]: m for m in farm.get("/status")["machines"]}
+            a, b = farm.get(f"/builds/{ids['A']}"), farm.get(f"/builds/{ids['B']}")
+            shown = (a["state"] + "/" + str(a["phase"]), b["state"] + "/" + str(b["phase"]))
+            if not phases_seen or phases_seen[-1][1:] != shown:
+                phases_seen.append((round(now, 2), *shown))
+            if a["state"] == "running":
+                since["bA"] = max(since["bA"], machines["bA"]["sinceLastPing"])
+                if a["phase"] == "uploading":
+                    seen_uploading = True
+                    since_uploading = max(since_uploading, machines["bA"]["sinceLastPing"])
+                elif seen_uploading and upload_left is None:
+                    upload_left = now
+            elif seen_uploading and upload_left is None:
+                upload_left = now
+            if a["state"] == "succeeded" and a_done is None:
+                a_done = now
+            if b["state"] == "running":
+                since["bB"] = max(since["bB"], machines["bB"]["sinceLastPing"])
+                if b["phase"] == "fetching":
+                    since_fetching = max(since_fetching, machines["bB"]["sinceLastPing"])
+            for m in machines.values():
+                if m["state"] != "connected":
+                    raise RuntimeError(f"{m['hostname']} disconnected: {m['disconnectReason']}")
+            if a["state"] in ("failed", "cancelled") or b["state"] in ("failed", "cancelled"):
+                raise RuntimeError(f"A {a['state']} {a['status']}, B {b['state']} {b['status']}")
+            if b["state"] == "succeeded":
+                break
+            time.sleep(SAMPLE)
+        hwm = {name: memory(pid).get("VmHWM", 0) for name, pid in pids.items()}
+        logged = farm.client.get(f"{farm.url}/builds/{ids['B']}/log").text.split()[0]
+        assert logged == a["outputs"][0]["sha256"], (logged, a["outputs"])
+        attempts = (a["attempts"], b["attempts"])
+        return {
+            "upload": a["timings"]["upload"],
+            "fetch": b["timings"]["fetch"],
+            "a_build": a["timings"]["build"],
+            "b_build": b["timings"]["build"],
+            "commit": (a_done - upload_left) if (a_done is not None and upload_left) else None,
+            "rss_peak_sampled_mib": {k: v / 1024 for k, v in peak_rss.items()},
+            "hwm_mib": {k: v / 1024 for k, v in hwm.items()},
+            "since_last_ping_max": since,
+            "since_uploading": since_uploading,
+            "since_fetching": since_fetching,
+            "attempts": attempts,
+            "phases": phases_seen,
+        }
+    finally:
+        farm.close()
+
+
+def print_profiles(directory: Path) -> None:
+    for path in sorted(directory.glob("*.prof")):
+        print(f"\n===== {path} =====")
+        stats = pstats.Stats(str(path))
+        stats.sort_stats("cumulative").print_stats(20)
+        stats.sort_stats("tottime").print_stats(20)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=1 << 30, help="bytes of A's output")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions (fresh processes)")
+    parser.add_argument("--quick", action="store_true", help="1 x 128 MiB")
+    parser.add_argument("--profile", type=Path, default=None, help="cProfile the daemons")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (1 GiB files!)")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--source", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--lifetime", type=float, default=120.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    # run_all.py stops an overrunning benchmark with SIGTERM: exit through the `finally`
+    # blocks, which stop the daemons this script started and remove its work dir.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.sink or args.source is not None:
+        import trio
+
+        if args.sink:
+            trio.run(sink_main, args.lifetime)
+        else:
+            trio.run(source_main, args.source, args.size, args.lifetime)
+        return 0
+    if args.quick:
+        args.size, args.repeat = 128 << 20, 1
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+
+    mb = args.size / 1e6
+    runs = []
+    tmp = Path(tempfile.mkdtemp(prefix="transfer-bench-"))
+    try:
+        for index in range(args.repeat):
+            raw = raw_copy(args.size)
+            workdir = tmp / f"run{index + 1}"
+            workdir.mkdir()
+            try:
+                result = one_run(workdir, args.size, args.profile)
+            finally:
+                if not args.keep:
+                    shutil.rmtree(workdir, ignore_errors=True)
+            result["raw"] = raw
+            runs.append(result)
+            print(
+                f"run {index + 1}: raw {mb / raw:,.0f} MB/s, upload {mb / result['upload']:,.0f}"
+                f" MB/s, fetch {mb / result['fetch']:,.0f} MB/s; VmHWM "
+                + ", ".join(f"{k} {v:.0f} MiB" for k, v in result["hwm_mib"].items())
+                + "; max sinceLastPing "
+                + ", ".join(f"{k} {v:.2f} s" for k, v in result["since_last_ping_max"].items())
+                + (
+                    f"; uploading -> A succeeded {result['commit']:.1f} s (100 ms polls)"
+                    if result["commit"] is not None
+                    else ""
+                ),
+                flush=True,
+            )
+    finally:
+        if args.keep:
+            print(f"work dir kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    raw_rates = [mb / r["raw"] for r in runs]
+    up_rates = [mb / r["upload"] for r in runs]
+    fetch_rates = [mb / r["fetch"] for r in runs]
+    up_ratio = med([r["raw"] / r["upload"] for r in runs])
+    fetch_ratio = med([r["raw"] / r["fetch"] for r in runs])
+    print()
+    print(
+        f"machine: nproc {os.cpu_count()} ({cpu_model()}), Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
+    print(f"{args.repeat} repetitions of {args.size:,} bytes ({args.size / (1 << 20):,.0f} MiB)")
+    print(f"raw trio socket copy: {med(raw_rates):,.0f} MB/s")
+    print(f"upload:  {med(up_rates):,.0f} MB/s, {up_ratio:.2f} of raw")
+    print(f"fetch:   {med(fetch_rates):,.0f} MB/s, {fetch_ratio:.2f} of raw")
+    for name in runs[0]["hwm_mib"]:
+        print(
+            f"{name}: VmHWM {med([r['hwm_mib'][name] for r in runs]):.0f} MiB, sampled VmRSS "
+            f"peak {med([r['rss_peak_sampled_mib'][name] for r in runs]):.0f} MiB"
+        )
+    print(
+        "max sinceLastPing: bA while A ran "
+        f"{max(r['since_last_ping_max']['bA'] for r in runs):.2f} s "
+        f"(while uploading {max(r['since_uploading'] for r in runs):.2f} s), bB while B ran "
+        f"{max(r['since_last_ping_max']['bB'] for r in runs):.2f} s "
+        f"(while fetching {max(r['since_fetching'] for r in runs):.2f} s)"
+    )
+    rss_ok = all(v < GOAL_RSS_MIB for r in runs for v in r["hwm_mib"].values())
+    speed_ok = up_ratio >= GOAL_RATIO and fetch_ratio >= GOAL_RATIO
+    print(
+        f"goal >= {GOAL_RATIO:.0%} of raw: {'met' if speed_ok else 'NOT met'}; "
+        f"RSS < {GOAL_RSS_MIB} MiB: {'met' if rss_ok else 'NOT met'}"
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(runs, indent=2))
+    if args.profile is not None:
+        print_profiles(args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
