@@ -65,7 +65,7 @@ Executor = Callable[[Assign, Path, Send, dict[str, str], Fetch], Awaitable[Resul
 #: Input chunks requested ahead of the one being written: enough to keep a loopback or LAN
 #: link busy, few enough that a fetch holds at most FETCH_WINDOW x FETCH_CHUNK in memory.
 FETCH_WINDOW = 4
-FETCH_CHUNK = 256 * 1024
+FETCH_CHUNK = 1024 * 1024
 
 
 @attrs.frozen(kw_only=True)

@@ -50,8 +50,9 @@ class FetchError(Exception):
 
 #: Log bytes per LogChunk frame at most (a read returns what the pipe has, up to this).
 LOG_CHUNK = 64 * 1024
-#: Bytes per UploadData frame: small enough that a Ping never waits long behind one.
-UPLOAD_CHUNK = 256 * 1024
+#: Bytes per UploadData frame: large enough that the per-chunk thread hops on both ends do not
+#: set the pace, small enough that a Ping never waits long behind one (~2 ms at 500 MB/s).
+UPLOAD_CHUNK = 1024 * 1024
 _HASH_BLOCK = 1024 * 1024
 
 

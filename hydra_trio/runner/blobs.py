@@ -13,6 +13,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import attrs
 
@@ -29,6 +30,7 @@ class PendingUpload:
 
     path: str
     tmp: Path
+    file: BinaryIO
     size: int = 0
     hasher: hashlib._Hash = attrs.field(factory=hashlib.sha256)
     done: bool = False
@@ -66,14 +68,12 @@ class BlobStore:
 
     def begin(self, path: str) -> PendingUpload:
         fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix="upload-")
-        os.close(fd)
-        return PendingUpload(path=path, tmp=Path(name))
+        return PendingUpload(path=path, tmp=Path(name), file=os.fdopen(fd, "wb"))
 
     def append(self, upload: PendingUpload, offset: int, data: bytes) -> None:
         if upload.done or offset != upload.size:
             raise BlobError(f"{upload.path}: chunk at offset {offset}, expected {upload.size}")
-        with upload.tmp.open("ab") as f:
-            f.write(data)
+        upload.file.write(data)
         upload.hasher.update(data)
         upload.size += len(data)
 
@@ -81,6 +81,7 @@ class BlobStore:
         """Check the finished upload against the declared size and hash; keep it if they
         match (fsync, then rename into place), else discard it and raise ``BlobError``."""
         try:
+            upload.file.close()
             if upload.size != size or upload.hasher.hexdigest() != sha256:
                 raise BlobError(
                     f"{upload.path}: received {upload.size} bytes with sha256 "
@@ -105,6 +106,7 @@ class BlobStore:
             upload.tmp.unlink(missing_ok=True)
 
     def discard(self, upload: PendingUpload) -> None:
+        upload.file.close()
         upload.done = True
         upload.tmp.unlink(missing_ok=True)
 

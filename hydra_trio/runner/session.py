@@ -165,9 +165,9 @@ async def serve_builder(
     finally:
         if session is not None:
             farm.detach(session, reason, trio.current_time(), lost=not said_goodbye)
-            for upload in session.uploads.values():
-                upload.tmp.unlink(missing_ok=True)
-        with trio.move_on_after(1, shield=True):
+        with trio.move_on_after(5, shield=True):
+            for upload in session.uploads.values() if session is not None else ():
+                await trio.to_thread.run_sync(storage.blobs.discard, upload)
             await stream.aclose()
 
 
