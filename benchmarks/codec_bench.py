@@ -1,6 +1,7 @@
 """Codec throughput: hydra-trio's real codec against a bare msgpack baseline, in the same run.
 
-For each message (a ``Ping`` carrying two running builds, and a realistic ``Assign``) it times:
+For each message (the ``Ping`` of an idle builder and its ``Pong``, a ``Ping`` carrying two running
+builds, and a realistic ``Assign``) it times:
 
 - **hydra-trio**: ``codec.encode(message)`` then ``FrameDecoder.feed(frame)`` -- the attrs message
   is turned into its wire map, packed, framed, then unframed, unpacked, and rebuilt as a validated
@@ -47,6 +48,7 @@ from hydra_trio.protocol.messages import (  # noqa: E402
     Limits,
     Message,
     Ping,
+    Pong,
 )
 
 HEADER = struct.Struct(">I")
@@ -173,7 +175,12 @@ def time_loop(op: Callable[[], Any], count: int, max_seconds: float) -> float:
 
 
 def run(repeat: int, count: int, max_seconds: float) -> dict[str, Any]:
-    messages = {"Ping (2 running)": sample_ping(), "Assign (realistic)": sample_assign()}
+    messages = {
+        "Ping (idle)": Ping(seq=123_456),  # what the ping/pong benchmark sends
+        "Pong": Pong(seq=123_456),
+        "Ping (2 running)": sample_ping(),
+        "Assign (realistic)": sample_assign(),
+    }
     results: dict[str, Any] = {}
     for label, message in messages.items():
         frame = codec.encode(message)

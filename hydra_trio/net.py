@@ -41,6 +41,12 @@ class FramedChannel:
         self._write_lock = trio.Lock()
         self._received: deque[Message] = deque()
         self._eof = False
+        # On TCP, read and write the stream's trio socket directly: SocketStream's
+        # receive_some/send_all wrap every call in two context managers (one translating
+        # errors, one detecting concurrent use) that cost more Python per frame than the whole
+        # protocol layer.  This class already has exactly one reader (``receive`` is not meant
+        # for concurrent use) and one writer (the lock), and translates errors the same way.
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
 
     async def send(self, message: Message) -> None:
         """Send one message.  Returns once it has been handed to the stream.
@@ -66,11 +72,18 @@ class FramedChannel:
         except trio.WouldBlock:
             await lock.acquire()
         try:
-            while self._pending:
-                data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-                self._pending.clear()
+            pending = self._pending
+            sock = self._socket
+            while pending:
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
                 try:
-                    await self.stream.send_all(data)
+                    if sock is None:
+                        await self.stream.send_all(data)
+                    else:
+                        sent = await sock.send(data)  # (usually all of it: one call)
+                        if sent < len(data):
+                            await _send_rest(sock, data, sent)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     raise ConnectionLost(f"send failed: {exc or type(exc).__name__}") from exc
         finally:
@@ -80,11 +93,15 @@ class FramedChannel:
         """The next message.  Raises ``ConnectionLost`` at EOF and ``RemoteProtocolError``
         for an invalid frame."""
         received = self._received
+        data: bytes | bytearray
         while not received:
             if self._eof:
                 raise ConnectionLost("connection closed by peer")
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if self._socket is not None:
+                    data = await self._socket.recv(RECEIVE_SIZE)
+                else:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise ConnectionLost(f"receive failed: {exc or type(exc).__name__}") from exc
             if not data:
@@ -96,6 +113,14 @@ class FramedChannel:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+async def _send_rest(sock: trio.socket.SocketType, data: bytes, sent: int) -> None:
+    """Send ``data[sent:]`` (what a full socket buffer did not take), as SocketStream does."""
+    with memoryview(data) as view:
+        while sent < len(view):
+            with view[sent:] as rest:
+                sent += await sock.send(rest)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 _unpackb = msgpack.unpackb
+#: Frames up to this size take ``FrameDecoder.feed``'s fast path, which copies the body once.
+_SMALL_FRAME = 64 * 1024
 
 
 def encode_body(message: Message) -> bytes:
@@ -81,6 +83,17 @@ class FrameDecoder:
         if self._failed is not None:
             raise self._failed
         buffer = self._buffer
+        # The usual case on an interactive link (pings, pongs, progress): `data` is exactly one
+        # small frame.  Decode it straight away, without the general loop's views and
+        # bookkeeping; anything else (several frames, a partial one, a large one) takes the loop.
+        if not buffer and type(data) is bytes and _HEADER_SIZE < len(data) <= _SMALL_FRAME:
+            (length,) = _unpack_header(data)
+            if length == len(data) - _HEADER_SIZE and length <= self.max_frame_size:
+                try:
+                    return [decode_body(data[_HEADER_SIZE:])]  # (a copy, of a small frame)
+                except RemoteProtocolError as exc:
+                    self._failed = exc
+                    raise
         # Usually nothing is pending: parse frames straight out of `data` and keep only an
         # incomplete tail, instead of copying every received byte through the buffer.
         source: bytes | bytearray | memoryview = buffer if buffer else data

@@ -32,6 +32,7 @@ import attrs
 from hydra_trio.protocol import codec
 from hydra_trio.protocol.errors import LocalProtocolError, RemoteProtocolError
 from hydra_trio.protocol.messages import (
+    MESSAGE_TYPES,
     BuildRef,
     Goodbye,
     Hello,
@@ -46,6 +47,8 @@ from hydra_trio.protocol.messages import (
 # At most this many unanswered pings are remembered for RTT; older ones are forgotten (a peer
 # that never answers must not make us grow a table).
 _MAX_OUTSTANDING_PINGS = 64
+#: The messages of the handshake, refused once it is over.
+_HANDSHAKE_ONLY: frozenset[type[Message]] = frozenset({Hello, Welcome, Reject})
 
 
 class ConnectionState(enum.Enum):
@@ -91,10 +94,19 @@ class Connection:
     _next_seq: int = attrs.field(default=0, init=False)
     _next_ping_at: float = attrs.field(init=False)
     _outstanding: OrderedDict[int, float] = attrs.field(factory=OrderedDict, init=False)
+    #: the message types this side may send, and those only the peer sends (``SENDERS``,
+    #: looked up once: checked on every frame, by the type's hash instead of the role's).
+    _sendable: frozenset[type[Message]] = attrs.field(init=False)
+    _foreign: frozenset[type[Message]] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.peer_timeout <= 0 or self.ping_interval <= 0:
             raise ValueError("peer_timeout and ping_interval must be positive")
+        role = self.role
+        self._sendable = frozenset(cls for cls in MESSAGE_TYPES if role in cls.SENDERS)
+        self._foreign = frozenset(
+            cls for cls in MESSAGE_TYPES if role in cls.SENDERS and len(cls.SENDERS) == 1
+        )
         self._decoder = codec.FrameDecoder(self.max_frame_size)
         self.last_received = self.now
         self._next_ping_at = self.now
@@ -159,7 +171,7 @@ class Connection:
         return data
 
     def _check_outgoing(self, message: Message) -> None:
-        if self.role not in message.SENDERS:
+        if type(message) not in self._sendable:
             raise LocalProtocolError(f"a {self.role.value} cannot send {message.TAG}")
         state = self.state
         if state is ConnectionState.CLOSED:
@@ -181,7 +193,7 @@ class Connection:
             return
         # Reject answers a hello, like Welcome: the receiving side refuses it after the
         # handshake, so sending it here would only get us a protocol error back.
-        if type(message) is Hello or type(message) is Welcome or type(message) is Reject:
+        if type(message) in _HANDSHAKE_ONLY:
             raise LocalProtocolError(f"{message.TAG} is only valid during the handshake")
         if type(message) is Goodbye:
             self.state = ConnectionState.CLOSED
@@ -211,7 +223,7 @@ class Connection:
 
     def _check_incoming(self, message: Message, now: float) -> None:
         kind = type(message)
-        if self.role in message.SENDERS and len(message.SENDERS) == 1:
+        if kind in self._foreign:
             self.state = ConnectionState.CLOSED
             raise RemoteProtocolError(f"a {self.role.value} does not receive {message.TAG}")
         state = self.state
@@ -223,7 +235,7 @@ class Connection:
                     self.rtt = now - sent
             elif kind is Goodbye:
                 self.state = ConnectionState.CLOSED
-            elif kind is Hello or kind is Welcome or kind is Reject:
+            elif kind in _HANDSHAKE_ONLY:
                 self.state = ConnectionState.CLOSED
                 raise RemoteProtocolError(f"{message.TAG} after the handshake")
             return

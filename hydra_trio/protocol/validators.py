@@ -163,7 +163,8 @@ def check_float_map(inst: object, attr: attrs.Attribute[Any], value: object) -> 
 
 def records_of(record: type[Any]) -> Validator:
     def check(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
-        check_list(inst, attr, value)
+        if type(value) is not tuple or len(value) > MAX_LIST:
+            check_list(inst, attr, value)  # raises, saying which
         assert isinstance(value, tuple)
         for item in value:
             if type(item) is not record:
