@@ -72,6 +72,9 @@ class BuilderSession:
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     #: output files arriving, by (build id, attempt, path).
     uploads: dict[tuple[str, int, str], PendingUpload] = attrs.field(factory=dict)
+    #: frames posted and not yet taken by the writer (``statistics()`` would build an object
+    #: per Pong just to read this).
+    _queued: int = attrs.field(default=0, init=False)
     _send: trio.MemorySendChannel[Message] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[Message] = attrs.field(init=False)
 
@@ -83,13 +86,14 @@ class BuilderSession:
             return
         try:
             self._send.send_nowait(message)
+            self._queued += 1
         except trio.WouldBlock:
             self.close(f"not reading: {OUTBOX_SIZE} frames queued")
 
     async def reply(self, message: Message) -> None:
         """Send an answer from the receive loop: directly when nothing is queued (saving the
         writer task's scheduler pass on every Pong), else behind what is queued."""
-        if self._send.statistics().current_buffer_used:
+        if self._queued:
             self.post(message)
         else:
             await self.channel.send(message)
@@ -108,6 +112,7 @@ class BuilderSession:
                         batch.append(self._receive.receive_nowait())
                     except trio.WouldBlock:
                         break
+                self._queued -= len(batch)
                 await self.channel.send_all(batch)
         except (ConnectionLost, ProtocolError) as exc:
             self.close(str(exc))
