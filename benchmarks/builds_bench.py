@@ -39,14 +39,11 @@ every wait is bounded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import pstats
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,11 +52,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
+from daemons import Daemons, cpu_model, print_profiles
 
 ROOT = Path(__file__).resolve().parent.parent
-STOP_GRACE = 10.0
 POLL = 0.02
 #: GET /status polls while a throughput graph runs (each one costs the runner a scan of all
 #: builds: kept sparse so the poll does not weigh on what it measures).
@@ -71,20 +67,6 @@ GOAL_P99 = 0.020
 #: the longest any one timed phase may take before the script gives up.
 PHASE_TIMEOUT = 600.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def process_cpu(pid: int) -> float:
@@ -109,60 +91,16 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-class Farm:
+class Farm(Daemons):
     """A runner and builders as subprocesses, and an HTTP client."""
 
     def __init__(self, workdir: Path, profile: Path | None) -> None:
-        self.workdir = workdir
-        self.profile = profile
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.client = httpx.Client(timeout=30.0)
-        self.url = ""
-        self.port = 0
-
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_TRIO_")}
-        command = [sys.executable]
-        if self.profile is not None and name in ("runner", "b1"):
-            command += ["-m", "cProfile", "-o", str(self.profile / f"{name}.prof")]
-        command += ["-m", "hydra_trio", *args]
-        with (self.workdir / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir, env=env
-            )
-        self.processes[name] = process
-        return process
-
-    def start_runner(self) -> None:
-        for _ in range(5):
-            self.port, http = free_port(), free_port()
-            runner = self.spawn(
-                "runner",
-                "queue-runner",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--http",
-                f"127.0.0.1:{http}",
-                "--state-dir",
-                str(self.workdir / "state"),
-            )
-            self.url = f"http://127.0.0.1:{http}"
-            deadline = time.monotonic() + 20
-            while runner.poll() is None and time.monotonic() < deadline:
-                with contextlib.suppress(httpx.TransportError):
-                    if self.client.get(f"{self.url}/status").status_code == 200:
-                        return
-                time.sleep(0.05)
-            self.stop(runner)
-            del self.processes["runner"]
-            if "cannot listen" not in (self.workdir / "runner.log").read_text():
-                raise RuntimeError(f"the runner did not start; see {self.workdir}/runner.log")
-        raise RuntimeError("no free ports for the runner")
+        super().__init__(workdir, client_timeout=30.0, profile=profile, profiled=("runner", "b1"))
 
     def start_builders(self, count: int, max_jobs: int) -> None:
         for index in range(1, count + 1):
             name = f"b{index}"
-            self.spawn(
+            self.daemon(
                 name,
                 "builder",
                 "--server",
@@ -201,20 +139,6 @@ class Farm:
 
     def cpu(self) -> dict[str, float]:
         return {name: process_cpu(p.pid) for name, p in self.processes.items()}
-
-    def stop(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-        try:
-            process.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_GRACE)
-
-    def close(self) -> None:
-        for process in reversed(list(self.processes.values())):
-            self.stop(process)
-        self.client.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,14 +239,6 @@ def farm_latency(farm: Farm, count: int, warmup: int) -> dict[str, list[float]]:
         dispatched.append(float(build["startedAt"]) - sent)
         roundtrip.append(answered - sent)
     return {"child": child, "dispatched": dispatched, "roundtrip": roundtrip}
-
-
-def print_profiles(directory: Path) -> None:
-    for path in sorted(directory.glob("*.prof")):
-        print(f"\n===== {path} =====")
-        stats = pstats.Stats(str(path))
-        stats.sort_stats("cumulative").print_stats(25)
-        stats.sort_stats("tottime").print_stats(25)
 
 
 def main() -> int:
@@ -431,7 +347,7 @@ def main() -> int:
             json.dumps({"runs": runs, "latency": latency, "floor": floor}, indent=2)
         )
     if args.profile is not None:
-        print_profiles(args.profile)
+        print_profiles(args.profile, 25)
     return 0
 
 

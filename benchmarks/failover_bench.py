@@ -40,16 +40,14 @@ import random
 import select
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from daemons import Daemons, cpu_model
 
 PING_INTERVAL = 1.0
 PING_TIMEOUT = 3.0
@@ -122,12 +120,6 @@ async def proxy_main(upstream_port: int) -> None:
 # The orchestrator.
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def read_line(process: subprocess.Popen[str], timeout: float) -> str:
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], timeout)
@@ -153,60 +145,16 @@ def first_time(path: Path, needle: str) -> float | None:
     return None
 
 
-class Run:
+class Run(Daemons):
     """One repetition's processes, state dir and HTTP client."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.processes: list[subprocess.Popen[Any]] = []
-        self.client = httpx.Client(timeout=5.0)
-        self.url = ""
-        self.port = 0
-
-    def spawn(self, name: str, *args: str, pipe: bool = False) -> subprocess.Popen[Any]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_TRIO_")}
-        with (self.workdir / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, *args],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if pipe else log,
-                stderr=log,
-                cwd=self.workdir,
-                env=env,
-                text=pipe,
-            )
-        self.processes.append(process)
-        return process
-
-    def daemon(self, name: str, *args: str) -> subprocess.Popen[Any]:
-        return self.spawn(name, "-m", "hydra_trio", *args, "--log-format", "json")
-
-    def start_runner(self) -> None:
-        for _ in range(5):
-            self.port, http = free_port(), free_port()
-            runner = self.daemon(
-                "runner",
-                "queue-runner",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--http",
-                f"127.0.0.1:{http}",
-                "--builder-timeout",
-                f"{BUILDER_TIMEOUT:g}",
-                "--state-dir",
-                str(self.workdir / "state"),
-            )
-            self.url = f"http://127.0.0.1:{http}"
-            deadline = time.monotonic() + 20
-            while runner.poll() is None and time.monotonic() < deadline:
-                with contextlib.suppress(httpx.TransportError):
-                    if self.client.get(f"{self.url}/status").status_code == 200:
-                        return
-                time.sleep(0.05)
-            self.stop(runner)
-            if "cannot listen" not in (self.workdir / "runner.log").read_text():
-                raise RuntimeError(f"the runner did not start; see {self.workdir}/runner.log")
-        raise RuntimeError("no free ports for the runner")
+        super().__init__(
+            workdir,
+            client_timeout=5.0,
+            stop_grace=STOP_GRACE,
+            daemon_args=("--log-format", "json"),
+        )
 
     def start_builder(self, hostname: str, server_port: int) -> subprocess.Popen[Any]:
         builder = self.daemon(
@@ -245,27 +193,11 @@ class Run:
                 raise TimeoutError(f"timed out waiting for {what} (logs in {self.workdir})")
             time.sleep(POLL)
 
-    def stop(self, process: subprocess.Popen[Any]) -> None:
-        """SIGINT (the daemons' stop-now), SIGKILL after STOP_GRACE; then reap."""
-        process.send_signal(signal.SIGINT)  # a no-op if it has already been reaped
-        try:
-            process.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_GRACE)
-
-    def close(self) -> None:
-        for process in reversed(self.processes):
-            self.stop(process)
-            if process.stdout is not None:
-                process.stdout.close()
-        self.client.close()
-
 
 def one_run(workdir: Path, rng: random.Random) -> dict[str, float]:
     run = Run(workdir)
     try:
-        run.start_runner()
+        run.start_runner("--builder-timeout", f"{BUILDER_TIMEOUT:g}")
         proxy = run.spawn("proxy", __file__, "--proxy", str(run.port), pipe=True)
         line = read_line(proxy, 20)
         assert line.startswith("PORT "), line
@@ -310,14 +242,6 @@ def one_run(workdir: Path, rng: random.Random) -> dict[str, float]:
         }
     finally:
         run.close()
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def summary(values: list[float]) -> str:

@@ -51,10 +51,8 @@ import contextlib
 import json
 import os
 import platform
-import pstats
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,9 +61,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from daemons import Daemons, cpu_model, print_profiles
 
-STOP_GRACE = 10.0
 PING_INTERVAL = 1.0
 SAMPLE = 0.1
 CHUNK = 256 * 1024
@@ -82,20 +79,6 @@ GENERATE = (
     "        f.write(block[: min(size, len(block))])\n"
     "        size -= len(block)\n"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def memory(pid: int) -> dict[str, int]:
@@ -198,59 +181,14 @@ def raw_copy(size: int) -> float:
 # The farm.
 
 
-class Farm:
+class Farm(Daemons):
     def __init__(self, workdir: Path, profile: Path | None) -> None:
-        self.workdir = workdir
-        self.profile = profile
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.client = httpx.Client(timeout=10.0)
-        self.url = ""
-        self.port = 0
-
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_TRIO_")}
-        command = [sys.executable]
-        if self.profile is not None:
-            command += ["-m", "cProfile", "-o", str(self.profile / f"{name}.prof")]
-        command += ["-m", "hydra_trio", *args]
-        with (self.workdir / f"{name}.log").open("ab") as log:
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir, env=env
-            )
-        self.processes[name] = process
-        return process
+        super().__init__(workdir, client_timeout=10.0, profile=profile)
 
     def start(self) -> None:
-        for _ in range(5):
-            self.port, http = free_port(), free_port()
-            runner = self.spawn(
-                "runner",
-                "queue-runner",
-                "--listen",
-                f"127.0.0.1:{self.port}",
-                "--http",
-                f"127.0.0.1:{http}",
-                "--state-dir",
-                str(self.workdir / "state"),
-            )
-            self.url = f"http://127.0.0.1:{http}"
-            deadline = time.monotonic() + 20
-            while runner.poll() is None and time.monotonic() < deadline:
-                with contextlib.suppress(httpx.TransportError):
-                    if self.client.get(f"{self.url}/status").status_code == 200:
-                        break
-                time.sleep(0.05)
-            else:
-                self.stop(runner)
-                del self.processes["runner"]
-                if "cannot listen" not in (self.workdir / "runner.log").read_text():
-                    raise RuntimeError(f"the runner did not start; see {self.workdir}")
-                continue
-            break
-        else:
-            raise RuntimeError("no free ports for the runner")
+        self.start_runner()
         for name, feature in (("bA", "side-a"), ("bB", "side-b")):
-            self.spawn(
+            self.daemon(
                 name,
                 "builder",
                 "--server",
@@ -278,20 +216,6 @@ class Farm:
 
     def get(self, path: str) -> Any:
         return self.client.get(f"{self.url}{path}").json()
-
-    def stop(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-        try:
-            process.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_GRACE)
-
-    def close(self) -> None:
-        for process in reversed(list(self.processes.values())):
-            self.stop(process)
-        self.client.close()
 
 
 def one_run(workdir: Path, size: int, profile: Path | None) -> dict[str, Any]:
@@ -381,14 +305,6 @@ def one_run(workdir: Path, size: int, profile: Path | None) -> dict[str, Any]:
         }
     finally:
         farm.close()
-
-
-def print_profiles(directory: Path) -> None:
-    for path in sorted(directory.glob("*.prof")):
-        print(f"\n===== {path} =====")
-        stats = pstats.Stats(str(path))
-        stats.sort_stats("cumulative").print_stats(20)
-        stats.sort_stats("tottime").print_stats(20)
 
 
 def main() -> int:
@@ -491,7 +407,7 @@ def main() -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(runs, indent=2))
     if args.profile is not None:
-        print_profiles(args.profile)
+        print_profiles(args.profile, 20)
     return 0
 
 
