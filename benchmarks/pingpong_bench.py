@@ -3,7 +3,8 @@
 Contestants (each sends one ping, waits for its pong, then sends the next):
 
 - ``hydra``: the real protocol layer.  Builder side: ``FramedChannel`` +
-  ``Connection(Role.BUILDER)`` sends ``Hello``, waits for ``Welcome``, then
+  ``Connection(Role.BUILDER)`` receives the runner's ``Challenge``, sends ``Hello`` (no token,
+  so empty credentials), waits for ``Welcome``, then
   ``Connection.make_ping`` -> ``Ping(seq)``; runner side: the queue runner's own per-builder
   handler, ``runner.session.serve_builder``, over a real farm.
   Every frame is validated and passes the state machine on both sides.
@@ -276,13 +277,24 @@ async def hydra_client_setup(stream: Any) -> tuple[Any, Any]:
 
     from hydra_trio.net import FramedChannel
     from hydra_trio.protocol.connection import Connection
-    from hydra_trio.protocol.messages import PROTOCOL_VERSION, Goodbye, Hello, Pong, Role, Welcome
+    from hydra_trio.protocol.messages import (
+        PROTOCOL_VERSION,
+        Challenge,
+        Goodbye,
+        Hello,
+        Pong,
+        Role,
+        Welcome,
+    )
 
     # Generous timeouts: the peer is idle between blocks; nothing here checks them anyway.
     connection = Connection(
         Role.BUILDER, now=trio.current_time(), peer_timeout=3600.0, ping_interval=10.0
     )
     channel = FramedChannel(stream, connection)
+    challenge = await channel.receive()  # the runner speaks first
+    if type(challenge) is not Challenge:
+        raise RuntimeError(f"expected challenge, got {challenge!r}")
     await channel.send(
         Hello(
             protocol_version=PROTOCOL_VERSION,

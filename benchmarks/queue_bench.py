@@ -71,6 +71,7 @@ from hydra_trio.protocol.messages import (  # noqa: E402
     PROTOCOL_VERSION,
     Assign,
     BuildStatus,
+    Challenge,
     Hello,
     Pong,
     Result,
@@ -203,6 +204,8 @@ async def _connect(port: int, systems: tuple[str, ...], hostname: str) -> Framed
     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn = Connection(Role.BUILDER, now=trio.current_time(), peer_timeout=600, ping_interval=5)
     channel = FramedChannel(stream, conn)
+    challenge = await channel.receive()  # the runner speaks first
+    assert isinstance(challenge, Challenge), challenge
     await channel.send(
         Hello(
             protocol_version=PROTOCOL_VERSION,

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import signal
+import ssl
 import sys
 import time
 import tomllib
@@ -27,7 +28,7 @@ import trio
 
 from hydra_trio import __version__, net
 from hydra_trio.protocol.errors import HydraTrioError
-from hydra_trio.system import default_hostname, default_system
+from hydra_trio.system import default_hostname, default_system, raise_open_file_limit
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -159,6 +160,7 @@ def run_daemon(
     main: Callable[[], Awaitable[None]], on_sigterm: Callable[[], None] | None = None
 ) -> None:
     """``trio.run`` a daemon until a signal; startup errors a user can fix are one line."""
+    raise_open_file_limit()
     try:
         trio.run(run_until_signal, main, on_sigterm)
     except BaseException as exc:
@@ -254,30 +256,83 @@ def _runner_options(f: F) -> F:
                 default=3,
                 help="Attempts per build for infrastructure failures.",
             ),
+            token_file_option(
+                "Shared secret builders must prove they know, and HTTP calls that change state "
+                "must carry."
+            ),
+            option(
+                "--http-token-for-reads",
+                is_flag=True,
+                default=False,
+                help="With --token-file, HTTP reads need the token too.",
+            ),
+            option(
+                "--max-unauthenticated",
+                type=click.IntRange(min=1),
+                default=256,
+                help="Connections in their handshake at once; more are closed at once.",
+            ),
         ]
     ):
         f = decorator(f)
     return f
 
 
+def token_file_option(help: str) -> Callable[[F], F]:
+    return option(
+        "--token-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=help,
+    )
+
+
+def _tls_file(help: str, name: str) -> Callable[[F], F]:
+    return option(name, type=click.Path(dir_okay=False, path_type=Path), default=None, help=help)
+
+
+def _token(path: Path | None) -> bytes | None:
+    """The token in ``path`` (None without one); a bad file is a usage error."""
+    from hydra_trio.auth import load_token
+
+    if path is None:
+        return None
+    try:
+        return load_token(path)
+    except HydraTrioError as exc:
+        raise click.BadParameter(str(exc), param_hint="--token-file") from None
+
+
 def _runner_config(**kw: Any) -> Any:
     from hydra_trio.runner.daemon import RunnerConfig
 
-    return RunnerConfig(
-        listen=kw["listen"],
-        http=kw["http"],
-        state_dir=kw["state_dir"],
-        db=kw["db"],
-        builder_timeout=kw["builder_timeout"],
-        handshake_timeout=kw["handshake_timeout"],
-        max_tries=kw["max_tries"],
-    )
+    try:
+        return RunnerConfig(
+            listen=kw["listen"],
+            http=kw["http"],
+            state_dir=kw["state_dir"],
+            db=kw["db"],
+            builder_timeout=kw["builder_timeout"],
+            handshake_timeout=kw["handshake_timeout"],
+            max_tries=kw["max_tries"],
+            token=_token(kw["token_file"]),
+            http_token_for_reads=kw["http_token_for_reads"],
+            tls_cert=kw.get("tls_cert"),
+            tls_key=kw.get("tls_key"),
+            tls_ca=kw.get("tls_ca"),
+            max_unauthenticated=kw["max_unauthenticated"],
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command("queue-runner")
 @config_option
 @_runner_options
 @option("--http", type=HOSTPORT, default="127.0.0.1:7421", help="HTTP API, metrics, dashboard.")
+@_tls_file("TLS certificate (PEM, with its chain) for the builder port.", "--tls-cert")
+@_tls_file("The TLS certificate's private key (PEM).", "--tls-key")
+@_tls_file("With TLS: builders must present a certificate signed by this CA.", "--tls-ca")
 @logging_options
 def queue_runner(log_level: str, log_format: str, **kw: Any) -> None:
     """Run the queue runner: builders dial in, builds are handed out."""
@@ -326,6 +381,11 @@ def _builder_options(f: F) -> F:
     help="Build directories and the machine id.",
 )
 @option("--hostname", default=default_hostname(), help="Shown in /status.")
+@token_file_option("The runner's shared secret (proven, never sent).")
+@_tls_file("Connect with TLS; verify the runner against this CA.", "--tls-ca")
+@_tls_file("Connect with TLS; present this client certificate (PEM).", "--tls-cert")
+@_tls_file("The client certificate's private key (PEM).", "--tls-key")
+@option("--tls", is_flag=True, default=False, help="Connect with TLS, verified by system roots.")
 @logging_options
 def builder(log_level: str, log_format: str, **kw: Any) -> None:
     """Run a builder: connect to the queue runner and run what it assigns."""
@@ -346,6 +406,8 @@ def builder(log_level: str, log_format: str, **kw: Any) -> None:
         work_dir=kw["work_dir"],
         hostname=kw["hostname"],
         reconnect_max=kw["reconnect_max"],
+        token=_token(kw["token_file"]),
+        ssl_context=_builder_tls(kw["tls"], kw["tls_ca"], kw["tls_cert"], kw["tls_key"]),
     )
 
     async def serve() -> None:
@@ -360,6 +422,20 @@ def builder(log_level: str, log_format: str, **kw: Any) -> None:
             request_drain()
 
     run_daemon(serve, on_sigterm)
+
+
+def _builder_tls(
+    tls: bool, ca: Path | None, cert: Path | None, key: Path | None
+) -> ssl.SSLContext | None:
+    """The builder's TLS context: with any TLS option (``--tls`` alone uses the system roots)."""
+    if (cert is None) != (key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if not (tls or ca or cert):
+        return None
+    try:
+        return net.client_tls_context(ca, cert, key)
+    except HydraTrioError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @main.command("up")
@@ -424,6 +500,7 @@ def up(
                             work_dir=config.state_dir / "builders" / str(index + 1),
                             max_jobs=max_jobs,
                             ping_interval=ping_interval,
+                            token=config.token,
                         ),
                     )
                 )
@@ -446,23 +523,45 @@ def up(
 
 
 def client_options(f: F) -> F:
+    f = token_file_option("The runner's token, sent as 'Authorization: Bearer' on every call.")(f)
     f = option("--url", default=DEFAULT_URL, help="The queue runner's HTTP API.")(f)
     return config_option(f)
 
 
-def _request(method: str, url: str, path: str, **kwargs: Any) -> Any:
+def _auth_headers(token: bytes | None) -> dict[str, str]:
+    if token is None:
+        return {}
+    return {"Authorization": "Bearer " + token.decode("ascii")}  # load_token checked it
+
+
+def _check(response: httpx.Response, token: bytes | None) -> None:
+    """A runner's error answer as a one-line error (the body must have been read)."""
+    if response.status_code < 400:
+        return
     try:
-        response = httpx.request(method, url.rstrip("/") + path, timeout=30.0, **kwargs)
+        message = response.json().get("error", response.text)
+    except ValueError:
+        message = response.text.strip() or response.reason_phrase
+    if response.status_code == 403:
+        hint = "is --token-file the runner's token?" if token else "pass --token-file"
+        fail(f"the queue runner refused the request: {message} ({hint})")
+    fail(f"{message} (HTTP {response.status_code})")
+
+
+def _request(method: str, url: str, path: str, token: bytes | None, **kwargs: Any) -> Any:
+    try:
+        response = httpx.request(
+            method,
+            url.rstrip("/") + path,
+            headers=_auth_headers(token),
+            timeout=30.0,
+            **kwargs,
+        )
     except httpx.InvalidURL as exc:
         fail(f"invalid --url {url!r}: {exc}")
     except httpx.HTTPError as exc:
         fail(f"cannot reach the queue runner at {url}: {exc} (is it running? `hydra-trio up`)")
-    if response.status_code >= 400:
-        try:
-            message = response.json().get("error", response.text)
-        except ValueError:
-            message = response.text.strip() or response.reason_phrase
-        fail(f"{message} (HTTP {response.status_code})")
+    _check(response, token)
     if response.headers.get("content-type", "").startswith("application/json"):
         return response.json()
     return response.text
@@ -487,6 +586,7 @@ def _request(method: str, url: str, path: str, **kwargs: Any) -> Any:
 @click.argument("command", nargs=-1)
 def submit(
     url: str,
+    token_file: Path | None,
     name: str,
     system: str | None,
     features: tuple[str, ...],
@@ -504,14 +604,17 @@ def submit(
     if graph_file is not None:
         if command:
             raise click.UsageError("give either --file or a COMMAND, not both")
-        ids = _request("POST", url, "/builds", json=load_graph(graph_file))["ids"]
+        graph = load_graph(graph_file)
+        token = _token(token_file)
+        ids = _request("POST", url, "/builds", token, json=graph)["ids"]
         for build_name, build_id in ids.items():
             click.echo(f"{build_name} {build_id}")
         if wait:
-            sys.exit(max(_wait(url, build_id) for build_id in ids.values()))
+            sys.exit(max(_wait(url, token, build_id) for build_id in ids.values()))
         return
     if not command:
         raise click.UsageError("give the COMMAND to run after --, or --file GRAPH.toml")
+    token = _token(token_file)
     body: dict[str, Any] = {
         "command": list(command),
         "name": name,
@@ -525,10 +628,10 @@ def submit(
         body["timeout"] = timeout
     if max_silent is not None:
         body["maxSilent"] = max_silent
-    build_id = _request("POST", url, "/builds", json=body)["id"]
+    build_id = _request("POST", url, "/builds", token, json=body)["id"]
     click.echo(build_id)
     if wait:
-        sys.exit(_wait(url, build_id))
+        sys.exit(_wait(url, token, build_id))
 
 
 _GRAPH_KEYS = {
@@ -579,11 +682,11 @@ def load_graph(path: str) -> dict[str, Any]:
     return {"builds": builds}
 
 
-def _wait(url: str, build_id: str) -> int:
+def _wait(url: str, token: bytes | None, build_id: str) -> int:
     last = None
     started = time.monotonic()
     while True:
-        build = _request("GET", url, f"/builds/{build_id}")
+        build = _request("GET", url, f"/builds/{build_id}", token)
         shown = (build["state"], build.get("phase"), build.get("machine"), build["attempts"])
         if shown != last:
             where = f" on {build['machine']}" if build.get("machine") else ""
@@ -614,9 +717,9 @@ def _age(seconds: float) -> str:
 @main.command("status")
 @client_options
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-def status(url: str, as_json: bool) -> None:
+def status(url: str, token_file: Path | None, as_json: bool) -> None:
     """Machines and queue counts."""
-    data = _request("GET", url, "/status")
+    data = _request("GET", url, "/status", _token(token_file))
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -642,9 +745,9 @@ def status(url: str, as_json: bool) -> None:
 @client_options
 @click.argument("build_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-def show(url: str, build_id: str, as_json: bool) -> None:
+def show(url: str, token_file: Path | None, build_id: str, as_json: bool) -> None:
     """One build's state."""
-    data = _request("GET", url, f"/builds/{build_id}")
+    data = _request("GET", url, f"/builds/{build_id}", _token(token_file))
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -659,17 +762,24 @@ def show(url: str, build_id: str, as_json: bool) -> None:
 @client_options
 @click.argument("build_id")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the build ends.")
-def log_command(url: str, build_id: str, follow: bool) -> None:
+def log_command(url: str, token_file: Path | None, build_id: str, follow: bool) -> None:
     """A build's log (of its current attempt)."""
+    token = _token(token_file)
     if not follow:
-        click.echo(_request("GET", url, f"/builds/{build_id}/log"), nl=False)
+        click.echo(_request("GET", url, f"/builds/{build_id}/log", token), nl=False)
         return
-    _request("GET", url, f"/builds/{build_id}")  # a clear error for an unknown id
+    _request("GET", url, f"/builds/{build_id}", token)  # a clear error for an unknown id
     out = sys.stdout.buffer
     try:
         with httpx.stream(
-            "GET", url.rstrip("/") + f"/builds/{build_id}/log?follow=1", timeout=None
+            "GET",
+            url.rstrip("/") + f"/builds/{build_id}/log?follow=1",
+            headers=_auth_headers(token),
+            timeout=None,
         ) as response:
+            if response.status_code >= 400:
+                response.read()
+                _check(response, token)
             for chunk in response.iter_bytes():
                 out.write(chunk)
                 out.flush()
@@ -680,16 +790,16 @@ def log_command(url: str, build_id: str, follow: bool) -> None:
 @main.command("cancel")
 @client_options
 @click.argument("build_id")
-def cancel(url: str, build_id: str) -> None:
+def cancel(url: str, token_file: Path | None, build_id: str) -> None:
     """Cancel a queued or running build."""
-    data = _request("POST", url, f"/builds/{build_id}/cancel")
+    data = _request("POST", url, f"/builds/{build_id}/cancel", _token(token_file))
     click.echo(f"{data['id']}: {data['state']}")
 
 
 @main.command("drain")
 @client_options
 @click.argument("machine")
-def drain(url: str, machine: str) -> None:
+def drain(url: str, token_file: Path | None, machine: str) -> None:
     """Stop giving a machine (hostname or machine id) new builds."""
-    data = _request("POST", url, f"/machines/{machine}/drain")
+    data = _request("POST", url, f"/machines/{machine}/drain", _token(token_file))
     click.echo(f"{data['hostname']}: {data['state']}")

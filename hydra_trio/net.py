@@ -13,8 +13,10 @@ a vanished peer on an idle link, but only the ping proves the peer's event loop 
 from __future__ import annotations
 
 import socket
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -215,3 +217,62 @@ async def serve_tcp(
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, configured, listeners)
         task_status.started(bound)
+
+
+class TLSError(HydraTrioError):
+    """TLS could not be set up or negotiated; the message says why."""
+
+
+def server_tls_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext:
+    """The runner's TLS context for the builder port: its certificate, and with ``ca``,
+    mutual TLS (every builder must present a certificate signed by ``ca``)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+        if ca is not None:
+            context.load_verify_locations(cafile=ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSError(f"cannot load the TLS files ({cert}, {key}, {ca}): {exc}") from None
+    return context
+
+
+def client_tls_context(
+    ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """A builder's TLS context: verifies the runner against ``ca`` (or the system roots) and
+    presents ``cert``/``key`` when given (for a runner that requires mutual TLS)."""
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert is not None:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TLSError(f"cannot load the TLS files ({ca}, {cert}, {key}): {exc}") from None
+    return context
+
+
+def tls_failure(exc: BaseException) -> str:
+    """One line on why a TLS handshake failed (trio wraps the ``ssl`` error)."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError):
+        return cause.reason or str(cause)
+    return str(cause) or "connection closed during the TLS handshake"
+
+
+async def start_tls(
+    stream: trio.abc.Stream, context: ssl.SSLContext, *, server_hostname: str
+) -> trio.SSLStream[trio.abc.Stream]:
+    """Wrap a connected ``stream`` in TLS as a client and complete the handshake (callers
+    bound it with their connect deadline).  Raises ``ConnectionLost`` if it fails."""
+    tls = trio.SSLStream(stream, context, server_hostname=server_hostname)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(stream)
+        why = tls_failure(exc)
+        raise ConnectionLost(f"TLS handshake with {server_hostname} failed: {why}") from None
+    return tls

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import resource
 import socket
 
 
@@ -15,3 +16,21 @@ def default_system() -> str:
 
 def default_hostname() -> str:
     return socket.gethostname() or "localhost"
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; returns the new one.
+
+    Every builder connection, log being written and upload in flight holds a descriptor, and
+    the common soft default (1024) is far below what a busy runner needs, while the hard limit
+    (often 512k or more) is not.  Servers such as nginx and PostgreSQL do the same.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep the soft limit we have
+    return soft

@@ -13,6 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from hydra_trio.protocol import messages as m
+from hydra_trio.protocol.validators import NONCE_MAX, NONCE_MIN
 
 #: Enough examples to find shape bugs while keeping the suite at a few seconds; set
 #: HYDRA_TRIO_EXAMPLES=5000 for a longer fuzzing run.
@@ -68,6 +69,12 @@ RECORDS: dict[type[Any], st.SearchStrategy[Any]] = {
 }
 
 MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
+    m.Challenge: st.builds(
+        m.Challenge,
+        protocol_version=nonempty,
+        nonce=st.binary(min_size=NONCE_MIN, max_size=NONCE_MAX),
+        token_required=st.booleans(),
+    ),
     m.Hello: st.builds(
         m.Hello,
         protocol_version=nonempty,
@@ -156,6 +163,7 @@ SHA_EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 #: One valid instance of every message type, with every field set (used by table tests).
 EXAMPLES: dict[type[Any], Any] = {
+    m.Challenge: m.Challenge(protocol_version="1.0", nonce=bytes(range(32)), token_required=True),
     m.Hello: m.Hello(
         protocol_version="1.0",
         machine_id="m1",

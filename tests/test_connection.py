@@ -24,11 +24,13 @@ from hydra_trio.protocol.errors import LocalProtocolError, RemoteProtocolError
 
 from .strategies import EXAMPLES, MESSAGES
 
+CHALLENGE = EXAMPLES[m.Challenge]
 HELLO = EXAMPLES[m.Hello]
 WELCOME = EXAMPLES[m.Welcome]
 REJECT = EXAMPLES[m.Reject]
 B, R = m.Role.BUILDER, m.Role.RUNNER
 ONE_WAY = [cls for cls in m.MESSAGE_TYPES if len(cls.SENDERS) == 1]
+HANDSHAKE_ONLY = (m.Challenge, m.Hello, m.Welcome, m.Reject)
 
 
 def frame(message: m.Message) -> bytes:
@@ -40,15 +42,31 @@ def state(conn: Connection) -> ConnectionState:
     return conn.state
 
 
-def builder(now: float = 0.0, **kwargs: Any) -> Connection:
+def new_builder(now: float = 0.0, **kwargs: Any) -> Connection:
+    """A builder connection that has neither sent nor received anything."""
     kwargs.setdefault("peer_timeout", 30.0)
     kwargs.setdefault("ping_interval", 10.0)
     return Connection(B, now=now, **kwargs)
 
 
-def runner(now: float = 0.0, **kwargs: Any) -> Connection:
+def new_runner(now: float = 0.0, **kwargs: Any) -> Connection:
+    """A runner connection that has neither sent nor received anything."""
     kwargs.setdefault("peer_timeout", 30.0)
     return Connection(R, now=now, **kwargs)
+
+
+def builder(now: float = 0.0, **kwargs: Any) -> Connection:
+    """A builder that has received the runner's challenge: its Hello is next."""
+    conn = new_builder(now, **kwargs)
+    assert conn.receive_data(frame(CHALLENGE), now) == [CHALLENGE]
+    return conn
+
+
+def runner(now: float = 0.0, **kwargs: Any) -> Connection:
+    """A runner that has sent its challenge and waits for the Hello."""
+    conn = new_runner(now, **kwargs)
+    assert conn.send(CHALLENGE) == frame(CHALLENGE)
+    return conn
 
 
 def established_builder(now: float = 0.0, **kwargs: Any) -> Connection:
@@ -69,9 +87,12 @@ def established_runner(now: float = 0.0, **kwargs: Any) -> Connection:
 
 
 def test_builder_handshake_welcome() -> None:
-    """A builder sends Hello, receives Welcome, and is then established."""
-    conn = builder()
+    """A builder receives Challenge, sends Hello, receives Welcome, and is then established."""
+    conn = new_builder()
     assert conn.state is ConnectionState.HANDSHAKE
+    assert conn.receive_data(frame(CHALLENGE), 0.5) == [CHALLENGE]
+    assert conn.challenge == CHALLENGE
+    assert state(conn) is ConnectionState.HANDSHAKE
     assert conn.send(HELLO) == frame(HELLO)
     assert state(conn) is ConnectionState.HANDSHAKE
     conn.receive_data(frame(WELCOME), 1.0)
@@ -89,9 +110,22 @@ def test_builder_handshake_reject_closes() -> None:
         conn.send(m.Goodbye())
 
 
+@pytest.mark.parametrize("cls", [c for c in m.MESSAGE_TYPES if B in c.SENDERS], ids=lambda c: c.TAG)
+def test_builder_must_receive_challenge_before_sending(cls: type[m.Message]) -> None:
+    """Before the runner's Challenge the builder may send nothing, not even its Hello."""
+    conn = new_builder()
+    with pytest.raises(LocalProtocolError, match="before the runner's challenge"):
+        conn.send(EXAMPLES[cls])
+    assert conn.state is ConnectionState.HANDSHAKE
+    assert conn.frames_sent == 0
+    conn.receive_data(frame(CHALLENGE), 0.0)
+    conn.send(HELLO)  # the refused frame did not count
+
+
 @pytest.mark.parametrize("cls", [c for c in m.MESSAGE_TYPES if B in c.SENDERS and c is not m.Hello])
 def test_builder_must_send_hello_first(cls: type[m.Message]) -> None:
-    """Anything but Hello as the builder's first frame is a LocalProtocolError."""
+    """After the Challenge, anything but Hello as the builder's first frame is a
+    LocalProtocolError."""
     conn = builder()
     with pytest.raises(LocalProtocolError, match="before the runner's welcome"):
         conn.send(EXAMPLES[cls])
@@ -108,15 +142,33 @@ def test_builder_sends_nothing_more_before_welcome() -> None:
             conn.send(message)
 
 
-def test_builder_receiving_before_its_hello() -> None:
-    """A runner frame before the builder's own Hello is a RemoteProtocolError."""
+@pytest.mark.parametrize(
+    "cls",
+    [c for c in m.MESSAGE_TYPES if R in c.SENDERS and c is not m.Challenge],
+    ids=lambda c: c.TAG,
+)
+def test_builder_expects_challenge_first(cls: type[m.Message]) -> None:
+    """A runner frame other than Challenge first (even Welcome) is a RemoteProtocolError."""
+    conn = new_builder()
+    with pytest.raises(RemoteProtocolError, match=f"expected challenge first, got {cls.TAG}"):
+        conn.receive_data(frame(EXAMPLES[cls]), 0.0)
+    assert conn.state is ConnectionState.CLOSED
+    assert conn.challenge is None
+
+
+@pytest.mark.parametrize("message", [WELCOME, CHALLENGE], ids=lambda x: x.TAG)
+def test_builder_receiving_before_its_hello(message: m.Message) -> None:
+    """After the Challenge, a runner frame before the builder's own Hello (a Welcome, a second
+    Challenge) is a RemoteProtocolError."""
     conn = builder()
-    with pytest.raises(RemoteProtocolError, match="welcome received before our hello"):
-        conn.receive_data(frame(WELCOME), 0.0)
+    with pytest.raises(RemoteProtocolError, match=f"{message.TAG} received before our hello"):
+        conn.receive_data(frame(message), 0.0)
     assert conn.state is ConnectionState.CLOSED
 
 
-@pytest.mark.parametrize("message", [m.Pong(seq=0), m.Drain(), m.Goodbye(), EXAMPLES[m.Assign]])
+@pytest.mark.parametrize(
+    "message", [m.Pong(seq=0), m.Drain(), m.Goodbye(), EXAMPLES[m.Assign], CHALLENGE]
+)
 def test_builder_expects_welcome_or_reject(message: m.Message) -> None:
     """After Hello, a runner frame other than Welcome or Reject is a RemoteProtocolError."""
     conn = builder()
@@ -130,8 +182,12 @@ def test_builder_expects_welcome_or_reject(message: m.Message) -> None:
 
 
 def test_runner_handshake() -> None:
-    """A runner receives Hello, keeps it, answers Welcome and is established."""
-    conn = runner()
+    """A runner sends Challenge, receives Hello, keeps both, answers Welcome and is
+    established."""
+    conn = new_runner()
+    assert conn.send(CHALLENGE) == frame(CHALLENGE)
+    assert conn.challenge == CHALLENGE
+    assert state(conn) is ConnectionState.HANDSHAKE
     conn.receive_data(frame(HELLO), 0.5)
     assert conn.hello == HELLO
     assert conn.state is ConnectionState.HANDSHAKE
@@ -149,9 +205,38 @@ def test_runner_reject_closes() -> None:
         conn.send(m.Goodbye())
 
 
+@pytest.mark.parametrize(
+    "cls",
+    [c for c in m.MESSAGE_TYPES if R in c.SENDERS and c is not m.Challenge],
+    ids=lambda c: c.TAG,
+)
+def test_runner_sends_challenge_first(cls: type[m.Message]) -> None:
+    """The runner's first frame must be its Challenge: anything else is a LocalProtocolError."""
+    conn = new_runner()
+    with pytest.raises(LocalProtocolError, match=f"cannot send {cls.TAG} before the challenge"):
+        conn.send(EXAMPLES[cls])
+    assert conn.state is ConnectionState.HANDSHAKE
+    assert conn.frames_sent == 0
+    conn.send(CHALLENGE)  # the refused frame did not count
+
+
+def test_runner_cannot_send_a_second_challenge() -> None:
+    """A second Challenge, before or after the Hello arrived, is a LocalProtocolError."""
+    conn = runner()
+    with pytest.raises(LocalProtocolError, match="cannot send a second challenge"):
+        conn.send(attrs.evolve(CHALLENGE, nonce=bytes(16)))
+    conn.receive_data(frame(HELLO), 0.0)
+    with pytest.raises(LocalProtocolError, match="cannot send a second challenge"):
+        conn.send(CHALLENGE)
+    assert conn.challenge == CHALLENGE
+    assert conn.state is ConnectionState.HANDSHAKE
+    conn.send(WELCOME)
+
+
 @pytest.mark.parametrize("message", [WELCOME, REJECT, m.Pong(seq=0), m.Goodbye()])
 def test_runner_sends_nothing_before_hello(message: m.Message) -> None:
-    """Before a Hello arrives the runner may send nothing, not even Welcome or Reject."""
+    """After its Challenge and before a Hello arrives the runner may send nothing, not even
+    Welcome or Reject."""
     with pytest.raises(LocalProtocolError, match="before accepting a hello"):
         runner().send(message)
 
@@ -172,15 +257,29 @@ def test_runner_answers_hello_only_with_welcome_or_reject(message: m.Message) ->
 def test_runner_expects_hello_first(message: m.Message) -> None:
     """A builder frame other than Hello first is a RemoteProtocolError."""
     conn = runner()
-    with pytest.raises(RemoteProtocolError, match=f"expected hello first, got {message.TAG}"):
+    with pytest.raises(
+        RemoteProtocolError, match=f"expected hello after the challenge, got {message.TAG}"
+    ):
         conn.receive_data(frame(message), 0.0)
     assert conn.state is ConnectionState.CLOSED
+
+
+def test_runner_refuses_hello_before_its_challenge() -> None:
+    """A Hello that arrives before the runner sent its Challenge is a RemoteProtocolError: the
+    builder cannot have answered a nonce it has not seen."""
+    conn = new_runner()
+    with pytest.raises(RemoteProtocolError, match="expected hello after the challenge, got hello"):
+        conn.receive_data(frame(HELLO), 0.0)
+    assert conn.state is ConnectionState.CLOSED
+    assert conn.hello is None
+    with pytest.raises(LocalProtocolError, match="closed"):
+        conn.send(CHALLENGE)
 
 
 def test_runner_refuses_second_hello() -> None:
     """A second Hello, before or after the Welcome, is a RemoteProtocolError."""
     conn = runner()
-    with pytest.raises(RemoteProtocolError, match="expected hello first, got hello"):
+    with pytest.raises(RemoteProtocolError, match="expected hello after the challenge, got hello"):
         conn.receive_data(frame(HELLO) + frame(HELLO), 0.0)
     conn = established_runner()
     with pytest.raises(RemoteProtocolError, match="hello after the handshake"):
@@ -188,17 +287,19 @@ def test_runner_refuses_second_hello() -> None:
 
 
 def test_builder_refuses_second_welcome() -> None:
-    """A Welcome or Reject after the handshake is a RemoteProtocolError on the builder."""
-    for late in (WELCOME, REJECT):
+    """A Challenge, Welcome or Reject after the handshake is a RemoteProtocolError on the
+    builder."""
+    for late in (CHALLENGE, WELCOME, REJECT):
         conn = established_builder()
         with pytest.raises(RemoteProtocolError, match=f"{late.TAG} after the handshake"):
             conn.receive_data(frame(late), 0.0)
         assert conn.state is ConnectionState.CLOSED
 
 
-@pytest.mark.parametrize("late", [HELLO, WELCOME, REJECT], ids=lambda x: x.TAG)
+@pytest.mark.parametrize("late", [CHALLENGE, HELLO, WELCOME, REJECT], ids=lambda x: x.TAG)
 def test_handshake_messages_cannot_be_sent_after_it(late: m.Message) -> None:
-    """Hello, Welcome and Reject are refused locally once the connection is established."""
+    """Challenge, Hello, Welcome and Reject are refused locally once the connection is
+    established."""
     conn = established_builder() if B in late.SENDERS else established_runner()
     with pytest.raises(LocalProtocolError, match="only valid during the handshake"):
         conn.send(late)
@@ -210,12 +311,17 @@ def test_handshake_messages_cannot_be_sent_after_it(late: m.Message) -> None:
 
 @pytest.mark.parametrize("cls", ONE_WAY, ids=lambda c: c.TAG)
 def test_wrong_direction_is_refused_on_receive(cls: type[m.Message]) -> None:
-    """A message received by the role that sends it is a RemoteProtocolError."""
+    """A message received by the role that sends it is a RemoteProtocolError, in any state."""
     (sender,) = cls.SENDERS
-    conn = established_builder() if sender is B else established_runner()
-    with pytest.raises(RemoteProtocolError, match=f"a {sender.value} does not receive {cls.TAG}"):
-        conn.receive_data(frame(EXAMPLES[cls]), 1.0)
-    assert conn.state is ConnectionState.CLOSED
+    for conn in (
+        Connection(sender, now=0, peer_timeout=1),
+        established_builder() if sender is B else established_runner(),
+    ):
+        with pytest.raises(
+            RemoteProtocolError, match=f"a {sender.value} does not receive {cls.TAG}"
+        ):
+            conn.receive_data(frame(EXAMPLES[cls]), 1.0)
+        assert conn.state is ConnectionState.CLOSED
 
 
 @pytest.mark.parametrize("cls", ONE_WAY, ids=lambda c: c.TAG)
@@ -231,11 +337,11 @@ def test_wrong_direction_is_refused_on_send(cls: type[m.Message]) -> None:
             conn.send(EXAMPLES[cls])
 
 
-@pytest.mark.parametrize("cls", [c for c in m.MESSAGE_TYPES if len(c.SENDERS) == 1])
+@pytest.mark.parametrize(
+    "cls", [c for c in ONE_WAY if c not in HANDSHAKE_ONLY], ids=lambda c: c.TAG
+)
 def test_established_traffic_flows(cls: type[m.Message]) -> None:
     """Once established, every non-handshake message flows in its direction."""
-    if cls in (m.Hello, m.Welcome, m.Reject):
-        return
     (sender,) = cls.SENDERS
     src = established_builder() if sender is B else established_runner()
     dst = established_runner() if sender is B else established_builder()
@@ -304,7 +410,8 @@ def test_frame_counters() -> None:
     conn = established_builder()
     conn.send(conn.make_ping(0.0))
     conn.receive_data(frame(m.Pong(seq=0)) + frame(m.Drain()), 1.0)
-    assert (conn.frames_sent, conn.frames_received) == (2, 3)
+    # sent: hello, ping; received: challenge, welcome, pong, drain
+    assert (conn.frames_sent, conn.frames_received) == (2, 4)
 
 
 def test_constructor_checks_times() -> None:
@@ -388,7 +495,8 @@ def test_outstanding_pings_are_bounded() -> None:
 
 
 def test_deadline_starts_at_creation() -> None:
-    """Before any frame, the deadline is creation time + peer_timeout."""
+    """Before any frame arrives, the deadline is creation time + peer_timeout (sending the
+    challenge does not move it)."""
     conn = runner(now=100.0, peer_timeout=5.0)
     assert conn.deadline == 105.0
     assert not conn.peer_silent(104.999)
@@ -500,6 +608,8 @@ class LinkMachine(RuleBasedStateMachine):
         self.last_seq = -1
         self.last_pong_seq = -1
         self.next_ping_at = start  # due right after the welcome
+        self._send(self.runner, CHALLENGE)
+        self.to_builder.deliver([len(self.to_builder.buffer)], start)
         self._send(self.builder, HELLO)
         self.to_runner.deliver([len(self.to_runner.buffer)], start)
         self._send(self.runner, WELCOME)

@@ -126,6 +126,8 @@ async def test_status_lists_machines_with_every_contract_field_and_queue_counts(
                 "buildersLostIdle": 0,
                 "buildersLostWhileBuilding": 0,
                 "requeued": {},
+                "framesRejected": {},
+                "handshakesRejected": {},
             },
         }
         await runner.start_builder("b1")

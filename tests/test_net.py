@@ -18,6 +18,7 @@ from hydra_trio.protocol.errors import RemoteProtocolError
 
 from .strategies import EXAMPLES
 
+CHALLENGE = EXAMPLES[m.Challenge]
 HELLO = EXAMPLES[m.Hello]
 WELCOME = EXAMPLES[m.Welcome]
 
@@ -37,14 +38,16 @@ def channels(
 
 
 async def handshake(builder: net.FramedChannel, runner: net.FramedChannel) -> None:
-    """Hello and Welcome, each side in its own task (a lockstep stream blocks the writer
-    until the reader takes the bytes)."""
+    """Challenge, Hello and Welcome, each side in its own task (a lockstep stream blocks the
+    writer until the reader takes the bytes)."""
 
     async def builder_side() -> None:
+        assert await builder.receive() == CHALLENGE
         await builder.send(HELLO)
         assert await builder.receive() == WELCOME
 
     async def runner_side() -> None:
+        await runner.send(CHALLENGE)
         assert await runner.receive() == HELLO
         await runner.send(WELCOME)
 
@@ -119,6 +122,7 @@ async def test_eof_raises_connection_lost(autojump_clock: trio.testing.MockClock
 async def test_eof_mid_frame_is_a_protocol_error(autojump_clock: trio.testing.MockClock) -> None:
     """A stream that ends inside a frame raises RemoteProtocolError."""
     builder, runner = channels()
+    runner.connection.send(CHALLENGE)  # bytes not sent: only the state matters here
     await builder.stream.send_all(codec.encode(HELLO)[:10])
     await builder.aclose()
     with pytest.raises(RemoteProtocolError, match="middle of a frame"):
@@ -146,8 +150,9 @@ async def test_protocol_violation_raises_remote_protocol_error(
 ) -> None:
     """A well-formed frame that breaks the handshake rules raises RemoteProtocolError."""
     builder, runner = channels()
+    runner.connection.send(CHALLENGE)
     await builder.stream.send_all(codec.encode(m.Ping(seq=0)))
-    with pytest.raises(RemoteProtocolError, match="expected hello first"):
+    with pytest.raises(RemoteProtocolError, match="expected hello after the challenge"):
         await runner.receive()
 
 
@@ -155,10 +160,10 @@ async def test_send_to_closed_peer_raises_connection_lost(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Sending after the stream broke raises ConnectionLost, not a trio exception."""
-    builder, _runner = channels()
-    await builder.aclose()
+    _builder, runner = channels()
+    await runner.aclose()
     with pytest.raises(net.ConnectionLost, match="send failed"):
-        await builder.send(HELLO)
+        await runner.send(CHALLENGE)
 
 
 async def test_configure_keepalive_without_socket_is_a_no_op() -> None:
@@ -189,6 +194,7 @@ async def test_loopback_tcp_with_keepalive() -> None:
         channel = net.FramedChannel(
             stream, Connection(m.Role.RUNNER, now=trio.current_time(), peer_timeout=30.0)
         )
+        await channel.send(CHALLENGE)
         assert await channel.receive() == HELLO
         await channel.send(WELCOME)
         await channel.aclose()
@@ -205,6 +211,7 @@ async def test_loopback_tcp_with_keepalive() -> None:
             channel = net.FramedChannel(
                 stream, Connection(m.Role.BUILDER, now=trio.current_time(), peer_timeout=30.0)
             )
+            assert await channel.receive() == CHALLENGE
             await channel.send(HELLO)
             assert await channel.receive() == WELCOME
             with pytest.raises(net.ConnectionLost):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import hashlib
+import hmac
 import re
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import attrs
 import msgpack
 import pytest
 
+from hydra_trio import auth
 from hydra_trio.protocol import codec
 from hydra_trio.protocol import messages as m
 
@@ -25,6 +28,10 @@ VECTOR = re.compile(
 VECTORS = {
     v["name"]: (ast.literal_eval(v["wire"]), bytes.fromhex(v["hex"])) for v in VECTOR.finditer(DOC)
 }
+PROOF_VECTOR = re.compile(
+    r"^### Proof vector\n.*?```python\n(?P<inputs>.*?)```\n.*?```hex\n(?P<hex>.*?)```",
+    re.DOTALL | re.MULTILINE,
+)
 
 
 def section(heading: str) -> str:
@@ -35,8 +42,22 @@ def section(heading: str) -> str:
 
 
 def test_vectors_present() -> None:
-    """The doc has vectors for Hello, Ping, Pong, Assign and Result."""
-    assert set(VECTORS) >= {"Hello", "Ping", "Pong", "Assign", "Result"}
+    """The doc has vectors for Challenge, Hello, Ping, Pong, Assign and Result."""
+    assert set(VECTORS) >= {"Challenge", "Hello", "Ping", "Pong", "Assign", "Result"}
+
+
+def test_proof_vector() -> None:
+    """The documented proof is HMAC-SHA256(token, domain || nonce || machine id) of its
+    documented inputs, the domain is auth.DOMAIN, and auth.prove computes the same bytes."""
+    match = PROOF_VECTOR.search(DOC)
+    assert match is not None, "docs/protocol.md has no proof vector"
+    inputs = ast.literal_eval(match["inputs"])
+    proof = bytes.fromhex(match["hex"])
+    assert inputs["domain"] == auth.DOMAIN
+    message = inputs["domain"] + inputs["nonce"] + inputs["machine_id"].encode("utf-8")
+    assert hmac.new(inputs["token"], message, hashlib.sha256).digest() == proof
+    assert auth.prove(inputs["token"], inputs["nonce"], inputs["machine_id"]) == proof
+    assert inputs["nonce"] == VECTORS["Challenge"][0]["nonce"]  # "the challenge above"
 
 
 @pytest.mark.parametrize("name", sorted(VECTORS))
@@ -76,7 +97,10 @@ def test_every_message_documented(cls: type[m.Message]) -> None:
     assert documented == [f.name for f in attrs.fields(cls)]
     for row in re.findall(r"^\| `\w+` \|.*$", text, re.M):
         field = attrs.fields_dict(cls)[row.split("`")[1]]
-        assert ("required" in row) == (field.default is attrs.NOTHING), row
+        # | field | type | default | meaning |, where a type may hold an escaped "\|"; only the
+        # default column counts (a field may be named `token_required`)
+        default = re.split(r"(?<!\\)\|", row)[3]
+        assert ("required" in default) == (field.default is attrs.NOTHING), row
 
 
 @pytest.mark.parametrize("cls", m.RECORD_TYPES, ids=lambda c: c.__name__)

@@ -21,6 +21,7 @@ from hydra_trio.protocol.messages import (
     PROTOCOL_VERSION,
     Assign,
     BuildStatus,
+    Challenge,
     Hello,
     Message,
     Phase,
@@ -74,7 +75,14 @@ class FakeBuilder:
             data += chunk
         return data
 
+    async def challenge(self) -> Challenge:
+        """The runner's first frame, which must come before our hello."""
+        challenge = await self.receive()
+        assert isinstance(challenge, Challenge)
+        return challenge
+
     async def handshake(self, machine_id: str) -> Welcome:
+        await self.challenge()
         await self.send(hello(machine_id))
         welcome = await self.receive()
         assert isinstance(welcome, Welcome)
@@ -129,13 +137,20 @@ def spec() -> BuildSpec:
 async def test_a_connection_that_sends_nothing_is_closed_after_exactly_the_handshake_timeout(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
-    """No hello: the runner closes the connection at exactly handshake_timeout."""
+    """No hello: the runner sends its challenge, then closes the connection at exactly
+    handshake_timeout."""
     async with trio.open_nursery() as nursery:
         runner = Runner(nursery, tmp_path)
         t0 = trio.current_time()
         builder = runner.connect()
-        assert await builder.closed() == b""
+        sent = await builder.closed()
         assert trio.current_time() - t0 == pytest.approx(10.0, abs=1e-9)
+        # all the runner said before the EOF: its challenge, and nothing after it
+        decoder = codec.FrameDecoder()
+        [challenge] = decoder.feed(sent)
+        assert decoder.buffered == 0
+        assert isinstance(challenge, Challenge)
+        assert not challenge.token_required
         await trio.testing.wait_all_tasks_blocked()
         assert runner.ended[0] == pytest.approx(t0 + 10.0, abs=1e-9)
         assert runner.farm.machines == {}
@@ -150,6 +165,7 @@ async def test_a_hello_that_is_half_sent_still_gets_the_handshake_timeout(
         runner = Runner(nursery, tmp_path)
         t0 = trio.current_time()
         builder = runner.connect()
+        await builder.challenge()
         frame = codec.encode(hello())
         for byte in frame[:-1]:  # a byte every ~0.1 s, done well before the deadline
             await builder.stream.send_all(bytes([byte]))
@@ -168,6 +184,7 @@ async def test_a_first_frame_other_than_hello_closes_the_connection(
         runner = Runner(nursery, tmp_path)
         t0 = trio.current_time()
         builder = runner.connect()
+        await builder.challenge()
         await builder.stream.send_all(codec.encode(Ping(seq=0)))
         assert await builder.closed() == b""
         assert trio.current_time() == t0
@@ -182,6 +199,7 @@ async def test_an_incompatible_protocol_version_is_rejected_naming_both_versions
     async with trio.open_nursery() as nursery:
         runner = Runner(nursery, tmp_path)
         builder = runner.connect()
+        await builder.challenge()
         await builder.send(hello(version="2.0"))
         reject = await builder.receive()
         assert isinstance(reject, Reject)
@@ -327,7 +345,8 @@ async def test_a_result_for_an_attempt_that_is_not_current_is_counted_and_ignore
 
 
 class FakeRunner:
-    """Answers every connection's hello with a Reject, and records when each came."""
+    """Opens every connection with a Challenge, answers its hello with a Reject, and records
+    when each came."""
 
     def __init__(self, nursery: trio.Nursery, code: str) -> None:
         self.nursery = nursery
@@ -346,6 +365,8 @@ class FakeRunner:
 
     async def _serve(self, stream: trio.abc.Stream) -> None:
         conn = Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=1e9)
+        challenge = Challenge(protocol_version=PROTOCOL_VERSION, nonce=bytes(32))
+        await stream.send_all(conn.send(challenge))
         messages: list[Message] = []
         while not messages:
             data = await stream.receive_some()

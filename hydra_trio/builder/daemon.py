@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import shutil
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from hydra_trio import net
+from hydra_trio import auth, net, sdnotify
 from hydra_trio.builder.backoff import Backoff
 from hydra_trio.builder.executor import Fetch, FetchError, Send, execute
 from hydra_trio.protocol.connection import Connection
@@ -43,6 +44,7 @@ from hydra_trio.protocol.messages import (
     Assign,
     BuildRef,
     BuildStatus,
+    Challenge,
     Drain,
     FetchData,
     FetchRequest,
@@ -55,6 +57,7 @@ from hydra_trio.protocol.messages import (
     Role,
     Welcome,
 )
+from hydra_trio.protocol.validators import is_path_component
 from hydra_trio.system import default_hostname, default_system
 
 log = logging.getLogger("hydra_trio.builder")
@@ -92,6 +95,11 @@ class BuilderConfig:
     max_frame_size: int = 8 * 1024 * 1024
     #: an input fetch that receives nothing for this long fails the attempt (retried).
     fetch_timeout: float = 120.0
+    #: the shared secret (``--token-file``), proven in the hello, never sent.
+    token: bytes | None = attrs.field(default=None, repr=False)
+    #: TLS to the runner (client side: verifies the runner's certificate against ``--tls-ca``
+    #: or the system roots, and presents ``--tls-cert`` when given).  None: plain TCP.
+    ssl_context: ssl.SSLContext | None = None
 
     @property
     def effective_ping_timeout(self) -> float:
@@ -176,6 +184,7 @@ async def run_builder(
         rng=state.rng,
     )
     task_status.started(state)
+    sdnotify.notify(f"READY=1\nSTATUS=connecting to {config.server}")
     while not state.draining:  # without a connection there is nothing left to finish
         started = trio.current_time()
         try:
@@ -197,6 +206,7 @@ async def run_builder(
                 log.info("drained: no builds left, exiting")
                 return
         state.record(f"disconnected: {reason}")
+        sdnotify.notify(f"STATUS=disconnected: {reason}")
         if established and trio.current_time() - started >= config.effective_healthy_after:
             backoff.reset()
         delay = backoff.next_delay()
@@ -208,7 +218,12 @@ async def run_builder(
 
 def _tcp_connector(config: BuilderConfig) -> Connect:
     async def connect() -> trio.abc.Stream:
-        return await net.open_tcp(config.server, keepalive_timeout=config.effective_ping_timeout)
+        stream = await net.open_tcp(
+            config.server, keepalive_timeout=config.effective_ping_timeout
+        )
+        if config.ssl_context is None:
+            return stream
+        return await net.start_tls(stream, config.ssl_context, server_hostname=config.server.host)
 
     return connect
 
@@ -234,6 +249,7 @@ async def _session(config: BuilderConfig, state: BuilderState, stream: trio.abc.
     log.info(
         "connected to %s as %s (session %s)", config.server, state.machine_id, welcome.session_id
     )
+    sdnotify.notify(f"STATUS=connected to {config.server}")
     session = _Session(config, state, channel)
     return await session.run()
 
@@ -242,6 +258,13 @@ async def _handshake(
     config: BuilderConfig, state: BuilderState, channel: net.FramedChannel
 ) -> Welcome | str:
     with trio.fail_after(config.connect_timeout):
+        challenge = await channel.receive()
+        assert isinstance(challenge, Challenge)  # the Connection allows nothing else first
+        if challenge.token_required and config.token is None:
+            log.warning("the queue runner requires a token: give this builder --token-file")
+        credentials = b""
+        if config.token is not None:
+            credentials = auth.prove(config.token, challenge.nonce, state.machine_id)
         await channel.send(
             Hello(
                 protocol_version=PROTOCOL_VERSION,
@@ -253,6 +276,7 @@ async def _handshake(
                 max_jobs=config.max_jobs,
                 speed_factor=config.speed_factor,
                 ping_interval=config.ping_interval,
+                credentials=credentials,
             )
         )
         reply = await channel.receive()
@@ -394,9 +418,7 @@ class _Session:
 
     async def _build(self, running: _RunningBuild) -> None:
         assign = running.assign
-        build_dir = (
-            self.config.work_dir.absolute() / "builds" / f"{assign.build_id}-{assign.attempt}"
-        )
+        build_dir = self.config.work_dir.absolute() / "builds" / _build_dir_name(assign)
         log.info(
             "build %s attempt %d: %s",
             assign.build_id,
@@ -513,6 +535,17 @@ class _CacheWriter:
     def discard(self) -> None:
         self.file.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def _build_dir_name(assign: Assign) -> str:
+    """The directory a build runs in, under ``<work dir>/builds``.  The build id is the
+    runner's word: it names the directory only when it is a plain, short file name, else its
+    hash does, so an id like ``../../x`` cannot make the builder create (or remove) a
+    directory anywhere else."""
+    build_id = assign.build_id
+    if not (is_path_component(build_id) and len(build_id) <= 100):
+        build_id = hashlib.sha256(build_id.encode()).hexdigest()[:32]
+    return f"{build_id}-{assign.attempt}"
 
 
 def _cached(target: Path, size: int) -> bool:

@@ -9,6 +9,7 @@ directory.  Limits: ``timeout`` (wall clock), ``max_silent`` (no output), ``max_
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -16,11 +17,12 @@ import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import trio
 
@@ -28,6 +30,7 @@ from hydra_trio.protocol.messages import (
     Assign,
     BuildStatus,
     FileInfo,
+    InputSpec,
     LogChunk,
     Message,
     Phase,
@@ -35,7 +38,7 @@ from hydra_trio.protocol.messages import (
     Result,
     UploadData,
 )
-from hydra_trio.protocol.validators import encodable
+from hydra_trio.protocol.validators import encodable, is_path_component, tree_conflict
 
 log = logging.getLogger("hydra_trio.builder")
 
@@ -76,14 +79,6 @@ def _remove(build_dir: Path) -> None:
     shutil.rmtree(build_dir, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class OutputTooLarge(Exception):
     """``$OUT`` holds more bytes than the build may upload."""
 
@@ -92,41 +87,130 @@ class OutputTooLarge(Exception):
 
 
 class BadOutput(Exception):
-    """``$OUT`` holds something that cannot be an output (a file name that is not UTF-8)."""
+    """``$OUT`` holds something that cannot be an output: a device file, fifo or socket, a
+    name that is not UTF-8, more files than one result can list, or a file that changed into
+    something else while it was read."""
+
+
+#: The most bytes the listing of a build's outputs may take (paths and link targets, plus
+#: ~100 bytes of hash and framing per file), so its ``Result`` fits in a frame under the
+#: default 8 MiB limit.  A bigger ``$OUT`` fails its build instead of the connection.
+MAX_OUTPUT_LISTING = 4 * 1024 * 1024
+
+_KIND = {
+    stat.S_IFIFO: "a fifo",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _open_beneath(root: Path, rel: str) -> BinaryIO:
+    """Open the regular file ``rel`` under ``root`` without following a symbolic link at any
+    step, and without blocking on a fifo: a build's leftover process may swap a file for a
+    link or fifo after the scan, and the builder must then refuse it, not read through it."""
+    parts = rel.split("/")
+    step = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                parent, fd = fd, os.open(part, step, dir_fd=fd)
+                os.close(parent)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            file_fd = os.open(parts[-1], flags, dir_fd=fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # ELOOP, ENOTDIR, ENOENT: not what the scan found
+        raise BadOutput(f"output {rel} changed while it was read: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+        os.close(file_fd)
+        raise BadOutput(f"output {rel} changed while it was read: not a regular file")
+    return os.fdopen(file_fd, "rb")
+
+
+def _hash_beneath(root: Path, rel: str) -> tuple[int, str]:
+    """Size and sha256 of what ``rel`` under ``root`` holds now (see ``_open_beneath``)."""
+    digest = hashlib.sha256()
+    size = 0
+    with _open_beneath(root, rel) as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _walk_error(exc: OSError) -> None:
+    raise BadOutput(f"cannot read {exc.filename}: {exc.strerror}")
+
+
+def _entries(out_dir: Path) -> list[tuple[str, os.stat_result, str]]:
+    """(path relative to ``out_dir``, lstat, link target) of everything in it but directories,
+    in a stable order.  ``os.fwalk`` never follows a link, not even one a leftover process
+    swaps in while it walks, and neither does anything here."""
+    try:
+        top = out_dir.lstat()
+    except FileNotFoundError:
+        raise BadOutput("$OUT was removed by the build") from None
+    if not stat.S_ISDIR(top.st_mode):
+        raise BadOutput("$OUT is no longer a directory: the build replaced it")
+    found: list[tuple[str, os.stat_result, str]] = []
+    listing = 0
+    walk = os.fwalk(out_dir, onerror=_walk_error, follow_symlinks=False)
+    for root, dirs, names, root_fd in walk:
+        dirs.sort()
+        base = Path(root).relative_to(out_dir)
+        for name in [*sorted(names), *dirs]:
+            info = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                continue
+            rel = (base / name).as_posix()
+            if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
+                kind = _KIND.get(stat.S_IFMT(info.st_mode), "not a regular file")
+                raise BadOutput(
+                    f"output {rel.encode('utf-8', 'replace')!r} is {kind}: $OUT may hold only "
+                    "files, directories and symbolic links"
+                )
+            link = os.readlink(name, dir_fd=root_fd) if stat.S_ISLNK(info.st_mode) else ""
+            found.append((rel, info, link))
+            listing += len(rel) + len(link) + 100
+            if listing > MAX_OUTPUT_LISTING:
+                raise BadOutput(
+                    f"$OUT holds too many files (at least {len(found)}) to list in one result"
+                )
+    return found
 
 
 def scan_outputs(out_dir: Path, max_bytes: int | None = None) -> list[FileInfo]:
-    """Every file under ``out_dir`` with size and hash; symlinks are listed as links and
-    never followed; other special files are skipped.  Sizes are summed before anything is
-    hashed, so an oversized ``$OUT`` is refused (``OutputTooLarge``) without reading it.
-    Runs in a worker thread."""
+    """Every file under ``out_dir`` with size and hash.  Symbolic links are listed as links
+    (their target as text) and never followed; devices, fifos and sockets are refused
+    (``BadOutput``).  Sizes are summed before anything is hashed, so an oversized ``$OUT`` is
+    refused (``OutputTooLarge``) without reading it.  Runs in a worker thread."""
     empty = hashlib.sha256(b"").hexdigest()
-    found: list[tuple[Path, str]] = []
-    for root, dirs, names in os.walk(out_dir):
-        dirs.sort()
-        base = Path(root)
-        for name in [*sorted(names), *[d for d in dirs if (base / d).is_symlink()]]:
-            path = base / name
-            found.append((path, path.relative_to(out_dir).as_posix()))
-    total = sum(p.lstat().st_size for p, _ in found if p.is_file() and not p.is_symlink())
+    try:
+        found = _entries(out_dir)
+    except RecursionError:
+        raise BadOutput("$OUT is nested too deeply") from None
+    except OSError as exc:  # a directory was swapped or vanished under us, or out of fds
+        raise BadOutput(f"cannot read $OUT: {exc.strerror or exc}") from None
+    total = sum(info.st_size for _, info, _ in found if stat.S_ISREG(info.st_mode))
     if max_bytes is not None and total > max_bytes:
         raise OutputTooLarge(total, max_bytes)
     files: list[FileInfo] = []
-    for path, rel in found:
-        if not encodable(rel) or (path.is_symlink() and not encodable(os.readlink(path))):
-            raise BadOutput(f"output {rel.encode('utf-8', 'replace')!r} is not a UTF-8 name")
-        if path.is_symlink():
-            files.append(FileInfo(path=rel, size=0, sha256=empty, link=os.readlink(path)))
-        elif path.is_file():
-            stat = path.stat()
-            files.append(
-                FileInfo(
-                    path=rel,
-                    size=stat.st_size,
-                    sha256=_sha256(path),
-                    executable=bool(stat.st_mode & 0o111),
-                )
-            )
+    hashed = 0
+    for rel, info, link in found:
+        if not encodable(rel) or not encodable(link):
+            name = rel.encode("utf-8", "replace")
+            raise BadOutput(f"output {name!r} (or its link target) is not a UTF-8 name")
+        if link:
+            files.append(FileInfo(path=rel, size=0, sha256=empty, link=link))
+            continue
+        size, sha256 = _hash_beneath(out_dir, rel)
+        hashed += size
+        if max_bytes is not None and hashed > max_bytes:  # it grew while being read
+            raise OutputTooLarge(hashed, max_bytes)
+        executable = bool(info.st_mode & 0o111)
+        files.append(FileInfo(path=rel, size=size, sha256=sha256, executable=executable))
     return files
 
 
@@ -180,7 +264,10 @@ async def execute(
             else:
                 await send(Progress(**ref, phase=Phase.UPLOADING))
                 started = time.monotonic()
-                await _upload(assign, build_dir / "out", outputs, send)
+                try:
+                    await _upload(assign, build_dir / "out", outputs, send)
+                except BadOutput as exc:  # the runner discards what it got: not listed
+                    status, error, outputs = BuildStatus.BUILD_FAILED, str(exc), []
                 timings["upload"] = round(time.monotonic() - started, 6)
         return Result(
             **ref,
@@ -195,34 +282,79 @@ async def execute(
             await trio.to_thread.run_sync(_remove, build_dir)
 
 
-def _link_or_copy(source: Path, target: Path, executable: bool) -> None:
+#: ``ioctl(FICLONE)``: share the source's blocks copy-on-write (btrfs, XFS, bcachefs).
+_FICLONE = 0x40049409
+
+
+def _copy_from_cache(source: Path, target: Path, executable: bool) -> None:
+    """Place the cached ``source`` at ``target``, which must not exist yet, as a copy of its
+    own (never a hard link: builds run as the builder's user and could make a shared inode
+    writable and change it, poisoning the cache for every later build, and under a build
+    running at the same time).  A copy-on-write clone where the file system has them, else
+    an in-kernel copy.  Never follows a link at ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    mode = 0o555 if executable else 0o444
-    if source.stat().st_mode & 0o777 == mode:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with source.open("rb") as src, os.fdopen(os.open(target, flags, 0o600), "wb") as dst:
         try:
-            os.link(source, target)
-            return
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
         except OSError:
-            pass  # another file system: copy
-    shutil.copyfile(source, target)
-    os.chmod(target, mode)
+            _copy_contents(src, dst)
+        os.fchmod(dst.fileno(), 0o555 if executable else 0o444)
+
+
+def _copy_contents(src: BinaryIO, dst: BinaryIO) -> None:
+    try:
+        while os.copy_file_range(src.fileno(), dst.fileno(), _HASH_BLOCK * 16):
+            pass
+    except OSError:  # no copy_file_range between these files: copy through user space
+        src.seek(0)
+        dst.seek(0)
+        dst.truncate()
+        shutil.copyfileobj(src, dst, _HASH_BLOCK)
+
+
+#: Input lists longer than this are checked in a worker thread (~5 us a file).
+_CHECK_INLINE = 1000
+
+
+def check_inputs(inputs: Sequence[InputSpec]) -> None:
+    """Refuse (``FetchError``) inputs that could not all be placed inside ``$IN``: a name
+    that is not a single file name, a path that is not relative and normalised, a path given
+    twice or used both as a file and as a directory, or a link target with a NUL.  The runner
+    relays what other builders reported, so none of this is trusted; once it passes, every
+    file lands inside ``$IN`` and nothing is ever placed through a link."""
+    for spec in inputs:
+        if not is_path_component(spec.name):
+            raise FetchError(f"input name {spec.name[:200]!r} is not a single file name")
+        for info in spec.files:
+            if "\0" in info.link:
+                raise FetchError(f"input {spec.name}/{info.path[:200]}: link target has a NUL")
+    problem = tree_conflict(f"{spec.name}/{info.path}" for spec in inputs for info in spec.files)
+    if problem is not None:
+        raise FetchError(f"the inputs cannot be placed under $IN: {problem}")
 
 
 async def _place_inputs(assign: Assign, in_dir: Path, fetch: Fetch) -> None:
     """Put each dependency's outputs under ``$IN/<name>``; files come through ``fetch``
-    (the builder's verified cache), links are recreated as links."""
+    (the builder's verified cache), links are recreated as links (never followed)."""
+    if sum(len(spec.files) for spec in assign.inputs) > _CHECK_INLINE:
+        await trio.to_thread.run_sync(check_inputs, assign.inputs)
+    else:
+        check_inputs(assign.inputs)
     for spec in assign.inputs:
-        if "/" in spec.name or spec.name in (".", ".."):
-            raise FetchError(f"input name {spec.name!r} is not a single path component")
         base = in_dir / spec.name
         await trio.to_thread.run_sync(functools.partial(base.mkdir, parents=True, exist_ok=True))
         for info in spec.files:
             target = base / info.path
-            if info.link:
-                await trio.to_thread.run_sync(_make_link, target, info.link)
-                continue
-            cached = await fetch(assign, info)
-            await trio.to_thread.run_sync(_link_or_copy, cached, target, info.executable)
+            try:
+                if info.link:
+                    await trio.to_thread.run_sync(_make_link, target, info.link)
+                    continue
+                cached = await fetch(assign, info)
+                await trio.to_thread.run_sync(_copy_from_cache, cached, target, info.executable)
+            except OSError as exc:
+                where = f"$IN/{spec.name}/{info.path}"
+                raise FetchError(f"cannot place {where}: {exc.strerror or exc}") from None
 
 
 def _make_link(target: Path, link: str) -> None:
@@ -236,7 +368,7 @@ async def _upload(assign: Assign, out_dir: Path, outputs: list[FileInfo], send: 
     for info in outputs:
         if info.link:
             continue
-        f = await trio.to_thread.run_sync((out_dir / info.path).open, "rb")
+        f = await trio.to_thread.run_sync(_open_beneath, out_dir, info.path)
         try:
             offset = 0
             while True:

@@ -8,10 +8,12 @@ method that depends on time takes ``now`` (seconds on any monotonic clock) as an
 
 States (``ConnectionState``):
 
-- ``HANDSHAKE``: the builder must send ``Hello`` first and may send nothing else until the
-  runner answers ``Welcome`` (-> ``ESTABLISHED``) or ``Reject`` (-> ``CLOSED``).  The runner
-  may send nothing before it has received ``Hello``, and then only ``Welcome`` or ``Reject``.
-  Any other frame first is a ``RemoteProtocolError`` (or ``LocalProtocolError`` on our side).
+- ``HANDSHAKE``: the runner sends ``Challenge`` first (a nonce for the token proof).  The
+  builder sends nothing before it has received the challenge, then ``Hello``, and nothing else
+  until the runner answers ``Welcome`` (-> ``ESTABLISHED``) or ``Reject`` (-> ``CLOSED``).
+  After its challenge the runner may send nothing before it has received ``Hello``, and then
+  only ``Welcome`` or ``Reject``.  Any other frame is a ``RemoteProtocolError`` (or
+  ``LocalProtocolError`` on our side).
 - ``ESTABLISHED``: any message of the right direction (``Message.SENDERS``) may flow.
 - ``CLOSED``: after sending or receiving ``Reject`` or ``Goodbye``, or after an error or EOF.
   Nothing more may be sent; receiving anything more is an error.
@@ -34,6 +36,7 @@ from hydra_trio.protocol.errors import LocalProtocolError, RemoteProtocolError
 from hydra_trio.protocol.messages import (
     MESSAGE_TYPES,
     BuildRef,
+    Challenge,
     Goodbye,
     Hello,
     Message,
@@ -48,7 +51,7 @@ from hydra_trio.protocol.messages import (
 # that never answers must not make us grow a table).
 _MAX_OUTSTANDING_PINGS = 64
 #: The messages of the handshake, refused once it is over.
-_HANDSHAKE_ONLY: frozenset[type[Message]] = frozenset({Hello, Welcome, Reject})
+_HANDSHAKE_ONLY: frozenset[type[Message]] = frozenset({Challenge, Hello, Welcome, Reject})
 
 
 class ConnectionState(enum.Enum):
@@ -78,6 +81,8 @@ class Connection:
     max_frame_size: int = attrs.field(default=codec.DEFAULT_MAX_FRAME_SIZE, kw_only=True)
 
     state: ConnectionState = attrs.field(default=ConnectionState.HANDSHAKE, init=False)
+    #: the runner's challenge: sent (runner side) or received (builder side).
+    challenge: Challenge | None = attrs.field(default=None, init=False)
     #: the peer's hello (runner side) once received.
     hello: Hello | None = attrs.field(default=None, init=False)
     #: the runner's welcome (builder side) once received.
@@ -178,12 +183,24 @@ class Connection:
             raise LocalProtocolError(f"cannot send {message.TAG}: the connection is closed")
         if state is ConnectionState.HANDSHAKE:
             if self.role is Role.BUILDER:
+                if self.challenge is None:
+                    raise LocalProtocolError(
+                        f"cannot send {message.TAG} before the runner's challenge"
+                    )
                 if self._sent_hello or type(message) is not Hello:
                     raise LocalProtocolError(
                         f"cannot send {message.TAG} before the runner's welcome"
                     )
                 self._sent_hello = True
                 return
+            if type(message) is Challenge:
+                if self.challenge is not None:
+                    raise LocalProtocolError("cannot send a second challenge")
+                assert isinstance(message, Challenge)
+                self.challenge = message
+                return
+            if self.challenge is None:
+                raise LocalProtocolError(f"cannot send {message.TAG} before the challenge")
             if self.hello is None or type(message) not in (Welcome, Reject):
                 raise LocalProtocolError(f"cannot send {message.TAG} before accepting a hello")
             if type(message) is Welcome:
@@ -243,11 +260,18 @@ class Connection:
             raise RemoteProtocolError(f"{message.TAG} received after the connection was closed")
         # HANDSHAKE
         if self.role is Role.RUNNER:
-            if kind is not Hello or self.hello is not None:
+            if kind is not Hello or self.hello is not None or self.challenge is None:
                 self.state = ConnectionState.CLOSED
-                raise RemoteProtocolError(f"expected hello first, got {message.TAG}")
+                raise RemoteProtocolError(f"expected hello after the challenge, got {message.TAG}")
             assert isinstance(message, Hello)
             self.hello = message
+            return
+        if self.challenge is None:
+            if kind is not Challenge:
+                self.state = ConnectionState.CLOSED
+                raise RemoteProtocolError(f"expected challenge first, got {message.TAG}")
+            assert isinstance(message, Challenge)
+            self.challenge = message
             return
         if not self._sent_hello:
             self.state = ConnectionState.CLOSED

@@ -162,8 +162,23 @@ _BOTH = frozenset({Role.BUILDER, Role.RUNNER})
 
 
 @attrs.frozen(kw_only=True)
+class Challenge:
+    """Runner -> builder, the first frame of every connection: a fresh nonce to prove the
+    shared token against (``hydra_trio.auth``), so a proof seen on one connection is worthless
+    on any other."""
+
+    TAG: ClassVar[str] = "challenge"
+    SENDERS: ClassVar[frozenset[Role]] = _R
+
+    protocol_version: str = attrs.field(validator=v.check_nonempty_str)
+    nonce: bytes = attrs.field(validator=v.check_nonce)
+    #: whether the runner refuses builders without a valid proof (it has a token configured).
+    token_required: bool = attrs.field(default=False, validator=v.check_bool)
+
+
+@attrs.frozen(kw_only=True)
 class Hello:
-    """Builder -> runner, first frame: who the builder is and what it can build."""
+    """Builder -> runner, answering ``Challenge``: who the builder is and what it can build."""
 
     TAG: ClassVar[str] = "hello"
     SENDERS: ClassVar[frozenset[Role]] = _B
@@ -181,7 +196,8 @@ class Hello:
     max_jobs: int = attrs.field(default=1, validator=v.check_positive_int)
     speed_factor: float = attrs.field(default=1.0, validator=v.check_positive_number)
     ping_interval: float = attrs.field(default=10.0, validator=v.check_positive_number)
-    #: the builder's proof that it knows the shared token (empty when no token is configured).
+    #: the builder's proof that it knows the shared token: ``auth.prove(token, nonce,
+    #: machine_id)`` for the challenge's nonce (empty when the builder has no token).
     credentials: bytes = attrs.field(default=b"", validator=v.check_bytes)
 
 
@@ -385,7 +401,8 @@ class UploadData:
 
 
 Message = (
-    Hello
+    Challenge
+    | Hello
     | Welcome
     | Reject
     | Ping

@@ -8,7 +8,7 @@ is int``, so ``True`` is not an integer and a subclass cannot sneak in).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -56,14 +56,73 @@ def check_relative_path(inst: object, attr: attrs.Attribute[Any], value: object)
     this keeps every path under the directory it is placed in."""
     check_nonempty_str(inst, attr, value)
     assert isinstance(value, str)
-    parts = value.split("/")
-    if "\0" in value or any(p in ("", ".", "..") for p in parts):
+    if not is_relative_path(value):
         raise ValueError(f"{attr.name}: {value!r} is not a normalised relative path")
+
+
+def is_relative_path(value: str) -> bool:
+    """Whether ``value`` is a non-empty, relative, normalised ``/``-separated path: no
+    ``..``, ``.`` or empty component (so not absolute and no ``//``) and no NUL.  Joined to a
+    directory, such a path names something inside it, unless one of its components there is
+    a symbolic link (which the code that places files must refuse to go through)."""
+    return (
+        bool(value)
+        and "\0" not in value
+        and not any(part in ("", ".", "..") for part in value.split("/"))
+    )
+
+
+def is_path_component(value: str) -> bool:
+    """Whether ``value`` is one normalised path component: a file name, never a path."""
+    return "/" not in value and is_relative_path(value)
+
+
+def tree_conflict(paths: Iterable[str]) -> str | None:
+    """Why ``paths`` cannot all be placed in one directory as files (or links), or None.
+
+    Each must be a normalised relative path (``is_relative_path``), none may appear twice,
+    and none may be inside another: a path used as a file and as a directory would make the
+    code placing them write through whatever the first one is (a link, above all).  Runs in
+    time linear in the total length of the paths, whatever their shape."""
+    root: dict[str, Any] = {}
+    for path in paths:
+        if not is_relative_path(path):
+            return f"{path[:200]!r} is not a normalised relative path"
+        node = root
+        parts = path.split("/")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is _LEAF:
+                inside = "/".join(parts[: depth + 1])
+                return f"{path[:200]!r} is inside {inside[:200]!r}, which is a file or link"
+            node = child
+        if parts[-1] in node:
+            what = "listed twice" if node[parts[-1]] is _LEAF else "both a file and a directory"
+            return f"{path[:200]!r} is {what}"
+        node[parts[-1]] = _LEAF
+    return None
+
+
+#: marks a file (or link) in ``tree_conflict``'s tree of directories.
+_LEAF = object()
 
 
 def check_bytes(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
     if type(value) is not bytes:
         raise ValueError(f"{attr.name}: expected bytes, got {type_name(value)}")
+
+
+#: Bounds on a challenge nonce: long enough never to repeat, short enough to be cheap.
+NONCE_MIN, NONCE_MAX = 16, 64
+
+
+def check_nonce(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    check_bytes(inst, attr, value)
+    assert isinstance(value, bytes)
+    if not NONCE_MIN <= len(value) <= NONCE_MAX:
+        raise ValueError(
+            f"{attr.name}: expected {NONCE_MIN} to {NONCE_MAX} bytes, got {len(value)}"
+        )
 
 
 def check_bool(inst: object, attr: attrs.Attribute[Any], value: object) -> None:

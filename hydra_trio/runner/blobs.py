@@ -3,7 +3,9 @@
 A file lives at ``<root>/<first two hex digits>/<sha256>``.  An upload is written to a
 temporary file beside the store, hashed as it arrives, and renamed into place only after its
 size and hash match what the builder declared, so a crash or a lying builder never leaves a
-half-written or wrong file visible.  All methods block: call them through
+half-written or wrong file visible.  Every name in the store comes from a hash or from
+``mkstemp``, never from a builder: an output's path is only ever a label, so no path a builder
+sends can make the runner write outside ``root``.  All methods block: call them through
 ``trio.to_thread.run_sync``.
 """
 
@@ -28,11 +30,16 @@ class BlobError(Exception):
 class PendingUpload:
     """One output file arriving in chunks."""
 
+    #: the builder's name for it: for messages only, never part of a file name.
     path: str
     tmp: Path
     file: BinaryIO
     size: int = 0
     hasher: hashlib._Hash = attrs.field(factory=hashlib.sha256)
+    #: its last chunk arrived: ``file`` is closed (so a finished upload holds no descriptor
+    #: while it waits for the build's result) and nothing more may be appended.
+    complete: bool = False
+    #: committed or discarded: nothing more may happen to it.
     done: bool = False
 
 
@@ -70,16 +77,24 @@ class BlobStore:
         fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix="upload-")
         return PendingUpload(path=path, tmp=Path(name), file=os.fdopen(fd, "wb"))
 
-    def append(self, upload: PendingUpload, offset: int, data: bytes) -> None:
-        if upload.done or offset != upload.size:
+    def append(self, upload: PendingUpload, offset: int, data: bytes, eof: bool = False) -> None:
+        """Add the chunk at ``offset`` (it must follow what arrived); ``eof``: the last one."""
+        if upload.done or upload.complete:
+            raise BlobError(f"{upload.path}: chunk at offset {offset} after the last one")
+        if offset != upload.size:
             raise BlobError(f"{upload.path}: chunk at offset {offset}, expected {upload.size}")
         upload.file.write(data)
         upload.hasher.update(data)
         upload.size += len(data)
+        if eof:
+            upload.file.close()
+            upload.complete = True
 
     def commit(self, upload: PendingUpload, size: int, sha256: str) -> None:
         """Check the finished upload against the declared size and hash; keep it if they
         match (fsync, then rename into place), else discard it and raise ``BlobError``."""
+        if upload.done:
+            raise BlobError(f"{upload.path}: its upload was refused")
         try:
             upload.file.close()
             if upload.size != size or upload.hasher.hexdigest() != sha256:

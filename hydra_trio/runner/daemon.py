@@ -14,11 +14,11 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from hydra_trio import net
+from hydra_trio import net, sdnotify
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm, FarmConfig
 from hydra_trio.runner.http import create_app
-from hydra_trio.runner.session import SessionConfig, serve_builder
+from hydra_trio.runner.session import HandshakeGate, SessionConfig, serve_builder
 from hydra_trio.runner.store import Persister, StoreError, open_store
 from hydra_trio.system import default_system
 
@@ -39,17 +39,42 @@ class RunnerConfig:
     max_tries: int = 3
     default_system: str = attrs.field(factory=default_system)
     max_frame_size: int = 8 * 1024 * 1024
+    #: the shared secret (``--token-file``): builders must prove they know it, and HTTP calls
+    #: that change state must carry it.  None: no authentication.
+    token: bytes | None = attrs.field(default=None, repr=False)
+    #: with a token, HTTP reads need it too (``--http-token-for-reads``).
+    http_token_for_reads: bool = False
+    #: TLS on the builder port (``--tls-cert``/``--tls-key``); with ``tls_ca``, builders must
+    #: present a client certificate signed by it.
+    tls_cert: Path | None = None
+    tls_key: Path | None = attrs.field(default=None)
+    tls_ca: Path | None = None
+    #: connections that have not completed their hello, at most; more are closed at once.
+    max_unauthenticated: int = 256
 
     @builder_timeout.validator
     def _positive(self, attribute: attrs.Attribute[float], value: float) -> None:
         if not value > 0 or not math.isfinite(value):
             raise ValueError(f"{attribute.name} must be a positive number of seconds")
 
+    @tls_key.validator
+    def _tls_pair(self, attribute: attrs.Attribute[Path | None], value: Path | None) -> None:
+        if (self.tls_cert is None) != (value is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-ca needs --tls-cert and --tls-key (TLS on the builder port)")
+
     def session_config(self) -> SessionConfig:
+        """Loads the TLS files, if any (raises ``net.TLSError`` when they cannot be used)."""
+        ssl_context = None
+        if self.tls_cert is not None and self.tls_key is not None:
+            ssl_context = net.server_tls_context(self.tls_cert, self.tls_key, self.tls_ca)
         return SessionConfig(
             builder_timeout=self.builder_timeout,
             handshake_timeout=self.handshake_timeout,
             max_frame_size=self.max_frame_size,
+            token=self.token,
+            ssl_context=ssl_context,
         )
 
 
@@ -118,6 +143,7 @@ async def serve_runner(
     ``farm``/``dispatcher`` may be given by embedders and tests (``make_farm``); otherwise they
     are created here.
     """
+    session_config = await trio.to_thread.run_sync(config.session_config)  # reads TLS files
     if farm is None or dispatcher is None:
         farm, dispatcher = make_farm(config)
     storage = await trio.to_thread.run_sync(open_storage, config, farm)
@@ -139,7 +165,9 @@ async def serve_runner(
         persister.wake()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(persister.run)
-            await _serve(config, farm, dispatcher, storage, persister, nursery, task_status)
+            await _serve(
+                config, session_config, farm, dispatcher, storage, persister, nursery, task_status
+            )
     finally:
         # Whatever ends the runner, what changed until now is written if the database lets us.
         # (The persister task is gone with its nursery: write the last batch directly.)
@@ -157,6 +185,7 @@ async def serve_runner(
 
 async def _serve(
     config: RunnerConfig,
+    session_config: SessionConfig,
     farm: Farm,
     dispatcher: Dispatcher,
     storage: Storage,
@@ -166,7 +195,8 @@ async def _serve(
 ) -> None:
     """Start the dispatcher, the builder port and the HTTP API in ``nursery``."""
     nursery.start_soon(dispatcher.run, farm)
-    handler = functools.partial(serve_builder, farm, config.session_config(), storage)
+    gate = HandshakeGate(config.max_unauthenticated)
+    handler = functools.partial(serve_builder, farm, session_config, storage, gate=gate)
     builders = await nursery.start(
         functools.partial(
             net.serve_tcp, handler, config.listen, keepalive_timeout=config.builder_timeout
@@ -175,7 +205,12 @@ async def _serve(
     http: list[str] = []
     if config.http is not None:
         app = create_app(
-            farm, storage, default_system=config.default_system, persist=persister.flush
+            farm,
+            storage,
+            default_system=config.default_system,
+            persist=persister.flush,
+            token=config.token,
+            token_for_reads=config.http_token_for_reads,
         )
         hc = HypercornConfig()
         hc.bind = [str(config.http)]
@@ -190,3 +225,5 @@ async def _serve(
         ", ".join(http) or "(off)",
     )
     task_status.started(RunnerAddresses(builders=builders, http=http))
+    where = f"builders on {builders[0]}, HTTP on {http[0] if http else 'off'}"
+    sdnotify.notify(f"READY=1\nSTATUS={where}")

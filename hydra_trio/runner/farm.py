@@ -11,7 +11,8 @@ method here awaits, each method is one atomic transition; the invariants hold be
 - A build's ``attempts`` is its fencing token.  A Progress, LogChunk or Result is applied only
   if it comes from the session currently attached to the build's machine *and* names the
   build's current attempt while the build is RUNNING.  Anything else is counted in
-  ``stale_rejected`` and changes nothing, so a result is committed at most once.
+  ``stale_rejected`` (and by kind in ``frames_rejected``), logged, and changes nothing: a
+  builder can speak only for itself, and a result is committed at most once.
 - Losing a session (EOF, error, watchdog, superseded) is one call, ``detach``: the machine is
   marked disconnected, its slots are freed, and each build it ran is requeued as an
   infrastructure failure (``builder-lost``) counted against ``max_tries``.
@@ -71,7 +72,9 @@ class FarmConfig:
 
     max_tries: int = 3
     max_log_bytes: int = 64 * 1024 * 1024
-    max_output_bytes: int | None = None
+    #: per build: the builder fails a build whose $OUT is larger, and the runner disconnects a
+    #: builder that uploads more for one attempt (docs/security.md).
+    max_output_bytes: int = 16 * 1024 * 1024 * 1024
     default_timeout: float | None = None
     default_max_silent: float | None = None
 
@@ -94,11 +97,18 @@ class Farm:
     _seq: int = attrs.field(default=0, init=False)
     #: counters for /metrics and /status.
     stale_rejected: int = attrs.field(default=0, init=False)
+    #: the same frames by kind (``progress``, ``log``, ``result``, ``upload``, ``fetch``):
+    #: each about a build its sender does not run under that attempt.
+    frames_rejected: Counter[str] = attrs.field(factory=Counter, init=False)
     builders_lost_idle: int = attrs.field(default=0, init=False)
     builders_lost_busy: int = attrs.field(default=0, init=False)
     requeued: Counter[str] = attrs.field(factory=Counter, init=False)
     finished: Counter[str] = attrs.field(factory=Counter, init=False)
+    #: hellos refused, by ``Reject`` code (``auth-failed``, ``incompatible-version``).
+    handshakes_rejected: Counter[str] = attrs.field(factory=Counter, init=False)
     dispatch_latencies: list[float] = attrs.field(factory=list, init=False)
+    #: per machine id, what its last rejected frame was about (see ``current``).
+    _last_rejected: dict[str, tuple[str, str, int]] = attrs.field(factory=dict, init=False)
     #: changed since the persister last took them (see ``store.Persister``).
     _dirty_builds: set[str] = attrs.field(factory=set, init=False)
     _dirty_machines: set[str] = attrs.field(factory=set, init=False)
@@ -326,29 +336,61 @@ class Farm:
             machine.draining_itself = True
 
     def current(
-        self, session: Session, machine: Machine, build_id: str, attempt: int
+        self,
+        session: Session,
+        machine: Machine,
+        build_id: str,
+        attempt: int,
+        *,
+        kind: str = "frame",
     ) -> Build | None:
-        """The build a frame is about, if the frame is current; else count it as stale."""
+        """The build a frame of ``kind`` is about, if the frame is current: from the session
+        attached to ``machine``, for a build running there under ``attempt``.  Anything else
+        is counted and logged, and None is returned: the frame must not be applied."""
         build = machine.running.get(build_id) if machine.session is session else None
-        if build is None or build.attempts != attempt:
-            self.stale_rejected += 1
-            log.info(
-                "rejected stale frame for build %s attempt %d from %s",
+        if build is not None and build.attempts == attempt:
+            return build
+        self.stale_rejected += 1
+        self.frames_rejected[kind] += 1
+        # One warning per run of rejected frames about the same thing: a builder still
+        # streaming the log of an aborted attempt gives one line, not one per chunk.
+        key = (kind, build_id, attempt)
+        if self._last_rejected.get(machine.machine_id) != key:
+            self._last_rejected[machine.machine_id] = key
+            log.warning(
+                "rejected a frame (%s) for build %.100r attempt %d from %s (%s): %s",
+                kind,
                 build_id,
                 attempt,
                 machine.hostname,
+                machine.machine_id,
+                self._why_not_current(session, machine, build_id, attempt),
             )
-            return None
-        return build
+        return None
+
+    def _why_not_current(
+        self, session: Session, machine: Machine, build_id: str, attempt: int
+    ) -> str:
+        if machine.session is not session:
+            return "its connection was superseded or closed"
+        build = self.builds.get(build_id)
+        if build is None:
+            return "there is no such build"
+        if build.machine_id != machine.machine_id:
+            where = f"it was assigned to {build.hostname}" if build.hostname else "never assigned"
+            return f"not a build of this machine ({where})"
+        if build.attempts != attempt:
+            return f"a stale attempt (the current attempt is {build.attempts})"
+        return f"the build no longer runs here (it is {build.state.value})"
 
     def on_progress(self, session: Session, machine: Machine, msg: Progress) -> None:
-        build = self.current(session, machine, msg.build_id, msg.attempt)
+        build = self.current(session, machine, msg.build_id, msg.attempt, kind="progress")
         if build is not None:
             build.phase = msg.phase
 
     def on_log(self, session: Session, machine: Machine, msg: LogChunk) -> bytes | None:
         """The part of a log chunk to keep (cut at the log limit), or None if it is stale."""
-        build = self.current(session, machine, msg.build_id, msg.attempt)
+        build = self.current(session, machine, msg.build_id, msg.attempt, kind="log")
         if build is None:
             return None
         room = self.config.max_log_bytes - build.log_size
@@ -359,7 +401,7 @@ class Farm:
     def on_result(self, session: Session, machine: Machine, msg: Result, now: float) -> bool:
         """Commit a result if (and only if) it is for the current attempt.  Returns whether
         it was committed."""
-        build = self.current(session, machine, msg.build_id, msg.attempt)
+        build = self.current(session, machine, msg.build_id, msg.attempt, kind="result")
         if build is None:
             return False
         del machine.running[build.id]

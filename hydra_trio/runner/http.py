@@ -2,6 +2,13 @@
 
 Handlers only read the farm or call one of its transitions; none of them blocks.  Every
 caller mistake is a JSON ``{"error": ...}`` with a 4xx status.
+
+Authentication (``--token-file``): with a token, ``_RequireToken`` sits in front of every
+route and answers 403 to a call without ``Authorization: Bearer <token>`` before the route
+runs, so before a byte of the body is read.  Calls that change state (every method but GET and
+HEAD) always need it; reads need it only with ``token_for_reads``, and even then the dashboard
+page ``GET /`` stays open: it is a fixed page that holds no data, and its script sends the
+token on every request it makes (see ``create_app``).
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from typing import Any
 
 import trio
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
@@ -24,7 +33,9 @@ from starlette.responses import (
     StreamingResponse,
 )
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from hydra_trio.auth import bearer_ok
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.dashboard import dashboard
 from hydra_trio.runner.farm import Farm, InvalidGraphError, UnknownBuildError
@@ -48,6 +59,51 @@ MAX_LIMIT = 500
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+#: Methods that only read; every other method changes state (or may, in a later route).
+_READ_METHODS = frozenset({"GET", "HEAD"})
+#: Reads that stay open with ``token_for_reads``: the dashboard page itself (no data in it).
+_OPEN_PATHS = frozenset({"/"})
+
+
+class _RequireToken:
+    """ASGI middleware: a call that needs the token and lacks it gets a 403, before routing.
+
+    It runs before the route does, so a client without the token can neither make the runner
+    read (let alone buffer) its body nor learn which routes exist.  Non-HTTP scopes
+    (lifespan) pass through: the app has no websocket routes.
+    """
+
+    def __init__(self, app: ASGIApp, *, token: bytes, token_for_reads: bool) -> None:
+        self.app = app
+        self.token = token
+        self.token_for_reads = token_for_reads
+
+    def _needs_token(self, scope: Scope) -> bool:
+        if scope["method"] not in _READ_METHODS:
+            return True
+        return self.token_for_reads and scope["path"] not in _OPEN_PATHS
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._needs_token(scope):
+            await self.app(scope, receive, send)
+            return
+        header = Headers(scope=scope).get("authorization")
+        if bearer_ok(self.token, header):
+            await self.app(scope, receive, send)
+            return
+        what = "changes state" if scope["method"] not in _READ_METHODS else "reads the farm"
+        if header is None:
+            problem = f"this call {what} and needs the runner's token"
+        else:
+            problem = "the Authorization header does not carry the runner's token"
+        response = JSONResponse(
+            {"error": f"{problem}: send 'Authorization: Bearer <token>'"},
+            status_code=403,
+            headers={"WWW-Authenticate": 'Bearer realm="hydra-trio"'},
+        )
+        await response(scope, receive, send)
 
 
 async def list_builds(farm: Farm, request: Request) -> Response:
@@ -113,9 +169,24 @@ def create_app(
     *,
     default_system: str,
     persist: Callable[[], Awaitable[None]] = _no_persistence,
+    token: bytes | None = None,
+    token_for_reads: bool = False,
 ) -> Starlette:
     """The Starlette application over ``farm``.  ``persist`` returns once every change made so
-    far is durable; calls that change state await it before they answer."""
+    far is durable; calls that change state await it before they answer.
+
+    With ``token``, every call but GET and HEAD needs ``Authorization: Bearer <token>`` and
+    gets a JSON 403 (with ``WWW-Authenticate: Bearer``) without it; with ``token_for_reads``
+    as well, so does every read except the dashboard page ``GET /``.  The page is open because
+    it is the same fixed HTML for everyone; each of its requests (the JSON API, logs, output
+    downloads) carries the token.  The operator gives it the token once per browser tab: by
+    opening ``http://runner:7421/#token=<token>`` (the page moves it to ``sessionStorage`` and
+    removes it from the address at once; a fragment is never sent to a server) or by typing it
+    into the prompt the page shows when the runner answers 403.  Prometheus scrapes
+    ``/metrics`` in that mode with ``authorization: {credentials_file: <token file>}``.
+    """
+    if token is not None and not token:
+        raise ValueError("an empty token would let every caller in")  # load_token refuses one
 
     async def status(request: Request) -> Response:
         now = trio.current_time()
@@ -128,6 +199,8 @@ def create_app(
                     "buildersLostIdle": farm.builders_lost_idle,
                     "buildersLostWhileBuilding": farm.builders_lost_busy,
                     "requeued": dict(farm.requeued),
+                    "framesRejected": dict(farm.frames_rejected),
+                    "handshakesRejected": dict(farm.handshakes_rejected),
                 },
             }
         )
@@ -249,4 +322,9 @@ def create_app(
             Route("/metrics", metrics),
         ],
         exception_handlers={HTTPException: http_error},
+        middleware=(
+            []
+            if token is None
+            else [Middleware(_RequireToken, token=token, token_for_reads=token_for_reads)]
+        ),
     )

@@ -87,4 +87,16 @@ def render_metrics(farm: Farm, now: float) -> str:
         "Frames about a build rejected because their attempt was not current.",
         [("", farm.stale_rejected)],
     )
+    family(
+        "frames_rejected_total",
+        "counter",
+        "Frames about a build not this connection's to speak for, by kind.",
+        [(f'{{kind="{s}"}}', n) for s, n in sorted(farm.frames_rejected.items())],
+    )
+    family(
+        "handshakes_rejected_total",
+        "counter",
+        "Builder hellos refused, by reason (auth-failed, incompatible-version).",
+        [(f'{{reason="{s}"}}', n) for s, n in sorted(farm.handshakes_rejected.items())],
+    )
     return "\n".join(lines) + "\n"

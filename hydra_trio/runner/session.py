@@ -11,17 +11,20 @@ farm in one step on the way out.
 from __future__ import annotations
 
 import logging
+import ssl
 import uuid
 
 import attrs
 import trio
 
-from hydra_trio.net import ConnectionLost, FramedChannel
+from hydra_trio import auth
+from hydra_trio.net import ConnectionLost, FramedChannel, tls_failure
 from hydra_trio.protocol.connection import Connection
-from hydra_trio.protocol.errors import ProtocolError
+from hydra_trio.protocol.errors import ProtocolError, RemoteProtocolError
 from hydra_trio.protocol.messages import (
     PROTOCOL_VERSION,
     BuildStatus,
+    Challenge,
     Drain,
     FetchData,
     FetchRequest,
@@ -39,6 +42,7 @@ from hydra_trio.protocol.messages import (
     Welcome,
     compatible,
 )
+from hydra_trio.protocol.validators import MAX_LIST, tree_conflict
 from hydra_trio.runner.blobs import BlobError, PendingUpload, Storage
 from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.model import Machine
@@ -53,13 +57,58 @@ WRITE_BATCH = 64
 #: The most bytes one FetchData carries, whatever the builder asks (keeps frames small, so a
 #: fetch never holds up a Pong for long).
 MAX_FETCH_CHUNK = 1024 * 1024
+#: The most output files one attempt may upload: no ``Result`` can list more, so a builder
+#: sending more is not a builder (each costs a temporary file and an entry here).
+MAX_UPLOADS = MAX_LIST
+#: Results listing more outputs than this are checked in a worker thread (~5 us an output).
+_CHECK_INLINE = 1000
 
 
 @attrs.frozen(kw_only=True)
 class SessionConfig:
     builder_timeout: float = 30.0
+    #: TLS handshake, challenge and hello must all be done within this.
     handshake_timeout: float = 10.0
     max_frame_size: int = 8 * 1024 * 1024
+    #: the shared secret builders must prove they know; None: any builder is accepted.
+    token: bytes | None = attrs.field(default=None, repr=False)
+    #: TLS on the builder port (server side; with a CA, client certificates are required).
+    ssl_context: ssl.SSLContext | None = None
+
+
+@attrs.define
+class HandshakeGate:
+    """Bounds the connections that have not completed their handshake.
+
+    Each costs a task and buffers until it is accepted or times out; without a bound, a
+    client opening connections and sending nothing (slowloris) could hold any number of
+    them.  Past the limit a new connection is closed at once, without a byte sent.
+    """
+
+    limit: int
+    pending: int = 0
+    refused: int = 0
+
+    def enter(self) -> bool:
+        if self.pending >= self.limit:
+            self.refused += 1
+            return False
+        self.pending += 1
+        return True
+
+    def leave(self) -> None:
+        self.pending -= 1
+
+
+@attrs.define(eq=False)
+class UploadTotals:
+    """The uploads of one attempt on one connection, bounded against a lying builder."""
+
+    files: int = 0
+    bytes: int = 0
+    #: the file being received.  A builder sends its files one after another, so this is the
+    #: only one with an open descriptor: a builder cannot make the runner hold more.
+    current: PendingUpload | None = None
 
 
 @attrs.define(eq=False)
@@ -72,6 +121,8 @@ class BuilderSession:
     cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     #: output files arriving, by (build id, attempt, path).
     uploads: dict[tuple[str, int, str], PendingUpload] = attrs.field(factory=dict)
+    #: what each attempt uploading on this connection has sent so far, by (build id, attempt).
+    upload_totals: dict[tuple[str, int], UploadTotals] = attrs.field(factory=dict)
     #: frames posted and not yet taken by the writer (``statistics()`` would build an object
     #: per Pong just to read this).
     _queued: int = attrs.field(default=0, init=False)
@@ -119,27 +170,50 @@ class BuilderSession:
 
 
 async def serve_builder(
-    farm: Farm, config: SessionConfig, storage: Storage, stream: trio.abc.Stream
+    farm: Farm,
+    config: SessionConfig,
+    storage: Storage,
+    stream: trio.abc.Stream,
+    *,
+    gate: HandshakeGate | None = None,
 ) -> None:
     """Handle one builder connection until it ends.  Owns and closes ``stream``.
 
-    Timeouts: the hello must arrive within ``handshake_timeout``; after it, any ``builder_timeout``
-    without a frame ends the connection.
+    Timeouts: TLS (when configured), the challenge and the hello must be done within
+    ``handshake_timeout``; after that, any ``builder_timeout`` without a frame ends the
+    connection.  With a ``gate``, the connection counts against its limit until then.
     """
+    if gate is not None and not gate.enter():
+        log.warning(
+            "closed a connection: %d connections are already in their handshake", gate.limit
+        )
+        with trio.move_on_after(1, shield=True):
+            await stream.aclose()
+        return
+    in_gate = gate is not None
     conn = Connection(
         Role.RUNNER,
         now=trio.current_time(),
         peer_timeout=config.handshake_timeout,
         max_frame_size=config.max_frame_size,
     )
-    channel = FramedChannel(stream, conn)
     session: BuilderSession | None = None
     reason = "closed"
     said_goodbye = False
     try:
-        hello = await _handshake(channel, config)
+        hello = None
+        with trio.move_on_after(config.handshake_timeout):
+            if config.ssl_context is not None:
+                stream = await _tls_handshake(stream, config.ssl_context)
+            channel = FramedChannel(stream, conn)
+            hello = await _handshake(farm, channel, config)
         if hello is None:
+            if conn.hello is None:
+                log.info("connection closed: no hello within %g s", config.handshake_timeout)
             return
+        if gate is not None:
+            gate.leave()
+            in_gate = False
         session = BuilderSession(channel)
         conn.set_peer_timeout(config.builder_timeout)
         with session.cancel_scope:
@@ -168,6 +242,9 @@ async def serve_builder(
         reason = f"internal error: {type(exc).__name__}: {exc}"
         log.exception("builder connection failed")
     finally:
+        if in_gate:
+            assert gate is not None
+            gate.leave()
         if session is not None:
             farm.detach(session, reason, trio.current_time(), lost=not said_goodbye)
         with trio.move_on_after(5, shield=True):
@@ -176,28 +253,55 @@ async def serve_builder(
             await stream.aclose()
 
 
-async def _handshake(channel: FramedChannel, config: SessionConfig) -> Hello | None:
-    with trio.move_on_after(config.handshake_timeout):
-        message = await channel.receive()
-        assert isinstance(message, Hello)  # the Connection allows nothing else first
-        if not compatible(PROTOCOL_VERSION, message.protocol_version):
-            await channel.send(
-                Reject(
-                    code="incompatible-version",
-                    reason=f"runner speaks protocol {PROTOCOL_VERSION}, "
-                    f"builder speaks {message.protocol_version}",
-                )
-            )
-            log.warning(
-                "rejected builder %s: protocol %s is incompatible with %s",
-                message.hostname,
-                message.protocol_version,
-                PROTOCOL_VERSION,
-            )
-            return None
-        return message
-    log.info("connection closed: no hello within %.0f s", config.handshake_timeout)
-    return None
+async def _tls_handshake(
+    stream: trio.abc.Stream, context: ssl.SSLContext
+) -> trio.SSLStream[trio.abc.Stream]:
+    tls = trio.SSLStream(stream, context, server_side=True)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        raise ConnectionLost(f"TLS handshake failed: {tls_failure(exc)}") from None
+    return tls
+
+
+async def _handshake(farm: Farm, channel: FramedChannel, config: SessionConfig) -> Hello | None:
+    """Challenge, hello, and the checks on it; None when the builder was rejected."""
+    challenge = Challenge(
+        protocol_version=PROTOCOL_VERSION,
+        nonce=auth.new_nonce(),
+        token_required=config.token is not None,
+    )
+    await channel.send(challenge)
+    hello = await channel.receive()
+    assert isinstance(hello, Hello)  # the Connection allows nothing else first
+    if not compatible(PROTOCOL_VERSION, hello.protocol_version):
+        await _reject(
+            farm,
+            channel,
+            hello,
+            "incompatible-version",
+            f"runner speaks protocol {PROTOCOL_VERSION}, builder speaks {hello.protocol_version}",
+        )
+        return None
+    if config.token is not None and not auth.verify(
+        config.token, challenge.nonce, hello.machine_id, hello.credentials
+    ):
+        why = "no token given" if not hello.credentials else "wrong token"
+        await _reject(
+            farm,
+            channel,
+            hello,
+            "auth-failed",
+            f"{why}: give the builder the runner's token (--token-file)",
+        )
+        return None
+    return hello
+
+
+async def _reject(farm: Farm, channel: FramedChannel, hello: Hello, code: str, why: str) -> None:
+    farm.handshakes_rejected[code] += 1
+    log.warning("rejected builder %s (%s): %s: %s", hello.hostname, hello.machine_id, code, why)
+    await channel.send(Reject(code=code, reason=why))
 
 
 async def _receive_loop(
@@ -234,8 +338,13 @@ async def _receive_loop(
                         await storage.logs.append(message.build_id, message.attempt, data)
                 elif kind is Result:
                     assert isinstance(message, Result)
-                    result = await _check_outputs(session, storage, message)
-                    farm.on_result(session, machine, result, trio.current_time())
+                    # Only a current result has its uploads checked and kept: one from
+                    # another machine's build or an old attempt is counted and dropped.
+                    ref = message.build_id, message.attempt
+                    if farm.current(session, machine, *ref, kind="result") is not None:
+                        result = await _check_outputs(session, storage, message)
+                        farm.on_result(session, machine, result, trio.current_time())
+                    await _drop_stale_uploads(session, machine, storage)
                 elif kind is Progress:
                     assert isinstance(message, Progress)
                     farm.on_progress(session, machine, message)
@@ -255,33 +364,86 @@ async def _receive_loop(
 async def _on_upload(
     farm: Farm, session: BuilderSession, machine: Machine, storage: Storage, msg: UploadData
 ) -> None:
-    """Append one chunk of an output file of the current attempt (stale chunks are dropped)."""
-    if farm.current(session, machine, msg.build_id, msg.attempt) is None:
+    """Append one chunk of an output file of a build this builder runs under the current
+    attempt; any other chunk is counted and dropped (``Farm.current``).  An attempt that
+    uploads more than ``max_output_bytes``, more files than a result can list, or starts a
+    file before finishing the last, is a protocol violation: the connection ends.
+
+    ``msg.path`` is a label for the result to match, never a file name: the data goes to a
+    temporary file in the blob store and, once checked, to a name made of its hash."""
+    if farm.current(session, machine, msg.build_id, msg.attempt, kind="upload") is None:
         return
+    ref = f"build {msg.build_id} attempt {msg.attempt}"
+    totals = session.upload_totals.setdefault((msg.build_id, msg.attempt), UploadTotals())
+    totals.bytes += len(msg.data)
+    limit = farm.config.max_output_bytes
+    if totals.bytes > limit:
+        raise RemoteProtocolError(f"{ref}: uploaded more than max_output_bytes ({limit})")
     key = (msg.build_id, msg.attempt, msg.path)
     upload = session.uploads.get(key)
     if upload is None:
         if msg.offset != 0:
             return  # its start was refused; the result will say the upload failed
+        previous = totals.current
+        if previous is not None and not (previous.complete or previous.done):
+            raise RemoteProtocolError(
+                f"{ref}: started {msg.path!r} before finishing {previous.path!r}"
+            )
+        if totals.files >= MAX_UPLOADS:
+            raise RemoteProtocolError(f"{ref}: uploaded more than {MAX_UPLOADS} files")
+        totals.files += 1
         upload = await trio.to_thread.run_sync(storage.blobs.begin, msg.path)
-        session.uploads[key] = upload
+        session.uploads[key] = totals.current = upload
+    if upload.done:
+        return  # refused already; the result will say the upload failed
     try:
-        await trio.to_thread.run_sync(storage.blobs.append, upload, msg.offset, msg.data)
+        await trio.to_thread.run_sync(storage.blobs.append, upload, msg.offset, msg.data, msg.eof)
     except BlobError as exc:
-        log.warning("upload of build %s: %s", msg.build_id, exc)
+        log.warning("upload of %s: %s", ref, exc)
         await trio.to_thread.run_sync(storage.blobs.discard, upload)
+
+
+def _listing_problem(result: Result) -> str:
+    """Why the outputs a result lists could not all exist in one ``$OUT`` (so could not all
+    be placed in a dependent's ``$IN``), or "".  A builder scanning a real directory never
+    lists such a thing."""
+    problem = tree_conflict(info.path for info in result.outputs)
+    if problem is not None:
+        return f"the builder's list of outputs is impossible: {problem}"
+    if any("\0" in info.link for info in result.outputs):
+        return "the builder's list of outputs has a link target with a NUL"
+    return ""
+
+
+async def _drop_stale_uploads(session: BuilderSession, machine: Machine, storage: Storage) -> None:
+    """Discard uploads of attempts that are no longer current here (aborted, cancelled or
+    requeued): no result can commit them, and they would hold disk until the session ends."""
+    for key in list(session.uploads):
+        build = machine.running.get(key[0])
+        if build is None or build.attempts != key[1]:
+            await trio.to_thread.run_sync(storage.blobs.discard, session.uploads.pop(key))
+    for ref in list(session.upload_totals):
+        build = machine.running.get(ref[0])
+        if build is None or build.attempts != ref[1]:
+            del session.upload_totals[ref]
 
 
 async def _check_outputs(session: BuilderSession, storage: Storage, result: Result) -> Result:
     """Keep each uploaded output whose size and hash match the result's list.  A success whose
-    outputs did not all arrive intact becomes ``upload-failed`` (retried elsewhere)."""
+    outputs did not all arrive intact becomes ``upload-failed`` (retried elsewhere), as does
+    one whose list could not be a directory tree (a path twice, or a file also used as a
+    directory: placing those under a dependent's ``$IN`` would go through a link)."""
+    session.upload_totals.pop((result.build_id, result.attempt), None)
     uploads = {
         path: session.uploads.pop((b, a, path))
         for (b, a, path) in list(session.uploads)
         if b == result.build_id and a == result.attempt
     }
-    problem = ""
-    for info in result.outputs:
+    if len(result.outputs) > _CHECK_INLINE:
+        problem = await trio.to_thread.run_sync(_listing_problem, result)
+    else:
+        problem = _listing_problem(result)
+    for info in () if problem else result.outputs:
         if info.link:
             continue
         upload = uploads.pop(info.path, None)
@@ -296,17 +458,19 @@ async def _check_outputs(session: BuilderSession, storage: Storage, result: Resu
             problem = problem or str(exc)
     for upload in uploads.values():  # uploaded but not listed: not an output
         await trio.to_thread.run_sync(storage.blobs.discard, upload)
-    if problem and result.status is BuildStatus.SUCCESS:
+    if not problem:
+        return result
+    if result.status is BuildStatus.SUCCESS:
         log.warning("build %s attempt %d: %s", result.build_id, result.attempt, problem)
         return attrs.evolve(result, status=BuildStatus.UPLOAD_FAILED, error=problem, outputs=())
-    return result
+    return attrs.evolve(result, outputs=())
 
 
 async def _on_fetch(
     farm: Farm, session: BuilderSession, machine: Machine, storage: Storage, msg: FetchRequest
 ) -> None:
     """Serve a chunk of an input of a build this builder runs under the current attempt."""
-    build = farm.current(session, machine, msg.build_id, msg.attempt)
+    build = farm.current(session, machine, msg.build_id, msg.attempt, kind="fetch")
     if build is None:
         error = "not an input of a build you run under this attempt"
     elif not any(
@@ -322,6 +486,8 @@ async def _on_fetch(
             )
         except BlobError as exc:
             error = str(exc)
+        except OSError as exc:  # the offset comes from the builder: past what seek() accepts
+            error = f"cannot read {msg.sha256} at offset {msg.offset}: {exc.strerror or exc}"
         else:
             session.post(FetchData(request_id=msg.request_id, data=data, eof=eof))
             return

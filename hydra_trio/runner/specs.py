@@ -96,7 +96,10 @@ def parse_graph(body: Any, default_system: str) -> tuple[list[BuildSpec], list[s
     if not entries:
         raise SpecError("builds: the graph is empty")
     if len(entries) > MAX_GRAPH_BUILDS:
-        raise SpecError(f"builds: more than {MAX_GRAPH_BUILDS} builds in one graph")
+        raise SpecError(
+            f"builds: {len(entries)} builds in one graph, more than the limit of "
+            f"{MAX_GRAPH_BUILDS}; submit it in parts (after may name earlier builds by id)"
+        )
     specs: dict[str, BuildSpec] = {}
     for index, entry in enumerate(entries):
         name = entry.get("name") if isinstance(entry, dict) else None

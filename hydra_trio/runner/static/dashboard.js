@@ -79,6 +79,78 @@
     return els;
   }
 
+  // -- the runner's token ---------------------------------------------------------------
+  // A runner started with --token-file --http-token-for-reads answers reads with 403 unless
+  // they carry "Authorization: Bearer <token>".  The page gets the token once per tab, either
+  // from the address (open "/#token=<token>": a fragment never reaches a server, and it is
+  // removed from the address and history entry at once) or from the prompt shown on a 403;
+  // it keeps it in sessionStorage (this tab only, gone when the tab closes) and sends it with
+  // every request, output downloads and the raw log included.
+  const TOKEN_KEY = "hydra-trio-token";
+  let token = "";
+  try { token = sessionStorage.getItem(TOKEN_KEY) || ""; } catch (e) { /* storage off */ }
+  function setToken(value) {
+    token = value.trim();
+    try {
+      if (token) sessionStorage.setItem(TOKEN_KEY, token);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    } catch (e) { /* storage off: the token lasts until the page is reloaded */ }
+  }
+  function takeTokenFromHash() {
+    const m = /^#token=(.*)$/.exec(location.hash);
+    if (!m) return;
+    let value = m[1];
+    try { value = decodeURIComponent(value); } catch (e) { /* use it as it is */ }
+    setToken(value);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  const authHeaders = (extra) => Object.assign(token ? {Authorization: "Bearer " + token} : {},
+    extra || {});
+
+  function askForToken(why) {
+    $("auth-why").textContent = why + (token ? " (the token given is not accepted)" : "");
+    if ($("auth").hidden) {
+      $("auth").hidden = false;
+      $("auth-token").value = "";
+      $("auth-token").focus();
+    }
+  }
+  function useToken() {
+    setToken($("auth-token").value);
+    $("auth-token").value = "";
+    $("auth").hidden = true;
+    if (current && current.logCtl) current.logCtl.abort();
+    if (current) Object.assign(current, {logMode: "none", logRetryAt: 0});
+    schedule(0);
+  }
+  $("auth-use").addEventListener("click", useToken);
+  $("auth-token").addEventListener("keydown", (ev) => { if (ev.key === "Enter") useToken(); });
+
+  // With a token, links to outputs and the raw log (which a plain navigation could not send
+  // it with) are fetched with it and saved from memory.
+  document.addEventListener("click", (ev) => {
+    const a = ev.target instanceof Element ? ev.target.closest("a[data-save-as]") : null;
+    if (!a || !token || ev.button !== 0) return;
+    ev.preventDefault();
+    saveAs(a.getAttribute("href"), a.dataset.saveAs);
+  });
+  async function saveAs(url, name) {
+    try {
+      const r = await fetch(url, {headers: authHeaders(), cache: "no-store"});
+      if (!r.ok) throw new Error(await errorText(r));
+      const href = URL.createObjectURL(await r.blob());
+      const link = h("a", {href, download: name, hidden: true});
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(href), 60000);
+    } catch (e) {
+      const banner = $("banner");
+      banner.hidden = false;
+      banner.textContent = "Cannot download " + name + ": " + e.message;
+    }
+  }
+
   async function errorText(r) {
     try {
       const body = await r.json();
@@ -87,7 +159,8 @@
     return r.status + " " + r.statusText;
   }
   async function getJSON(url) {
-    const r = await fetch(url, {headers: {Accept: "application/json"}, cache: "no-store"});
+    const r = await fetch(url, {headers: authHeaders({Accept: "application/json"}),
+      cache: "no-store"});
     if (!r.ok) {
       const err = new Error(await errorText(r));
       err.status = r.status;
@@ -262,7 +335,8 @@
     const base = apiBuild(b.id) + "/outputs/";
     $("b-outputs").replaceChildren(...outputs.map((o) => h("li", null,
       h("a", {href: base + o.path.split("/").map(encodeURIComponent).join("/"),
-        title: "sha256 " + o.sha256}, h("code", null, o.path)),
+        title: "sha256 " + o.sha256, "data-save-as": o.path.split("/").pop()},
+      h("code", null, o.path)),
       h("span", {class: "sub"}, "  " + size(o.size)))));
     $("b-outputs-empty").hidden = outputs.length > 0;
     $("b-outputs-empty").textContent = FINISHED.has(b.state) ? "No outputs." : "None yet.";
@@ -314,8 +388,12 @@
     setLogState(follow ? "following\u2026" : "loading\u2026");
     try {
       const url = apiBuild(view.id) + "/log" + (follow ? "?follow=1" : "");
-      const r = await fetch(url, {signal: ctl.signal, cache: "no-store"});
-      if (!r.ok) throw new Error(await errorText(r));
+      const r = await fetch(url, {signal: ctl.signal, headers: authHeaders(), cache: "no-store"});
+      if (!r.ok) {
+        const err = new Error(await errorText(r));
+        if (r.status === 403) askForToken(err.message);
+        throw err;
+      }
       const dec = new TextDecoder();
       if (r.body && r.body.getReader) {
         const reader = r.body.getReader();
@@ -367,6 +445,7 @@
 
   // -- routing and polling -------------------------------------------------------------
   function navigate() {
+    takeTokenFromHash();
     if (current && current.logCtl) current.logCtl.abort();
     current = null;
     const m = /^#build\/(.+)$/.exec(location.hash);
@@ -383,6 +462,7 @@
       $("log").textContent = "";
       $("log-trim").hidden = true;
       $("log-raw").setAttribute("href", apiBuild(id) + "/log");
+      $("log-raw").dataset.saveAs = id + ".log";
       setLogState("");
     } else {
       document.title = "hydra-trio";
@@ -393,11 +473,13 @@
 
   function setOnline(ok, err) {
     const conn = $("conn"), banner = $("banner");
+    const refused = !ok && err && err.status === 403; // reachable, but wants the token
     document.body.classList.toggle("stale", !ok);
-    banner.hidden = ok;
+    banner.hidden = ok || refused;
+    if (ok) $("auth").hidden = true;
     conn.className = ok ? "conn ok" : "conn bad";
-    conn.textContent = ok ? "live" : "runner unreachable";
-    if (!ok) {
+    conn.textContent = ok ? "live" : refused ? "token needed" : "runner unreachable";
+    if (!ok && !refused) {
       banner.textContent = "Cannot reach the queue runner (" + (err && err.message || err)
         + "); retrying every second. What is shown may be out of date.";
     }
@@ -416,7 +498,10 @@
         else await pollOverview();
         if (g === generation) setOnline(true);
       } catch (e) {
-        if (g === generation) setOnline(false, e);
+        if (g === generation) {
+          if (e.status === 403) askForToken(e.message);
+          setOnline(false, e);
+        }
       }
     }
     if (g === generation) schedule(POLL_MS);
