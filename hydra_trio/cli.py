@@ -13,6 +13,8 @@ import functools
 import json
 import logging
 import math
+import re
+import shutil
 import signal
 import ssl
 import sys
@@ -569,20 +571,20 @@ def _request(method: str, url: str, path: str, token: bytes | None, **kwargs: An
 
 @main.command("submit")
 @client_options
-@click.option("--name", default="", help="A name for the build (its input dir for dependents).")
-@click.option("--system", default=None, help="Required system [default: the runner's].")
-@click.option("--feature", "features", multiple=True, help="Required feature (repeatable).")
-@click.option("--after", multiple=True, help="Build id that must succeed first (repeatable).")
-@click.option("--priority", type=int, default=0, show_default=True)
-@click.option("--timeout", type=SECONDS, default=None, help="Wall-clock limit in seconds.")
-@click.option("--max-silent", type=SECONDS, default=None, help="Limit on seconds without output.")
-@click.option(
+@option("--name", default="", help="A name for the build (its input dir for dependents).")
+@option("--system", default=None, help="Required system [default: the runner's].")
+@option("--feature", "features", multiple=True, help="Required feature (repeatable).")
+@option("--after", multiple=True, help="Build id that must succeed first (repeatable).")
+@option("--priority", type=int, default=0, help="Higher runs first.")
+@option("--timeout", type=SECONDS, default=None, help="Wall-clock limit in seconds.")
+@option("--max-silent", type=SECONDS, default=None, help="Limit on seconds without output.")
+@option(
     "--file",
     "graph_file",
     type=click.Path(dir_okay=False, exists=True),
     help="A TOML graph of named builds (instead of COMMAND).",
 )
-@click.option("--wait", is_flag=True, help="Wait for the build(s); exit 0 if all succeeded.")
+@option("--wait", is_flag=True, help="Wait for the build(s); exit 0 if all succeeded.")
 @click.argument("command", nargs=-1)
 def submit(
     url: str,
@@ -683,21 +685,30 @@ def load_graph(path: str) -> dict[str, Any]:
 
 
 def _wait(url: str, token: bytes | None, build_id: str) -> int:
+    """Follow a build until it ends; 0 if it succeeded, else 1.  On a terminal, one line
+    rewritten in place (state, phase, machine, elapsed, the log's last line); otherwise a
+    plain line per change of state, phase, machine or attempt."""
+    live = sys.stderr.isatty()
     last = None
     started = time.monotonic()
     while True:
         build = _request("GET", url, f"/builds/{build_id}", token)
-        shown = (build["state"], build.get("phase"), build.get("machine"), build["attempts"])
-        if shown != last:
-            where = f" on {build['machine']}" if build.get("machine") else ""
-            phase = f" ({build['phase']})" if build.get("phase") else ""
-            click.echo(
-                f"[{time.monotonic() - started:6.1f}s] {build['state']}{phase}{where}"
-                f" attempt {build['attempts']}",
-                err=True,
-            )
-            last = shown
-        if build["state"] in ("succeeded", "failed", "cancelled"):
+        elapsed = time.monotonic() - started
+        where = f" on {build['machine']}" if build.get("machine") else ""
+        phase = f" ({build['phase']})" if build.get("phase") else ""
+        summary = f"[{elapsed:6.1f}s] {build['state']}{phase}{where} attempt {build['attempts']}"
+        finished = build["state"] in ("succeeded", "failed", "cancelled")
+        if live:
+            tail = _last_line(_request("GET", url, f"/builds/{build_id}/log?tail=2048", token))
+            line = summary + (f" | {tail}" if tail else "")
+            width = shutil.get_terminal_size().columns - 1
+            click.echo("\r\x1b[K" + line[:width], err=True, nl=finished)
+        else:
+            shown = (build["state"], build.get("phase"), build.get("machine"), build["attempts"])
+            if shown != last:
+                click.echo(summary, err=True)
+                last = shown
+        if finished:
             if build["state"] != "succeeded":
                 click.echo(
                     f"build {build_id} {build['state']}: {build['status']}"
@@ -708,6 +719,20 @@ def _wait(url: str, token: bytes | None, build_id: str) -> int:
         time.sleep(0.5)
 
 
+#: Terminal escape sequences (colours, cursor moves) that builds print.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _last_line(log: object) -> str:
+    """The last non-empty line of a log tail, printable (control characters dropped)."""
+    text = _ANSI.sub("", log) if isinstance(log, str) else ""
+    for line in reversed(text.splitlines()):
+        shown = "".join(c for c in line if c.isprintable()).strip()
+        if shown:
+            return shown
+    return ""
+
+
 def _age(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "-"
@@ -716,7 +741,7 @@ def _age(seconds: float) -> str:
 
 @main.command("status")
 @client_options
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 def status(url: str, token_file: Path | None, as_json: bool) -> None:
     """Machines and queue counts."""
     data = _request("GET", url, "/status", _token(token_file))
@@ -744,7 +769,7 @@ def status(url: str, token_file: Path | None, as_json: bool) -> None:
 @main.command("show")
 @client_options
 @click.argument("build_id")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
 def show(url: str, token_file: Path | None, build_id: str, as_json: bool) -> None:
     """One build's state."""
     data = _request("GET", url, f"/builds/{build_id}", _token(token_file))
@@ -761,7 +786,7 @@ def show(url: str, token_file: Path | None, build_id: str, as_json: bool) -> Non
 @main.command("log")
 @client_options
 @click.argument("build_id")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing until the build ends.")
+@option("--follow", "-f", is_flag=True, help="Keep printing until the build ends.")
 def log_command(url: str, token_file: Path | None, build_id: str, follow: bool) -> None:
     """A build's log (of its current attempt)."""
     token = _token(token_file)

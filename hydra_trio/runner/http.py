@@ -51,6 +51,9 @@ MAX_BODY = 64 * 1024 * 1024
 _THREAD_JSON = 256 * 1024
 
 
+#: ``GET /builds/{id}/log?tail=N`` returns at most this many bytes (the end of the log).
+MAX_TAIL = 64 * 1024
+
 #: ``GET /builds`` returns this many builds unless ``limit`` says otherwise ...
 DEFAULT_LIMIT = 50
 #: ... and never more than this.
@@ -241,6 +244,12 @@ def create_app(
 
     async def build_log(request: Request) -> Response:
         build = _build(request)
+        tail = request.query_params.get("tail")
+        if tail is not None:
+            if not (tail.isascii() and tail.isdigit()) or not 1 <= int(tail) <= MAX_TAIL:
+                return _error(400, f"tail must be a number of bytes from 1 to {MAX_TAIL}")
+            data = await storage.logs.read(build.id, build.attempts, -int(tail))
+            return Response(data, media_type="text/plain; charset=utf-8")
         if request.query_params.get("follow") not in ("1", "true", "yes"):
             data = await storage.logs.read(build.id, build.attempts)
             return Response(data, media_type="text/plain; charset=utf-8")

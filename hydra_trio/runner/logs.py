@@ -17,9 +17,13 @@ def _append(path: Path, data: bytes) -> None:
 
 
 def _read(path: Path, offset: int, length: int) -> bytes:
+    """``length`` bytes from ``offset``; a negative offset counts from the end."""
     try:
         with path.open("rb") as f:
-            f.seek(offset)
+            if offset < 0:
+                f.seek(max(0, f.seek(0, 2) + offset))
+            else:
+                f.seek(offset)
             return f.read(length)
     except FileNotFoundError:
         return b""
@@ -41,6 +45,7 @@ class LogStore:
     async def read(
         self, build_id: str, attempt: int, offset: int = 0, length: int = 1 << 30
     ) -> bytes:
+        """Bytes of one attempt's log; a negative ``offset`` counts from its end."""
         if attempt <= 0:
             return b""
         return await trio.to_thread.run_sync(_read, self.path(build_id, attempt), offset, length)
