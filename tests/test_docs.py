@@ -35,3 +35,15 @@ def test_every_key_is_an_option_of_its_command(block: dict[str, dict[str, object
         if isinstance(param.type, click.Path):
             continue  # the files do not exist here
         param.type_cast_value(ctx, value)  # raises for a value the option refuses
+
+
+def test_the_guides_graph_is_a_valid_graph(tmp_path: Path) -> None:
+    from hydra_trio.cli import load_graph
+    from hydra_trio.runner.specs import parse_graph
+
+    text = (DEPLOY.parent / "guide.md").read_text()
+    [block] = re.findall(r"```toml\n(.*?)```", text, re.S)
+    path = tmp_path / "graph.toml"
+    path.write_text(block)
+    specs, names = parse_graph(load_graph(str(path)), "x86_64-linux")
+    assert names == ["compile", "test"] and specs[1].after
