@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean system-deps
+.PHONY: run test lint typecheck unit bench clean system-deps fuzz chaos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,19 @@ unit: $(STAMP) system-deps
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+# The runner's connection handler under 100,000 hostile peers (docs/security.md); about 35
+# minutes on one idle core.  `make test` runs the same test with 200.  No faulthandler dump:
+# the one test legitimately runs for a long time.
+fuzz: $(STAMP)
+	HYDRA_TRIO_FUZZ_EXAMPLES=100000 $(BIN)/pytest -q -o faulthandler_timeout=0 tests/test_fuzz.py
+
+# The level-2 reliability suite (docs/reliability.md): real daemons, each builder in its own
+# network namespace, faults from the kernel (iptables, tc, ip link) and signals; about 17
+# minutes.  Needs root; where namespaces are not permitted it falls back to a fault-injecting
+# proxy and says so.  HYDRA_TRIO_CHAOS_NET=netns|proxy forces one.
+chaos: $(STAMP) system-deps
+	HYDRA_TRIO_CHAOS=1 $(BIN)/pytest -q -o faulthandler_timeout=900 tests/chaos
 
 $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]'

@@ -311,7 +311,7 @@ async def test_metrics_are_prometheus_text_named_hydra_trio(runner: Runner) -> N
             name = line.split()[2] if line.startswith("# ") else line
             assert name.startswith("hydra_trio_"), line
         assert "# TYPE hydra_trio_builds gauge" in lines
-        assert 'hydra_trio_builds{state="queued"} 1' in lines
+        assert 'hydra_trio_builds{state="queued"} 1.0' in lines
 
 
 async def test_a_build_runs_end_to_end_on_a_real_builder(runner: Runner) -> None:

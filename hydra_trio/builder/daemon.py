@@ -501,7 +501,11 @@ class _Session:
             await trio.to_thread.run_sync(writer.finish, target, info.size, info.sha256)
         finally:
             del self.fetches[request_id]
-            await trio.to_thread.run_sync(writer.discard)
+            # Shielded: a fetch is usually cut short by its session being cancelled, and an
+            # unshielded await here would raise Cancelled at once and leave the partial file
+            # in cache/tmp for good.  Bounded, in case the file system hangs.
+            with trio.move_on_after(30, shield=True):
+                await trio.to_thread.run_sync(writer.discard)
         return target
 
 

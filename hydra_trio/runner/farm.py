@@ -47,6 +47,7 @@ from hydra_trio.protocol.messages import (
     Progress,
     Result,
 )
+from hydra_trio.runner.metrics import FarmMetrics
 from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine, MachineState, Session
 from hydra_trio.runner.store import Snapshot, build_row, machine_row
 
@@ -107,6 +108,11 @@ class Farm:
     #: hellos refused, by ``Reject`` code (``auth-failed``, ``incompatible-version``).
     handshakes_rejected: Counter[str] = attrs.field(factory=Counter, init=False)
     dispatch_latencies: list[float] = attrs.field(factory=list, init=False)
+    #: histograms and counters of events for /metrics, in this farm's own registry.
+    metrics: FarmMetrics = attrs.field(factory=FarmMetrics, init=False)
+    #: per unfinished build, on the ``now`` clock: when it became runnable (while queued) or
+    #: was assigned (while running); where dispatch latency and build duration start.
+    _since: dict[str, float] = attrs.field(factory=dict, init=False)
     #: per machine id, what its last rejected frame was about (see ``current``).
     _last_rejected: dict[str, tuple[str, str, int]] = attrs.field(factory=dict, init=False)
     #: changed since the persister last took them (see ``store.Persister``).
@@ -174,7 +180,7 @@ class Farm:
             if failed_dep is not None:
                 self._dependency_failed(build, failed_dep, now)
             elif not build.waiting_for:
-                self._make_runnable(build)
+                self._make_runnable(build, now)
         if len(created) == 1:
             log.info("build %s queued: %s", created[0].id, " ".join(specs[0].command)[:200])
         else:
@@ -406,6 +412,8 @@ class Farm:
             return False
         del machine.running[build.id]
         self._touch_machine(machine)
+        if (assigned_at := self._since.pop(build.id, None)) is not None:
+            self.metrics.build_duration.observe(max(0.0, now - assigned_at))
         build.exit_code = msg.exit_code
         build.timings = dict(msg.timings)
         if msg.status is BuildStatus.SUCCESS:
@@ -494,6 +502,10 @@ class Farm:
 
     def _assign(self, build: Build, machine: Machine, now: float) -> None:
         assert machine.session is not None
+        # Runnable since then, or since its retry delay ended, whichever is later.
+        ready = max(self._since.get(build.id, now), build.not_before)
+        self.metrics.dispatch_latency.observe(max(0.0, now - ready))
+        self._since[build.id] = now
         build.attempts += 1
         build.state = BuildState.RUNNING
         self._touch(build)
@@ -532,7 +544,8 @@ class Farm:
 
     # -- transitions ------------------------------------------------------------------------
 
-    def _make_runnable(self, build: Build) -> None:
+    def _make_runnable(self, build: Build, now: float) -> None:
+        self._since[build.id] = now
         heap = self._runnable.setdefault(build.spec.system, [])
         heapq.heappush(heap, (-build.spec.priority, -len(build.dependents), build.seq, build.id))
 
@@ -559,7 +572,7 @@ class Farm:
         build.not_before = now + delay
         self.requeued[status.value] += 1
         log.info("build %s requeued (%s), retry in %.0f s", build.id, status.value, delay)
-        self._make_runnable(build)
+        self._make_runnable(build, now)
 
     def _finish(
         self,
@@ -576,6 +589,7 @@ class Farm:
         build.phase = None
         build.finished_at = time.time()
         self._touch(build)
+        self._since.pop(build.id, None)
         self.finished[status.value] += 1
         self.on_build_change(build.id)
         log.info("build %s finished: %s%s", build.id, status.value, f" ({error})" if error else "")
@@ -587,7 +601,7 @@ class Farm:
             if state is not BuildState.SUCCEEDED:
                 self._dependency_failed(dependent, build, now)
             elif not dependent.waiting_for:
-                self._make_runnable(dependent)
+                self._make_runnable(dependent, now)
 
     def _dependency_failed(self, build: Build, dependency: Build, now: float) -> None:
         """``build`` can never run: ``dependency`` ended without success (and so, through
@@ -655,7 +669,7 @@ class Farm:
                 continue
             build.waiting_for = {d.id for d in deps if not d.state.finished}
             if not build.waiting_for:
-                self._make_runnable(build)
+                self._make_runnable(build, now)
         log.info(
             "restored %d builds (%d requeued from running) and %d machines",
             len(snapshot.builds),

