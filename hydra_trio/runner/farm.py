@@ -107,7 +107,6 @@ class Farm:
     finished: Counter[str] = attrs.field(factory=Counter, init=False)
     #: hellos refused, by ``Reject`` code (``auth-failed``, ``incompatible-version``).
     handshakes_rejected: Counter[str] = attrs.field(factory=Counter, init=False)
-    dispatch_latencies: list[float] = attrs.field(factory=list, init=False)
     #: histograms and counters of events for /metrics, in this farm's own registry.
     metrics: FarmMetrics = attrs.field(factory=FarmMetrics, init=False)
     #: per unfinished build, on the ``now`` clock: when it became runnable (while queued) or
