@@ -6,9 +6,9 @@ Theory of operation
 ``World`` runs one queue runner (``SimRunner``: a ``Farm``, its ``Dispatcher``, the real
 ``Persister`` over a SQLite store, ``serve_builder`` per connection) and builder processes
 (``BuilderProcess``: the real ``run_builder`` with a scripted executor).  Every connection a
-builder opens goes through ``World.connect``, which consults the builder's route (cut by
+builder opens goes through ``World._connector``, which consults the builder's route (cut by
 partitions and drops) and whether a runner is up, and wraps both ends of the new ``sim.Link``
-so that the journal knows when each side last heard the other.
+so that the journal (``simjournal``) knows when each side last heard the other.
 
 Faults (``World.apply``), each applied to what exists when it starts and healed when it ends:
 
@@ -23,24 +23,22 @@ Faults (``World.apply``), each applied to what exists when it starts and healed 
 - ``crash``: kill -9 of the builder daemon: the kernel closes its sockets (a FIN, which travels
   like data), its builds die with it; a new process with the same machine id starts when the
   fault ends.
-- ``poweroff``, ``poweroff-runner``: the host dies: as ``crash``/``crash-runner``, but every
-  connection of the process first goes silently dead both ways (no FIN ever arrives; the
-  peer finds out through its keepalive).
+- ``crash-runner``: kill -9 of the runner: its tasks are cancelled without the final flush
+  ``serve_runner`` does on a clean exit, so what the persister had committed is all that
+  survives (a commit in flight is lost); its sockets FIN; connections are refused until a new
+  runner starts from the same SQLite store the way ``serve_runner`` does (``store.load`` +
+  ``farm.restore``).
 - ``cancel`` (not a fault, an operator): a running build is cancelled through the farm, as the
   HTTP API does it.  It is what makes stale results and progress reach the runner at all: the
   attempt changes under a live session.
-- ``crash-runner``: kill -9 of the runner: its tasks are cancelled without the final flush
-  ``serve_runner`` does on a clean exit, so what the persister had committed is all that
-  survives; its sockets FIN; connections are refused until a new runner starts from the same
-  SQLite store the way ``serve_runner`` does (``store.load`` + ``farm.restore``).
 
 Overlapping faults compose: held directions and cut routes are counted, a crash of something
 already dead does nothing (and restarts nothing).
 
-Thread work (sqlite, statvfs) is made synchronous by ``synchronous_threads``: it takes no virtual
-time except a database commit, which takes ``COMMIT_LATENCY`` (so a runner can die between
-sending an Assign and committing it, as a real one can), and a run is deterministic under
-hypothesis (which seeds trio's scheduler).
+Thread work (sqlite, statvfs) is made synchronous by ``simprocess.synchronous_threads``: it
+takes no virtual time except a database commit, which takes ``COMMIT_LATENCY`` (so a runner can
+die between sending an Assign and committing it, as a real one can), and a run is
+deterministic under hypothesis (which seeds trio's scheduler).
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import trio
@@ -72,8 +70,6 @@ from .simprocess import (
     RunnerEnd,
     directions,
 )
-
-T = TypeVar("T")
 
 #: The sampling period of the timing invariants, and their tolerance.
 TICK = 1.0
@@ -300,7 +296,7 @@ class World:
             link = Link()
             self.links.setdefault(process.name, []).append(link)
             builder_end = BuilderEnd(link.builder_end, process, runner.generation)
-            process.stream, process.link = builder_end, link
+            process.stream = builder_end
             runner.links.append(link)
             runner.nursery.start_soon(runner.handler, RunnerEnd(link.runner_end))
             return builder_end

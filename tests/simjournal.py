@@ -69,6 +69,8 @@ class Commit:
 
 @attrs.define(eq=False)
 class Journal:
+    """Everything a run did that the invariants look at."""
+
     #: build id -> index in the submitted graph.
     index: dict[str, int] = attrs.field(factory=dict)
     executions: list[Execution] = attrs.field(factory=list)

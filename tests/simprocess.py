@@ -26,7 +26,7 @@ import trio
 from hydra_trio.builder.daemon import BuilderConfig, BuilderState, Executor, run_builder
 from hydra_trio.runner.store import Store
 
-from .sim import Link, LinkEnd
+from .sim import LinkEnd
 from .simjournal import Journal
 
 T = TypeVar("T")
@@ -202,7 +202,6 @@ class BuilderProcess:
     alive: bool = attrs.field(default=True, init=False)
     #: the connection it opened last (the one its session, if any, runs on).
     stream: BuilderEnd | None = attrs.field(default=None, init=False)
-    link: Link | None = attrs.field(default=None, init=False)
     freezes: int = attrs.field(default=0, init=False)
     thawed_at: float = attrs.field(default=-math.inf, init=False)
     deferred_closes: list[BuilderEnd] = attrs.field(factory=list, init=False)

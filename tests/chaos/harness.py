@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,19 +243,28 @@ class ChaosFarm:
 
     # -- what happened when -----------------------------------------------------------------
 
+    def runner_detections(self, name: str, after: float) -> list[Detection]:
+        """Every time the runner lost builder ``name`` since ``after``."""
+        return [
+            Detection(event.time, match[2])
+            for event in self.runner_events()
+            if (match := _DETACHED.match(event.message)) and match[1] == name
+            if event.time >= after
+        ]
+
+    def builder_detections(self, name: str, after: float) -> list[Detection]:
+        """Every time builder ``name`` lost the runner (or failed to reach it) since ``after``."""
+        return [
+            Detection(event.time, match[1])
+            for event in self.builder_events(name)
+            if (match := _RECONNECTING.match(event.message)) and event.time >= after
+        ]
+
     def runner_detected(self, name: str, after: float) -> Detection | None:
-        for event in self.runner_events():
-            match = _DETACHED.match(event.message)
-            if match and match[1] == name and event.time >= after:
-                return Detection(event.time, match[2])
-        return None
+        return next(iter(self.runner_detections(name, after)), None)
 
     def builder_detected(self, name: str, after: float) -> Detection | None:
-        for event in self.builder_events(name):
-            match = _RECONNECTING.match(event.message)
-            if match and event.time >= after:
-                return Detection(event.time, match[1])
-        return None
+        return next(iter(self.builder_detections(name, after)), None)
 
     def backoff_delays(self, name: str, after: float, before: float) -> list[float]:
         """The reconnect delays builder ``name`` drew between ``after`` and ``before``."""
@@ -403,23 +412,20 @@ async def check_invariants(
     chaos: ChaosFarm,
     ids: list[str],
     *,
-    dead: tuple[str, ...] = (),
     orphaned: tuple[str, ...] = (),
-    probe: bool = True,
-    finish_timeout: float = 120.0,
 ) -> Tally:
     """Wait for ``ids`` to finish, then check (and return the tally of):
 
     - every build succeeded, and its committed ``id`` output names its last attempt;
     - no runner generation committed a build twice;
-    - every builder (but ``dead`` ones) is connected with no job, the queue is empty, no
-      partial upload is left in the state dir, every blob's content matches its name;
-    - no build directory or partial fetch is left in a builder's work dir (but in ``dead``
-      ones', or ``orphaned`` ones': a builder killed with -9 cannot clean up after its build);
-    - ``probe``: no slot leaked: as many 2 s builds as there are slots all run at once.
+    - every builder is connected with no job, the queue is empty, no partial upload is left
+      in the state dir, every blob's content matches its name;
+    - no build directory or partial fetch is left in a builder's work dir (but in
+      ``orphaned`` ones': a builder killed with -9 cannot clean up after its build);
+    - no slot leaked: as many 2 s builds as there are slots all run at once.
     """
     tally = Tally()
-    with trio.fail_after(finish_timeout):
+    with trio.fail_after(120):
         for build_id in ids:
             await chaos.real.wait_build(build_id, "finished", lambda b: b["finishedAt"] is not None)
     for build_id in ids:
@@ -450,7 +456,7 @@ async def check_invariants(
     status = await chaos.real.status()
     tally.stale_rejected = status["counters"]["staleResultsRejected"]
     assert status["queue"]["running"] == status["queue"]["queued"] == 0, status["queue"]
-    live = [n for n in chaos.builders if n not in dead]
+    live = list(chaos.builders)
     await chaos.wait_connected(*live)
     for machine in await chaos.machines():
         assert machine["currentJobs"] == 0, machine
@@ -459,12 +465,11 @@ async def check_invariants(
         digest = await trio.to_thread.run_sync(_sha256, blob)
         assert digest == blob.name, f"{blob} holds other content"
     for name in (n for n in live if n not in orphaned):
-        with trio.fail_after(10):  # a build directory is removed just after its result
-            while leftovers := _leftovers(chaos.work_dir(name)):
+        with trio.move_on_after(10):  # a build directory is removed just after its result
+            while _leftovers(chaos.work_dir(name)):
                 await trio.sleep(POLL)
-        assert not leftovers, f"{name} left {leftovers}"
-    if probe:
-        await slot_probe(chaos, live)
+        assert not (leftovers := _leftovers(chaos.work_dir(name))), f"{name} left {leftovers}"
+    await slot_probe(chaos, live)
     return tally
 
 
@@ -527,17 +532,3 @@ def check_database(state: Path, expected: dict[str, dict[str, Any]]) -> None:
         assert (state_, status, attempts) == (build["state"], build["status"], build["attempts"])
         for output in build["outputs"]:
             assert output["sha256"] in outputs, (build_id, output)
-
-
-# ---------------------------------------------------------------------------------------------
-# Waiting for the runner's API while it may be down.
-
-
-async def status_or_none(chaos: ChaosFarm) -> dict[str, Any] | None:
-    try:
-        return await chaos.real.status()
-    except httpx.TransportError:
-        return None
-
-
-Wait = Callable[[], Awaitable[Any]]

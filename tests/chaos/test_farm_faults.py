@@ -1,10 +1,13 @@
 """Faults on many links at once: a lossy, slow network at the default timeouts, and ten
 builders cut off and healed together.
 
-- Loss: 30 % of the packets dropped and the rest delayed 200 ms, in each direction, on every
-  builder's link, for three minutes of steady work, with the runner and builders at their
-  default timeouts (``--builder-timeout 30``, ``--ping-interval 10``, ``--ping-timeout 30``).
-  TCP retransmits; nothing may flap: no connection may be given up on either side.
+- Loss: 30 % of the packets dropped and the rest delayed 200 ms on every builder's link (on
+  the builder's egress, as netem on its interface would; or in each direction), for three
+  minutes of steady work, with the runner and builders at their default timeouts
+  (``--builder-timeout 30``, ``--ping-interval 10``, ``--ping-timeout 30``).  The goal: TCP
+  retransmits and nothing flaps (no side gives up on a connection).  Not met yet: a run with
+  flaps ends XFAIL with their count and causes (docs/reliability.md, "Findings"); the
+  invariants (no build lost, none committed twice) are asserted either way.
 - Ten builders (two slots each) running twenty builds are blackholed at the same moment, kept
   cut off, then healed together: every side detects within the goal, the builders come back
   spread out by their jittered backoff, every build runs again and succeeds, and all twenty
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ from .conftest import ENABLED, SKIP_REASON
 from .harness import (
     GOAL_DETECT,
     ChaosFarm,
+    Detection,
     chaos_farm,
     check_database,
     check_invariants,
@@ -69,8 +74,8 @@ async def test_30_percent_loss_and_200_ms_delay_at_default_timeouts(
     tmp_path: Path, backend: str, report: Callable[..., None], direction: Direction
 ) -> None:
     """Three minutes of builds over links losing 30 % of their packets and delaying the rest
-    200 ms (on the builder's egress, as netem there would; or each way): no connection flaps
-    (neither side gives up), every build succeeds."""
+    200 ms: every build succeeds once; no connection flaps (neither side gives up on one), or
+    the test ends XFAIL saying how many did and why (a known gap)."""
     names = ["bA", "bB", "bC"]
     with trio.fail_after(LOSSY_FOR + 200):
         async with chaos_farm(tmp_path, backend) as chaos:
@@ -108,15 +113,13 @@ async def test_30_percent_loss_and_200_ms_delay_at_default_timeouts(
                             )
                 nursery.cancel_scope.cancel()
             lossy_until = time.time()
-            flaps = [
-                (name, side, d)
-                for name in names
-                for side, d in (
-                    ("runner", chaos.runner_detected(name, t0)),
-                    ("builder", chaos.builder_detected(name, t0)),
-                )
-                if d is not None
-            ]
+            # A flap: a session lost on either side (a failed reconnect attempt is not one).
+            by_runner = {n: chaos.runner_detections(n, t0) for n in names}
+            by_builder = {
+                n: [d for d in chaos.builder_detections(n, t0) if not d.reason.startswith(RETRY)]
+                for n in names
+            }
+            flaps = sum(max(len(by_runner[n]), len(by_builder[n])) for n in names)
             for link in chaos.links.values():
                 await link.heal()
             tally = await check_invariants(chaos, ids)
@@ -124,17 +127,15 @@ async def test_30_percent_loss_and_200_ms_delay_at_default_timeouts(
         check_database(chaos.state, expected)
 
     row = {
-        "mechanism": describe(backend, "lossy"),
-        "runner_detected_by": "; ".join(f"{n}: {d.reason}" for n, s, d in flaps if s == "runner")
-        or "(nothing to detect: no flap)",
-        "builder_detected_by": "; ".join(f"{n}: {d.reason}" for n, s, d in flaps if s == "builder")
-        or "(no flap)",
+        "mechanism": describe(backend, "lossy") + f" ({direction.value})",
+        "runner_detected_by": why(by_runner) or "(nothing to detect: no flap)",
+        "builder_detected_by": why(by_builder) or "(no flap)",
         "lost": tally.lost,
         "double_committed": tally.double_committed,
-        "flaps": len(flaps),
+        "flaps": flaps,
         "notes": (
             f"{len(ids)} builds in {lossy_until - t0:.0f} s over {len(names)} lossy links; "
-            f"flaps: {len(flaps)}; largest sinceLastPing {seen['max_since_ping']:.1f} s; "
+            f"flaps: {flaps}; largest sinceLastPing {seen['max_since_ping']:.1f} s; "
             f"most attempts {max(tally.attempts.values())}"
         ),
     }
@@ -145,12 +146,18 @@ async def test_30_percent_loss_and_200_ms_delay_at_default_timeouts(
         # "Findings": TCP_USER_TIMEOUT equal to the ping timeout, TCP's retransmission backoff,
         # liveness counted in whole frames).  Reported as XFAIL, with the count, so it stays
         # visible; a run without a flap passes.
-        pytest.xfail(f"known gap: {len(flaps)} flaps: " + "; ".join(sorted(reasons(flaps))))
+        pytest.xfail(f"known gap: {flaps} flaps; runner: {row['runner_detected_by']}")
     assert seen["not_connected"] == 0, row
 
 
-def reasons(flaps: list[tuple[str, str, Any]]) -> set[str]:
-    return {f"{side} {name}: {detection.reason}" for name, side, detection in flaps}
+#: How a builder's failed reconnect attempt starts (not a flap of a live session).
+RETRY = ("cannot connect", "handshake failed")
+
+
+def why(detections: dict[str, list[Detection]]) -> str:
+    """``reason x count`` over every builder."""
+    counts = Counter(d.reason for found in detections.values() for d in found)
+    return "; ".join(f"{reason} x{count}" for reason, count in counts.most_common())
 
 
 async def test_ten_builders_cut_off_and_healed_at_once(

@@ -14,6 +14,9 @@ Then the link heals, the builder must reconnect by itself, and ``check_invariant
 build succeeded once with its last attempt's output, no slot, build directory or partial
 upload leaked.  The goals (docs/reliability.md): each side detects a silent fault within 4 s,
 and the build is reassigned within 0.5 s of the runner's detection.
+
+Last, a link that is only slow (200 KB/s, no fault) must not be mistaken for a dead one: a
+known bug for now, pinned by a strict xfail (docs/reliability.md, finding 2).
 """
 
 from __future__ import annotations
@@ -150,12 +153,13 @@ async def test_link_fault(
             assert moved_to == other
 
             if case.silent:
+                healed = time.time()  # (the first of heal's commands lifts the fault)
                 await link.heal()
             else:
                 with trio.fail_after(10):
                     await chaos.builders[holder].process.wait()
+                healed = time.time()
                 await chaos.restart_builder(holder)
-            healed = time.time()
             await chaos.wait_connected(holder)
             back = chaos.reconnected(holder, healed)
 
