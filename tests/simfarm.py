@@ -140,11 +140,8 @@ class SimRunner:
                         for b in snapshot.builds
                         if b.state.finished
                     }
-                    self.journal.restored_attempts[self.generation] = {
-                        self.journal.index[b.id]: b.attempts for b in snapshot.builds
-                    }
                     self.farm.restore(snapshot, trio.current_time())
-                    self.farm.on_dirty = persister.wake
+                    self.farm.persist_with(persister.wake)
                     persister.wake()
                     async with trio.open_nursery() as nursery:
                         self.nursery = nursery

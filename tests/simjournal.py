@@ -84,8 +84,6 @@ class Journal:
     impaired: dict[str, list[tuple[float, float]]] = attrs.field(factory=dict)
     #: runner generation -> builds finished in the snapshot it restored: (status, attempts).
     restored: dict[int, dict[int, tuple[BuildStatus | None, int]]] = attrs.field(factory=dict)
-    #: runner generation -> every build's attempts in the snapshot it restored.
-    restored_attempts: dict[int, dict[int, int]] = attrs.field(factory=dict)
     #: build index -> "acknowledged" (cancelled, durably: the client got its answer) or
     #: "unknown" (the runner died before answering: the cancel may be lost).
     cancels: dict[int, str] = attrs.field(factory=dict)

@@ -34,9 +34,8 @@ After the schedule, with every fault healed and time advanced, the invariants ar
   ``on_progress``, ``simjournal.JournalingFarm``); a session never fails with an internal
   error;
 - no attempt of a build ran twice (on two builders or on one), and an attempt's log holds one
-  run's output.  Except for one known bug, tolerated here (``ATTEMPT_REUSE_FIXED``) and shown
-  by the xfail test at the end: a runner killed between sending an Assign and committing it
-  lets the next runner hand out the same attempt again.
+  run's output (the runner sends an Assign only once its attempt number is committed: the test
+  at the end pins the schedules that found the runner handing an attempt out twice).
 
 Faults land on whole seconds (when builds end and start) or while the commits of that second
 are in flight, and ``target()`` steers generation towards schedules that kill builds under way,
@@ -49,17 +48,14 @@ a minute).  A failing schedule shrinks to a minimal fault list; the test prints 
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import attrs
-import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, note, settings, target
@@ -72,7 +68,7 @@ from hydra_trio.runner.model import BuildState, MachineState
 from hydra_trio.runner.store import open_store
 
 from .simfarm import DIRECTIONS, FAULT_KINDS, TICK, BuildPlan, World, machine_silence
-from .simjournal import Commit, Execution, Journal
+from .simjournal import Commit, Execution
 from .simprocess import COMMIT_LATENCY, synchronous_threads
 
 #: 120 examples take about 25 s on a 2-core machine (4 to 5 examples a second).
@@ -442,7 +438,7 @@ def check_final(
     for run in journal.executions:
         by_attempt[(run.build, run.attempt)].append(run)
     for (i, attempt), runs in by_attempt.items():
-        if len(runs) > 1 and not attempt_reused_after_runner_crash(journal, i, attempt, runs):
+        if len(runs) > 1:
             where = " on two builders" if len({run.builder for run in runs}) > 1 else ""
             log = logs.get((world.ids[i], attempt), b"")
             problems.append(
@@ -474,33 +470,6 @@ def check_final(
         if machine is None or machine.state is not MachineState.CONNECTED:
             problems.append(f"{name} is not connected at the end")
     return problems
-
-
-#: Flip to True once the runner never hands out an attempt number twice (see
-#: ``test_an_attempt_number_is_not_handed_out_again_after_a_runner_crash``).
-ATTEMPT_REUSE_FIXED = False
-
-
-def attempt_reused_after_runner_crash(
-    journal: Journal, build: int, attempt: int, runs: list[Execution]
-) -> bool:
-    """Whether these runs of one attempt are the known bug, and only that: each later one was
-    started by a later runner that had restored fewer attempts than an earlier one handed out
-    (the Assign went out, the runner died before committing it).  Nothing else is excused."""
-    if ATTEMPT_REUSE_FIXED:
-        return False
-    runs = sorted(runs, key=lambda run: run.started)
-    for earlier, later in itertools.pairwise(runs):
-        if earlier.generation >= later.generation:
-            return False
-        lost = any(
-            journal.restored_attempts.get(g, {}).get(build, 0) < attempt
-            for g in range(earlier.generation + 1, later.generation + 1)
-        )
-        if not lost:
-            return False
-    journal.log(f"tolerated (known bug): #{build} attempt {attempt} ran {len(runs)} times")
-    return True
 
 
 def merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -577,20 +546,20 @@ def test_the_farm_keeps_its_invariants_under_any_fault_schedule(scenario: Scenar
     assert not problems, "\n".join(problems)
 
 
-#: The minimal schedule of the known bug: b0 finishes #0 at 1 s, the runner commits it and
-#: sends b0 the Assign of #1 attempt 1; it is killed 5 ms later, while that batch is still being
-#: committed.  The next runner restores #0 as running (requeued) and #1 with no attempts, and
-#: hands out #1 attempt 1 a second time: the fencing token is reused, and the second run's log
-#: is appended to the first's (``<build>.1.log``).
+#: The minimal schedule of a bug this test found (fixed: ``Farm.persist_with``): b0 finishes #0
+#: at 1 s, the runner commits it and sent b0 the Assign of #1 attempt 1 at once; it is killed
+#: 5 ms later, while that batch is still being committed.  The next runner restored #1 with no
+#: attempts and handed out #1 attempt 1 a second time: the fencing token was reused, and the
+#: second run's log was appended to the first's (``<build>.1.log``).
 ATTEMPT_REUSE = Scenario(
     jobs=(1,),
     builds=(BuildPlan(duration=1, outcome="ok"), BuildPlan(duration=1, outcome="ok", deps=(0,))),
     faults=(Fault(at=1 + IN_FLIGHT, kind="crash-runner", target=0, direction="both", duration=1),),
 )
 #: The same with a power loss (no FIN), during the second commit of that second (#0's success
-#: is durable, #1's Assign is not): b0 runs #1 attempt 1 until its ping timeout (31 s), and b1,
-#: whose own timeout came first, reconnects at 30.7 s and is given #1 attempt 1 too: the same
-#: attempt runs on two builders at once.
+#: is durable, #1's Assign is not): b0 ran #1 attempt 1 until its ping timeout (31 s), and b1,
+#: whose own timeout came first, reconnected at 30.7 s and was given #1 attempt 1 too: the same
+#: attempt ran on two builders at once.  Now b0 never receives that Assign.
 ATTEMPT_REUSE_AT_ONCE = Scenario(
     jobs=(1, 1),
     builds=(
@@ -610,11 +579,6 @@ ATTEMPT_REUSE_AT_ONCE = Scenario(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: an Assign is sent before its attempt number is committed, so a runner "
-    "killed in between lets the next one hand out the same attempt again",
-)
 @settings(max_examples=1, deadline=None, database=None)
 @given(scenarios=st.just((ATTEMPT_REUSE, ATTEMPT_REUSE_AT_ONCE)))  # seeds trio's scheduler
 def test_an_attempt_number_is_not_handed_out_again_after_a_runner_crash(
@@ -622,11 +586,9 @@ def test_an_attempt_number_is_not_handed_out_again_after_a_runner_crash(
 ) -> None:
     """A runner that dies between sending an Assign and committing it: no attempt runs twice."""
     problems = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys.modules[__name__], "ATTEMPT_REUSE_FIXED", True)
-        for scenario in scenarios:
-            found, timeline, _ = run_example(scenario)
-            if found:
-                note(f"{scenario!r}\ntimeline:\n" + "\n".join(timeline))
-            problems += found
+    for scenario in scenarios:
+        found, timeline, _ = run_example(scenario)
+        if found:
+            note(f"{scenario!r}\ntimeline:\n" + "\n".join(timeline))
+        problems += found
     assert not problems, "\n".join(problems)

@@ -177,7 +177,7 @@ async def test_the_persister_commits_groups_and_flush_waits_for_durability(
     database has all of them."""
     farm = Farm()
     persister = Persister(store, farm)
-    farm.on_dirty = persister.wake
+    farm.persist_with(persister.wake)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(persister.run)
         for index in range(200):

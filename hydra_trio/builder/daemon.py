@@ -218,9 +218,7 @@ async def run_builder(
 
 def _tcp_connector(config: BuilderConfig) -> Connect:
     async def connect() -> trio.abc.Stream:
-        stream = await net.open_tcp(
-            config.server, keepalive_timeout=config.effective_ping_timeout
-        )
+        stream = await net.open_tcp(config.server, keepalive_timeout=config.effective_ping_timeout)
         if config.ssl_context is None:
             return stream
         return await net.start_tls(stream, config.ssl_context, server_hostname=config.server.host)

@@ -161,7 +161,7 @@ async def serve_runner(
         await trio.to_thread.run_sync(store.migrate)
         snapshot = await trio.to_thread.run_sync(store.load)
         farm.restore(snapshot, trio.current_time())
-        farm.on_dirty = persister.wake
+        farm.persist_with(persister.wake)
         persister.wake()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(persister.run)

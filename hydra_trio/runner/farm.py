@@ -118,6 +118,10 @@ class Farm:
     _dirty_builds: set[str] = attrs.field(factory=set, init=False)
     _dirty_machines: set[str] = attrs.field(factory=set, init=False)
     _new_edges: list[tuple[str, str]] = attrs.field(factory=list, init=False)
+    #: with a persister (``persist_with``): Assigns made since it last took the dirty rows,
+    #: sent once the batch that records their attempt numbers is committed.
+    _hold_assigns: bool = attrs.field(default=False, init=False)
+    _held: list[tuple[Session, Assign]] = attrs.field(factory=list, init=False)
 
     # -- submissions ------------------------------------------------------------------------
 
@@ -519,25 +523,27 @@ class Farm:
         max_silent = (
             spec.max_silent if spec.max_silent is not None else self.config.default_max_silent
         )
-        machine.session.post(
-            Assign(
-                build_id=build.id,
-                attempt=build.attempts,
-                name=spec.name,
-                command=spec.command,
-                env=dict(spec.env),
-                inputs=tuple(
-                    InputSpec(name=dep.name or dep.id, build_id=dep.id, files=dep.outputs)
-                    for dep in (self.builds[dep_id] for dep_id in spec.after)
-                ),
-                limits=Limits(
-                    timeout=timeout,
-                    max_silent=max_silent,
-                    max_log_bytes=self.config.max_log_bytes,
-                    max_output_bytes=self.config.max_output_bytes,
-                ),
-            )
+        assign = Assign(
+            build_id=build.id,
+            attempt=build.attempts,
+            name=spec.name,
+            command=spec.command,
+            env=dict(spec.env),
+            inputs=tuple(
+                InputSpec(name=dep.name or dep.id, build_id=dep.id, files=dep.outputs)
+                for dep in (self.builds[dep_id] for dep_id in spec.after)
+            ),
+            limits=Limits(
+                timeout=timeout,
+                max_silent=max_silent,
+                max_log_bytes=self.config.max_log_bytes,
+                max_output_bytes=self.config.max_output_bytes,
+            ),
         )
+        if self._hold_assigns:
+            self._held.append((machine.session, assign))
+        else:
+            machine.session.post(assign)
         log.info("build %s attempt %d assigned to %s", build.id, build.attempts, machine.hostname)
         self.on_build_change(build.id)
 
@@ -619,6 +625,39 @@ class Farm:
     def _touch_machine(self, machine: Machine) -> None:
         self._dirty_machines.add(machine.machine_id)
         self.on_dirty()
+
+    def persist_with(self, wake: Callable[[], None]) -> None:
+        """Write changes through a persister: ``wake`` is called when there is something to
+        write, and from now on an Assign is held until the batch recording its attempt number
+        is committed (``take_held_assigns``, ``release_assigns``).  Otherwise a runner killed
+        between the two would leave the database one attempt behind, and its successor would
+        hand the same attempt number out again: two runs, possibly at once on two builders,
+        could then each commit or interleave their logs under it."""
+        self.on_dirty = wake
+        self._hold_assigns = True
+
+    def take_held_assigns(self) -> list[tuple[Session, Assign]]:
+        """The Assigns made since the last call: their builds' rows are in the batch the last
+        ``take_dirty`` returned (call both without a checkpoint in between)."""
+        held, self._held = self._held, []
+        return held
+
+    def release_assigns(self, held: list[tuple[Session, Assign]]) -> None:
+        """Send Assigns whose attempt numbers are now committed, unless the assignment ended
+        in the meantime (the build was cancelled, or its builder's session died and the build
+        went back to the queue): then the builder must never see it."""
+        for session, assign in held:
+            build = self.builds.get(assign.build_id)
+            if build is None or build.state is not BuildState.RUNNING:
+                continue
+            machine = self.machines.get(build.machine_id or "")
+            if (
+                build.attempts == assign.attempt
+                and machine is not None
+                and machine.session is session
+                and machine.running.get(build.id) is build
+            ):
+                session.post(assign)
 
     def take_dirty(
         self,

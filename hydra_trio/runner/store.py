@@ -444,6 +444,7 @@ class Persister:
             self._wakeup = trio.Event()
             target = self._requested
             builds, edges, machines = farm.take_dirty()  # rows, made on this thread
+            assigns = farm.take_held_assigns()
             try:
                 if builds or edges or machines:
                     await trio.to_thread.run_sync(self.store.save, builds, edges, machines)
@@ -454,6 +455,7 @@ class Persister:
                 self._written_event.set()
                 raise
             self.batches += 1
+            farm.release_assigns(assigns)
             self._written = target
             self._written_event.set()
             self._written_event = trio.Event()
