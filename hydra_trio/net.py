@@ -7,13 +7,16 @@ the next ``send_all`` (never a ``BusyResourceError``, and fewer system calls und
 
 TCP options complement the application ping, they do not replace it: keepalive and
 ``TCP_USER_TIMEOUT`` bound how long a write into a black hole can hang and let the kernel notice
-a vanished peer on an idle link, but only the ping proves the peer's event loop is running.
+a vanished peer on an idle link, but only the ping proves the peer's event loop is running (see
+``configure_keepalive`` for why each option has the value it has).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -156,10 +159,34 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+#: Linux option numbers the ``socket`` module does not name (``linux/tcp.h``).
+TCP_THIN_LINEAR_TIMEOUTS = getattr(socket, "TCP_THIN_LINEAR_TIMEOUTS", 16)
+TCP_RTO_MAX_MS = 44  # Linux >= 6.11
+#: Unsent bytes the kernel holds for a connection before ``send`` waits: a ping or pong queued
+#: behind a transfer waits for at most this much (plus what is in flight) on a slow link.
+NOTSENT_LOWAT = 128 * 1024
+#: The longest retransmission timeout, where the kernel lets us set it (Linux >= 6.11).
+RTO_MAX_MS = 2000
+
+
 def configure_keepalive(stream: trio.abc.Stream, timeout: float) -> None:
-    """Set ``SO_KEEPALIVE``, ``TCP_KEEPIDLE/INTVL/CNT`` and ``TCP_USER_TIMEOUT`` from
-    ``timeout`` (seconds): an idle dead peer is probed after timeout/2 and given up on after
-    about ``timeout``; unacknowledged data older than ``timeout`` fails the connection."""
+    """Set the TCP options of a farm connection from ``timeout`` (seconds: the application's
+    own liveness deadline on this side):
+
+    - ``SO_KEEPALIVE`` with ``TCP_KEEPIDLE/INTVL/CNT``: an idle dead peer is probed after
+      timeout/2 and given up on after about ``timeout``;
+    - ``TCP_USER_TIMEOUT`` = 2 x timeout: data unacknowledged that long fails the connection.
+      Twice, not once: Linux counts it from the first retransmission of a loss episode, which
+      on a lossy but live link may never quite end, so at 1 x the kernel would give up on a
+      connection that still carries frames both ways before the application would
+      (docs/reliability.md, finding 3);
+    - ``TCP_THIN_LINEAR_TIMEOUTS`` and, where the kernel has it, ``TCP_RTO_MAX_MS`` = 2 s: a
+      connection with little in flight (pings) retransmits at a steady pace instead of backing
+      off exponentially, which on a 30 % lossy link alone stalls it past 30 s (finding 4);
+    - ``TCP_NOTSENT_LOWAT`` (``NOTSENT_LOWAT``): a ping is not queued behind megabytes of
+      transfer in the kernel (finding 2).
+
+    Options this platform lacks are skipped."""
     sock = getattr(stream, "socket", None)
     if sock is None:
         return
@@ -170,21 +197,40 @@ def configure_keepalive(stream: trio.abc.Stream, timeout: float) -> None:
         ("TCP_KEEPIDLE", idle),
         ("TCP_KEEPINTVL", interval),
         ("TCP_KEEPCNT", 3),
-        ("TCP_USER_TIMEOUT", max(1000, int(timeout * 1000))),
+        ("TCP_USER_TIMEOUT", max(1000, int(2 * timeout * 1000))),
+        ("TCP_NOTSENT_LOWAT", NOTSENT_LOWAT),
     ):
         option = getattr(socket, name, None)
         if option is not None:  # not every platform has every option
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    if sys.platform == "linux":
+        for option, value in ((TCP_THIN_LINEAR_TIMEOUTS, 1), (TCP_RTO_MAX_MS, RTO_MAX_MS)):
+            with contextlib.suppress(OSError):  # ENOPROTOOPT: an older kernel
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def keepalive_settings(stream: trio.abc.Stream) -> dict[str, int]:
-    """Read the keepalive options back (for tests and diagnostics)."""
+    """Read the TCP options back (for tests and diagnostics); ``TCP_RTO_MAX_MS`` only where
+    the kernel has it."""
     sock = stream.socket  # type: ignore[attr-defined]
     settings = {"SO_KEEPALIVE": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)}
-    for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_USER_TIMEOUT"):
+    names = (
+        "TCP_KEEPIDLE",
+        "TCP_KEEPINTVL",
+        "TCP_KEEPCNT",
+        "TCP_USER_TIMEOUT",
+        "TCP_NOTSENT_LOWAT",
+    )
+    for name in names:
         option = getattr(socket, name, None)
         if option is not None:
             settings[name] = sock.getsockopt(socket.IPPROTO_TCP, option)
+    if sys.platform == "linux":
+        settings["TCP_THIN_LINEAR_TIMEOUTS"] = sock.getsockopt(
+            socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS
+        )
+        with contextlib.suppress(OSError):
+            settings["TCP_RTO_MAX_MS"] = sock.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS)
     return settings
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 import shutil
@@ -65,10 +66,11 @@ log = logging.getLogger("hydra_trio.builder")
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
 Executor = Callable[[Assign, Path, Send, dict[str, str], Fetch], Awaitable[Result]]
 
-#: Input chunks requested ahead of the one being written: enough to keep a loopback or LAN
-#: link busy, few enough that a fetch holds at most FETCH_WINDOW x FETCH_CHUNK in memory.
-FETCH_WINDOW = 4
+#: Input bytes asked for per FetchRequest (what the runner reads in one thread hop; it answers
+#: in frames of ``codec.TRANSFER_FRAME``), and requests in flight: enough to keep a loopback or
+#: LAN link busy, few enough that a fetch holds at most FETCH_WINDOW x FETCH_CHUNK in memory.
 FETCH_CHUNK = 1024 * 1024
+FETCH_WINDOW = 4
 
 
 @attrs.frozen(kw_only=True)
@@ -299,7 +301,7 @@ class _Session:
         self.reason: str | None = None
         self.scope = trio.CancelScope()
         self.builds_changed = trio.Event()
-        self.fetches: dict[int, trio.MemorySendChannel[FetchData]] = {}
+        self.fetches: dict[int, _FetchInbox] = {}
         self.disk_free = 0
         self._next_request = 0
 
@@ -347,13 +349,10 @@ class _Session:
                             )
                             running.scope.cancel()
                     elif isinstance(message, FetchData):
-                        waiter = self.fetches.get(message.request_id)
-                        if waiter is not None:
-                            try:
-                                waiter.send_nowait(message)
-                            except trio.WouldBlock:
-                                self.close("the runner sent more fetch data than requested")
-                                return
+                        inbox = self.fetches.get(message.request_id)
+                        if inbox is not None and not inbox.deliver(message):
+                            self.close("the runner sent more fetch data than requested")
+                            return
                     elif isinstance(message, Drain):
                         log.info("the runner asked us to drain: %s", message.reason)
                         self.state.request_drain()
@@ -462,14 +461,15 @@ class _Session:
             return target
         request_id = self._next_request
         self._next_request += 1
-        send, receive = trio.open_memory_channel[FetchData](FETCH_WINDOW)
-        self.fetches[request_id] = send
+        inbox = self.fetches[request_id] = _FetchInbox()
         tmp = cache / "tmp" / f"{request_id}-{info.sha256}"
         writer = await trio.to_thread.run_sync(_CacheWriter, tmp)
         try:
-            requested = received = in_flight = 0
+            requested = received = 0
             while received < info.size or (info.size == 0 and requested == 0):
-                while in_flight < FETCH_WINDOW and (requested < info.size or requested == 0):
+                while requested - received < FETCH_WINDOW * FETCH_CHUNK and (
+                    requested < info.size or requested == 0
+                ):
                     await self.send(
                         FetchRequest(
                             request_id=request_id,
@@ -481,20 +481,27 @@ class _Session:
                         )
                     )
                     requested += FETCH_CHUNK
-                    in_flight += 1
+                    inbox.expected += FETCH_CHUNK
                 with trio.move_on_after(self.config.fetch_timeout) as stall:
-                    chunk = await receive.receive()
+                    batch = [await inbox.receive.receive()]
                 if stall.cancelled_caught:
                     raise FetchError(
                         f"fetching {info.path}: nothing received for "
                         f"{self.config.fetch_timeout:g} s"
                     )
-                in_flight -= 1
-                if chunk.error:
-                    raise FetchError(f"fetching {info.path}: {chunk.error}")
-                await trio.to_thread.run_sync(writer.write, chunk.data)
-                received += len(chunk.data)
-                if chunk.eof or not chunk.data:
+                # Whatever else has arrived goes to disk in the same thread hop.
+                while not (batch[-1].eof or batch[-1].error or not batch[-1].data):
+                    try:
+                        batch.append(inbox.receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                last = batch[-1]
+                if last.error:
+                    raise FetchError(f"fetching {info.path}: {last.error}")
+                data = b"".join(chunk.data for chunk in batch)
+                await trio.to_thread.run_sync(writer.write, data)
+                received += len(data)
+                if last.eof or not last.data:
                     break
             await trio.to_thread.run_sync(writer.finish, target, info.size, info.sha256)
         finally:
@@ -505,6 +512,29 @@ class _Session:
             with trio.move_on_after(30, shield=True):
                 await trio.to_thread.run_sync(writer.discard)
         return target
+
+
+@attrs.define(eq=False)
+class _FetchInbox:
+    """Where the session delivers the ``FetchData`` frames of one fetch.  The runner answers a
+    request in as many frames as it likes; ``expected`` counts the bytes asked for and not yet
+    delivered, so a runner sending more than that cannot make the builder buffer it."""
+
+    send: trio.MemorySendChannel[FetchData] = attrs.field(init=False)
+    receive: trio.MemoryReceiveChannel[FetchData] = attrs.field(init=False)
+    expected: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[FetchData](math.inf)
+
+    def deliver(self, message: FetchData) -> bool:
+        """Queue a frame for the fetch; False if it carries more than was asked for (or
+        nothing, without being the end of the file or an error: the runner never sends that)."""
+        if len(message.data) > self.expected or not (message.data or message.eof or message.error):
+            return False
+        self.expected -= len(message.data)
+        self.send.send_nowait(message)
+        return True
 
 
 class _CacheWriter:

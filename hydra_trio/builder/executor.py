@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import trio
 
+from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
     Assign,
     BuildStatus,
@@ -53,8 +54,8 @@ class FetchError(Exception):
 
 #: Log bytes per LogChunk frame at most (a read returns what the pipe has, up to this).
 LOG_CHUNK = 64 * 1024
-#: Bytes per UploadData frame: large enough that the per-chunk thread hops on both ends do not
-#: set the pace, small enough that a Ping never waits long behind one (~2 ms at 500 MB/s).
+#: Bytes read per thread hop while uploading: large enough that the hops do not set the pace;
+#: each read goes out in frames of ``codec.TRANSFER_FRAME`` bytes.
 UPLOAD_CHUNK = 1024 * 1024
 _HASH_BLOCK = 1024 * 1024
 
@@ -363,8 +364,9 @@ def _make_link(target: Path, link: str) -> None:
 
 
 async def _upload(assign: Assign, out_dir: Path, outputs: list[FileInfo], send: Send) -> None:
-    """Stream every regular output file in ``UPLOAD_CHUNK`` frames; memory stays bounded by
-    one chunk per file, and the runner checks size and hash on arrival."""
+    """Stream every regular output file, read ``UPLOAD_CHUNK`` bytes at a time and sent in
+    frames of ``TRANSFER_FRAME`` bytes; memory stays bounded by one chunk, and the runner checks
+    size and hash on arrival."""
     for info in outputs:
         if info.link:
             continue
@@ -374,17 +376,20 @@ async def _upload(assign: Assign, out_dir: Path, outputs: list[FileInfo], send: 
             while True:
                 data = await trio.to_thread.run_sync(f.read, UPLOAD_CHUNK)
                 eof = len(data) < UPLOAD_CHUNK or offset + len(data) >= info.size
-                await send(
-                    UploadData(
-                        build_id=assign.build_id,
-                        attempt=assign.attempt,
-                        path=info.path,
-                        offset=offset,
-                        data=data,
-                        eof=eof,
+                view = memoryview(data)
+                for start in range(0, max(len(data), 1), TRANSFER_FRAME):
+                    piece = bytes(view[start : start + TRANSFER_FRAME])
+                    await send(
+                        UploadData(
+                            build_id=assign.build_id,
+                            attempt=assign.attempt,
+                            path=info.path,
+                            offset=offset,
+                            data=piece,
+                            eof=eof and start + TRANSFER_FRAME >= len(data),
+                        )
                     )
-                )
-                offset += len(data)
+                    offset += len(piece)
                 if eof:
                     break
         finally:

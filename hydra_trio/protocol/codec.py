@@ -27,6 +27,12 @@ from hydra_trio.protocol.messages import Message, from_wire, to_wire
 #: Default limit on one frame's body.  Large enough for a 1 MiB log or upload chunk with room to
 #: spare; small enough that a hostile peer cannot make the runner buffer much per connection.
 DEFAULT_MAX_FRAME_SIZE = 8 * 1024 * 1024
+#: The most file bytes one ``UploadData`` or ``FetchData`` frame carries.  Liveness counts
+#: complete frames (a pong queued behind a transfer arrives only after it), so a frame must
+#: cross even a slow or lossy link well within a ping timeout: 64 KiB is 0.3 s at 200 KB/s, and
+#: about 8 s at the ~8 KB/s TCP manages under 30 % loss with a 400 ms round trip.  Disk I/O
+#: and thread hops work on 1 MiB at a time, split into frames of this size.
+TRANSFER_FRAME = 64 * 1024
 
 HEADER = struct.Struct(">I")
 _HEADER_SIZE = HEADER.size

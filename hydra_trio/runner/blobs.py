@@ -26,6 +26,10 @@ class BlobError(Exception):
     """An upload did not match what was declared, or a blob is missing."""
 
 
+#: Upload bytes staged in memory before one thread hop writes and hashes them.
+WRITE_BATCH = 1024 * 1024
+
+
 @attrs.define(eq=False)
 class PendingUpload:
     """One output file arriving in chunks."""
@@ -41,6 +45,9 @@ class PendingUpload:
     complete: bool = False
     #: committed or discarded: nothing more may happen to it.
     done: bool = False
+    #: chunks staged (``BlobStore.stage``) and not yet written, and their total size.
+    staged: list[bytes] = attrs.field(factory=list)
+    staged_size: int = 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -77,18 +84,37 @@ class BlobStore:
         fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix="upload-")
         return PendingUpload(path=path, tmp=Path(name), file=os.fdopen(fd, "wb"))
 
-    def append(self, upload: PendingUpload, offset: int, data: bytes, eof: bool = False) -> None:
-        """Add the chunk at ``offset`` (it must follow what arrived); ``eof``: the last one."""
+    def stage(self, upload: PendingUpload, offset: int, data: bytes, eof: bool = False) -> bool:
+        """Take the chunk at ``offset`` (it must follow what arrived; ``eof``: the last one)
+        into memory, without I/O (call it on the event loop).  Returns whether ``write_staged``
+        is due: at the last chunk, or once ``WRITE_BATCH`` bytes are staged, so that the
+        small frames of a transfer cost one thread hop per megabyte."""
         if upload.done or upload.complete:
             raise BlobError(f"{upload.path}: chunk at offset {offset} after the last one")
-        if offset != upload.size:
-            raise BlobError(f"{upload.path}: chunk at offset {offset}, expected {upload.size}")
+        expected = upload.size + upload.staged_size
+        if offset != expected:
+            raise BlobError(f"{upload.path}: chunk at offset {offset}, expected {expected}")
+        upload.staged.append(data)
+        upload.staged_size += len(data)
+        if eof:
+            upload.complete = True
+        return eof or upload.staged_size >= WRITE_BATCH
+
+    def write_staged(self, upload: PendingUpload) -> None:
+        """Write and hash what is staged; close the file after the last chunk."""
+        data = b"".join(upload.staged)
+        upload.staged.clear()
+        upload.staged_size = 0
         upload.file.write(data)
         upload.hasher.update(data)
         upload.size += len(data)
-        if eof:
+        if upload.complete:
             upload.file.close()
-            upload.complete = True
+
+    def append(self, upload: PendingUpload, offset: int, data: bytes, eof: bool = False) -> None:
+        """Add the chunk at ``offset`` and write it at once (blocking: call through a thread)."""
+        self.stage(upload, offset, data, eof)
+        self.write_staged(upload)
 
     def commit(self, upload: PendingUpload, size: int, sha256: str) -> None:
         """Check the finished upload against the declared size and hash; keep it if they
@@ -121,6 +147,7 @@ class BlobStore:
             upload.tmp.unlink(missing_ok=True)
 
     def discard(self, upload: PendingUpload) -> None:
+        upload.staged.clear()
         upload.file.close()
         upload.done = True
         upload.tmp.unlink(missing_ok=True)

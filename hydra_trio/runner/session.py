@@ -19,6 +19,7 @@ import trio
 
 from hydra_trio import auth
 from hydra_trio.net import ConnectionLost, FramedChannel, tls_failure
+from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.connection import Connection, ConnectionState
 from hydra_trio.protocol.errors import ProtocolError, RemoteProtocolError
 from hydra_trio.protocol.messages import (
@@ -54,8 +55,8 @@ log = logging.getLogger("hydra_trio.runner")
 OUTBOX_SIZE = 4096
 #: Frames written per send_all when several are queued.
 WRITE_BATCH = 64
-#: The most bytes one FetchData carries, whatever the builder asks (keeps frames small, so a
-#: fetch never holds up a Pong for long).
+#: The most bytes one FetchRequest is answered with, whatever the builder asks: read in one
+#: thread hop, sent in frames of ``TRANSFER_FRAME`` bytes.
 MAX_FETCH_CHUNK = 1024 * 1024
 #: The most output files one attempt may upload: no ``Result`` can list more, so a builder
 #: sending more is not a builder (each costs a temporary file and an entry here).
@@ -411,7 +412,8 @@ async def _on_upload(
     if upload.done:
         return  # refused already; the result will say the upload failed
     try:
-        await trio.to_thread.run_sync(storage.blobs.append, upload, msg.offset, msg.data, msg.eof)
+        if storage.blobs.stage(upload, msg.offset, msg.data, msg.eof):
+            await trio.to_thread.run_sync(storage.blobs.write_staged, upload)
     except BlobError as exc:
         log.warning("upload of %s: %s", ref, exc)
         await trio.to_thread.run_sync(storage.blobs.discard, upload)
@@ -505,7 +507,11 @@ async def _on_fetch(
         except OSError as exc:  # the offset comes from the builder: past what seek() accepts
             error = f"cannot read {msg.sha256} at offset {msg.offset}: {exc.strerror or exc}"
         else:
-            session.post(FetchData(request_id=msg.request_id, data=data, eof=eof))
+            view = memoryview(data)
+            for start in range(0, max(len(data), 1), TRANSFER_FRAME):
+                last = start + TRANSFER_FRAME >= len(data)
+                piece = bytes(view[start : start + TRANSFER_FRAME])
+                session.post(FetchData(request_id=msg.request_id, data=piece, eof=eof and last))
             farm.metrics.fetched_bytes.inc(len(data))
             return
     session.post(FetchData(request_id=msg.request_id, error=error))

@@ -1,0 +1,225 @@
+"""Transfers travel in small frames (``codec.TRANSFER_FRAME``) so that liveness, which counts
+complete frames, holds on a slow or lossy link; disk I/O still works a megabyte at a time.
+
+- The builder accepts a fetch answered in frames of any size (the runner splits each 1 MiB
+  read), writes the file it adds up to, and ends the connection when the runner sends more
+  than was asked for.
+- The builder uploads in frames of at most ``TRANSFER_FRAME`` bytes; the runner stages them
+  and writes a megabyte per thread hop, refusing a chunk at the wrong offset.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from hydra_trio.builder.daemon import BuilderState, run_builder
+from hydra_trio.protocol.codec import TRANSFER_FRAME
+from hydra_trio.protocol.connection import Connection
+from hydra_trio.protocol.messages import (
+    PROTOCOL_VERSION,
+    Assign,
+    BuildStatus,
+    Challenge,
+    FetchData,
+    FetchRequest,
+    FileInfo,
+    Hello,
+    InputSpec,
+    Message,
+    Ping,
+    Pong,
+    Result,
+    Role,
+    UploadData,
+    Welcome,
+)
+from hydra_trio.runner.blobs import WRITE_BATCH, BlobError, BlobStore
+
+from .test_liveness import builder_config, wait_until
+
+CONTENT = random.Random(7).randbytes(2 * 1024 * 1024 + 12345)
+INFO = FileInfo(path="big", size=len(CONTENT), sha256=hashlib.sha256(CONTENT).hexdigest())
+
+
+async def run_against(
+    tmp_path: Path,
+    answer: object,
+    assign: Assign,
+) -> tuple[list[Message], BuilderState]:
+    """Run a builder against a scripted runner that sends ``assign`` and answers each
+    FetchRequest with the frames ``answer(request)`` returns; until a Result or a
+    disconnect."""
+    config = builder_config(tmp_path, "a", fetch_timeout=60.0)
+    seen: list[Message] = []
+    builder_end, runner_end = trio.testing.memory_stream_pair()
+    state = BuilderState(config=config, machine_id="m")
+
+    async def fake_runner() -> None:
+        conn = Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=1e9)
+        challenge = Challenge(protocol_version=PROTOCOL_VERSION, nonce=bytes(32))
+        await runner_end.send_all(conn.send(challenge))
+        while True:
+            data = await runner_end.receive_some()
+            if not data:
+                return
+            for message in conn.receive_data(data, trio.current_time()):
+                seen.append(message)
+                if isinstance(message, Hello):
+                    welcome = Welcome(
+                        protocol_version=PROTOCOL_VERSION, session_id="s", builder_timeout=30.0
+                    )
+                    await runner_end.send_all(conn.send(welcome) + conn.send(assign))
+                elif isinstance(message, Ping):
+                    await runner_end.send_all(conn.send(Pong(seq=message.seq)))
+                elif isinstance(message, FetchRequest):
+                    frames = answer(message)  # type: ignore[operator]
+                    await runner_end.send_all(b"".join(conn.send(f) for f in frames))
+
+    async def connect() -> trio.abc.Stream:
+        if state.sessions:
+            await trio.sleep_forever()  # one connection is all this runner takes
+        return builder_end
+
+    with trio.fail_after(3600):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fake_runner)
+            run = functools.partial(run_builder, config, connect=connect, state=state)
+            await nursery.start(run)
+            await wait_until(
+                lambda: (
+                    any(isinstance(m, Result) for m in seen)
+                    or any("disconnected" in e for _, e in state.events)
+                )
+            )
+            nursery.cancel_scope.cancel()
+    return seen, state
+
+
+def split_answer(sizes: list[int]) -> object:
+    """Answer each request with its bytes in pieces of the sizes given, cycling."""
+
+    def answer(request: FetchRequest) -> list[FetchData]:
+        data = CONTENT[request.offset : request.offset + request.length]
+        eof = request.offset + len(data) >= len(CONTENT)
+        frames, start, index = [], 0, 0
+        while start < len(data):
+            piece = data[start : start + sizes[index % len(sizes)]]
+            start, index = start + len(piece), index + 1
+            frames.append(FetchData(request_id=request.request_id, data=piece))
+        frames[-1] = FetchData(request_id=request.request_id, data=frames[-1].data, eof=eof)
+        return frames
+
+    return answer
+
+
+FETCH_ASSIGN = Assign(
+    build_id="b1",
+    attempt=1,
+    command=("sh", "-c", 'cmp "$IN/dep/big" "$EXPECTED"'),
+    inputs=(InputSpec(name="dep", build_id="b0", files=(INFO,)),),
+)
+
+
+@pytest.mark.parametrize("sizes", [[TRANSFER_FRAME], [1000, 70_000, 3], [1024 * 1024]])
+async def test_a_fetch_answered_in_frames_of_any_size_adds_up_to_the_file(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, sizes: list[int]
+) -> None:
+    expected = tmp_path / "expected"
+    expected.write_bytes(CONTENT)
+    assign = Assign(
+        build_id=FETCH_ASSIGN.build_id,
+        attempt=1,
+        command=FETCH_ASSIGN.command,
+        env={"EXPECTED": str(expected)},
+        inputs=FETCH_ASSIGN.inputs,
+    )
+    seen, state = await run_against(tmp_path, split_answer(sizes), assign)
+    [result] = [m for m in seen if isinstance(m, Result)]
+    assert result.status is BuildStatus.SUCCESS, result
+    assert not any("disconnected" in e for _, e in state.events)
+    cached = tmp_path / "a" / "cache" / INFO.sha256[:2] / INFO.sha256
+    assert cached.read_bytes() == CONTENT
+
+
+async def test_a_runner_sending_more_fetch_data_than_asked_for_loses_the_connection(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    def answer(request: FetchRequest) -> list[FetchData]:
+        data = CONTENT[request.offset : request.offset + request.length]
+        return [FetchData(request_id=request.request_id, data=data)] * 6  # 6 MiB for 4 asked
+
+    seen, state = await run_against(tmp_path, answer, FETCH_ASSIGN)
+    assert any("more fetch data than requested" in e for _, e in state.events), state.events
+    assert not any(isinstance(m, Result) for m in seen)
+    assert not list((tmp_path / "a" / "cache" / "tmp").iterdir())
+
+
+async def test_an_empty_fetch_frame_that_is_not_the_end_loses_the_connection(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    def answer(request: FetchRequest) -> list[FetchData]:
+        return [FetchData(request_id=request.request_id)]
+
+    _, state = await run_against(tmp_path, answer, FETCH_ASSIGN)
+    assert any("more fetch data than requested" in e for _, e in state.events), state.events
+
+
+async def test_uploads_travel_in_frames_no_larger_than_a_transfer_frame(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    size = 3 * 1024 * 1024 + 7
+    assign = Assign(
+        build_id="b1",
+        attempt=1,
+        command=("sh", "-c", f'head -c {size} /dev/urandom > "$OUT/blob"; : > "$OUT/empty"'),
+    )
+    seen, _ = await run_against(tmp_path, split_answer([TRANSFER_FRAME]), assign)
+    [result] = [m for m in seen if isinstance(m, Result)]
+    assert result.status is BuildStatus.SUCCESS, result
+    uploads = [m for m in seen if isinstance(m, UploadData)]
+    assert all(len(m.data) <= TRANSFER_FRAME for m in uploads)
+    blob = [m for m in uploads if m.path == "blob"]
+    assert [m.offset for m in blob] == [i * TRANSFER_FRAME for i in range(len(blob))]
+    assert sum(len(m.data) for m in blob) == size
+    assert [m.eof for m in blob] == [False] * (len(blob) - 1) + [True]
+    outputs = {f.path: f for f in result.outputs}
+    data = b"".join(m.data for m in blob)
+    assert hashlib.sha256(data).hexdigest() == outputs["blob"].sha256
+    [empty] = [m for m in uploads if m.path == "empty"]
+    assert (empty.offset, empty.data, empty.eof) == (0, b"", True)
+
+
+def test_the_runner_stages_upload_frames_and_writes_a_megabyte_at_a_time(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    upload = blobs.begin("out")
+    data = random.Random(1).randbytes(WRITE_BATCH + 3 * TRANSFER_FRAME)
+    due = []
+    for offset in range(0, len(data), TRANSFER_FRAME):
+        piece = data[offset : offset + TRANSFER_FRAME]
+        eof = offset + TRANSFER_FRAME >= len(data)
+        due.append(blobs.stage(upload, offset, piece, eof))
+        if due[-1]:
+            blobs.write_staged(upload)
+    frames_per_batch = WRITE_BATCH // TRANSFER_FRAME
+    assert due == [False] * (frames_per_batch - 1) + [True] + [False, False, True]
+    with pytest.raises(BlobError, match="after the last one"):
+        blobs.stage(upload, len(data), b"x")
+    blobs.commit(upload, len(data), hashlib.sha256(data).hexdigest())
+    assert blobs.path_of(hashlib.sha256(data).hexdigest()).read_bytes() == data
+
+
+def test_a_staged_chunk_at_the_wrong_offset_is_refused(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    upload = blobs.begin("out")
+    assert not blobs.stage(upload, 0, b"abc")
+    with pytest.raises(BlobError, match="chunk at offset 2, expected 3"):
+        blobs.stage(upload, 2, b"x")
+    blobs.discard(upload)
+    assert not upload.staged and not upload.tmp.exists()
