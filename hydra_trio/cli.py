@@ -22,7 +22,7 @@ import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
 
 import click
 import httpx
@@ -391,7 +391,7 @@ def _builder_options(f: F) -> F:
 @logging_options
 def builder(log_level: str, log_format: str, **kw: Any) -> None:
     """Run a builder: connect to the queue runner and run what it assigns."""
-    from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
+    from hydra_trio.builder.daemon import BuilderConfig, BuilderState, claim_work_dir, run_builder
 
     setup_logging(log_level, log_format)
     if not kw["systems"]:
@@ -413,9 +413,13 @@ def builder(log_level: str, log_format: str, **kw: Any) -> None:
     )
 
     async def serve() -> None:
-        async with trio.open_nursery() as nursery:
-            state: BuilderState = await nursery.start(functools.partial(run_builder, config))
-            drains.append(state.request_drain)
+        lock = await trio.to_thread.run_sync(claim_work_dir, config.work_dir)
+        try:
+            async with trio.open_nursery() as nursery:
+                state: BuilderState = await nursery.start(functools.partial(run_builder, config))
+                drains.append(state.request_drain)
+        finally:
+            lock.close()
 
     drains: list[Callable[[], None]] = []
 
@@ -465,7 +469,7 @@ def up(
     **kw: Any,
 ) -> None:
     """A queue runner and N local builders in one process (trying it out; one-machine farms)."""
-    from hydra_trio.builder.daemon import BuilderConfig, run_builder
+    from hydra_trio.builder.daemon import BuilderConfig, claim_work_dir, run_builder
     from hydra_trio.runner.daemon import RunnerAddresses, make_farm, serve_runner
     from hydra_trio.runner.specs import SpecError, parse_graph
 
@@ -481,6 +485,14 @@ def up(
             raise click.BadParameter(str(exc), param_hint="--submit") from None
 
     async def serve() -> None:
+        locks: list[IO[bytes]] = []  # each builder's work dir, held while this runs
+        try:
+            await serve_farm(locks)
+        finally:
+            for lock in locks:
+                lock.close()
+
+    async def serve_farm(locks: list[IO[bytes]]) -> None:
         async with trio.open_nursery() as nursery:
             addresses: RunnerAddresses = await nursery.start(
                 functools.partial(serve_runner, config, farm=farm, dispatcher=dispatcher)
@@ -493,13 +505,15 @@ def up(
                     click.echo(f"submitted {name} {build.id}", err=True)
             server = addresses.builders[0]
             for index in range(builders):
+                work_dir = config.state_dir / "builders" / str(index + 1)
+                locks.append(await trio.to_thread.run_sync(claim_work_dir, work_dir))
                 nursery.start_soon(
                     functools.partial(
                         run_builder,
                         BuilderConfig(
                             server=server,
                             hostname=f"{hostname}-builder{index + 1}",
-                            work_dir=config.state_dir / "builders" / str(index + 1),
+                            work_dir=work_dir,
                             max_jobs=max_jobs,
                             ping_interval=ping_interval,
                             token=config.token,

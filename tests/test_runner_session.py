@@ -13,7 +13,14 @@ import pytest
 import trio
 import trio.testing
 
-from hydra_trio.builder.daemon import BuilderConfig, BuilderState, load_machine_id, run_builder
+from hydra_trio.builder.daemon import (
+    BuilderConfig,
+    BuilderState,
+    WorkDirError,
+    claim_work_dir,
+    load_machine_id,
+    run_builder,
+)
 from hydra_trio.protocol import codec
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import IncompatibleVersionError
@@ -437,3 +444,34 @@ def test_the_machine_id_is_kept_in_the_work_dir(tmp_path: Path) -> None:
     assert load_machine_id(tmp_path / "w") == first
     assert (tmp_path / "w" / "machine-id").read_text().strip() == first
     assert load_machine_id(tmp_path / "other") != first
+
+
+def test_a_work_dir_is_claimed_by_one_builder_which_clears_what_a_killed_one_left(
+    tmp_path: Path,
+) -> None:
+    """claim_work_dir: a second builder on the same work dir is refused with one clear line;
+    the first removes build directories and partial fetches left behind (a builder killed with
+    -9 cannot), and keeps the machine id and the cache."""
+    work = tmp_path / "w"
+    machine_id = load_machine_id(work)
+    leftover = work / "builds" / "b1-1"
+    (leftover / "out").mkdir(parents=True)
+    (leftover / "out" / "x").write_text("half")
+    (leftover / "in").mkdir()
+    (leftover / "in").chmod(0o500)
+    (work / "cache" / "tmp").mkdir(parents=True)
+    (work / "cache" / "tmp" / "0-abc").write_bytes(b"partial")
+    blob = work / "cache" / "ab" / ("ab" * 32)
+    blob.parent.mkdir()
+    blob.write_bytes(b"kept")
+    lock = claim_work_dir(work)
+    try:
+        assert not list((work / "builds").iterdir())
+        assert not list((work / "cache" / "tmp").iterdir())
+        assert blob.read_bytes() == b"kept"
+        assert load_machine_id(work) == machine_id
+        with pytest.raises(WorkDirError, match=r"another builder is using .*--work-dir"):
+            claim_work_dir(work)
+    finally:
+        lock.close()
+    claim_work_dir(work).close()  # free again once the first has stopped

@@ -20,6 +20,7 @@ an incompatible protocol version ends ``run_builder`` (with ``IncompatibleVersio
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import math
@@ -30,6 +31,7 @@ import ssl
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import IO
 
 import attrs
 import trio
@@ -38,7 +40,7 @@ from hydra_trio import auth, net, sdnotify
 from hydra_trio.builder.backoff import Backoff
 from hydra_trio.builder.executor import Fetch, FetchError, Send, execute
 from hydra_trio.protocol.connection import Connection
-from hydra_trio.protocol.errors import IncompatibleVersionError, ProtocolError
+from hydra_trio.protocol.errors import HydraTrioError, IncompatibleVersionError, ProtocolError
 from hydra_trio.protocol.messages import (
     PROTOCOL_VERSION,
     Abort,
@@ -112,6 +114,40 @@ class BuilderConfig:
         if self.healthy_after is not None:
             return self.healthy_after
         return 2 * self.effective_ping_timeout
+
+
+class WorkDirError(HydraTrioError):
+    """The work dir is in use by another builder."""
+
+
+def claim_work_dir(work_dir: Path) -> IO[bytes]:
+    """Take the work dir's single-instance lock (held until the returned file is closed), then
+    remove what a previous builder on it left: build directories and partial fetches (a
+    builder killed with -9 cannot clean up after itself).  Blocking: call through a thread."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    lock = (work_dir / "lock").open("a+b")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise WorkDirError(
+            f"another builder is using {work_dir}: stop it, or give this one another --work-dir"
+        ) from None
+    removed = 0
+    for leftovers in (work_dir / "builds", work_dir / "cache" / "tmp"):
+        for entry in leftovers.iterdir() if leftovers.is_dir() else ():
+            _remove_tree(entry)
+            removed += 1
+    if removed:
+        log.info("removed %d build directories and partial fetches left in %s", removed, work_dir)
+    return lock
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)  # as the executor removes a build directory
+    else:
+        path.unlink(missing_ok=True)
 
 
 def load_machine_id(work_dir: Path) -> str:
@@ -193,7 +229,7 @@ async def run_builder(
             with trio.fail_after(config.connect_timeout):
                 stream = await connect()
         except (OSError, trio.TooSlowError, net.ConnectionLost) as exc:
-            reason = f"cannot connect to {config.server}: {exc or type(exc).__name__}"
+            reason = f"cannot connect to {config.server}: {str(exc) or type(exc).__name__}"
             established = False
         else:
             state.record("connected")
@@ -242,7 +278,7 @@ async def _session(config: BuilderConfig, state: BuilderState, stream: trio.abc.
     try:
         welcome = await _handshake(config, state, channel)
     except (net.ConnectionLost, ProtocolError, trio.TooSlowError) as exc:
-        return f"handshake failed: {exc or type(exc).__name__}"
+        return f"handshake failed: {str(exc) or type(exc).__name__}"
     if isinstance(welcome, str):
         return welcome
     state.sessions += 1

@@ -6,6 +6,7 @@ the build), so the HTTP layer can answer 422 with it and the CLI can print it as
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Any
 
@@ -86,7 +87,8 @@ def parse_graph(body: Any, default_system: str) -> tuple[list[BuildSpec], list[s
     """Validate ``{"builds": [{"name": ..., "command": ..., "after": [...]}, ...]}``.
 
     ``after`` entries name other builds of the graph or existing build ids.  Returns the specs
-    in an order where every build comes after the graph builds it names, with ``after``
+    in an order where every build comes after the graph builds it names (otherwise in the
+    order listed), with ``after``
     still holding names, and the list of names in that order.  A cycle, a duplicate or
     missing name, or too many builds is a ``SpecError``.
     """
@@ -111,21 +113,24 @@ def parse_graph(body: Any, default_system: str) -> tuple[list[BuildSpec], list[s
             specs[name] = parse_spec(entry, default_system)
         except SpecError as exc:
             raise SpecError(f"build {name!r}: {exc}") from None
-    # Kahn's algorithm; what is left over lies on a cycle.
+    # Kahn's algorithm, taking the ready build listed first: builds are queued (and, at one
+    # priority, run) in the order they are listed, as far as their dependencies allow.
+    # What is left over lies on a cycle.
+    position = {name: index for index, name in enumerate(specs)}
     pending = {n: {a for a in s.after if a in specs} for n, s in specs.items()}
     dependents: dict[str, list[str]] = {n: [] for n in specs}
     for name, deps in pending.items():
         for dep in deps:
             dependents[dep].append(name)
-    ready = [n for n, deps in pending.items() if not deps]
+    ready = [(position[n], n) for n, deps in pending.items() if not deps]
     order: list[str] = []
     while ready:
-        name = ready.pop()
+        _, name = heapq.heappop(ready)
         order.append(name)
         for dependent in dependents[name]:
             pending[dependent].discard(name)
             if not pending[dependent]:
-                ready.append(dependent)
+                heapq.heappush(ready, (position[dependent], dependent))
     if len(order) < len(specs):
         cycle = sorted(n for n in specs if n not in order)
         raise SpecError(f"after: the graph has a cycle through {', '.join(map(repr, cycle))}")
