@@ -62,6 +62,11 @@ class FramedChannel:
         self._pending.append(self.connection.send(message))
         await self._flush()
 
+    @property
+    def writing(self) -> bool:
+        """Whether a write is in flight (a ``send`` now would wait for it)."""
+        return self._write_lock.locked()
+
     async def send_all(self, messages: list[Message]) -> None:
         """Send several messages in one write."""
         self._pending.extend(self.connection.send(m) for m in messages)

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -21,14 +22,16 @@ from hydra_trio.builder.daemon import (
     load_machine_id,
     run_builder,
 )
+from hydra_trio.net import FramedChannel
 from hydra_trio.protocol import codec
-from hydra_trio.protocol.connection import Connection
+from hydra_trio.protocol.connection import Connection, ConnectionState
 from hydra_trio.protocol.errors import IncompatibleVersionError
 from hydra_trio.protocol.messages import (
     PROTOCOL_VERSION,
     Assign,
     BuildStatus,
     Challenge,
+    FetchData,
     Hello,
     Message,
     Phase,
@@ -43,7 +46,7 @@ from hydra_trio.protocol.messages import (
 from hydra_trio.runner.daemon import RunnerConfig, make_farm, open_storage
 from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.model import BuildSpec, BuildState, MachineState
-from hydra_trio.runner.session import serve_builder
+from hydra_trio.runner.session import BuilderSession, serve_builder
 
 SYSTEM = "x86_64-linux"
 CONFIG = RunnerConfig(
@@ -475,3 +478,55 @@ def test_a_work_dir_is_claimed_by_one_builder_which_clears_what_a_killed_one_lef
     finally:
         lock.close()
     claim_work_dir(work).close()  # free again once the first has stopped
+
+
+async def test_the_runner_keeps_a_builder_that_hears_nothing_informed_that_it_lives(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A builder whose pings answer on time gets nothing more; one whose pings stop getting
+    through (during an upload they wait behind its own data) still hears from the runner: a
+    Pong repeating the last ping's number after 1.5 ping intervals of silence, every 1.5
+    intervals, so its ping timeout does not depend on its own outgoing queue."""
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, tmp_path)
+        builder = runner.connect()
+        await builder.challenge()
+        await builder.send(attrs.evolve(hello("m1"), ping_interval=2.0))
+        assert isinstance(await builder.receive(), Welcome)
+        for _ in range(5):  # pinging on time: each ping gets its pong, nothing else comes
+            pong = await builder.ping()
+            await trio.sleep(2.0)
+            assert not builder.received
+        assert pong.seq == 4
+        last_pong = trio.current_time() - 2.0
+        heard = []
+        while len(heard) < 3:
+            message = await builder.receive()
+            heard.append((trio.current_time() - last_pong, message))
+        assert heard == [(pytest.approx(3.0 * n), Pong(seq=4)) for n in (1, 2, 3)]
+        assert builder.conn.rtt is not None  # (from the real pongs; the keepalives left it)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_never_waits_behind_a_write_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """While the writer is stuck handing a large frame to a peer that does not read (a
+    transfer over a slow link), the receive loop's Pong is queued, not awaited: the loop
+    goes on reading, so the runner never takes the builder for silent because of its own
+    writes."""
+    runner_end, _builder_end = trio.testing.lockstep_stream_pair()
+    channel = FramedChannel(
+        runner_end, Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=1e9)
+    )
+    channel.connection.state = ConnectionState.ESTABLISHED
+    session = BuilderSession(channel)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.writer)
+        session.post(FetchData(request_id=1, data=b"x" * 65536))
+        await trio.sleep(1)
+        assert channel.writing  # the builder reads nothing: the write cannot finish
+        with trio.fail_after(0.001):
+            await session.reply(Pong(seq=7))
+        assert session._queued == 1
+        nursery.cancel_scope.cancel()

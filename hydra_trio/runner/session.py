@@ -126,6 +126,10 @@ class BuilderSession:
     upload_totals: dict[tuple[str, int], UploadTotals] = attrs.field(factory=dict)
     #: the protocol error that ended the connection, if one did (counted in /metrics).
     protocol_error: ProtocolError | None = None
+    #: when the last frame to the builder was handed to the socket (``trio.current_time``).
+    last_sent: float = attrs.field(factory=trio.current_time)
+    #: the sequence number of the last Ping received (the keepalive repeats it).
+    last_ping_seq: int | None = None
     #: frames posted and not yet taken by the writer (``statistics()`` would build an object
     #: per Pong just to read this).
     _queued: int = attrs.field(default=0, init=False)
@@ -145,14 +149,34 @@ class BuilderSession:
             self.close(f"not reading: {OUTBOX_SIZE} frames queued")
 
     async def reply(self, message: Message) -> None:
-        """Send an answer from the receive loop: directly when nothing is queued (saving the
-        writer task's scheduler pass on every Pong), else behind what is queued."""
+        """Send an answer from the receive loop: directly when nothing is queued or being
+        written (saving the writer task's scheduler pass on every Pong), else behind what is
+        queued.  Never waits for another write: a receive loop stuck behind a transfer crawling
+        over a slow link would stop reading, and take the builder for silent."""
         if self.channel.connection.state is ConnectionState.CLOSED:
             return  # the builder said goodbye in the same read as the frame answered here
-        if self._queued:
+        if self._queued or self.channel.writing:
             self.post(message)
         else:
             await self.channel.send(message)
+            self.last_sent = trio.current_time()
+
+    async def keepalive(self, interval: float) -> None:
+        """Send the builder a ``Pong`` of our own when we have sent it nothing for 1.5 of its
+        ping intervals.  The builder's evidence that we are alive must not depend on its pings
+        getting through: during an upload they wait behind its own data, and over a slow link
+        with a deep queue the pong to a ping can come later than the builder's ping timeout.
+        This direction is idle then, and the keepalive crosses it at once.  It repeats the
+        last ping's sequence number, which the builder has already had answered, so it is not
+        taken for a round trip."""
+        silence = 1.5 * interval  # not 1 x: the pong to a ping on time is due then
+        while True:
+            await trio.sleep_until(self.last_sent + silence)
+            if trio.current_time() < self.last_sent + silence:
+                continue  # something was sent meanwhile
+            if self.last_ping_seq is not None and not self._queued:
+                self.post(Pong(seq=self.last_ping_seq))
+            self.last_sent = trio.current_time()
 
     def close(self, reason: str) -> None:
         if self.close_reason is None:
@@ -172,6 +196,7 @@ class BuilderSession:
                 if self.channel.connection.state is ConnectionState.CLOSED:
                     continue  # the builder said goodbye: nothing more may be sent
                 await self.channel.send_all(batch)
+                self.last_sent = trio.current_time()
         except (ConnectionLost, ProtocolError) as exc:
             if isinstance(exc, ProtocolError):
                 self.protocol_error = self.protocol_error or exc
@@ -238,6 +263,7 @@ async def serve_builder(
                 session.post(Drain(reason="drain requested by an operator"))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.writer)
+                nursery.start_soon(session.keepalive, hello.ping_interval)
                 reason = await _receive_loop(farm, session, machine, channel, config, storage)
                 said_goodbye = reason.startswith("said goodbye")
                 nursery.cancel_scope.cancel()
@@ -336,6 +362,7 @@ async def _receive_loop(
                 kind = type(message)
                 if kind is Ping:
                     assert isinstance(message, Ping)
+                    session.last_ping_seq = message.seq
                     await session.reply(Pong(seq=message.seq))
                     farm.on_ping(session, machine, message, now)
                 elif kind is UploadData:
