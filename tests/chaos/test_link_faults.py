@@ -15,8 +15,9 @@ build succeeded once with its last attempt's output, no slot, build directory or
 upload leaked.  The goals (docs/reliability.md): each side detects a silent fault within 4 s,
 and the build is reassigned within 0.5 s of the runner's detection.
 
-Last, a link that is only slow (200 KB/s, no fault) must not be mistaken for a dead one: a
-known bug for now, pinned by a strict xfail (docs/reliability.md, finding 2).
+Last, a link that is only slow (200 KB/s, no fault) must not be mistaken for a dead one
+(docs/reliability.md, finding 2: it was, until transfers moved to 64 KiB frames and the runner
+stopped waiting on its own writes and started sending keepalives).
 """
 
 from __future__ import annotations
@@ -205,12 +206,6 @@ async def test_link_fault(
 SLOW = 200 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (docs/reliability.md): liveness counts whole frames, and a 1 MiB "
-    "transfer frame (or a ping queued behind one) takes longer than --ping-timeout to cross "
-    "a link slower than 1 MiB per ping timeout",
-)
 @pytest.mark.parametrize("phase", ["fetching", "uploading"])
 async def test_a_transfer_over_a_slow_link_is_not_mistaken_for_silence(
     tmp_path: Path, backend: str, report: Callable[..., None], phase: str
