@@ -23,6 +23,7 @@ BENCHMARKS = (
     ("pingpong_bench.py", 1800),
     ("builds_bench.py", 900),
     ("transfer_bench.py", 1800),
+    ("scale_bench.py", 900),
 )
 
 
