@@ -52,6 +52,9 @@ class FramedChannel:
         # protocol layer.  This class already has exactly one reader (``receive`` is not meant
         # for concurrent use) and one writer (the lock), and translates errors the same way.
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        #: the caller's silence watchdog: moved to the connection's deadline whenever bytes
+        #: arrive, also when they do not complete a frame (see ``Connection.receive_data``).
+        self.watchdog: trio.CancelScope | None = None
 
     async def send(self, message: Message) -> None:
         """Send one message.  Returns once it has been handed to the stream.
@@ -119,6 +122,8 @@ class FramedChannel:
                 self.connection.receive_eof()
                 raise ConnectionLost("connection closed by peer")
             received.extend(self.connection.receive_data(data, trio.current_time()))
+            if self.watchdog is not None:
+                self.watchdog.deadline = self.connection.deadline
         return received.popleft()
 
     async def aclose(self) -> None:

@@ -19,7 +19,7 @@ from hypothesis.stateful import (
 
 from hydra_trio.protocol import codec
 from hydra_trio.protocol import messages as m
-from hydra_trio.protocol.connection import Connection, ConnectionState
+from hydra_trio.protocol.connection import PROGRESS_BYTES, Connection, ConnectionState
 from hydra_trio.protocol.errors import LocalProtocolError, RemoteProtocolError
 
 from .strategies import EXAMPLES, MESSAGES
@@ -522,6 +522,38 @@ def test_partial_frame_does_not_count() -> None:
     assert conn.deadline == 30.0
     conn.receive_data(data[-1:], 25.0)
     assert conn.deadline == 55.0
+
+
+def test_a_large_frame_still_arriving_counts_once_a_kibibyte_of_it_has_come() -> None:
+    """After the handshake, a frame in progress moves the deadline each time another
+    PROGRESS_BYTES of it arrive (a lossy link can take longer than the timeout to deliver one
+    transfer frame); fewer bytes do not, so a peer cannot stay alive on a trickle."""
+    conn = established_runner(now=0.0, peer_timeout=30.0)
+    data = frame(m.LogChunk(build_id="b", attempt=1, data=b"x" * 65536))
+    conn.receive_data(data[: PROGRESS_BYTES - 1], 20.0)
+    assert conn.deadline == 30.0
+    sent, t = PROGRESS_BYTES - 1, 0.0
+    while len(data) - sent > PROGRESS_BYTES:
+        t += 25.0  # each piece within the timeout of the last: never silent
+        piece = data[sent : sent + PROGRESS_BYTES]
+        assert not conn.peer_silent(t)
+        conn.receive_data(piece, t)
+        sent += len(piece)
+        assert conn.deadline == t + 30.0
+    [message] = conn.receive_data(data[sent:], t + 1.0)
+    assert isinstance(message, m.LogChunk)
+    assert conn.deadline == t + 31.0
+
+
+def test_a_frame_in_progress_does_not_count_during_the_handshake() -> None:
+    """Before the Welcome only complete frames count: a half-sent hello gets the handshake
+    timeout however many bytes of it arrive."""
+    conn = runner(now=0.0, peer_timeout=10.0)
+    big = attrs.evolve(HELLO, systems=tuple(f"sys{i}-linux" for i in range(200)))
+    data = frame(big)
+    assert len(data) > 2 * PROGRESS_BYTES
+    conn.receive_data(data[:-1], 5.0)
+    assert conn.deadline == 10.0
 
 
 def test_set_peer_timeout() -> None:

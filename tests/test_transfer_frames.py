@@ -223,3 +223,49 @@ def test_a_staged_chunk_at_the_wrong_offset_is_refused(tmp_path: Path) -> None:
         blobs.stage(upload, 2, b"x")
     blobs.discard(upload)
     assert not upload.staged and not upload.tmp.exists()
+
+
+async def test_a_frame_crawling_over_a_lossy_link_keeps_the_builder_from_giving_up(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """The runner's pong is stuck behind a 64 KiB frame that arrives 2 KiB every 5 s (160 s
+    in all, over five ping timeouts): the builder keeps the connection while the bytes keep
+    coming, and gives up one ping timeout after they stop."""
+    config = builder_config(tmp_path, "a")  # ping interval 10 s, ping timeout 30 s
+    builder_end, runner_end = trio.testing.memory_stream_pair()
+    state = BuilderState(config=config, machine_id="m")
+    crawl_ended = trio.Event()
+
+    async def fake_runner() -> None:
+        conn = Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=1e9)
+        challenge = Challenge(protocol_version=PROTOCOL_VERSION, nonce=bytes(32))
+        await runner_end.send_all(conn.send(challenge))
+        while not any(
+            isinstance(m, Hello)
+            for m in conn.receive_data(await runner_end.receive_some(), trio.current_time())
+        ):
+            pass
+        welcome = Welcome(protocol_version=PROTOCOL_VERSION, session_id="s", builder_timeout=30.0)
+        await runner_end.send_all(conn.send(welcome))
+        data = conn.send(FetchData(request_id=99, data=b"x" * TRANSFER_FRAME))
+        for start in range(0, len(data) - 1, 2048):
+            await trio.sleep(5)
+            await runner_end.send_all(data[start : min(start + 2048, len(data) - 1)])
+        crawl_ended.set()
+        await trio.sleep_forever()
+
+    async def connect() -> trio.abc.Stream:
+        if state.sessions:
+            await trio.sleep_forever()
+        return builder_end
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fake_runner)
+        run = functools.partial(run_builder, config, connect=connect, state=state)
+        await nursery.start(run)
+        await crawl_ended.wait()
+        ended_at = trio.current_time()
+        assert not any("disconnected" in e or "no frame" in e for _, e in state.events)
+        await wait_until(lambda: any("no frame from the runner" in e for _, e in state.events))
+        assert trio.current_time() - ended_at <= 30.0
+        nursery.cancel_scope.cancel()

@@ -369,9 +369,9 @@ class _Session:
         timeout = self.config.effective_ping_timeout
         try:
             with trio.CancelScope(deadline=conn.deadline) as watchdog:
+                self.channel.watchdog = watchdog  # any frame (or its progress) proves it alive
                 while True:
                     message = await self.channel.receive()
-                    watchdog.deadline = conn.deadline  # any frame proves the runner is alive
                     if isinstance(message, Assign):
                         self._start_build(message)
                     elif isinstance(message, Abort):

@@ -50,6 +50,9 @@ from hydra_trio.protocol.messages import (
 # At most this many unanswered pings are remembered for RTT; older ones are forgotten (a peer
 # that never answers must not make us grow a table).
 _MAX_OUTSTANDING_PINGS = 64
+#: After the handshake, this many bytes of a frame still arriving count as a sign of life
+#: (``receive_data``): more than a whole ping, so a peer cannot stay alive on a trickle.
+PROGRESS_BYTES = 1024
 #: The messages of the handshake, refused once it is over.
 _HANDSHAKE_ONLY: frozenset[type[Message]] = frozenset({Challenge, Hello, Welcome, Reject})
 
@@ -99,6 +102,8 @@ class Connection:
     _next_seq: int = attrs.field(default=0, init=False)
     _next_ping_at: float = attrs.field(init=False)
     _outstanding: OrderedDict[int, float] = attrs.field(factory=OrderedDict, init=False)
+    #: bytes of an unfinished frame received since the deadline last moved.
+    _progress: int = attrs.field(default=0, init=False)
     #: the message types this side may send, and those only the peer sends (``SENDERS``,
     #: looked up once: checked on every frame, by the type's hash instead of the role's).
     _sendable: frozenset[type[Message]] = attrs.field(init=False)
@@ -228,9 +233,20 @@ class Connection:
             raise
         if messages:
             self.last_received = now
+            self._progress = 0
             self.frames_received += len(messages)
             for message in messages:
                 self._check_incoming(message, now)
+        elif self.state is ConnectionState.ESTABLISHED:
+            # A frame in progress counts too, once PROGRESS_BYTES of it have arrived: on a
+            # link so lossy that TCP delivers a few hundred bytes a second, one 32 KiB frame
+            # can take longer than the timeout although the peer is sending all along.  A
+            # peer whose event loop stopped stops adding bytes; what its kernel still holds
+            # (TCP_NOTSENT_LOWAT bounds it) drains at the link's speed, and then it is silent.
+            self._progress += len(data)
+            if self._progress >= PROGRESS_BYTES:
+                self.last_received = now
+                self._progress = 0
         return messages
 
     def receive_eof(self) -> None:

@@ -355,9 +355,9 @@ async def _receive_loop(
     conn = channel.connection
     try:
         with trio.CancelScope(deadline=conn.deadline) as watchdog:
+            channel.watchdog = watchdog  # any frame (or a frame's progress) is a sign of life
             while True:
                 message = await channel.receive()
-                watchdog.deadline = conn.deadline  # any frame counts as a sign of life
                 now = trio.current_time()
                 kind = type(message)
                 if kind is Ping:
