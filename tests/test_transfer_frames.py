@@ -48,17 +48,37 @@ CONTENT = random.Random(7).randbytes(2 * 1024 * 1024 + 12345)
 INFO = FileInfo(path="big", size=len(CONTENT), sha256=hashlib.sha256(CONTENT).hexdigest())
 
 
+class SlowToReturn(trio.abc.Stream):
+    """A stream whose ``send_all`` hands the bytes over at once but returns a second later,
+    as a send into a busy socket may: the answer can arrive before the sender resumes."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+        await trio.sleep(1)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 async def run_against(
-    tmp_path: Path,
-    answer: object,
-    assign: Assign,
+    tmp_path: Path, answer: object, assign: Assign, *, slow_send: bool = False
 ) -> tuple[list[Message], BuilderState]:
     """Run a builder against a scripted runner that sends ``assign`` and answers each
     FetchRequest with the frames ``answer(request)`` returns; until a Result or a
-    disconnect."""
+    disconnect.  ``slow_send``: the builder's sends return a second after the bytes left."""
     config = builder_config(tmp_path, "a", fetch_timeout=60.0)
     seen: list[Message] = []
     builder_end, runner_end = trio.testing.memory_stream_pair()
+    stream: trio.abc.Stream = SlowToReturn(builder_end) if slow_send else builder_end
     state = BuilderState(config=config, machine_id="m")
 
     async def fake_runner() -> None:
@@ -85,7 +105,7 @@ async def run_against(
     async def connect() -> trio.abc.Stream:
         if state.sessions:
             await trio.sleep_forever()  # one connection is all this runner takes
-        return builder_end
+        return stream
 
     with trio.fail_after(3600):
         async with trio.open_nursery() as nursery:
@@ -127,9 +147,18 @@ FETCH_ASSIGN = Assign(
 )
 
 
-@pytest.mark.parametrize("sizes", [[TRANSFER_FRAME], [1000, 70_000, 3], [1024 * 1024]])
+@pytest.mark.parametrize(
+    ("sizes", "slow_send"),
+    [
+        ([TRANSFER_FRAME], False),
+        ([1000, 70_000, 3], False),
+        ([1024 * 1024], False),
+        # The answer to a request arrives before the send of the request has returned.
+        ([TRANSFER_FRAME], True),
+    ],
+)
 async def test_a_fetch_answered_in_frames_of_any_size_adds_up_to_the_file(
-    autojump_clock: trio.testing.MockClock, tmp_path: Path, sizes: list[int]
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, sizes: list[int], slow_send: bool
 ) -> None:
     expected = tmp_path / "expected"
     expected.write_bytes(CONTENT)
@@ -140,10 +169,10 @@ async def test_a_fetch_answered_in_frames_of_any_size_adds_up_to_the_file(
         env={"EXPECTED": str(expected)},
         inputs=FETCH_ASSIGN.inputs,
     )
-    seen, state = await run_against(tmp_path, split_answer(sizes), assign)
+    seen, state = await run_against(tmp_path, split_answer(sizes), assign, slow_send=slow_send)
+    assert not any("disconnected" in e for _, e in state.events), state.events
     [result] = [m for m in seen if isinstance(m, Result)]
     assert result.status is BuildStatus.SUCCESS, result
-    assert not any("disconnected" in e for _, e in state.events)
     cached = tmp_path / "a" / "cache" / INFO.sha256[:2] / INFO.sha256
     assert cached.read_bytes() == CONTENT
 

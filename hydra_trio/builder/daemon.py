@@ -506,18 +506,19 @@ class _Session:
                 while requested - received < FETCH_WINDOW * FETCH_CHUNK and (
                     requested < info.size or requested == 0
                 ):
+                    # Counted before it is sent: the answer may arrive before send returns.
+                    inbox.expected += FETCH_CHUNK
+                    offset, requested = requested, requested + FETCH_CHUNK
                     await self.send(
                         FetchRequest(
                             request_id=request_id,
                             build_id=assign.build_id,
                             attempt=assign.attempt,
                             sha256=info.sha256,
-                            offset=requested,
+                            offset=offset,
                             length=FETCH_CHUNK,
                         )
                     )
-                    requested += FETCH_CHUNK
-                    inbox.expected += FETCH_CHUNK
                 with trio.move_on_after(self.config.fetch_timeout) as stall:
                     batch = [await inbox.receive.receive()]
                 if stall.cancelled_caught:
