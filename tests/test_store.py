@@ -157,6 +157,34 @@ def test_restore_requeues_running_builds_under_a_new_attempt(store: Store) -> No
     assert {b.id: b.attempts for b in store.load().builds}[top.id] == 2
 
 
+def test_runner_restarts_do_not_use_up_a_builds_tries(store: Store) -> None:
+    """A build cut short by three runner restarts in a row (attempts 1-3, none its fault)
+    still gets its max_tries (3) infrastructure failures before it fails builder-lost."""
+    farm = Farm()
+    farm.attach(FakeSession(), hello(), 0.0)
+    build = farm.submit(spec("x"), 0.0)
+    farm.dispatch(0.0)
+    for restart in range(1, 4):
+        flush(farm, store)
+        farm = Farm()
+        farm.restore(store.load(), 0.0)
+        farm.attach(FakeSession(), hello(), 0.0)
+        farm.dispatch(0.0)
+        build = farm.builds[build.id]
+        assert (build.state, build.attempts) == (BuildState.RUNNING, restart + 1)
+    for lost in range(1, 4):
+        session = farm.machines["m-a"].session
+        assert session is not None
+        farm.detach(session, "silent", 1000.0 * lost)
+        if lost < 3:
+            assert build.state is BuildState.QUEUED, lost
+            farm.attach(FakeSession(), hello(), 1000.0 * lost)
+            farm.dispatch(1000.0 * lost + 500)
+            assert build.state is BuildState.RUNNING
+    assert (build.state, build.status) == (BuildState.FAILED, BuildStatus.BUILDER_LOST)
+    assert (build.attempts, build.infra_failures) == (6, 3)
+
+
 def test_restore_fails_dependents_of_a_failed_build(store: Store) -> None:
     """A queued build whose dependency had failed is dependency-failed on restore."""
     farm = Farm()

@@ -561,8 +561,16 @@ class Farm:
         self._touch(build)
         if build.machine_id is not None:
             build.failed_on.append(build.machine_id)
-        if build.attempts >= self.config.max_tries:
-            log.warning("build %s failed after %d attempts: %s", build.id, build.attempts, error)
+        # Counted in infrastructure failures, not attempts: an attempt cut short because the
+        # runner itself restarted is nobody's failure, and must not use up the build's tries.
+        if build.infra_failures >= self.config.max_tries:
+            log.warning(
+                "build %s failed after %d attempts (%d infrastructure failures): %s",
+                build.id,
+                build.attempts,
+                build.infra_failures,
+                error,
+            )
             self._finish(build, status, now, error=error)
             return
         delay = (
