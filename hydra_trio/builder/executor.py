@@ -437,8 +437,14 @@ async def _stream_log(
 
 
 async def _run(
-    assign: Assign, build_dir: Path, env: dict[str, str], send: Send
+    assign: Assign,
+    build_dir: Path,
+    env: dict[str, str],
+    send: Send,
+    deliver_cancel: Callable[[trio.Process], Awaitable[object]] = _deliver_cancel,
 ) -> tuple[BuildStatus, int | None, str]:
+    """Run ``assign.command`` under its limits; ``deliver_cancel`` stops it when the build is
+    cancelled or a limit passes (by default: SIGKILL to its process group)."""
     limits = assign.limits
     ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
     status: BuildStatus | None = None
@@ -460,7 +466,7 @@ async def _run(
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
                         check=False,
-                        deliver_cancel=_deliver_cancel,
+                        deliver_cancel=deliver_cancel,
                     )
                 )
             except OSError as exc:  # the command could not be started
