@@ -12,8 +12,9 @@ Closures move between stores as ``nix-store --export`` streams, *one file per st
 file per path is content-addressed like any other input or output file (the same path exports
 to the same bytes), so the existing fetch and upload machinery carries them, hash-checked and
 chunked, and a store that already has a path simply does not fetch its file.  ``import_files``
-feeds such files to one ``nix-store --import`` in the order given, which must list every path
-after the paths it references (``nix-store --query --requisites`` order).
+feeds such files to one ``nix-store --import`` as one stream (each file's end marker dropped
+but the last one's), in the order given, which must list every path after the paths it
+references (``nix-store --query --requisites`` order).
 
 Errors of the tools become ``NixError`` with the tool's last error line.
 """
@@ -188,19 +189,44 @@ class NixStore:
             nursery.start_soon(_collect, process, stderr)
             assert process.stdin is not None
             try:
-                for name in files:
-                    f = await trio.to_thread.run_sync(name.open, "rb")
-                    try:
-                        while data := await trio.to_thread.run_sync(f.read, _FEED_CHUNK):
-                            await process.stdin.send_all(data)
-                    finally:
-                        await trio.to_thread.run_sync(f.close)
+                for index, name in enumerate(files):
+                    last = index == len(files) - 1
+                    await _feed(name, process.stdin, keep_end=last)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # it stopped reading: its exit status and stderr say why
             await process.stdin.aclose()
             code = await process.wait()
         if code != 0:
             raise NixError(f"nix-store --import: {_last_error(b''.join(stderr))}")
+
+
+#: How an export stream ends: the 64-bit little-endian 0 after the last path (each path
+#: starts with a 1).  A one-path export file therefore cannot simply be concatenated with the
+#: next: ``nix-store --import`` would stop at its end marker.
+_END_OF_EXPORT = bytes(8)
+
+
+async def _feed(name: Path, stdin: trio.abc.SendStream, *, keep_end: bool) -> None:
+    """Send one export file to ``nix-store --import``; without its end marker unless
+    ``keep_end`` (the last file), so that several files make one stream."""
+    f = await trio.to_thread.run_sync(name.open, "rb")
+    try:
+        size = (await trio.to_thread.run_sync(os.fstat, f.fileno())).st_size
+        if size < len(_END_OF_EXPORT):
+            raise NixError(f"{name.name} is not a nix-store --export file (too short)")
+        left = size if keep_end else size - len(_END_OF_EXPORT)
+        while left > 0:
+            data = await trio.to_thread.run_sync(f.read, min(_FEED_CHUNK, left))
+            if not data:
+                raise NixError(f"{name.name} shrank while it was imported")
+            left -= len(data)
+            await stdin.send_all(data)
+        if not keep_end:
+            end = await trio.to_thread.run_sync(f.read)
+            if end != _END_OF_EXPORT:
+                raise NixError(f"{name.name} is not a nix-store --export file (no end marker)")
+    finally:
+        await trio.to_thread.run_sync(f.close)
 
 
 async def _collect(process: trio.Process, into: list[bytes]) -> None:

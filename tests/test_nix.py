@@ -18,9 +18,11 @@ import pytest
 import trio
 
 from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
-from hydra_trio.nixstore import NixStore
-from hydra_trio.protocol.messages import BuildStatus, Phase
+from hydra_trio.builder.nixexec import fetch_closure
+from hydra_trio.nixstore import NixStore, export_label, label_path
+from hydra_trio.protocol.messages import Assign, BuildStatus, FileInfo, Phase
 from hydra_trio.runner import nix
+from hydra_trio.runner.blobs import BlobStore
 from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
 from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.model import BuildState, MachineState
@@ -59,7 +61,8 @@ let
   c = mk "c" [b] "mkdir $out; cat ${b} > $out/result; echo C >> $out/result" {};
   broken = mk "broken" [a] "echo this one fails; exit 3" {};
   after-broken = mk "after-broken" [broken] "echo > $out" {};
-in { inherit a b c broken after-broken; }
+  sleeper = mk "sleeper" [] "echo sleeping; sleep 60; echo > $out" {};
+in { inherit a b c broken after-broken sleeper; }
 """
 
 
@@ -78,7 +81,7 @@ def drvs(tmp_path: Path, runner_store: Path) -> dict[str, str]:
     source = tmp_path / "graph.nix"
     source.write_text(GRAPH)
     found = {}
-    for name in ("a", "b", "c", "broken", "after-broken"):
+    for name in ("a", "b", "c", "broken", "after-broken", "sleeper"):
         done = subprocess.run(
             ["nix-instantiate", "--store", str(runner_store), str(source), "-A", name],
             env=_nix_env(),
@@ -106,8 +109,8 @@ class Farm2:
     http: httpx.AsyncClient
     builders: dict[str, BuilderState]
 
-    async def submit(self, drv: str) -> httpx.Response:
-        return await self.http.post("/builds", json={"drv": drv})
+    async def submit(self, drv: str, **options: Any) -> httpx.Response:
+        return await self.http.post("/builds", json={"drv": drv, **options})
 
     async def finished(self, build_id: str) -> dict[str, Any]:
         with trio.fail_after(LIMIT):
@@ -168,7 +171,7 @@ async def test_a_chain_builds_bottom_up_across_two_stores(
     builds = {name: farm2.farm.builds[i] for name, i in answer["ids"].items()}
     by_drv = {b.spec.drv: b for b in builds.values()}
     a, b, c = (by_drv[drvs[n]] for n in ("a", "b", "c"))
-    assert all(x.status is BuildStatus.SUCCESS for x in (a, b, c))
+    assert all(x.status is BuildStatus.SUCCESS and x.attempts == 1 for x in (a, b, c))
     # bottom-up: each step depends on the one below, and ran on the builder matching it
     assert c.spec.after == (b.id,) and b.spec.after == (a.id,) and a.spec.after == ()
     assert (a.hostname, b.hostname, c.hostname) == ("one", "two", "one")
@@ -214,6 +217,43 @@ async def test_a_failing_derivation_fails_its_dependents(
     assert farm2.farm.builds[answer["id"]].attempts == 0
     log = await farm2.http.get(f"/builds/{broken.id}/log")
     assert "this one fails" in log.text
+
+
+async def test_a_derivation_past_its_timeout_is_timed_out(
+    farm2: Farm2, drvs: dict[str, str]
+) -> None:
+    """A step's timeout goes to Nix, and a build that passes it ends as timed-out."""
+    answer = (await farm2.submit(drvs["sleeper"], timeout=1)).json()
+    top = await farm2.finished(answer["id"])
+    assert (top["state"], top["status"]) == ("failed", "timed-out"), top
+    assert "timed out" in top["error"]
+
+
+async def test_a_builder_fetches_only_the_paths_its_store_lacks(
+    tmp_path: Path, drvs: dict[str, str], runner_store: Path
+) -> None:
+    """Of a step's input closure, the builder fetches the export files of the store paths
+    its store does not have, imports them, and then has the whole closure."""
+    blobs = BlobStore(tmp_path / "blobs")
+    runner = NixStore(runner_store)
+    plan = await nix.plan(runner, blobs, DrvRequest(drv=drvs["c"]))
+    top = plan.specs[-1]
+    labels = [info.path for info in top.nix_inputs]
+    assert labels == [export_label(drvs[n]) for n in ("a", "b", "c")]  # references first
+    builder = NixStore(tmp_path / "builder-store")
+    await builder.import_files([blobs.path_of(top.nix_inputs[0].sha256)])  # a.drv only
+    fetched: list[str] = []
+
+    async def fetch(assign: Assign, info: FileInfo) -> Path:
+        fetched.append(info.path)
+        return blobs.path_of(info.sha256)
+
+    assign = Assign(
+        build_id="c", attempt=1, command=top.command, drv=top.drv, store_paths=top.nix_inputs
+    )
+    await fetch_closure(builder, assign, fetch)
+    assert fetched == labels[1:]
+    assert not await builder.invalid(label_path(label) for label in labels)
 
 
 async def test_bad_drv_submissions_are_refused(
