@@ -203,6 +203,20 @@ async def test_valid_outputs_are_not_rebuilt(farm2: Farm2, drvs: dict[str, str])
     assert len(farm2.farm.builds) == builds
 
 
+async def test_a_queued_step_is_shared_not_queued_twice(farm2: Farm2, drvs: dict[str, str]) -> None:
+    """A submission whose graph overlaps unfinished steps of an earlier one depends on them
+    instead of queueing the same derivations again."""
+    for machine_id in list(farm2.farm.machines):  # nothing runs: the steps stay queued
+        farm2.farm.drain(machine_id)
+    first = (await farm2.submit(drvs["b"])).json()
+    second = (await farm2.submit(drvs["c"])).json()
+    assert len(second["ids"]) == 1
+    assert farm2.farm.builds[second["id"]].spec.after == (first["id"],)
+    again = (await farm2.submit(drvs["b"])).json()
+    assert (again["id"], again["ids"]) == (first["id"], {})
+    assert len(farm2.farm.builds) == 3
+
+
 async def test_a_failing_derivation_fails_its_dependents(
     farm2: Farm2, drvs: dict[str, str]
 ) -> None:

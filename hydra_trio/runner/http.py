@@ -242,14 +242,11 @@ def create_app(
         <id>}, "storePaths": ...}``; ``200`` with ``"id": null`` when its outputs are valid in
         the runner's store already (and the id of the build already queued for it, if any)."""
 
-        def existing(drv: str) -> str | None:
-            for build in farm.builds.values():
-                if build.spec.drv == drv and not build.state.finished:
-                    return build.id
-            return None
-
+        unfinished = {
+            b.spec.drv: b.id for b in farm.builds.values() if b.spec.drv and not b.state.finished
+        }
         try:
-            plan = await nix.plan(storage.nix, storage.blobs, drv_request, existing)
+            plan = await nix.plan(storage.nix, storage.blobs, drv_request, unfinished.get)
         except NixError as exc:
             raise SpecError(f"drv: the runner's Nix store: {exc}") from None
         store_paths = dict(plan.outputs)

@@ -127,6 +127,9 @@ class BuilderSession:
     upload_totals: dict[tuple[str, int], UploadTotals] = attrs.field(factory=dict)
     #: the protocol error that ended the connection, if one did (counted in /metrics).
     protocol_error: ProtocolError | None = None
+    #: Nix results whose outputs are being imported into the runner's store.
+    importing: int = 0
+    imports_changed: trio.Event = attrs.field(factory=trio.Event)
     #: frames posted and not yet taken by the writer (``statistics()`` would build an object
     #: per Pong just to read this).
     _queued: int = attrs.field(default=0, init=False)
@@ -243,6 +246,12 @@ async def serve_builder(
                     farm, session, machine, channel, config, storage, nursery
                 )
                 said_goodbye = reason.startswith("said goodbye")
+                if said_goodbye:
+                    # A drained builder's last results may still be importing: they finish
+                    # (the builder has already done its part) before the session ends.
+                    with trio.move_on_after(config.builder_timeout):
+                        while session.importing:
+                            await session.imports_changed.wait()
                 nursery.cancel_scope.cancel()
         if session.close_reason is not None:
             reason = session.close_reason
@@ -398,8 +407,15 @@ async def _import_and_commit(
     build = farm.builds.get(result.build_id)
     if build is None:
         return
-    result = await nix.import_outputs(storage.nix, storage.blobs, build.spec.drv_outputs, result)
-    farm.on_result(session, machine, result, trio.current_time())
+    session.importing += 1
+    try:
+        outputs = build.spec.drv_outputs
+        result = await nix.import_outputs(storage.nix, storage.blobs, outputs, result)
+        farm.on_result(session, machine, result, trio.current_time())
+    finally:
+        session.importing -= 1
+        session.imports_changed.set()
+        session.imports_changed = trio.Event()
 
 
 async def _on_upload(
