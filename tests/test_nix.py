@@ -19,7 +19,7 @@ import trio
 
 from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
 from hydra_trio.builder.nixexec import fetch_closure
-from hydra_trio.nixstore import NixStore, export_label, label_path
+from hydra_trio.nixstore import NixError, NixStore, export_label, label_path
 from hydra_trio.protocol.messages import Assign, BuildStatus, FileInfo, Phase
 from hydra_trio.runner import nix
 from hydra_trio.runner.blobs import BlobStore
@@ -350,5 +350,51 @@ async def test_a_blackholed_builder_in_a_nix_import_loses_its_step(
             assert build.state is BuildState.SUCCEEDED
             assert (build.hostname, build.attempts) == ("b", 2)
             assert farmlet.machine("a").lost_builds == 1
+            assert await valid(runner_store, plan.outputs[0][1])
+            nursery.cancel_scope.cancel()
+
+
+def _flaky_store(root: Path, failures: list[int]) -> NixStore:
+    """A real store whose next ``failures[0]`` imports fail (an import error)."""
+
+    @attrs.frozen
+    class Flaky(NixStore):
+        async def import_files(self, files: Any) -> None:
+            if failures[0] > 0:
+                failures[0] -= 1
+                raise NixError("nix-store --import: injected failure")
+            await NixStore.import_files(self, files)
+
+    return Flaky(root)
+
+
+@pytest.mark.parametrize("side", ["builder", "runner"])
+async def test_an_import_error_is_retried(
+    tmp_path: Path, drvs: dict[str, str], runner_store: Path, side: str
+) -> None:
+    """An import that fails, of the inputs on the builder or of the outputs on the runner,
+    is an infrastructure failure: the step is retried and then succeeds."""
+    config = RunnerConfig(http=None, default_system=SYSTEM, nix_store=runner_store)
+    failures = [1]
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            farmlet = Farmlet(nursery, config, tmp_path / "state")
+            builder = BuilderConfig(systems=(SYSTEM,), work_dir=tmp_path / "b", executors=("nix",))
+            if side == "builder":
+                store = _flaky_store(tmp_path / "store-b", failures)
+            else:
+                store = NixStore(tmp_path / "store-b")
+                farmlet.storage.nix = _flaky_store(runner_store, failures)
+            await farmlet.add_builder("b", builder, nix_store=store)
+            plan = await nix.plan(
+                NixStore(runner_store), farmlet.storage.blobs, DrvRequest(drv=drvs["a"])
+            )
+            [build] = farmlet.farm.submit_graph(plan.specs, trio.current_time(), lambda n: None)
+            while not build.state.finished:
+                await trio.sleep(0.05)
+            assert build.state is BuildState.SUCCEEDED
+            assert (build.attempts, build.infra_failures, failures) == (2, 1, [0])
+            expected = "fetch-failed" if side == "builder" else "upload-failed"
+            assert farmlet.farm.requeued[expected] == 1
             assert await valid(runner_store, plan.outputs[0][1])
             nursery.cancel_scope.cancel()
