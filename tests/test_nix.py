@@ -61,7 +61,7 @@ let
   c = mk "c" [b] "mkdir $out; cat ${b} > $out/result; echo C >> $out/result" {};
   broken = mk "broken" [a] "echo this one fails; exit 3" {};
   after-broken = mk "after-broken" [broken] "echo > $out" {};
-  sleeper = mk "sleeper" [] "echo sleeping; sleep 60; echo > $out" {};
+  sleeper = mk "sleeper" [] "echo sleeping @MARKER@; sleep 60; echo > $out" {};
 in { inherit a b c broken after-broken sleeper; }
 """
 
@@ -79,7 +79,7 @@ def runner_store(tmp_path: Path) -> Path:
 def drvs(tmp_path: Path, runner_store: Path) -> dict[str, str]:
     """The graph's derivations, instantiated into the runner's store: name -> .drv path."""
     source = tmp_path / "graph.nix"
-    source.write_text(GRAPH)
+    source.write_text(GRAPH.replace("@MARKER@", marker(tmp_path)))
     found = {}
     for name in ("a", "b", "c", "broken", "after-broken", "sleeper"):
         done = subprocess.run(
@@ -90,6 +90,24 @@ def drvs(tmp_path: Path, runner_store: Path) -> dict[str, str]:
             check=True,
         )
         found[name] = done.stdout.strip()
+    return found
+
+
+def marker(tmp_path: Path) -> str:
+    """A word only this test's sleeper derivation has on its command line."""
+    return f"marker-{os.getpid()}-{tmp_path.name}"
+
+
+def processes_with(word: str) -> list[int]:
+    """Pids of the processes whose command line holds ``word``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if word.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
     return found
 
 
@@ -241,6 +259,23 @@ async def test_a_derivation_past_its_timeout_is_timed_out(
     top = await farm2.finished(answer["id"])
     assert (top["state"], top["status"]) == ("failed", "timed-out"), top
     assert "timed out" in top["error"]
+
+
+async def test_cancelling_a_nix_build_stops_its_build_processes(
+    farm2: Farm2, drvs: dict[str, str], tmp_path: Path
+) -> None:
+    """Cancelling a running Nix build interrupts nix-store, which kills the build's
+    processes (they run as a build user, outside the builder's process group)."""
+    word = marker(tmp_path)
+    answer = (await farm2.submit(drvs["sleeper"])).json()
+    with trio.fail_after(LIMIT):
+        while word not in (await farm2.http.get(f"/builds/{answer['id']}/log")).text:
+            await trio.sleep(0.05)
+        assert await trio.to_thread.run_sync(processes_with, word)
+        response = await farm2.http.post(f"/builds/{answer['id']}/cancel")
+        assert response.json()["state"] == "cancelled"
+        while await trio.to_thread.run_sync(processes_with, word):
+            await trio.sleep(0.05)
 
 
 async def test_a_builder_fetches_only_the_paths_its_store_lacks(

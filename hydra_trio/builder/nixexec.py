@@ -22,7 +22,8 @@ export error ``upload-failed``, any other error of Nix itself (exit status other
 
 Cancelling (an ``Abort``, the connection dying) interrupts ``nix-store`` with SIGINT, so Nix
 kills its build processes (they run as build users, outside the process group, and a SIGKILL
-of nix-store would orphan them), and SIGKILLs the group if it has not exited 10 s later.
+of nix-store would orphan them), and SIGKILLs the group if it has not exited 10 s later.  The
+log-size limit and the backstop limits interrupt it the same way.
 """
 
 from __future__ import annotations
@@ -75,9 +76,14 @@ _NIX_TIMEOUT_BIT = 1
 _TAIL = 4096
 
 
-async def _interrupt(process: trio.Process) -> None:
+def _interrupt_group(pid: int) -> None:
+    """Ask nix-store to stop (it then kills its build processes and exits)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(pid, signal.SIGINT)
+
+
+async def _interrupt(process: trio.Process) -> None:
+    _interrupt_group(process.pid)
     with trio.move_on_after(INTERRUPT_GRACE):
         await process.wait()
     _kill_group(process.pid)
@@ -185,7 +191,9 @@ async def _realise(
         "TMPDIR": str(build_dir / "tmp"),
     }
     run = attrs.evolve(assign, command=tuple(command), limits=backstop)
-    status, code, error = await _run(run, build_dir, env, send_keeping_tail, _interrupt)
+    status, code, error = await _run(
+        run, build_dir, env, send_keeping_tail, _interrupt, _interrupt_group
+    )
     if status is not BuildStatus.BUILD_FAILED or code is None:
         return status, code, error
     message = _last_error_line(bytes(tail))
