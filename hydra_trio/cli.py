@@ -871,9 +871,11 @@ def show(url: str, token_file: Path | None, build_id: str, as_json: bool) -> Non
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    for key in ("id", "name", "state", "status", "attempts", "machine", "exitCode", "error"):
+    for key in ("id", "name", "drv", "state", "status", "attempts", "machine", "exitCode", "error"):
         if data.get(key) is not None:
             click.echo(f"{key}: {data[key]}")
+    for output_name, store_path in (data.get("storePaths") or {}).items():
+        click.echo(f"store path: {store_path} ({output_name})")
     for output in data.get("outputs", []):
         click.echo(f"output: {output['path']} ({output['size']} bytes)")
 

@@ -5,9 +5,11 @@ child processes).  Skipped where ``nix-store`` is not installed."""
 from __future__ import annotations
 
 import functools
+import io
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import httpx
 import pytest
 import trio
 
+from hydra_trio import cli
 from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
 from hydra_trio.builder.nixexec import fetch_closure
 from hydra_trio.nixstore import NixError, NixStore, export_label, label_path
@@ -203,6 +206,42 @@ async def test_a_chain_builds_bottom_up_across_two_stores(
     assert not await valid(tmp_path / "store-two", out)
     log = await farm2.http.get(f"/builds/{b.id}/log")
     assert "building b" in log.text
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    """Run the CLI in this worker thread; returns (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        cli.main(list(args), standalone_mode=False)
+        status = 0
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    finally:
+        sys.stdout, sys.stderr = saved
+    return status, out.getvalue(), err.getvalue()
+
+
+async def test_submit_drv_on_the_command_line(farm2: Farm2, drvs: dict[str, str]) -> None:
+    """``submit --drv --wait`` prints the top build's id and exits 0 once it succeeded;
+    ``show`` lists its store path; a second submit says there is nothing to build."""
+    url = str(farm2.http.base_url)
+    with trio.fail_after(LIMIT):
+        status, out, _ = await trio.to_thread.run_sync(
+            _cli, "submit", "--url", url, "--drv", drvs["a"], "--wait"
+        )
+        assert status == 0
+        build_id = out.strip()
+        assert farm2.farm.builds[build_id].spec.drv == drvs["a"]
+        status, out, _ = await trio.to_thread.run_sync(_cli, "show", "--url", url, build_id)
+        store_path = farm2.farm.builds[build_id].spec.drv_outputs[0][1]
+        assert f"store path: {store_path} (out)" in out.splitlines()
+        status, out, err = await trio.to_thread.run_sync(
+            _cli, "submit", "--url", url, "--drv", drvs["a"]
+        )
+        assert (status, out) == (0, "")
+        assert err.startswith("nothing to build: ")
 
 
 async def test_valid_outputs_are_not_rebuilt(farm2: Farm2, drvs: dict[str, str]) -> None:
