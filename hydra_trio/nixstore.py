@@ -101,13 +101,18 @@ class NixStore:
             args += ["--option", "extra-system-features", " ".join(self.system_features)]
         return args
 
-    async def _run(self, *args: str, stdin: Any = subprocess.DEVNULL) -> bytes:
+    async def _run(self, *args: str) -> bytes:
+        """Run a Nix tool on this store; its stdout, or ``NixError``."""
         command = [args[0], *self._store_args(), *args[1:]]
         try:
             done = await trio.run_process(
-                command, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False,
+                command,
+                stdin=subprocess.DEVNULL,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
                 env=self.env(),
-            )  # fmt: skip
+            )
         except OSError as exc:
             raise NixError(f"cannot run {args[0]}: {exc.strerror or exc}") from None
         if done.returncode != 0:
@@ -142,11 +147,15 @@ class NixStore:
     async def derivations(self, drv: str) -> dict[str, Any]:
         """``nix show-derivation --recursive``: every derivation in ``drv``'s closure, by path."""
         out = await self._run(
-            "nix", "show-derivation", "--extra-experimental-features", "nix-command",
-            "--recursive", drv,
-        )  # fmt: skip
-        try:
-            parsed = json.loads(out)
+            "nix",
+            "show-derivation",
+            "--extra-experimental-features",
+            "nix-command",
+            "--recursive",
+            drv,
+        )
+        try:  # megabytes for a large graph: parsed off the event loop
+            parsed = await trio.to_thread.run_sync(json.loads, out)
         except ValueError as exc:
             raise NixError(f"nix show-derivation gave no JSON: {exc}") from None
         if not isinstance(parsed, dict):
@@ -159,9 +168,13 @@ class NixStore:
         f = await trio.to_thread.run_sync(target.open, "wb")
         try:
             done = await trio.run_process(
-                command, stdin=subprocess.DEVNULL, stdout=f, capture_stderr=True, check=False,
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                capture_stderr=True,
+                check=False,
                 env=self.env(),
-            )  # fmt: skip
+            )
         except OSError as exc:
             raise NixError(f"cannot run nix-store: {exc.strerror or exc}") from None
         finally:
@@ -179,11 +192,15 @@ class NixStore:
             try:
                 process: trio.Process = await nursery.start(
                     functools.partial(
-                        trio.run_process, command, stdin=subprocess.PIPE,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False,
+                        trio.run_process,
+                        command,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.PIPE,
+                        check=False,
                         env=self.env(),
                     )
-                )  # fmt: skip
+                )
             except OSError as exc:
                 raise NixError(f"cannot run nix-store: {exc.strerror or exc}") from None
             nursery.start_soon(_collect, process, stderr)
