@@ -24,6 +24,7 @@ dependent finds them both in the blob store (for its builder) and in the store.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -129,9 +130,6 @@ async def plan(
             if store_path not in exported:
                 exported[store_path] = await _export(store, blobs, store_path)
             nix_inputs.append(exported[store_path])
-        env = info.get("env") if isinstance(info.get("env"), dict) else {}
-        assert isinstance(env, dict)
-        features = env.get("requiredSystemFeatures", "")
         system = info.get("system")
         if not isinstance(system, str) or not system:
             raise SpecError(f"drv: {path} has no system")
@@ -140,7 +138,7 @@ async def plan(
                 command=("nix-store", "--realise", path),
                 name=step_name(path),
                 system=system,
-                required_features=frozenset(features.split() if isinstance(features, str) else ()),
+                required_features=_required_features(info),
                 after=tuple(step_name(d) if d in steps else reused[d] for d in steps[path]),
                 priority=request.priority,
                 timeout=request.timeout,
@@ -169,6 +167,27 @@ def _outputs(path: str, info: Any) -> dict[str, str]:
             )
         found[name] = out_path
     return found
+
+
+def _required_features(info: Any) -> frozenset[str]:
+    """``requiredSystemFeatures``: a space-separated string in the environment, or a list in
+    the ``__json`` of a derivation with structured attributes."""
+    env = info.get("env") if isinstance(info, dict) else None
+    if not isinstance(env, dict):
+        return frozenset()
+    features: Any = env.get("requiredSystemFeatures", "")
+    if "__json" in env:
+        try:
+            structured = json.loads(env["__json"])
+        except (TypeError, ValueError):
+            structured = {}
+        if isinstance(structured, dict):
+            features = structured.get("requiredSystemFeatures", [])
+    if isinstance(features, str):
+        return frozenset(features.split())
+    if isinstance(features, list):
+        return frozenset(f for f in features if isinstance(f, str))
+    return frozenset()
 
 
 def _input_drvs(info: Any) -> dict[str, list[str]]:
