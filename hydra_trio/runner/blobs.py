@@ -20,6 +20,7 @@ from typing import BinaryIO
 import attrs
 
 from hydra_trio.nixstore import NixStore
+from hydra_trio.protocol.messages import FileInfo
 from hydra_trio.runner.logs import LogStore
 
 
@@ -202,6 +203,8 @@ class Storage:
     #: the runner's Nix store, which ``drv`` submissions are read from and Nix builds'
     #: outputs are imported into (the machine's own store unless ``--nix-store`` says).
     nix: NixStore = attrs.field(factory=NixStore)
+    #: the export file made of each store path of ``nix`` so far (``runner.nix.plan``).
+    nix_exports: dict[str, FileInfo] = attrs.field(factory=dict)
 
     @classmethod
     def in_dir(cls, state_dir: Path, nix_store: Path | None = None) -> Storage:

@@ -246,7 +246,9 @@ def create_app(
             b.spec.drv: b.id for b in farm.builds.values() if b.spec.drv and not b.state.finished
         }
         try:
-            plan = await nix.plan(storage.nix, storage.blobs, drv_request, unfinished.get)
+            plan = await nix.plan(
+                storage.nix, storage.blobs, drv_request, unfinished.get, storage.nix_exports
+            )
         except NixError as exc:
             raise SpecError(f"drv: the runner's Nix store: {exc}") from None
         store_paths = dict(plan.outputs)

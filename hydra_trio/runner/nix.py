@@ -67,10 +67,13 @@ async def plan(
     blobs: BlobStore,
     request: DrvRequest,
     existing: Callable[[str], str | None] = lambda drv: None,
+    exports: dict[str, FileInfo] | None = None,
 ) -> Plan:
     """Read ``request.drv``'s graph from ``store`` and export the inputs of each step to build
     into ``blobs``.  ``existing(drv)`` is the id of an unfinished build of ``drv`` already in
-    the farm, if any.  A derivation that is not in the store is a ``SpecError``."""
+    the farm, if any.  ``exports`` remembers the export file of each store path across
+    submissions (a store path never changes), so a path is exported once while its file is
+    in ``blobs``.  A derivation that is not in the store is a ``SpecError``."""
     drv = request.drv
     if not (await store.is_valid(drv)):
         raise SpecError(f"drv: {drv} is not in the runner's Nix store")
@@ -112,7 +115,7 @@ async def plan(
     if drv in reused:
         return Plan(drv=drv, specs=[], names=[], outputs=top_outputs, existing=reused[drv])
 
-    exported: dict[str, FileInfo] = {}
+    exported: dict[str, FileInfo] = {} if exports is None else exports
     specs: list[BuildSpec] = []
     for path in order:
         info = graph[path]
@@ -127,7 +130,8 @@ async def plan(
         needed = await store.requisites([path, *valid_inputs])
         nix_inputs = []
         for store_path in needed:
-            if store_path not in exported:
+            known = exported.get(store_path)
+            if known is None or not await trio.to_thread.run_sync(blobs.has, known.sha256):
                 exported[store_path] = await _export(store, blobs, store_path)
             nix_inputs.append(exported[store_path])
         system = info.get("system")

@@ -19,6 +19,7 @@ import trio
 
 from hydra_trio import auth
 from hydra_trio.net import ConnectionLost, FramedChannel, tls_failure
+from hydra_trio.nixstore import label_path
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.connection import Connection, ConnectionState
 from hydra_trio.protocol.errors import ProtocolError, RemoteProtocolError
@@ -411,6 +412,9 @@ async def _import_and_commit(
     try:
         outputs = build.spec.drv_outputs
         result = await nix.import_outputs(storage.nix, storage.blobs, outputs, result)
+        # The uploaded files are exports of paths now in the runner's store: later
+        # submissions that find those paths valid use them instead of exporting again.
+        storage.nix_exports.update((label_path(f.path), f) for f in result.outputs)
         farm.on_result(session, machine, result, trio.current_time())
     finally:
         session.importing -= 1
