@@ -300,6 +300,13 @@ async def test_a_derivation_past_its_timeout_is_timed_out(
     assert "timed out" in top["error"]
 
 
+async def test_a_silent_derivation_is_silent_too_long(farm2: Farm2, drvs: dict[str, str]) -> None:
+    """A step's max-silent goes to Nix, and a build silent that long is silent-too-long."""
+    answer = (await farm2.submit(drvs["sleeper"], maxSilent=1)).json()
+    top = await farm2.finished(answer["id"])
+    assert (top["state"], top["status"]) == ("failed", "silent-too-long"), top
+
+
 async def test_cancelling_a_nix_build_stops_its_build_processes(
     farm2: Farm2, drvs: dict[str, str], tmp_path: Path
 ) -> None:
