@@ -274,10 +274,34 @@ def _runner_options(f: F) -> F:
                 default=256,
                 help="Connections in their handshake at once; more are closed at once.",
             ),
+            _nix_store_option(
+                "A local chroot Nix store (DIR/nix/store) to read submitted derivations from "
+                "and import Nix builds' outputs into.  [default: this machine's store]"
+            ),
         ]
     ):
         f = decorator(f)
     return f
+
+
+def _nix_store_option(help: str) -> Callable[[F], F]:
+    return option(
+        "--nix-store", type=click.Path(file_okay=False, path_type=Path), default=None, help=help
+    )
+
+
+#: The executors a builder can offer (``--executor``).
+EXECUTORS = ("command", "nix")
+
+
+def _executors(value: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [name for name in value if name not in EXECUTORS]
+    if unknown or not value:
+        raise click.BadParameter(
+            f"{','.join(unknown) or '(none)'}: give one or more of {', '.join(EXECUTORS)}",
+            param_hint="--executor",
+        )
+    return value
 
 
 def token_file_option(help: str) -> Callable[[F], F]:
@@ -323,6 +347,7 @@ def _runner_config(**kw: Any) -> Any:
             tls_key=kw.get("tls_key"),
             tls_ca=kw.get("tls_ca"),
             max_unauthenticated=kw["max_unauthenticated"],
+            nix_store=kw.get("nix_store"),
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -388,6 +413,15 @@ def _builder_options(f: F) -> F:
 @_tls_file("Connect with TLS; present this client certificate (PEM).", "--tls-cert")
 @_tls_file("The client certificate's private key (PEM).", "--tls-key")
 @option("--tls", is_flag=True, default=False, help="Connect with TLS, verified by system roots.")
+@option(
+    "--executor",
+    type=LIST,
+    default="command",
+    help="What it runs: command (COMMAND builds), nix (derivations), or command,nix.",
+)
+@_nix_store_option(
+    "A local chroot Nix store (DIR/nix/store) for the nix executor.  [default: this machine's]"
+)
 @logging_options
 def builder(log_level: str, log_format: str, **kw: Any) -> None:
     """Run a builder: connect to the queue runner and run what it assigns."""
@@ -410,6 +444,8 @@ def builder(log_level: str, log_format: str, **kw: Any) -> None:
         reconnect_max=kw["reconnect_max"],
         token=_token(kw["token_file"]),
         ssl_context=_builder_tls(kw["tls"], kw["tls_ca"], kw["tls_cert"], kw["tls_key"]),
+        executors=_executors(kw["executor"]),
+        nix_store=kw["nix_store"],
     )
 
     async def serve() -> None:
@@ -598,6 +634,12 @@ def _request(method: str, url: str, path: str, token: bytes | None, **kwargs: An
     type=click.Path(dir_okay=False, exists=True),
     help="A TOML graph of named builds (instead of COMMAND).",
 )
+@option(
+    "--drv",
+    default=None,
+    help="Build this Nix derivation (/nix/store/...drv in the runner's store) and every "
+    "missing dependency (instead of COMMAND).",
+)
 @option("--wait", is_flag=True, help="Wait for the build(s); exit 0 if all succeeded.")
 @click.argument("command", nargs=-1)
 def submit(
@@ -611,12 +653,22 @@ def submit(
     timeout: float | None,
     max_silent: float | None,
     graph_file: str | None,
+    drv: str | None,
     wait: bool,
     command: tuple[str, ...],
 ) -> None:
     """Submit a build: hydra-trio submit [OPTIONS] -- COMMAND [ARG]...
 
-    With --file GRAPH.toml, submit a whole graph and print one NAME ID line per build."""
+    With --file GRAPH.toml, submit a whole graph and print one NAME ID line per build.
+    With --drv /nix/store/...drv, build a Nix derivation: one build per derivation whose
+    outputs the runner's store lacks; prints the top derivation's build id."""
+    if drv is not None:
+        if command or graph_file is not None:
+            raise click.UsageError("give either --drv, --file or a COMMAND, not two of them")
+        if name or system or features or after:
+            raise click.UsageError("--name, --system, --feature and --after do not go with --drv")
+        _submit_drv(url, _token(token_file), drv, priority, timeout, max_silent, wait)
+        return
     if graph_file is not None:
         if command:
             raise click.UsageError("give either --file or a COMMAND, not both")
@@ -645,6 +697,35 @@ def submit(
     if max_silent is not None:
         body["maxSilent"] = max_silent
     build_id = _request("POST", url, "/builds", token, json=body)["id"]
+    click.echo(build_id)
+    if wait:
+        sys.exit(_wait(url, token, build_id))
+
+
+def _submit_drv(
+    url: str,
+    token: bytes | None,
+    drv: str,
+    priority: int,
+    timeout: float | None,
+    max_silent: float | None,
+    wait: bool,
+) -> None:
+    if not (drv.startswith("/nix/store/") and drv.endswith(".drv")):
+        raise click.BadParameter(
+            f"{drv} is not a derivation (/nix/store/...drv)", param_hint="--drv"
+        )
+    body: dict[str, Any] = {"drv": drv, "priority": priority}
+    if timeout is not None:
+        body["timeout"] = timeout
+    if max_silent is not None:
+        body["maxSilent"] = max_silent
+    answer = _request("POST", url, "/builds", token, json=body)
+    build_id = answer.get("id")
+    if build_id is None:
+        paths = " ".join(answer.get("storePaths", {}).values())
+        click.echo(f"nothing to build: {paths} already valid in the runner's store", err=True)
+        return
     click.echo(build_id)
     if wait:
         sys.exit(_wait(url, token, build_id))
@@ -790,9 +871,11 @@ def show(url: str, token_file: Path | None, build_id: str, as_json: bool) -> Non
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    for key in ("id", "name", "state", "status", "attempts", "machine", "exitCode", "error"):
+    for key in ("id", "name", "drv", "state", "status", "attempts", "machine", "exitCode", "error"):
         if data.get(key) is not None:
             click.echo(f"{key}: {data[key]}")
+    for output_name, store_path in (data.get("storePaths") or {}).items():
+        click.echo(f"store path: {store_path} ({output_name})")
     for output in data.get("outputs", []):
         click.echo(f"output: {output['path']} ({output['size']} bytes)")
 

@@ -5,6 +5,8 @@
 #   iptables rules inside the namespaces).
 #   promtool (Debian's prometheus package): checks the /metrics output (tests/test_metrics.py).
 #   Chromium: the headless-browser test of the dashboard (tests/test_browser.py).
+#   Nix (Debian's nix-bin, Nix 2.8): the Nix build tests (tests/test_nix.py), in single-user
+#   mode with chroot stores under the test's temporary directory.
 # Needs root and apt-get (Debian/Ubuntu); anywhere else it says what it skipped, and the
 # tests that need a missing package skip themselves with a line saying so.
 set -u
@@ -15,6 +17,7 @@ command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || missing+=(ipro
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "system-deps: not installing ${missing[*]} (needs root and apt-get); the tests that need them will be skipped" >&2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,8 +49,14 @@ def store(store_url: str, tmp_path: Path) -> Iterator[Store]:
         opened.close()
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
     bindir = find_bindir()
     if bindir is None:
-        return "PostgreSQL: not installed, the PostgreSQL half of the store tests is skipped"
-    return f"PostgreSQL: {bindir}"
+        lines = ["PostgreSQL: not installed, the PostgreSQL half of the store tests is skipped"]
+    else:
+        lines = [f"PostgreSQL: {bindir}"]
+    if shutil.which("nix-store") is None:
+        lines.append("Nix: not installed, the Nix build tests (tests/test_nix.py) are skipped")
+    else:
+        lines.append(f"Nix: {shutil.which('nix-store')}")
+    return lines

@@ -365,3 +365,41 @@ def test_commands_are_the_contracts() -> None:
         "drain",
     }
     assert isinstance(cli.main, click.Group)
+
+
+def test_builder_executors(started: list[Any], tmp_path: Path) -> None:
+    """--executor defaults to command; command,nix and --nix-store DIR are taken as given."""
+    assert invoke(["builder", "--server", "r:7420"]).exit_code == 0
+    assert closure_config(started).executors == ("command",)
+    started.clear()
+    result = invoke(
+        ["builder", "--server", "r:7420", "--executor", "command,nix", "--nix-store", "st"]
+    )
+    assert result.exit_code == 0, result.output
+    config = closure_config(started)
+    assert (config.executors, config.nix_store) == (("command", "nix"), Path("st"))
+
+
+def test_builder_unknown_executor_is_a_usage_error() -> None:
+    """--executor with a name that is not command or nix: exit 2, one line naming both."""
+    result = invoke(["builder", "--server", "r:7420", "--executor", "docker"])
+    assert result.exit_code == 2
+    (line,) = error_lines(result)
+    assert "docker" in line and "command, nix" in line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--drv", "/tmp/x.drv"],
+        ["--drv", "/nix/store/00000000000000000000000000000000-x"],
+        ["--drv", "/nix/store/00000000000000000000000000000000-x.drv", "--", "true"],
+        ["--drv", "/nix/store/00000000000000000000000000000000-x.drv", "--name", "n"],
+    ],
+)
+def test_submit_drv_usage_errors(args: list[str]) -> None:
+    """submit --drv with something that is not a derivation's store path, or with a COMMAND
+    or options the derivation decides: exit 2 with one line, before any request."""
+    result = invoke(["submit", "--url", "http://127.0.0.1:1", *args])
+    assert result.exit_code == 2
+    assert len(error_lines(result)) == 1

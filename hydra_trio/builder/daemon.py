@@ -39,6 +39,8 @@ import trio
 from hydra_trio import auth, net, sdnotify
 from hydra_trio.builder.backoff import Backoff
 from hydra_trio.builder.executor import Fetch, FetchError, Send, execute
+from hydra_trio.builder.nixexec import execute_nix
+from hydra_trio.nixstore import NixStore
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import HydraTrioError, IncompatibleVersionError, ProtocolError
 from hydra_trio.protocol.messages import (
@@ -67,6 +69,7 @@ log = logging.getLogger("hydra_trio.builder")
 
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
 Executor = Callable[[Assign, Path, Send, dict[str, str], Fetch], Awaitable[Result]]
+NixExecutor = Callable[[NixStore, Assign, Path, Send, dict[str, str], Fetch], Awaitable[Result]]
 
 #: Input bytes asked for per FetchRequest (what the runner reads in one thread hop; it answers
 #: in frames of ``codec.TRANSFER_FRAME``), and requests in flight: enough to keep a loopback or
@@ -104,6 +107,12 @@ class BuilderConfig:
     #: TLS to the runner (client side: verifies the runner's certificate against ``--tls-ca``
     #: or the system roots, and presents ``--tls-cert`` when given).  None: plain TCP.
     ssl_context: ssl.SSLContext | None = None
+    #: what it runs (``--executor``): ``command`` (an Assign's command) and/or ``nix`` (an
+    #: Assign's derivation, realised in ``nix_store``).
+    executors: tuple[str, ...] = ("command",)
+    #: a local chroot Nix store for the ``nix`` executor (``--nix-store DIR``); None: the
+    #: machine's own store.
+    nix_store: Path | None = None
 
     @property
     def effective_ping_timeout(self) -> float:
@@ -188,6 +197,10 @@ class BuilderState:
     events: list[tuple[float, str]] = attrs.field(factory=list)
     #: runs one build (replaceable by embedders and tests).
     execute: Executor = execute
+    #: runs one Nix build (``Assign.drv``) in a store (replaceable by embedders and tests).
+    execute_nix: NixExecutor = execute_nix
+    #: the store the ``nix`` executor builds in; None: from ``config.nix_store``.
+    nix_store: NixStore | None = None
 
     def record(self, event: str) -> None:
         self.events.append((trio.current_time(), event))
@@ -313,6 +326,7 @@ async def _handshake(
                 speed_factor=config.speed_factor,
                 ping_interval=config.ping_interval,
                 credentials=credentials,
+                executors=config.executors,
             )
         )
         reply = await channel.receive()
@@ -461,9 +475,7 @@ class _Session:
         try:
             with running.scope:
                 try:
-                    result = await self.state.execute(
-                        assign, build_dir, self.send, _base_env(), self.fetch
-                    )
+                    result = await self._execute(assign, build_dir)
                 except (net.ConnectionLost, ProtocolError):
                     raise
                 except Exception as exc:  # a bug or an OS failure must not end the session
@@ -485,6 +497,26 @@ class _Session:
         finally:
             del self.builds[assign.build_id]
             self.builds_changed.set()
+
+    async def _execute(self, assign: Assign, build_dir: Path) -> Result:
+        """Run a build with the executor its Assign asks for, if this builder has it."""
+        kind = "nix" if assign.drv else "command"
+        if kind not in self.config.executors:
+            return Result(
+                build_id=assign.build_id,
+                attempt=assign.attempt,
+                status=BuildStatus.INTERNAL_ERROR,
+                error=f"this builder has no {kind} executor (--executor)",
+            )
+        if assign.drv:
+            features = (*self.config.supported_features, *self.config.mandatory_features)
+            store = self.state.nix_store or NixStore(
+                self.config.nix_store, system_features=tuple(sorted(set(features)))
+            )
+            return await self.state.execute_nix(
+                store, assign, build_dir, self.send, _base_env(), self.fetch
+            )
+        return await self.state.execute(assign, build_dir, self.send, _base_env(), self.fetch)
 
     async def fetch(self, assign: Assign, info: FileInfo) -> Path:
         """Bring one input file into the cache (unless it is there) and return its path.

@@ -404,7 +404,7 @@ async def _reap_group(process: trio.Process) -> None:
 
 
 async def _stream_log(
-    process: trio.Process, assign: Assign, send: Send
+    process: trio.Process, assign: Assign, send: Send, stop: Callable[[int], None] = _kill_group
 ) -> tuple[BuildStatus | None, str, int]:
     """Forward the merged stdout/stderr as LogChunks until EOF, enforcing ``max_silent`` and
     ``max_log_bytes``.  Returns (status if a limit hit, error, bytes logged)."""
@@ -425,20 +425,28 @@ async def _stream_log(
                 chunk = LogChunk(build_id=assign.build_id, attempt=assign.attempt, data=bytes(data))
                 await send(chunk)
             if over:
-                _kill_group(process.pid)
+                stop(process.pid)
                 return BuildStatus.LOG_LIMIT_EXCEEDED, f"log exceeded {max_log} bytes", log_bytes
         # Closing stdout and stderr does not escape max_silent: a command that does and then
         # hangs is still silent.
         await process.wait()
     if silence.cancelled_caught:
-        _kill_group(process.pid)
+        stop(process.pid)
         return BuildStatus.SILENT_TOO_LONG, f"no output for {max_silent:g} s", log_bytes
     return None, "", log_bytes
 
 
 async def _run(
-    assign: Assign, build_dir: Path, env: dict[str, str], send: Send
+    assign: Assign,
+    build_dir: Path,
+    env: dict[str, str],
+    send: Send,
+    deliver_cancel: Callable[[trio.Process], Awaitable[object]] = _deliver_cancel,
+    stop: Callable[[int], None] = _kill_group,
 ) -> tuple[BuildStatus, int | None, str]:
+    """Run ``assign.command`` under its limits.  ``deliver_cancel`` stops it when the build is
+    cancelled or the wall-clock limit passes, ``stop(pid)`` when the log or silence limit
+    does (by default both SIGKILL its process group)."""
     limits = assign.limits
     ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
     status: BuildStatus | None = None
@@ -460,7 +468,7 @@ async def _run(
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
                         check=False,
-                        deliver_cancel=_deliver_cancel,
+                        deliver_cancel=deliver_cancel,
                     )
                 )
             except OSError as exc:  # the command could not be started
@@ -468,7 +476,7 @@ async def _run(
             else:
                 assert process is not None
                 nursery.start_soon(_reap_group, process)
-                status, error, _ = await _stream_log(process, assign, send)
+                status, error, _ = await _stream_log(process, assign, send, stop)
     if start_error is not None:
         message = f"cannot run {assign.command[0]!r}: {start_error.strerror or start_error}\n"
         await send(LogChunk(**ref, data=message.encode()))

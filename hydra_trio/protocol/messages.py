@@ -35,7 +35,7 @@ from hydra_trio.protocol import validators as v
 from hydra_trio.protocol.errors import RemoteProtocolError
 
 #: The protocol version this code speaks.  Same major = compatible.
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
 
 
 class Role(enum.Enum):
@@ -199,6 +199,11 @@ class Hello:
     #: the builder's proof that it knows the shared token: ``auth.prove(token, nonce,
     #: machine_id)`` for the challenge's nonce (empty when the builder has no token).
     credentials: bytes = attrs.field(default=b"", validator=v.check_bytes)
+    #: what it can run (1.1): ``command`` (an ``Assign``'s command) and ``nix`` (an
+    #: ``Assign``'s ``drv``); a 1.0 builder sends nothing and runs commands only.
+    executors: tuple[str, ...] = attrs.field(
+        default=("command",), converter=v.as_tuple, validator=v.check_str_tuple
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -267,6 +272,15 @@ class Assign:
         default=(), converter=v.as_tuple, validator=v.records_of(InputSpec)
     )
     limits: Limits = attrs.field(factory=Limits, validator=v.exactly(Limits))
+    #: (1.1) non-empty: realise this Nix derivation (a store path) with the ``nix`` executor;
+    #: ``command`` is then only for humans.
+    drv: str = attrs.field(default="", validator=v.check_str)
+    #: (1.1) for ``drv``: ``nix-store --export`` files of its input closure, one per store
+    #: path (``path`` is the store path without its leading ``/``), each listed after the
+    #: paths it references.  The builder fetches (as inputs) those its store lacks.
+    store_paths: tuple[FileInfo, ...] = attrs.field(
+        default=(), converter=v.as_tuple, validator=v.records_of(FileInfo)
+    )
 
     @command.validator
     def _command_not_empty(self, attr: attrs.Attribute[Any], value: tuple[str, ...]) -> None:

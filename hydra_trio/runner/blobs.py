@@ -19,6 +19,8 @@ from typing import BinaryIO
 
 import attrs
 
+from hydra_trio.nixstore import NixStore
+from hydra_trio.protocol.messages import FileInfo
 from hydra_trio.runner.logs import LogStore
 
 
@@ -146,6 +148,34 @@ class BlobStore:
             upload.done = True
             upload.tmp.unlink(missing_ok=True)
 
+    def new_temp(self, prefix: str) -> Path:
+        """A fresh empty file among the partial uploads (removed with them after a crash)."""
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix=f"upload-{prefix}-")
+        os.close(fd)
+        return Path(name)
+
+    def add_file(self, tmp: Path) -> tuple[int, str]:
+        """Move a finished file the runner wrote itself (a Nix export) into the store under
+        its hash; returns (size, sha256)."""
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with tmp.open("rb") as f:
+                while block := f.read(WRITE_BATCH):
+                    digest.update(block)
+                    size += len(block)
+                os.fsync(f.fileno())
+            sha256 = digest.hexdigest()
+            target = self.path_of(sha256)
+            if not target.exists():
+                target.parent.mkdir(exist_ok=True)
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, target)
+                _fsync_dir(target.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return size, sha256
+
     def discard(self, upload: PendingUpload) -> None:
         upload.staged.clear()
         upload.file.close()
@@ -170,7 +200,16 @@ class Storage:
 
     blobs: BlobStore
     logs: LogStore
+    #: the runner's Nix store, which ``drv`` submissions are read from and Nix builds'
+    #: outputs are imported into (the machine's own store unless ``--nix-store`` says).
+    nix: NixStore = attrs.field(factory=NixStore)
+    #: the export file made of each store path of ``nix`` so far (``runner.nix.plan``).
+    nix_exports: dict[str, FileInfo] = attrs.field(factory=dict)
 
     @classmethod
-    def in_dir(cls, state_dir: Path) -> Storage:
-        return cls(blobs=BlobStore(state_dir / "blobs"), logs=LogStore(state_dir / "logs"))
+    def in_dir(cls, state_dir: Path, nix_store: Path | None = None) -> Storage:
+        return cls(
+            blobs=BlobStore(state_dir / "blobs"),
+            logs=LogStore(state_dir / "logs"),
+            nix=NixStore(nix_store),
+        )

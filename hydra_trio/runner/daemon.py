@@ -51,6 +51,9 @@ class RunnerConfig:
     tls_ca: Path | None = None
     #: connections that have not completed their hello, at most; more are closed at once.
     max_unauthenticated: int = 256
+    #: a local chroot Nix store (``--nix-store DIR``) for ``drv`` submissions and Nix build
+    #: outputs; None: the machine's own store.
+    nix_store: Path | None = None
 
     @builder_timeout.validator
     def _positive(self, attribute: attrs.Attribute[float], value: float) -> None:
@@ -126,7 +129,7 @@ def lock_state_dir(state_dir: Path) -> IO[bytes]:
 
 def open_storage(config: RunnerConfig, farm: Farm) -> Storage:
     """The state dir's files; log followers are woken on every build change."""
-    storage = Storage.in_dir(config.state_dir)
+    storage = Storage.in_dir(config.state_dir, config.nix_store)
     farm.on_build_change = storage.logs.notify
     return storage
 

@@ -39,6 +39,7 @@ from hydra_trio.protocol.messages import (
     BuildRef,
     BuildStatus,
     Drain,
+    FileInfo,
     Hello,
     InputSpec,
     Limits,
@@ -57,6 +58,19 @@ log = logging.getLogger("hydra_trio.runner")
 #: first retry immediate (the builder is gone, not the build's fault).  Capped at RETRY_CAP.
 RETRY_BASE = 2.0
 RETRY_CAP = 60.0
+
+
+def nix_store_paths(spec: BuildSpec, deps: list[Build]) -> tuple[FileInfo, ...]:
+    """The export files of a Nix build's input closure, each after the paths it references:
+    the runner's exports first (they reference nothing built here), then each dependency's
+    output closure (each already in that order), every store path once."""
+    seen: set[str] = set()
+    listed: list[FileInfo] = []
+    for info in (*spec.nix_inputs, *(f for dep in deps for f in dep.outputs)):
+        if info.path not in seen and not info.link:
+            seen.add(info.path)
+            listed.append(info)
+    return tuple(listed)
 
 
 class UnknownBuildError(KeyError):
@@ -232,6 +246,7 @@ class Farm:
                 mandatory_features=frozenset(hello.mandatory_features),
                 max_jobs=hello.max_jobs,
                 speed_factor=hello.speed_factor,
+                executors=frozenset(hello.executors),
             )
             self.machines[hello.machine_id] = machine
         else:
@@ -241,6 +256,7 @@ class Farm:
             machine.mandatory_features = frozenset(hello.mandatory_features)
             machine.max_jobs = hello.max_jobs
             machine.speed_factor = hello.speed_factor
+            machine.executors = frozenset(hello.executors)
         machine.session = session
         machine.state = MachineState.DRAINING if machine.drain_requested else MachineState.CONNECTED
         machine.draining_itself = False
@@ -523,16 +539,21 @@ class Farm:
         max_silent = (
             spec.max_silent if spec.max_silent is not None else self.config.default_max_silent
         )
+        deps = [self.builds[dep_id] for dep_id in spec.after]
         assign = Assign(
             build_id=build.id,
             attempt=build.attempts,
             name=spec.name,
             command=spec.command,
             env=dict(spec.env),
-            inputs=tuple(
+            inputs=()
+            if spec.drv
+            else tuple(
                 InputSpec(name=dep.name or dep.id, build_id=dep.id, files=dep.outputs)
-                for dep in (self.builds[dep_id] for dep_id in spec.after)
+                for dep in deps
             ),
+            drv=spec.drv,
+            store_paths=nix_store_paths(spec, deps) if spec.drv else (),
             limits=Limits(
                 timeout=timeout,
                 max_silent=max_silent,
@@ -546,6 +567,17 @@ class Farm:
             machine.session.post(assign)
         log.info("build %s attempt %d assigned to %s", build.id, build.attempts, machine.hostname)
         self.on_build_change(build.id)
+
+    def is_input(self, build: Build, sha256: str) -> bool:
+        """Whether a file with this hash is one a builder running ``build`` may fetch: an
+        output of a build it depends on, or (a Nix build) an export the runner made for it."""
+        if any(f.sha256 == sha256 and not f.link for f in build.spec.nix_inputs):
+            return True
+        return any(
+            f.sha256 == sha256 and not f.link
+            for dep_id in build.spec.after
+            for f in self.builds[dep_id].outputs
+        )
 
     # -- transitions ------------------------------------------------------------------------
 

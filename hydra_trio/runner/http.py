@@ -36,12 +36,20 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hydra_trio.auth import bearer_ok
+from hydra_trio.nixstore import NixError
+from hydra_trio.runner import nix
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.dashboard import dashboard
 from hydra_trio.runner.farm import Farm, InvalidGraphError, UnknownBuildError
 from hydra_trio.runner.metrics import collect_metrics, format_metrics
 from hydra_trio.runner.model import Build, BuildState
-from hydra_trio.runner.specs import SpecError, parse_graph, parse_spec
+from hydra_trio.runner.specs import (
+    DrvRequest,
+    SpecError,
+    parse_drv_request,
+    parse_graph,
+    parse_spec,
+)
 
 #: Limit on request bodies: big enough for a graph of MAX_GRAPH_BUILDS small builds; it keeps a
 #: client from making the runner buffer arbitrary amounts.
@@ -211,6 +219,8 @@ def create_app(
     async def submit(request: Request) -> Response:
         body = await _json_body(request)
         try:
+            if isinstance(body, dict) and "drv" in body:
+                return await submit_drv(parse_drv_request(body))
             if isinstance(body, dict) and "builds" in body:
                 # Validating a large graph takes seconds: in a thread (it touches nothing).
                 specs, names = await trio.to_thread.run_sync(parse_graph, body, default_system)
@@ -226,6 +236,38 @@ def create_app(
             return _error(422, str(exc))
         await persist()
         return JSONResponse({"id": build.id}, status_code=201)
+
+    async def submit_drv(drv_request: DrvRequest) -> Response:
+        """Queue the steps a derivation needs: ``201 {"id": <top build>, "ids": {<step name>:
+        <id>}, "storePaths": ...}``; ``200`` with ``"id": null`` when its outputs are valid in
+        the runner's store already (and the id of the build already queued for it, if any)."""
+
+        unfinished = {
+            b.spec.drv: b.id for b in farm.builds.values() if b.spec.drv and not b.state.finished
+        }
+        try:
+            plan = await nix.plan(
+                storage.nix, storage.blobs, drv_request, unfinished.get, storage.nix_exports
+            )
+        except NixError as exc:
+            raise SpecError(f"drv: the runner's Nix store: {exc}") from None
+        store_paths = dict(plan.outputs)
+        if not plan.specs:
+            return JSONResponse(
+                {"id": plan.existing, "ids": {}, "storePaths": store_paths},
+                status_code=200,
+            )
+        index = {name: i for i, name in enumerate(plan.names)}
+        builds = farm.submit_graph(plan.specs, trio.current_time(), index.get)
+        await persist()
+        return JSONResponse(
+            {
+                "id": builds[-1].id,
+                "ids": {name: b.id for name, b in zip(plan.names, builds, strict=True)},
+                "storePaths": store_paths,
+            },
+            status_code=201,
+        )
 
     def _build(request: Request) -> Any:
         try:

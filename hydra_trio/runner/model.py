@@ -73,6 +73,20 @@ class BuildSpec:
     timeout: float | None = None
     max_silent: float | None = None
     env: tuple[tuple[str, str], ...] = ()
+    #: non-empty: a Nix derivation (its store path) to realise, on a builder with the ``nix``
+    #: executor; ``command`` is then only for humans.
+    drv: str = ""
+    #: the derivation's outputs: (output name, store path).
+    drv_outputs: tuple[tuple[str, str], ...] = ()
+    #: export files (one per store path, in the runner's blob store) of the part of the input
+    #: closure no other build of the farm produces: the derivation files, and the outputs
+    #: that were already valid in the runner's store with their closures.
+    nix_inputs: tuple[FileInfo, ...] = ()
+
+    @property
+    def executor(self) -> str:
+        """Which builder executor can run it."""
+        return "nix" if self.drv else "command"
 
 
 @attrs.define(eq=False)
@@ -137,6 +151,8 @@ class Build:
             "waitingFor": sorted(self.waiting_for),
             "waitingReason": waiting_reason,
             "outputs": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.outputs],
+            "drv": self.spec.drv or None,
+            "storePaths": {name: path for name, path in self.spec.drv_outputs},
             "timings": self.timings,
             "submittedAt": self.submitted_at,
             "startedAt": self.started_at,
@@ -155,6 +171,8 @@ class Machine:
     mandatory_features: frozenset[str]
     max_jobs: int
     speed_factor: float
+    #: what it can run: ``command`` and/or ``nix`` (``Hello.executors``).
+    executors: frozenset[str] = frozenset({"command"})
     state: MachineState = MachineState.DISCONNECTED
     session: Session | None = None
     #: builds it runs now, by id.
@@ -184,7 +202,8 @@ class Machine:
     def can_build(self, spec: BuildSpec) -> bool:
         """Hydra's rule: the system matches, required <= supported, mandatory <= required."""
         return (
-            spec.system in self.systems
+            spec.executor in self.executors
+            and spec.system in self.systems
             and spec.required_features <= self.supported_features
             and self.mandatory_features <= spec.required_features
         )
@@ -199,6 +218,7 @@ class Machine:
             "mandatoryFeatures": sorted(self.mandatory_features),
             "maxJobs": self.max_jobs,
             "speedFactor": self.speed_factor,
+            "executors": sorted(self.executors),
             "currentJobs": len(self.running) if connected else 0,
             "sinceLastPing": round(max(0.0, now - self.last_ping_at), 3),
             "connected": connected,

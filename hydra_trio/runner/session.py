@@ -19,6 +19,7 @@ import trio
 
 from hydra_trio import auth
 from hydra_trio.net import ConnectionLost, FramedChannel, tls_failure
+from hydra_trio.nixstore import label_path
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.connection import Connection, ConnectionState
 from hydra_trio.protocol.errors import ProtocolError, RemoteProtocolError
@@ -44,6 +45,7 @@ from hydra_trio.protocol.messages import (
     compatible,
 )
 from hydra_trio.protocol.validators import MAX_LIST, tree_conflict
+from hydra_trio.runner import nix
 from hydra_trio.runner.blobs import BlobError, PendingUpload, Storage
 from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.model import Machine
@@ -130,6 +132,9 @@ class BuilderSession:
     last_sent: float = attrs.field(factory=trio.current_time)
     #: the sequence number of the last Ping received (the keepalive repeats it).
     last_ping_seq: int | None = None
+    #: Nix results whose outputs are being imported into the runner's store.
+    importing: int = 0
+    imports_changed: trio.Event = attrs.field(factory=trio.Event)
     #: frames posted and not yet taken by the writer (``statistics()`` would build an object
     #: per Pong just to read this).
     _queued: int = attrs.field(default=0, init=False)
@@ -264,8 +269,16 @@ async def serve_builder(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(session.writer)
                 nursery.start_soon(session.keepalive, hello.ping_interval)
-                reason = await _receive_loop(farm, session, machine, channel, config, storage)
+                reason = await _receive_loop(
+                    farm, session, machine, channel, config, storage, nursery
+                )
                 said_goodbye = reason.startswith("said goodbye")
+                if said_goodbye:
+                    # A drained builder's last results may still be importing: they finish
+                    # (the builder has already done its part) before the session ends.
+                    with trio.move_on_after(config.builder_timeout):
+                        while session.importing:
+                            await session.imports_changed.wait()
                 nursery.cancel_scope.cancel()
         if session.close_reason is not None:
             reason = session.close_reason
@@ -350,8 +363,11 @@ async def _receive_loop(
     channel: FramedChannel,
     config: SessionConfig,
     storage: Storage,
+    nursery: trio.Nursery,
 ) -> str:
-    """Apply frames until the builder leaves or goes silent; returns why the loop ended."""
+    """Apply frames until the builder leaves or goes silent; returns why the loop ended.
+    Slow work a frame starts (importing a Nix build's outputs) runs in ``nursery``, the
+    connection's, so the loop goes on reading frames (pings) meanwhile."""
     conn = channel.connection
     try:
         with trio.CancelScope(deadline=conn.deadline) as watchdog:
@@ -381,9 +397,15 @@ async def _receive_loop(
                     # Only a current result has its uploads checked and kept: one from
                     # another machine's build or an old attempt is counted and dropped.
                     ref = message.build_id, message.attempt
-                    if farm.current(session, machine, *ref, kind="result") is not None:
+                    build = farm.current(session, machine, *ref, kind="result")
+                    if build is not None:
                         result = await _check_outputs(session, storage, message)
-                        farm.on_result(session, machine, result, trio.current_time())
+                        if build.spec.drv and result.status is BuildStatus.SUCCESS:
+                            nursery.start_soon(
+                                _import_and_commit, farm, session, machine, storage, result
+                            )
+                        else:
+                            farm.on_result(session, machine, result, trio.current_time())
                     await _drop_stale_uploads(session, machine, storage)
                 elif kind is Progress:
                     assert isinstance(message, Progress)
@@ -401,6 +423,30 @@ async def _receive_loop(
     if watchdog.cancelled_caught:
         return f"silent for {config.builder_timeout:g} s"
     return session.close_reason or "closed"
+
+
+async def _import_and_commit(
+    farm: Farm, session: BuilderSession, machine: Machine, storage: Storage, result: Result
+) -> None:
+    """Import a Nix build's output closure into the runner's store, then commit its result
+    (``upload-failed`` if the import failed).  The build stays running on its machine
+    meanwhile: if the connection dies first, this is cancelled with it and the build is
+    requeued as for any lost builder; a result no longer current is dropped by the farm."""
+    build = farm.builds.get(result.build_id)
+    if build is None:
+        return
+    session.importing += 1
+    try:
+        outputs = build.spec.drv_outputs
+        result = await nix.import_outputs(storage.nix, storage.blobs, outputs, result)
+        # The uploaded files are exports of paths now in the runner's store: later
+        # submissions that find those paths valid use them instead of exporting again.
+        storage.nix_exports.update((label_path(f.path), f) for f in result.outputs)
+        farm.on_result(session, machine, result, trio.current_time())
+    finally:
+        session.importing -= 1
+        session.imports_changed.set()
+        session.imports_changed = trio.Event()
 
 
 async def _on_upload(
@@ -518,11 +564,7 @@ async def _on_fetch(
     build = farm.current(session, machine, msg.build_id, msg.attempt, kind="fetch")
     if build is None:
         error = "not an input of a build you run under this attempt"
-    elif not any(
-        f.sha256 == msg.sha256 and not f.link
-        for dep_id in build.spec.after
-        for f in farm.builds[dep_id].outputs
-    ):
+    elif not farm.is_input(build, msg.sha256):
         error = f"{msg.sha256} is not an input of build {msg.build_id}"
     else:
         try:

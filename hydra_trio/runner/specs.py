@@ -10,6 +10,9 @@ import heapq
 import math
 from typing import Any
 
+import attrs
+
+from hydra_trio.nixstore import is_store_path
 from hydra_trio.protocol.messages import Assign
 from hydra_trio.protocol.validators import MAX_STRING, encodable
 from hydra_trio.runner.model import BuildSpec
@@ -72,6 +75,43 @@ def parse_spec(body: Any, default_system: str) -> BuildSpec:
     except ValueError as exc:
         raise SpecError(str(exc)) from None
     return spec
+
+
+@attrs.frozen(kw_only=True)
+class DrvRequest:
+    """A validated ``{"drv": ...}`` body of ``POST /builds``: build a Nix derivation."""
+
+    drv: str
+    priority: int = 0
+    timeout: float | None = None
+    max_silent: float | None = None
+
+
+#: Fields of ``POST /builds`` that make no sense with ``drv`` (the derivation says them).
+_NOT_WITH_DRV = ("command", "name", "system", "requiredFeatures", "after", "env", "builds")
+
+
+def parse_drv_request(body: Any) -> DrvRequest:
+    """Validate ``{"drv": "/nix/store/...drv", "priority", "timeout", "maxSilent"}``."""
+    if not isinstance(body, dict):
+        raise SpecError("the body must be a JSON object")
+    drv = body.get("drv")
+    if not isinstance(drv, str) or not is_store_path(drv) or not drv.endswith(".drv"):
+        raise SpecError(
+            f"drv: {str(drv)[:300]!r} is not a derivation's store path (/nix/store/...drv)"
+        )
+    clash = [key for key in _NOT_WITH_DRV if body.get(key)]
+    if clash:
+        raise SpecError(f"{clash[0]}: not allowed with drv (the derivation says it)")
+    priority = body.get("priority", 0)
+    if type(priority) is not int:
+        raise SpecError("priority: must be an integer")
+    return DrvRequest(
+        drv=drv,
+        priority=priority,
+        timeout=_seconds(body, "timeout"),
+        max_silent=_seconds(body, "maxSilent"),
+    )
 
 
 def _seconds(body: dict[str, Any], key: str) -> float | None:

@@ -130,6 +130,9 @@ def spec_to_json(spec: BuildSpec) -> str:
             "timeout": spec.timeout,
             "maxSilent": spec.max_silent,
             "env": [list(pair) for pair in spec.env],
+            "drv": spec.drv,
+            "drvOutputs": [list(pair) for pair in spec.drv_outputs],
+            "nixInputs": [attrs.asdict(f) for f in spec.nix_inputs],
         }
     )
 
@@ -146,6 +149,9 @@ def spec_from_json(text: str) -> BuildSpec:
         timeout=data["timeout"],
         max_silent=data["maxSilent"],
         env=tuple((k, v) for k, v in data["env"]),
+        drv=data.get("drv", ""),
+        drv_outputs=tuple((k, v) for k, v in data.get("drvOutputs", ())),
+        nix_inputs=tuple(FileInfo(**f) for f in data.get("nixInputs", ())),
     )
 
 
@@ -218,6 +224,7 @@ def machine_row(machine: Machine, last_seen: float) -> tuple[Any, ...]:
         "maxJobs": machine.max_jobs,
         "speedFactor": machine.speed_factor,
         "drainRequested": machine.drain_requested,
+        "executors": sorted(machine.executors),
     }
     return (
         machine.machine_id,
@@ -243,6 +250,7 @@ def machine_from_row(row: Sequence[Any]) -> Machine:
         speed_factor=info["speedFactor"],
         state=MachineState.DISCONNECTED,
         drain_requested=info.get("drainRequested", False),
+        executors=frozenset(info.get("executors", ("command",))),
         succeeded_builds=succeeded,
         failed_builds=failed,
         lost_builds=lost,
