@@ -33,6 +33,7 @@ from hydra_trio.protocol.messages import (
     Challenge,
     FetchData,
     Hello,
+    LogChunk,
     Message,
     Phase,
     Ping,
@@ -483,10 +484,12 @@ def test_a_work_dir_is_claimed_by_one_builder_which_clears_what_a_killed_one_lef
 async def test_the_runner_keeps_a_builder_that_hears_nothing_informed_that_it_lives(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
-    """A builder whose pings answer on time gets nothing more; one whose pings stop getting
-    through (during an upload they wait behind its own data) still hears from the runner: a
-    Pong repeating the last ping's number after 1.5 ping intervals of silence, every 1.5
-    intervals, so its ping timeout does not depend on its own outgoing queue."""
+    """A builder whose pings answer on time gets nothing more.  One that is still heard from
+    but whose pings stop getting through (during an upload they wait behind its own data)
+    still hears from the runner: a Pong repeating the last ping's number after 1.5 ping
+    intervals of silence, every 1.5 intervals, so its ping timeout does not depend on its own
+    outgoing queue.  One that is not heard from at all gets none: a builder cut off in one
+    direction must notice."""
     async with trio.open_nursery() as nursery:
         runner = Runner(nursery, tmp_path)
         builder = runner.connect()
@@ -499,12 +502,26 @@ async def test_the_runner_keeps_a_builder_that_hears_nothing_informed_that_it_li
             assert not builder.received
         assert pong.seq == 4
         last_pong = trio.current_time() - 2.0
+
+        async def uploading() -> None:  # frames, but no pings
+            for _ in range(9):
+                await builder.send(LogChunk(build_id="elsewhere", attempt=1, data=b"x"))
+                await trio.sleep(1.0)
+
+        nursery.start_soon(uploading)
         heard = []
         while len(heard) < 3:
             message = await builder.receive()
             heard.append((trio.current_time() - last_pong, message))
         assert heard == [(pytest.approx(3.0 * n), Pong(seq=4)) for n in (1, 2, 3)]
         assert builder.conn.rtt is not None  # (from the real pongs; the keepalives left it)
+        # The builder falls silent after its last frame (at 10 s): one more keepalive (at
+        # 12 s, heard 2 s ago) and then none (the runner gives up on it at 40 s).
+        with trio.move_on_after(25):
+            while True:
+                message = await builder.receive()
+                heard.append((trio.current_time() - last_pong, message))
+        assert heard[3:] == [(pytest.approx(12.0), Pong(seq=4))]
         nursery.cancel_scope.cancel()
 
 

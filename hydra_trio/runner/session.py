@@ -173,15 +173,22 @@ class BuilderSession:
         with a deep queue the pong to a ping can come later than the builder's ping timeout.
         This direction is idle then, and the keepalive crosses it at once.  It repeats the
         last ping's sequence number, which the builder has already had answered, so it is not
-        taken for a round trip."""
+        taken for a round trip.
+
+        Only while the builder is heard from (a frame, or a frame's progress, within that
+        time): a builder whose frames no longer reach us (cut off in one direction) must not
+        be kept from noticing by keepalives crossing the other."""
         silence = 1.5 * interval  # not 1 x: the pong to a ping on time is due then
+        conn = self.channel.connection
         while True:
             await trio.sleep_until(self.last_sent + silence)
-            if trio.current_time() < self.last_sent + silence:
+            now = trio.current_time()
+            if now < self.last_sent + silence:
                 continue  # something was sent meanwhile
-            if self.last_ping_seq is not None and not self._queued:
+            heard = now - conn.last_received < silence
+            if heard and self.last_ping_seq is not None and not self._queued:
                 self.post(Pong(seq=self.last_ping_seq))
-            self.last_sent = trio.current_time()
+            self.last_sent = now
 
     def close(self, reason: str) -> None:
         if self.close_reason is None:
