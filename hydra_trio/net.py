@@ -185,10 +185,11 @@ def configure_keepalive(stream: trio.abc.Stream, timeout: float) -> None:
 
     - ``SO_KEEPALIVE`` with ``TCP_KEEPIDLE/INTVL/CNT``: an idle dead peer is probed after
       timeout/2 and given up on after about ``timeout``;
-    - ``TCP_USER_TIMEOUT`` = 2 x timeout: data unacknowledged that long fails the connection.
-      Twice, not once: Linux counts it from the first retransmission of a loss episode, which
-      on a lossy but live link may never quite end, so at 1 x the kernel would give up on a
-      connection that still carries frames both ways before the application would
+    - ``TCP_USER_TIMEOUT`` = 4 x timeout: data unacknowledged that long fails the connection.
+      A backstop only (the application's watchdog cancels a write into a black hole, and
+      closes the socket): Linux counts it from the first retransmission of a loss episode,
+      which on a lossy but live link may go on for a long time, so at 1 x the kernel gave up
+      on connections that still carried frames both ways, and at 2 x still did, rarely
       (docs/reliability.md, finding 3);
     - ``TCP_THIN_LINEAR_TIMEOUTS`` and, where the kernel has it, ``TCP_RTO_MAX_MS`` = 2 s: a
       connection with little in flight (pings) retransmits at a steady pace instead of backing
@@ -207,7 +208,7 @@ def configure_keepalive(stream: trio.abc.Stream, timeout: float) -> None:
         ("TCP_KEEPIDLE", idle),
         ("TCP_KEEPINTVL", interval),
         ("TCP_KEEPCNT", 3),
-        ("TCP_USER_TIMEOUT", max(1000, int(2 * timeout * 1000))),
+        ("TCP_USER_TIMEOUT", max(1000, int(4 * timeout * 1000))),
         ("TCP_NOTSENT_LOWAT", NOTSENT_LOWAT),
     ):
         option = getattr(socket, name, None)
