@@ -11,6 +11,7 @@ farm in one step on the way out.
 from __future__ import annotations
 
 import logging
+import math
 import ssl
 import uuid
 
@@ -130,6 +131,11 @@ class BuilderSession:
     protocol_error: ProtocolError | None = None
     #: when the last frame to the builder was handed to the socket (``trio.current_time``).
     last_sent: float = attrs.field(factory=trio.current_time)
+    #: the keepalive's wait: its deadline follows ``last_sent`` (``_sent``), so the keepalive
+    #: task wakes only when the builder has really been sent nothing for that long, not once
+    #: per pong (2,000 builders would cost 2,000 task switches a second).
+    _keepalive_wait: trio.CancelScope | None = attrs.field(default=None, init=False)
+    _keepalive_silence: float = attrs.field(default=math.inf, init=False)
     #: the sequence number of the last Ping received (the keepalive repeats it).
     last_ping_seq: int | None = None
     #: Nix results whose outputs are being imported into the runner's store.
@@ -164,7 +170,7 @@ class BuilderSession:
             self.post(message)
         else:
             await self.channel.send(message)
-            self.last_sent = trio.current_time()
+            self._sent()
 
     async def keepalive(self, interval: float) -> None:
         """Send the builder a ``Pong`` of our own when we have sent it nothing for 1.5 of its
@@ -178,17 +184,23 @@ class BuilderSession:
         Only while the builder is heard from (a frame, or a frame's progress, within that
         time): a builder whose frames no longer reach us (cut off in one direction) must not
         be kept from noticing by keepalives crossing the other."""
-        silence = 1.5 * interval  # not 1 x: the pong to a ping on time is due then
+        silence = self._keepalive_silence = 1.5 * interval  # 1 x: a pong on time is due then
         conn = self.channel.connection
         while True:
-            await trio.sleep_until(self.last_sent + silence)
+            with trio.CancelScope(deadline=self.last_sent + silence) as self._keepalive_wait:
+                await trio.sleep_forever()
+            self._keepalive_wait = None
             now = trio.current_time()
-            if now < self.last_sent + silence:
-                continue  # something was sent meanwhile
             heard = now - conn.last_received < silence
             if heard and self.last_ping_seq is not None and not self._queued:
                 self.post(Pong(seq=self.last_ping_seq))
             self.last_sent = now
+
+    def _sent(self) -> None:
+        """A frame went out: the keepalive's wait starts again from now."""
+        now = self.last_sent = trio.current_time()
+        if self._keepalive_wait is not None:
+            self._keepalive_wait.deadline = now + self._keepalive_silence
 
     def close(self, reason: str) -> None:
         if self.close_reason is None:
@@ -208,7 +220,7 @@ class BuilderSession:
                 if self.channel.connection.state is ConnectionState.CLOSED:
                     continue  # the builder said goodbye: nothing more may be sent
                 await self.channel.send_all(batch)
-                self.last_sent = trio.current_time()
+                self._sent()
         except (ConnectionLost, ProtocolError) as exc:
             if isinstance(exc, ProtocolError):
                 self.protocol_error = self.protocol_error or exc
