@@ -181,17 +181,20 @@ class BuilderSession:
         last ping's sequence number, which the builder has already had answered, so it is not
         taken for a round trip.
 
-        Only while the builder is heard from (a frame, or a frame's progress, within that
-        time): a builder whose frames no longer reach us (cut off in one direction) must not
-        be kept from noticing by keepalives crossing the other."""
+        Only while the builder is heard from (a frame, or a frame's progress, within half a
+        ping interval, as during an upload): a builder whose frames no longer reach us (cut
+        off in one direction) must not be kept from noticing by keepalives crossing the
+        other.  (With the window at 1.5 intervals, a keepalive sent 1.5 s after the builder's
+        last frame delayed its detection of a builder -> runner cut to 4 s.)"""
         silence = self._keepalive_silence = 1.5 * interval  # 1 x: a pong on time is due then
+        recent = 0.5 * interval
         conn = self.channel.connection
         while True:
             with trio.CancelScope(deadline=self.last_sent + silence) as self._keepalive_wait:
                 await trio.sleep_forever()
             self._keepalive_wait = None
             now = trio.current_time()
-            heard = now - conn.last_received < silence
+            heard = now - conn.last_received < recent
             if heard and self.last_ping_seq is not None and not self._queued:
                 self.post(Pong(seq=self.last_ping_seq))
             self.last_sent = now
