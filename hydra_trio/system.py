@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import platform
 import resource
 import socket
+from pathlib import Path
+from typing import IO
 
 
 def default_system() -> str:
@@ -34,3 +37,17 @@ def raise_open_file_limit() -> int:
         except (ValueError, OSError):
             pass  # keep the soft limit we have
     return soft
+
+
+def lock_dir(directory: Path) -> IO[bytes] | None:
+    """Take ``directory``'s single-instance lock (its file ``lock``, created with the
+    directory if need be) without waiting.  Returns the open file, which holds the lock until
+    it is closed, or None when another process holds it.  Blocking: call through a thread."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = (directory / "lock").open("a+b")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock

@@ -44,10 +44,11 @@ from hydra_trio.protocol.messages import (
     Role,
     Welcome,
 )
-from hydra_trio.runner.daemon import RunnerConfig, make_farm, open_storage
+from hydra_trio.runner.daemon import RunnerConfig, lock_state_dir, make_farm, open_storage
 from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.model import BuildSpec, BuildState, MachineState
 from hydra_trio.runner.session import BuilderSession, serve_builder
+from hydra_trio.runner.store import StoreError
 
 SYSTEM = "x86_64-linux"
 CONFIG = RunnerConfig(
@@ -548,3 +549,15 @@ async def test_an_answer_never_waits_behind_a_write_in_flight(
             await session.reply(Pong(seq=7))
         assert session._queued == 1
         nursery.cancel_scope.cancel()
+
+
+def test_a_state_dir_is_held_by_one_runner(tmp_path: Path) -> None:
+    """A second runner on the same state dir is refused with one line; free once the first
+    has stopped."""
+    lock = lock_state_dir(tmp_path / "state")
+    try:
+        with pytest.raises(StoreError, match=r"another queue runner is using .*--state-dir"):
+            lock_state_dir(tmp_path / "state")
+    finally:
+        lock.close()
+    lock_state_dir(tmp_path / "state").close()

@@ -20,7 +20,6 @@ an incompatible protocol version ends ``run_builder`` (with ``IncompatibleVersio
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import math
@@ -63,7 +62,7 @@ from hydra_trio.protocol.messages import (
     Welcome,
 )
 from hydra_trio.protocol.validators import is_path_component
-from hydra_trio.system import default_hostname, default_system
+from hydra_trio.system import default_hostname, default_system, lock_dir
 
 log = logging.getLogger("hydra_trio.builder")
 
@@ -133,15 +132,11 @@ def claim_work_dir(work_dir: Path) -> IO[bytes]:
     """Take the work dir's single-instance lock (held until the returned file is closed), then
     remove what a previous builder on it left: build directories and partial fetches (a
     builder killed with -9 cannot clean up after itself).  Blocking: call through a thread."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    lock = (work_dir / "lock").open("a+b")
-    try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
+    lock = lock_dir(work_dir)
+    if lock is None:
         raise WorkDirError(
             f"another builder is using {work_dir}: stop it, or give this one another --work-dir"
-        ) from None
+        )
     removed = 0
     for leftovers in (work_dir / "builds", work_dir / "cache" / "tmp"):
         for entry in leftovers.iterdir() if leftovers.is_dir() else ():

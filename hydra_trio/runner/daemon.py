@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
 import math
@@ -20,7 +19,7 @@ from hydra_trio.runner.farm import Farm, FarmConfig
 from hydra_trio.runner.http import create_app
 from hydra_trio.runner.session import HandshakeGate, SessionConfig, serve_builder
 from hydra_trio.runner.store import Persister, StoreError, open_store
-from hydra_trio.system import default_system
+from hydra_trio.system import default_system, lock_dir
 
 log = logging.getLogger("hydra_trio.runner")
 
@@ -114,16 +113,12 @@ def make_farm(config: RunnerConfig) -> tuple[Farm, Dispatcher]:
 
 def lock_state_dir(state_dir: Path) -> IO[bytes]:
     """Take the state dir's single-instance lock (held until the returned file is closed)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    lock = (state_dir / "lock").open("a+b")
-    try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
+    lock = lock_dir(state_dir)
+    if lock is None:
         raise StoreError(
             f"another queue runner is using {state_dir}: stop it, or give this one "
             "another --state-dir"
-        ) from None
+        )
     return lock
 
 
