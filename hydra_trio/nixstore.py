@@ -27,7 +27,7 @@ import os
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import attrs
 import trio
@@ -101,23 +101,25 @@ class NixStore:
             args += ["--option", "extra-system-features", " ".join(self.system_features)]
         return args
 
-    async def _run(self, *args: str) -> bytes:
-        """Run a Nix tool on this store; its stdout, or ``NixError``."""
+    async def _run(self, *args: str, stdout: IO[bytes] | None = None) -> bytes:
+        """Run a Nix tool on this store; its stdout (or into ``stdout``), or ``NixError``
+        naming the tool, its first argument and its last error line."""
         command = [args[0], *self._store_args(), *args[1:]]
+        output: Any = {"capture_stdout": True} if stdout is None else {"stdout": stdout}
         try:
             done = await trio.run_process(
                 command,
                 stdin=subprocess.DEVNULL,
-                capture_stdout=True,
                 capture_stderr=True,
                 check=False,
                 env=self.env(),
+                **output,
             )
         except OSError as exc:
             raise NixError(f"cannot run {args[0]}: {exc.strerror or exc}") from None
         if done.returncode != 0:
             raise NixError(f"{' '.join(args[:2])}: {_last_error(done.stderr)}")
-        return done.stdout
+        return done.stdout or b""
 
     async def is_valid(self, path: str) -> bool:
         return not await self.invalid([path])
@@ -164,23 +166,13 @@ class NixStore:
 
     async def export(self, path: str, target: Path) -> None:
         """Write ``nix-store --export path`` to the file ``target``."""
-        command = ["nix-store", *self._store_args(), "--export", path]
         f = await trio.to_thread.run_sync(target.open, "wb")
         try:
-            done = await trio.run_process(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=f,
-                capture_stderr=True,
-                check=False,
-                env=self.env(),
-            )
-        except OSError as exc:
-            raise NixError(f"cannot run nix-store: {exc.strerror or exc}") from None
+            await self._run("nix-store", "--export", path, stdout=f)
+        except NixError as exc:
+            raise NixError(f"{exc} (exporting {path})") from None
         finally:
             await trio.to_thread.run_sync(f.close)
-        if done.returncode != 0:
-            raise NixError(f"nix-store --export {path}: {_last_error(done.stderr)}")
 
     async def import_files(self, files: Sequence[Path]) -> None:
         """Import export files, in the order given, with one ``nix-store --import``."""
