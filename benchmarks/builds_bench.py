@@ -52,8 +52,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import figures
 import trio
 from daemons import Daemons, cpu_model, print_profiles
+from figures import Figure, Goal
 
 ROOT = Path(__file__).resolve().parent.parent
 POLL = 0.02
@@ -253,6 +255,7 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, default=None, help="cProfile runner and b1")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--figures", type=Path, help="write the summary figures here (run_all)")
     args = parser.parse_args()
     # run_all.py stops an overrunning benchmark with SIGTERM: exit through the `finally`
     # blocks, which stop the daemons this script started and remove its work dir.
@@ -342,6 +345,36 @@ def main() -> int:
         f"goal p50 < {GOAL_P50 * ms:g} ms / p99 < {GOAL_P99 * ms:g} ms: "
         f"{'met' if p50 < GOAL_P50 and p99 < GOAL_P99 else 'NOT met'}"
     )
+    summary = [
+        Figure(
+            f"no-op builds/s, {args.builders} builders x {args.max_jobs} slots",
+            statistics.median(farm_rates),
+            "builds/s",
+            statistics.median(bare_rates),
+            f"trio.run_process x{parallel}",
+            Goal(">=", GOAL_RATIO, of_baseline=True),
+            paired_ratio=ratio,
+        ),
+        Figure(
+            "POST /builds -> child running, p50",
+            p50 * ms,
+            "ms",
+            pct(floor, 0.5) * ms,
+            "run_process floor",
+            Goal("<", GOAL_P50 * ms),
+        ),
+        Figure(
+            "POST /builds -> child running, p99",
+            p99 * ms,
+            "ms",
+            pct(floor, 0.99) * ms,
+            "run_process floor",
+            Goal("<", GOAL_P99 * ms),
+        ),
+    ]
+    print()
+    figures.print_table(summary)
+    figures.write(args.figures, summary)
     if args.json is not None:
         args.json.write_text(
             json.dumps({"runs": runs, "latency": latency, "floor": floor}, indent=2)

@@ -33,7 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import figures
 import msgpack
+from figures import Figure
 
 # HYDRA_BENCH_PATH=DIR measures the hydra_trio package found in DIR (e.g. a modified copy).
 _REPO = str(Path(__file__).resolve().parent.parent)
@@ -235,6 +237,19 @@ def print_table(results: dict[str, Any], repeat: int, count: int) -> None:
     print(" times on the right are medians of the separate encode-only and decode-only loops)")
 
 
+def figures_of(results: dict[str, Any]) -> list[Figure]:
+    return [
+        Figure(
+            f"codec encode+decode, {label}",
+            1 / r["median_seconds"]["hydra"]["enc+dec"],
+            "frames/s",
+            1 / r["median_seconds"]["bare"]["enc+dec"],
+            "bare msgpack",
+        )
+        for label, r in results.items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=7)
@@ -242,11 +257,13 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=10.0, help="cap per timed loop")
     parser.add_argument("--quick", action="store_true", help="3 x 5,000 frames (smoke test)")
     parser.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
+    parser.add_argument("--figures", type=Path, help="write the summary figures here (run_all)")
     args = parser.parse_args()
     if args.quick:
         args.repeat, args.count = 3, 5_000
     results = run(args.repeat, args.count, args.max_seconds)
     print_table(results, args.repeat, args.count)
+    figures.write(args.figures, figures_of(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

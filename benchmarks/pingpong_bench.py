@@ -50,11 +50,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import figures
+from figures import Figure, Goal
+
 CONTESTANTS = ("hydra", "bare", "grpc")
 HEADER = struct.Struct(">I")
 RECEIVE_SIZE = 256 * 1024
 GRPC_METHOD = "/hydra.bench.PingPong/Stream"
 TARGET_RATIO = 1.6
+TARGET_CPU_RATIO = 0.6
 
 REPO = Path(__file__).resolve().parent.parent
 #: import ``hydra_trio`` from here; a variant contestant (``--variant DIR``) points it at a
@@ -642,6 +646,42 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
         )
 
 
+def figures_of(results: dict[str, Any]) -> list[Figure]:
+    hydra, grpc = results["summary"]["hydra"], results["summary"]["grpc"]
+    runs = results["runs"]
+    cpu_ratios = [
+        h["server_cpu_us"] / g["server_cpu_us"]
+        for h, g in zip(runs["hydra"], runs["grpc"], strict=True)
+    ]
+    return [
+        Figure(
+            "ping round trips/s, builder <-> runner process",
+            hydra["rate"],
+            "rt/s",
+            grpc["rate"],
+            "grpc.aio",
+            Goal(">=", TARGET_RATIO, of_baseline=True),
+            paired_ratio=hydra["ratio_vs_grpc"],
+        ),
+        Figure(
+            "runner CPU per ping handled",
+            hydra["server_cpu_us"],
+            "µs",
+            grpc["server_cpu_us"],
+            "grpc.aio server",
+            Goal("<=", TARGET_CPU_RATIO, of_baseline=True),
+            paired_ratio=statistics.median(cpu_ratios),
+        ),
+        Figure(
+            "ping round trips/s vs the bare trio loop",
+            hydra["rate"],
+            "rt/s",
+            results["summary"]["bare"]["rate"],
+            "bare trio",
+        ),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve", choices=CONTESTANTS, help=argparse.SUPPRESS)
@@ -683,6 +723,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="1 x 2,000 round trips (smoke)")
     parser.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
+    parser.add_argument("--figures", type=Path, help="write the summary figures here (run_all)")
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.lifetime)
@@ -697,6 +738,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     results = orchestrate(args)
     print_table(results, args)
+    print()
+    figures.print_table(figures_of(results))
+    figures.write(args.figures, figures_of(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

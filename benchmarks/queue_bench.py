@@ -59,8 +59,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import figures
 import httpx
 import trio
+from figures import Figure, Goal
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -394,6 +396,34 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def figures_of(results: list[dict[str, Any]]) -> list[Figure]:
+    out = []
+    for r in results:
+        n, store = f"{r['builds']:,}", r["store"]
+        peak = max(r["hwm_mib"], r.get("hwm_after_restart_mib", 0))
+        out += [
+            Figure(
+                f"{store}: enqueue {n} builds, one call",
+                r["enqueue_s"],
+                "s",
+                goal=Goal("<", GOAL_ENQUEUE),
+            ),
+            Figure(
+                f"{store}: dispatch p99 with {n} queued",
+                r["dispatch"]["p99_ms"],
+                "ms",
+                goal=Goal("<", GOAL_P99_MS),
+            ),
+            Figure(
+                f"{store}: runner peak RSS with {n} queued",
+                peak,
+                "MiB",
+                goal=Goal("<", GOAL_RSS_MIB),
+            ),
+        ]
+    return out
+
+
 def print_profile(path: Path) -> None:
     stats = pstats.Stats(str(path))
     stats.sort_stats("cumulative").print_stats(30)
@@ -408,6 +438,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--profile", type=Path, default=None, help="run the runner in cProfile")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--figures", type=Path, help="write the summary figures here (run_all)")
     parser.add_argument("--keep", action="store_true", help="keep the state dirs and logs")
     args = parser.parse_args()
     if args.profile:
@@ -440,6 +471,9 @@ def main() -> int:
     print()
     if results:
         print(table(results))
+        print()
+        figures.print_table(figures_of(results))
+        figures.write(args.figures, figures_of(results))
     if args.profile:
         for r in results:
             print(f"\n===== {r['store']}: {r['profile']} =====")

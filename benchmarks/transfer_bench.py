@@ -61,7 +61,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import figures
 from daemons import Daemons, cpu_model, print_profiles
+from figures import Figure, Goal
 
 PING_INTERVAL = 1.0
 SAMPLE = 0.1
@@ -315,6 +317,7 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, default=None, help="cProfile the daemons")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (1 GiB files!)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--figures", type=Path, help="write the summary figures here (run_all)")
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--source", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--lifetime", type=float, default=120.0, help=argparse.SUPPRESS)
@@ -404,6 +407,38 @@ def main() -> int:
         f"goal >= {GOAL_RATIO:.0%} of raw: {'met' if speed_ok else 'NOT met'}; "
         f"RSS < {GOAL_RSS_MIB} MiB: {'met' if rss_ok else 'NOT met'}"
     )
+    size = f"{args.size / (1 << 20):,.0f} MiB"
+    summary = [
+        Figure(
+            f"upload {size} output, builder -> runner",
+            med(up_rates),
+            "MB/s",
+            med(raw_rates),
+            "raw trio socket copy",
+            Goal(">=", GOAL_RATIO, of_baseline=True),
+            paired_ratio=up_ratio,
+        ),
+        Figure(
+            f"fetch {size} input, runner -> builder",
+            med(fetch_rates),
+            "MB/s",
+            med(raw_rates),
+            "raw trio socket copy",
+            Goal(">=", GOAL_RATIO, of_baseline=True),
+            paired_ratio=fetch_ratio,
+        ),
+    ] + [
+        Figure(
+            f"peak RSS (VmHWM) of {name} during the transfers",
+            max(r["hwm_mib"][name] for r in runs),
+            "MiB",
+            goal=Goal("<", GOAL_RSS_MIB),
+        )
+        for name in runs[0]["hwm_mib"]
+    ]
+    print()
+    figures.print_table(summary)
+    figures.write(args.figures, summary)
     if args.json is not None:
         args.json.write_text(json.dumps(runs, indent=2))
     if args.profile is not None:
