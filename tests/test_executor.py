@@ -339,3 +339,83 @@ async def test_an_output_whose_name_is_not_utf8_fails_the_build_clearly(tmp_path
     result, _, _ = await run(tmp_path, "sh", "-c", "printf x > \"$OUT/$(printf 'a\\377')\"")
     assert result.status is BuildStatus.BUILD_FAILED
     assert "UTF-8" in result.error
+
+
+async def test_a_leftover_build_dir_is_replaced_by_a_fresh_one(tmp_path: Path) -> None:
+    build_dir = tmp_path / "build"
+    (build_dir / "out").mkdir(parents=True)
+    (build_dir / "out" / "stale").write_text("from an earlier attempt")
+    result, send, _ = await run(tmp_path, "sh", "-c", 'ls -A "$OUT"; echo new > "$OUT/f"')
+    assert result.status is BuildStatus.SUCCESS
+    assert send.log() == b""  # the stale file was gone before the build ran
+    assert [f.path for f in result.outputs] == ["f"]
+    assert not build_dir.exists()
+
+
+async def test_files_a_build_leaves_outside_out_are_removed_with_its_dir(tmp_path: Path) -> None:
+    script = 'mkdir -p "$HOME/a/b" && echo x > "$HOME/a/b/c" && echo y > "$TMPDIR/t"'
+    result, _, build_dir = await run(tmp_path, "sh", "-c", script)
+    assert result.status is BuildStatus.SUCCESS and result.outputs == ()
+    assert not build_dir.exists()
+
+
+async def test_an_out_replaced_by_a_link_is_not_followed(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret").write_text("not an output")
+    script = f'rmdir "$OUT" && ln -s {elsewhere} "$OUT"'
+    result, _, build_dir = await run(tmp_path, "sh", "-c", script)
+    assert result.status is BuildStatus.BUILD_FAILED
+    assert "no longer a directory" in (result.error or "")
+    assert (elsewhere / "secret").exists() and not build_dir.exists()
+
+
+def spares(builds: Path) -> list[Path]:
+    return sorted(builds.glob(".spare-*"))
+
+
+async def test_a_finished_build_dir_is_emptied_and_reused_by_the_next_build(
+    tmp_path: Path,
+) -> None:
+    builds = tmp_path / "builds"
+    first = 'echo secret > "$HOME/h"; mkdir "$TMPDIR/d"; echo o > "$OUT/o"; echo "$OUT"'
+    with trio.fail_after(LIMIT):
+        r1 = await execute(assign("sh", "-c", first), builds / "b1-1", Recorder(), {})
+        assert r1.status is BuildStatus.SUCCESS and [f.path for f in r1.outputs] == ["o"]
+        [spare] = spares(builds)
+        assert sorted(p.name for p in spare.iterdir()) == ["in", "out", "tmp", "work"]
+        assert not any(any(p.iterdir()) for p in spare.iterdir())  # all four emptied
+        inode = spare.stat().st_ino
+        send = Recorder()
+        second = 'ls -A "$HOME" "$TMPDIR" "$OUT" "$IN"; stat -c %i "$OUT/.."'
+        r2 = await execute(assign("sh", "-c", second), builds / "b2-1", send, {})
+    assert r2.status is BuildStatus.SUCCESS and r2.outputs == ()
+    listing, _, reused = send.log().decode().rpartition("\n")[0].rpartition("\n")
+    assert "secret" not in listing and "h" not in listing.split()  # nothing of build 1
+    assert int(reused) == inode  # the same directory, renamed into place
+    assert [p.stat().st_ino for p in spares(builds)] == [inode]
+    assert not (builds / "b1-1").exists() and not (builds / "b2-1").exists()
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        'chmod 500 "$OUT"',  # a subdirectory's mode changed
+        'echo x > "$OUT/../extra"',  # something beside the four subdirectories
+        # a subdirectory replaced by a link: what it points to is not emptied
+        'rmdir "$TMPDIR" && ln -s "$OUT/../../../victim" "$TMPDIR"',
+    ],
+)
+async def test_a_build_dir_the_build_changed_is_removed_not_reused(
+    tmp_path: Path, script: str
+) -> None:
+    builds = tmp_path / "builds"
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "keep").write_text("not the build's")
+    with trio.fail_after(LIMIT):
+        await execute(assign("true"), builds / "b0-1", Recorder(), {})  # makes one spare
+        [spare] = spares(builds)
+        await execute(assign("sh", "-c", script), builds / "b1-1", Recorder(), {})
+    assert spares(builds) == []  # b1 took the spare and did not give it back
+    assert not (builds / "b1-1").exists() and not spare.exists()
+    assert (tmp_path / "victim" / "keep").read_text() == "not the build's"

@@ -69,15 +69,86 @@ async def _deliver_cancel(process: trio.Process) -> None:
     _kill_group(process.pid)
 
 
+# Build directories are recycled.  Making a build directory's five directories and removing
+# them afterwards costs about 1 ms of kernel time per build on ext4 (170 us per mkdir on the
+# project's machine, far more with several builds doing it at once: the journal), more than
+# the rest of a no-op build's own work on the builder.  So a finished build's directory,
+# once emptied, is kept as a spare (``<builds>/.spare-<random>``) and renamed into place for
+# a later build: two renames instead of ten directory operations.  A directory is recycled
+# only if it holds exactly its four subdirectories, each a plain directory with the mode it
+# was made with; anything else (a build that replaced or chmod-ed one) is removed as before.
+# Every build still starts with empty directories; a process that escaped its build's
+# process group could write into a recycled directory, as it could write anywhere the
+# builder's user can.  ``claim_work_dir`` removes spares with everything else at start.
+
+_BUILD_SUBDIRS = ("work", "out", "in", "tmp")
+_SPARE_PREFIX = ".spare-"
+#: Spares kept per builds directory at most (beyond that, finished directories are removed).
+MAX_SPARES = 32
+#: The mode this process's ``mkdir`` gives a build directory (its umask applied); None until
+#: one was made.  A directory is recycled only with exactly this mode everywhere.
+_dir_mode: int | None = None
+
+
+def _spares(builds: Path) -> list[str]:
+    with os.scandir(builds) as entries:
+        return [e.name for e in entries if e.name.startswith(_SPARE_PREFIX)]
+
+
 def _prepare(build_dir: Path) -> None:
+    """Make ``build_dir`` with empty ``work``, ``out``, ``in`` and ``tmp``: a spare renamed
+    into place if there is one, else new.  Blocking: call through a thread."""
+    global _dir_mode
     if build_dir.exists():
         shutil.rmtree(build_dir)
-    for sub in ("work", "out", "in", "tmp"):
+    builds = build_dir.parent
+    with contextlib.suppress(FileNotFoundError):  # no builds dir yet: no spare either
+        for name in _spares(builds):
+            try:
+                os.rename(builds / name, build_dir)
+            except FileNotFoundError:
+                continue  # another build took it first
+            return
+    for sub in _BUILD_SUBDIRS:
         (build_dir / sub).mkdir(parents=True)
+    _dir_mode = stat.S_IMODE(os.lstat(build_dir).st_mode)
+
+
+def _empty(directory: Path) -> None:
+    """Remove everything in ``directory`` (never following a link)."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+
+def _recycle(build_dir: Path) -> bool:
+    """Empty ``build_dir`` and keep it as a spare; False if it is not fit for that."""
+    builds = build_dir.parent
+    try:
+        if _dir_mode is None or len(_spares(builds)) >= MAX_SPARES:
+            return False
+        with os.scandir(build_dir) as entries:
+            if sorted(e.name for e in entries) != sorted(_BUILD_SUBDIRS):
+                return False
+        for path in (build_dir, *(build_dir / sub for sub in _BUILD_SUBDIRS)):
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISDIR(mode) or stat.S_IMODE(mode) != _dir_mode:
+                return False
+        for sub in _BUILD_SUBDIRS:
+            _empty(build_dir / sub)
+        os.rename(build_dir, builds / f"{_SPARE_PREFIX}{os.urandom(8).hex()}")
+    except OSError:
+        return False
+    return True
 
 
 def _remove(build_dir: Path) -> None:
-    shutil.rmtree(build_dir, ignore_errors=True)
+    """Recycle ``build_dir`` (see above) or remove it.  Blocking: call through a thread."""
+    if not _recycle(build_dir):
+        shutil.rmtree(build_dir, ignore_errors=True)
 
 
 class OutputTooLarge(Exception):

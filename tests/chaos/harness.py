@@ -482,7 +482,9 @@ def _sha256(path: Path) -> str:
 
 
 def _leftovers(work_dir: Path) -> list[str]:
+    # spares are emptied build directories kept for reuse (executor._recycle), not leftovers
     found = [p.name for p in _dirs_and_files(work_dir / "builds")]
+    found = [name for name in found if not name.startswith(".spare-")]
     return found + [f"cache/tmp/{p.name}" for p in _dirs_and_files(work_dir / "cache" / "tmp")]
 
 
