@@ -152,6 +152,42 @@ async def test_status_lists_machines_with_every_contract_field_and_queue_counts(
         assert data["queue"]["queued"] >= 1
 
 
+async def test_a_large_status_is_the_same_json_encoded_off_the_loop(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From LARGE_JSON_ITEMS machines on, /status is encoded in a worker thread: same answer."""
+    from hydra_trio.runner.model import Machine
+
+    for i in range(5):
+        runner.farm.machines[f"m{i}"] = Machine(
+            machine_id=f"m{i}",
+            hostname=f"h{i}\u00e9",  # not ASCII: written as UTF-8, as JSONResponse does
+            systems=(SYSTEM,),
+            supported_features=frozenset({"kvm", "big"}),
+            mandatory_features=frozenset(),
+            max_jobs=2,
+            speed_factor=1.5,
+        )
+    with trio.fail_after(LIMIT):
+        small = await runner.client.get("/status")
+        monkeypatch.setattr(runner_http, "LARGE_JSON_ITEMS", 5)
+        large = await runner.client.get("/status")
+        runner.farm.machines["m0"].hostname = "renamed"  # the cached fields follow a change
+        renamed = await runner.client.get("/status")
+    assert large.headers["content-type"] == small.headers["content-type"]
+
+    def timeless(response: httpx.Response) -> Any:
+        data = json.loads(response.content)
+        for machine in data["machines"]:
+            del machine["sinceLastPing"]  # the clock moved between the two calls
+        return data
+
+    assert timeless(large) == timeless(small)
+    assert large.json()["machines"][1]["hostname"] == "h1\u00e9"
+    assert large.json()["machines"][1]["supportedFeatures"] == ["big", "kvm"]
+    assert renamed.json()["machines"][0]["hostname"] == "renamed"
+
+
 async def test_submit_returns_201_with_the_new_builds_id_and_show_describes_it(
     runner: Runner,
 ) -> None:

@@ -14,6 +14,7 @@ token on every request it makes (see ``create_app``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -70,6 +71,25 @@ MAX_LIMIT = 500
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+#: Encode a JSON answer in a worker thread from this many list items on (``/status`` with 2,000
+#: machines: ~0.8 MB, 15-35 ms of ``json.dumps``).  The encoder holds the GIL, but the switch
+#: interval hands the loop back every few ms, so pings are answered meanwhile.
+LARGE_JSON_ITEMS = 200
+
+
+async def _json(payload: dict[str, Any], items: int) -> Response:
+    """``JSONResponse(payload)``, encoded in a thread when it holds ``items`` >= the limit.
+    The payload must be a snapshot nobody changes meanwhile (fresh dicts and lists)."""
+    if items < LARGE_JSON_ITEMS:
+        return JSONResponse(payload)
+    body = await trio.to_thread.run_sync(
+        functools.partial(
+            json.dumps, payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        )
+    )
+    return Response(body.encode(), media_type="application/json")
 
 
 #: Methods that only read; every other method changes state (or may, in a later route).
@@ -201,7 +221,7 @@ def create_app(
 
     async def status(request: Request) -> Response:
         now = trio.current_time()
-        return JSONResponse(
+        return await _json(
             {
                 "machines": [m.to_json(now) for m in farm.machines.values()],
                 "queue": farm.queue_counts(),
@@ -213,7 +233,8 @@ def create_app(
                     "framesRejected": dict(farm.frames_rejected),
                     "handshakesRejected": dict(farm.handshakes_rejected),
                 },
-            }
+            },
+            len(farm.machines),
         )
 
     async def submit(request: Request) -> Response:

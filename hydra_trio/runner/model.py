@@ -192,6 +192,11 @@ class Machine:
     sessions: int = 0
     load: float = 0.0
     disk_free: int = 0
+    #: `to_json`'s fields that change only when the builder says Hello again, with the values
+    #: they were made from (a 2,000-machine ``/status`` builds them once, not every time).
+    _static_json: tuple[tuple[Any, ...], dict[str, Any]] | None = attrs.field(
+        default=None, init=False, repr=False
+    )
 
     @property
     def free_slots(self) -> int:
@@ -210,15 +215,29 @@ class Machine:
 
     def to_json(self, now: float) -> dict[str, Any]:
         connected = self.state is not MachineState.DISCONNECTED
+        key = (
+            self.machine_id,
+            self.hostname,
+            self.systems,
+            self.supported_features,
+            self.mandatory_features,
+            self.max_jobs,
+            self.speed_factor,
+            self.executors,
+        )
+        if self._static_json is None or self._static_json[0] != key:
+            self._static_json = key, {
+                "machineId": self.machine_id,
+                "hostname": self.hostname,
+                "systems": list(self.systems),
+                "supportedFeatures": sorted(self.supported_features),
+                "mandatoryFeatures": sorted(self.mandatory_features),
+                "maxJobs": self.max_jobs,
+                "speedFactor": self.speed_factor,
+                "executors": sorted(self.executors),
+            }
         return {
-            "machineId": self.machine_id,
-            "hostname": self.hostname,
-            "systems": list(self.systems),
-            "supportedFeatures": sorted(self.supported_features),
-            "mandatoryFeatures": sorted(self.mandatory_features),
-            "maxJobs": self.max_jobs,
-            "speedFactor": self.speed_factor,
-            "executors": sorted(self.executors),
+            **self._static_json[1],
             "currentJobs": len(self.running) if connected else 0,
             "sinceLastPing": round(max(0.0, now - self.last_ping_at), 3),
             "connected": connected,
