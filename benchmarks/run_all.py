@@ -15,7 +15,9 @@ or exceeds its time limit makes this script exit non-zero (its row says so).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,7 @@ BENCHMARKS: tuple[tuple[str, int, tuple[str, ...], tuple[str, ...]], ...] = (
     ("builds_bench.py", 900, (), ("--quick",)),
     ("transfer_bench.py", 1800, (), ("--quick",)),
     ("scale_bench.py", 900, (), ("--quick",)),
+    ("failover_bench.py", 600, (), ("--quick",)),
     # SQLite only: the PostgreSQL figures need a throwaway cluster (run queue_bench.py alone)
     (
         "queue_bench.py",
@@ -48,10 +51,16 @@ def run_one(command: list[str], limit: int) -> int:
     try:
         return proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
-        proc.terminate()  # every benchmark stops its own daemons on SIGTERM
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+        # SIGINT first: KeyboardInterrupt unwinds the script's `finally` blocks, which stop
+        # the daemons it started and remove its work dir.
+        for stop in (functools.partial(proc.send_signal, signal.SIGINT), proc.terminate):
+            stop()
+            try:
+                proc.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
             proc.kill()
             proc.wait()
         print(f"{command[1]}: exceeded {limit} s, stopped", file=sys.stderr)

@@ -339,7 +339,9 @@ def steady(pid: int, rss_before: int, builders: int, seconds: float, poll: Any) 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"builders": args.builders, "clients": args.clients}
-    run = daemons.Daemons(workdir, client_timeout=30)
+    run = daemons.Daemons(
+        workdir, client_timeout=30, profile=args.profile, profiled={"runner-restarted"}
+    )
     try:
         # Baseline: the bare server.
         port = daemons.free_port()
@@ -479,6 +481,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="200 builders, 10 s steady")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--figures", type=Path, help="write the summary figures here (run_all)")
+    parser.add_argument(
+        "--profile", type=Path, help="cProfile the restarted runner (the storm) into this dir"
+    )
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -503,6 +508,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
         results = measure(args, Path(tmp))
     report(results)
+    if args.profile is not None:
+        daemons.print_profiles(args.profile, 30)
     figures.write(args.figures, figures_of(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
