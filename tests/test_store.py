@@ -216,6 +216,33 @@ async def test_the_persister_commits_groups_and_flush_waits_for_durability(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_build_submitted_to_a_free_machine_is_assigned_after_one_commit(
+    store: Store, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The new build's row and its Assign's attempt go into the same transaction: the
+    persister lets the dispatcher, woken with it, run before it takes the rows."""
+    from hydra_trio.runner.daemon import Dispatcher
+
+    dispatcher = Dispatcher()
+    farm = Farm(on_change=dispatcher.wake)
+    persister = Persister(store, farm)
+    farm.persist_with(persister.wake)
+    session = FakeSession()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(persister.run)
+        nursery.start_soon(dispatcher.run, farm)
+        farm.attach(session, hello(), 0.0)
+        await persister.flush()
+        before, ids = persister.batches, []
+        for index in range(2):  # the machine has two slots
+            ids.append(farm.submit(spec(f"b{index}"), 0.0).id)  # as POST /builds does, then
+            await persister.flush()
+            await trio.testing.wait_all_tasks_blocked()
+            assert persister.batches == before + index + 1
+            assert [getattr(m, "build_id", None) for m in session.posted] == ids
+        nursery.cancel_scope.cancel()
+
+
 def test_a_graph_is_all_or_nothing(store: Store) -> None:
     """A batch that fails part-way leaves nothing of it behind."""
     farm = Farm()

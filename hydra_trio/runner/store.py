@@ -449,6 +449,11 @@ class Persister:
         farm = self.farm
         while True:
             await self._wakeup.wait()
+            # One scheduler pass before taking the rows: tasks woken together with this one
+            # run first and their changes join this commit.  A POST /builds wakes the
+            # dispatcher and this at once; with the dispatcher's Assign in the same commit as
+            # the new build, the Assign goes out after one fsync instead of two.
+            await trio.sleep(0)
             self._wakeup = trio.Event()
             target = self._requested
             builds, edges, machines = farm.take_dirty()  # rows, made on this thread
