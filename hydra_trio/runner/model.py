@@ -226,16 +226,19 @@ class Machine:
             self.executors,
         )
         if self._static_json is None or self._static_json[0] != key:
-            self._static_json = key, {
-                "machineId": self.machine_id,
-                "hostname": self.hostname,
-                "systems": list(self.systems),
-                "supportedFeatures": sorted(self.supported_features),
-                "mandatoryFeatures": sorted(self.mandatory_features),
-                "maxJobs": self.max_jobs,
-                "speedFactor": self.speed_factor,
-                "executors": sorted(self.executors),
-            }
+            self._static_json = (
+                key,
+                {
+                    "machineId": self.machine_id,
+                    "hostname": self.hostname,
+                    "systems": list(self.systems),
+                    "supportedFeatures": sorted(self.supported_features),
+                    "mandatoryFeatures": sorted(self.mandatory_features),
+                    "maxJobs": self.max_jobs,
+                    "speedFactor": self.speed_factor,
+                    "executors": sorted(self.executors),
+                },
+            )
         return {
             **self._static_json[1],
             "currentJobs": len(self.running) if connected else 0,

@@ -453,7 +453,7 @@ class Persister:
             # run first and their changes join this commit.  A POST /builds wakes the
             # dispatcher and this at once; with the dispatcher's Assign in the same commit as
             # the new build, the Assign goes out after one fsync instead of two.
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             self._wakeup = trio.Event()
             target = self._requested
             builds, edges, machines = farm.take_dirty()  # rows, made on this thread
