@@ -196,6 +196,15 @@ async def grpc_serve_one(lifetime: float) -> None:
 
 
 def serve(name: str, lifetime: float) -> None:
+    # Every server gets the collector settings the hydra-trio daemons run with (their command
+    # line calls tune_gc), so that no contestant is measured with a different collector.  A
+    # --variant older than tune_gc runs with Python's defaults, as its daemons did.
+    try:
+        from hydra_trio.system import tune_gc
+    except ImportError:
+        pass
+    else:
+        tune_gc()
     if name == "grpc":
         import asyncio
 

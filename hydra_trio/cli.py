@@ -30,7 +30,12 @@ import trio
 
 from hydra_trio import __version__, net
 from hydra_trio.protocol.errors import HydraTrioError
-from hydra_trio.system import default_hostname, default_system, raise_open_file_limit
+from hydra_trio.system import (
+    default_hostname,
+    default_system,
+    raise_open_file_limit,
+    tune_gc,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -163,6 +168,7 @@ def run_daemon(
 ) -> None:
     """``trio.run`` a daemon until a signal; startup errors a user can fix are one line."""
     raise_open_file_limit()
+    tune_gc()
     try:
         trio.run(run_until_signal, main, on_sigterm)
     except BaseException as exc:

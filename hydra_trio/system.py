@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import gc
 import platform
 import resource
 import socket
@@ -19,6 +20,29 @@ def default_system() -> str:
 
 def default_hostname() -> str:
     return socket.gethostname() or "localhost"
+
+
+#: Allocations (net, of container objects) between two collections of the youngest generation:
+#: Python's default, 700, makes a runner with 2,000 builders collect hundreds of times a second.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> tuple[int, int, int]:
+    """Set up the cycle collector for a long-running daemon; returns the thresholds.
+
+    Everything alive now (modules, classes, the configuration) is moved out of the collector's
+    sight for good (``gc.freeze``): nothing of it is ever garbage, and every full collection
+    would walk it again.  The youngest generation is collected every ``GC_YOUNG_THRESHOLD``
+    allocations instead of every 700 (the older two keep their ratios, 10 and 10).  Measured
+    with 2,000 builders pinging once a second (docs/performance.md): the runner's CPU from 45 %
+    to 35 % of a core, and collections pausing the loop for more than 5 ms during a reconnect
+    storm from 115 to 37.  Called once by the daemons' command line, not by embedders.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+    return gc.get_threshold()
 
 
 def raise_open_file_limit() -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -403,3 +405,14 @@ def test_submit_drv_usage_errors(args: list[str]) -> None:
     result = invoke(["submit", "--url", "http://127.0.0.1:1", *args])
     assert result.exit_code == 2
     assert len(error_lines(result)) == 1
+
+
+def test_the_daemons_collector_settings() -> None:
+    """tune_gc (called by run_daemon) freezes what exists and collects the young less often."""
+    code = (
+        "import gc; from hydra_trio.system import tune_gc, GC_YOUNG_THRESHOLD as T; "
+        "d = gc.get_threshold(); t = tune_gc(); "
+        "print(t == (T, d[1], d[2]) == gc.get_threshold(), gc.get_freeze_count() > 1000)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
