@@ -54,6 +54,11 @@ from hydra_trio.runner.store import Snapshot, build_row, machine_row
 
 log = logging.getLogger("hydra_trio.runner")
 
+#: What a machine needs to build a build: (system, executor, required features).
+_BuildClass = tuple[str, str, frozenset[str]]
+#: A runnable build in its class's heap: (-priority, -dependents, seq, build id).
+_Entry = tuple[int, int, int, str]
+
 #: Retry delay for an infrastructure failure: RETRY_BASE * 2**(n-2) after the n-th failure, the
 #: first retry immediate (the builder is gone, not the build's fault).  Capped at RETRY_CAP.
 RETRY_BASE = 2.0
@@ -105,10 +110,12 @@ class Farm:
 
     builds: dict[str, Build] = attrs.field(factory=dict, init=False)
     machines: dict[str, Machine] = attrs.field(factory=dict, init=False)
-    #: runnable builds per system: heap of (-priority, -dependents, seq, build id), so Hydra's
-    #: order: priority, then builds that unblock the most others, then age.  Entries whose
-    #: build is no longer queued are skipped when popped.
-    _runnable: dict[str, list[tuple[int, int, int, str]]] = attrs.field(factory=dict, init=False)
+    #: runnable builds per class (what a machine must have to build them: system, executor,
+    #: required features): heap of (-priority, -dependents, seq, build id), so Hydra's order:
+    #: priority, then builds that unblock the most others, then age.  Entries whose build is
+    #: no longer queued are skipped when popped.  A class no free machine can build costs
+    #: `dispatch` nothing however many builds it holds.
+    _runnable: dict[_BuildClass, list[_Entry]] = attrs.field(factory=dict, init=False)
     _seq: int = attrs.field(default=0, init=False)
     #: counters for /metrics and /status.
     stale_rejected: int = attrs.field(default=0, init=False)
@@ -170,6 +177,13 @@ class Farm:
             resolved.append(deps)
         created = []
         submitted_at = time.time()
+        # Runnable builds enter the queue once the whole graph is in, with their dependents
+        # counted: the heap orders builds that unblock more of them first.  A queued build
+        # outside this graph that gains dependents goes in again with its new count (the old
+        # entry is skipped as stale once the build has run).
+        runnable: list[Build] = []
+        gained: dict[str, Build] = {}
+        new = set(ids)
         for build_id, spec, deps in zip(ids, specs, resolved, strict=True):
             self._seq += 1
             build = Build(
@@ -186,6 +200,8 @@ class Farm:
             for dep_id in deps:
                 dep = self.builds[dep_id]
                 dep.dependents.append(build_id)
+                if dep.state is BuildState.QUEUED and not dep.waiting_for and dep_id not in new:
+                    gained[dep_id] = dep
                 if dep.state is BuildState.SUCCEEDED:
                     continue
                 if dep.state.finished:
@@ -197,7 +213,11 @@ class Farm:
             if failed_dep is not None:
                 self._dependency_failed(build, failed_dep, now)
             elif not build.waiting_for:
-                self._make_runnable(build, now)
+                runnable.append(build)
+        for build in runnable:
+            self._make_runnable(build, now)
+        for build in gained.values():
+            self._push(build)
         if len(created) == 1:
             log.info("build %s queued: %s", created[0].id, " ".join(specs[0].command)[:200])
         else:
@@ -450,37 +470,51 @@ class Farm:
     # -- dispatch ---------------------------------------------------------------------------
 
     def dispatch(self, now: float) -> float | None:
-        """Assign every runnable build that has a free, capable machine.  Returns the next
-        time a delayed retry becomes due (so the caller can sleep until then), or None."""
-        next_due: float | None = None
-        for system, heap in self._runnable.items():
-            machines = [
-                m for m in self.machines.values() if m.free_slots > 0 and system in m.systems
-            ]
-            if not machines:
+        """Assign every runnable build that has a free, capable machine, best first across
+        all classes.  Returns the next time a delayed retry becomes due (so the caller can
+        sleep until then), or None."""
+        free = [m for m in self.machines.values() if m.free_slots > 0]
+        # the classes some free machine can build, with those machines
+        open_classes: dict[_BuildClass, list[Machine]] = {}
+        for key, heap in list(self._runnable.items()):
+            if not heap:
+                del self._runnable[key]
                 continue
-            deferred: list[tuple[int, int, int, str]] = []
-            while heap and machines:
-                entry = heapq.heappop(heap)
-                build = self.builds.get(entry[3])
-                if build is None or build.state is not BuildState.QUEUED or build.waiting_for:
-                    continue  # stale heap entry
-                if build.not_before > now:
-                    next_due = (
-                        build.not_before if next_due is None else min(next_due, build.not_before)
-                    )
-                    deferred.append(entry)
-                    continue
-                machine = self._pick_machine(build, machines)
-                if machine is None:
-                    deferred.append(entry)
-                    continue
-                self._assign(build, machine, now)
-                if machine.free_slots == 0:
-                    machines.remove(machine)
-            for entry in deferred:
-                heapq.heappush(heap, entry)
+            capable = [m for m in free if m.can_build_class(*key)]
+            if capable:
+                open_classes[key] = capable
+        next_due: float | None = None
+        deferred: list[tuple[_BuildClass, _Entry]] = []
+        while open_classes:
+            best: _BuildClass | None = None
+            for key in list(open_classes):
+                heap = self._runnable[key]
+                while heap and not self._is_runnable(heap[0][3]):
+                    heapq.heappop(heap)  # stale entry
+                capable = open_classes[key]
+                capable[:] = [m for m in capable if m.free_slots > 0]
+                if not heap or not capable:
+                    del open_classes[key]
+                elif best is None or heap[0] < self._runnable[best][0]:
+                    best = key
+            if best is None:
+                break
+            entry = heapq.heappop(self._runnable[best])
+            build = self.builds[entry[3]]
+            if build.not_before > now:
+                next_due = build.not_before if next_due is None else min(next_due, build.not_before)
+                deferred.append((best, entry))
+                continue
+            machine = self._pick_machine(build, open_classes[best])
+            assert machine is not None  # every machine listed for the class can build it
+            self._assign(build, machine, now)
+        for key, entry in deferred:
+            heapq.heappush(self._runnable[key], entry)
         return next_due
+
+    def _is_runnable(self, build_id: str) -> bool:
+        build = self.builds.get(build_id)
+        return build is not None and build.state is BuildState.QUEUED and not build.waiting_for
 
     def waiting_reason(self, build: Build, now: float) -> str | None:
         """Why a queued build is not running (derived on demand: keeping it up to date in
@@ -583,8 +617,12 @@ class Farm:
 
     def _make_runnable(self, build: Build, now: float) -> None:
         self._since[build.id] = now
-        heap = self._runnable.setdefault(build.spec.system, [])
-        heapq.heappush(heap, (-build.spec.priority, -len(build.dependents), build.seq, build.id))
+        self._push(build)
+
+    def _push(self, build: Build) -> None:
+        spec = build.spec
+        heap = self._runnable.setdefault((spec.system, spec.executor, spec.required_features), [])
+        heapq.heappush(heap, (-spec.priority, -len(build.dependents), build.seq, build.id))
 
     def _infrastructure_failure(
         self, build: Build, status: BuildStatus, now: float, error: str

@@ -206,11 +206,14 @@ class Machine:
 
     def can_build(self, spec: BuildSpec) -> bool:
         """Hydra's rule: the system matches, required <= supported, mandatory <= required."""
+        return self.can_build_class(spec.system, spec.executor, spec.required_features)
+
+    def can_build_class(self, system: str, executor: str, required: frozenset[str]) -> bool:
         return (
-            spec.executor in self.executors
-            and spec.system in self.systems
-            and spec.required_features <= self.supported_features
-            and self.mandatory_features <= spec.required_features
+            executor in self.executors
+            and system in self.systems
+            and required <= self.supported_features
+            and self.mandatory_features <= required
         )
 
     def to_json(self, now: float) -> dict[str, Any]:
