@@ -190,3 +190,26 @@ def test_within_one_graph_the_build_others_wait_for_goes_first() -> None:
     session = machine(farm, "m")
     farm.dispatch(0.0)
     assert assigned(session, farm) == ["b"]
+
+
+def test_the_counts_by_state_follow_every_change() -> None:
+    farm = Farm()
+    first = submit(farm, "first")
+    (second, third) = farm.submit_graph(
+        [
+            BuildSpec(command=("true",), system=SYSTEM, name="second", after=(first.id,)),
+            BuildSpec(command=("true",), system=SYSTEM, name="third"),
+        ],
+        0.0,
+        lambda name: None,
+    )
+    assert farm.queue_counts()["queued"] == 3
+    session = machine(farm, "m", max_jobs=2)
+    farm.dispatch(0.0)
+    assert (farm.queue_counts()["queued"], farm.queue_counts()["running"]) == (1, 2)
+    failed = Result(build_id=first.id, attempt=1, status=BuildStatus.BUILD_FAILED, exit_code=1)
+    farm.on_result(session, farm.machines["m"], failed, 1.0)  # second: dependency-failed
+    farm.cancel(third.id, 2.0)
+    counts = farm.queue_counts()
+    assert counts == {"queued": 0, "running": 0, "succeeded": 0, "failed": 2, "cancelled": 1}
+    assert {b.state.value for b in (first, second)} == {"failed"}

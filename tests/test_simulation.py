@@ -51,7 +51,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -362,6 +362,11 @@ def check_final(
             problems.append(f"{what} should have failed as scripted")
         elif not deps_could and (build.status is not BuildStatus.DEPENDENCY_FAILED or runs_of[i]):
             problems.append(f"{what} should be dependency-failed without running")
+
+    # The running counts by state (/status, /metrics) match the builds.
+    recount = Counter(b.state.value for b in farm.builds.values())
+    if farm.queue_counts() != {s.value: recount[s.value] for s in BuildState}:
+        problems.append(f"queue counts {farm.queue_counts()} but the builds are {dict(recount)}")
 
     # Each result committed once, by its final attempt.
     commits_of: dict[int, list[Commit]] = defaultdict(list)

@@ -117,6 +117,11 @@ class Farm:
     #: `dispatch` nothing however many builds it holds.
     _runnable: dict[_BuildClass, list[_Entry]] = attrs.field(factory=dict, init=False)
     _seq: int = attrs.field(default=0, init=False)
+    #: builds per state, kept by ``Build.state`` itself (``Build.count_in``): /status and
+    #: /metrics read it without a pass over the queue.
+    _state_counts: dict[BuildState, int] = attrs.field(
+        factory=lambda: dict.fromkeys(BuildState, 0), init=False
+    )
     #: counters for /metrics and /status.
     stale_rejected: int = attrs.field(default=0, init=False)
     #: the same frames by kind (``progress``, ``log``, ``result``, ``upload``, ``fetch``):
@@ -193,6 +198,7 @@ class Farm:
                 submitted_at=submitted_at,
             )
             self.builds[build_id] = build
+            build.count_in(self._state_counts)
             created.append(build)
             self._touch(build)
             self._new_edges.extend((build_id, dep_id) for dep_id in deps)
@@ -763,6 +769,7 @@ class Farm:
             self.machines[machine.machine_id] = machine
         for build in snapshot.builds:
             self.builds[build.id] = build
+            build.count_in(self._state_counts)
             self._seq = max(self._seq, build.seq)
         for build_id, dep_id in snapshot.edges:
             if build_id in self.builds and dep_id in self.builds:
@@ -797,10 +804,7 @@ class Farm:
     # -- views ------------------------------------------------------------------------------
 
     def queue_counts(self) -> dict[str, int]:
-        counts = dict.fromkeys((s.value for s in BuildState), 0)
-        for build in self.builds.values():
-            counts[build.state.value] += 1
-        return counts
+        return {state.value: count for state, count in self._state_counts.items()}
 
     def running_refs(self, machine: Machine) -> list[BuildRef]:
         return [BuildRef(build_id=b.id, attempt=b.attempts) for b in machine.running.values()]

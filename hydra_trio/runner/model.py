@@ -89,6 +89,15 @@ class BuildSpec:
         return "nix" if self.drv else "command"
 
 
+def _count_state(build: Build, attribute: Any, new: BuildState) -> BuildState:
+    """``on_setattr`` of ``Build.state``: moves the build between its farm's state counts."""
+    counts = build._counts
+    if counts is not None and new is not build.state:
+        counts[build.state] -= 1
+        counts[new] += 1
+    return new
+
+
 @attrs.define(eq=False)
 class Build:
     """One build and everything known about it."""
@@ -98,7 +107,7 @@ class Build:
     #: submission order: FIFO within a priority.
     seq: int
     submitted_at: float
-    state: BuildState = BuildState.QUEUED
+    state: BuildState = attrs.field(default=BuildState.QUEUED, on_setattr=_count_state)
     #: why it ended (or why its last attempt ended while it waits for a retry).
     status: BuildStatus | None = None
     #: dispatches so far; the current (or last) attempt's number, and so its fencing token.
@@ -124,6 +133,14 @@ class Build:
     dependents: list[str] = attrs.field(factory=list)
     #: bytes of the current attempt's log accepted so far.
     log_size: int = 0
+    #: the builds-per-state counts this build is counted in (its farm's), see `count_in`.
+    _counts: dict[BuildState, int] | None = attrs.field(default=None, init=False, repr=False)
+
+    def count_in(self, counts: dict[BuildState, int]) -> None:
+        """Count this build in ``counts`` from now on: every change of ``state`` moves it."""
+        assert self._counts is None, "a build is counted in one farm"
+        self._counts = counts
+        counts[self.state] += 1
 
     @property
     def name(self) -> str:
