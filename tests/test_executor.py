@@ -129,7 +129,8 @@ async def test_the_build_environment_has_in_out_home_and_tmpdir(tmp_path: Path) 
     the command runs in a fresh working directory there."""
     script = (
         'for d in "$IN" "$OUT" "$HOME" "$TMPDIR" "$PWD"; do test -d "$d" || exit 9; done;'
-        ' echo "$IN|$OUT|$HOME|$TMPDIR|$PWD|$HYDRA_TRIO_BUILD_ID|$HYDRA_TRIO_ATTEMPT";'
+        ' echo "$IN|$OUT|$HOME|$TMPDIR|$PWD|$HYDRA_TRIO_BUILD_ID|$HYDRA_TRIO_ATTEMPT|'
+        '$HYDRA_TRIO_BUILD_DIR";'
         " ls -A | wc -l"
     )
     result, send, build_dir = await run(tmp_path, "sh", "-c", script)
@@ -144,6 +145,7 @@ async def test_the_build_environment_has_in_out_home_and_tmpdir(tmp_path: Path) 
         f"{base}/work",
         "b1",
         "1",
+        base,
     ]
     assert count.strip() == "0"
 

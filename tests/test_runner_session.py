@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import random
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from hydra_trio.builder.daemon import (
     load_machine_id,
     run_builder,
 )
+from hydra_trio.builder.executor import BUILD_DIR_VARIABLE
 from hydra_trio.net import FramedChannel
 from hydra_trio.protocol import codec
 from hydra_trio.protocol.connection import Connection, ConnectionState
@@ -480,6 +485,54 @@ def test_a_work_dir_is_claimed_by_one_builder_which_clears_what_a_killed_one_lef
     finally:
         lock.close()
     claim_work_dir(work).close()  # free again once the first has stopped
+
+
+def test_a_new_builder_kills_what_builds_of_a_killed_one_left_running(tmp_path: Path) -> None:
+    """A builder killed with -9 cannot kill its builds' processes; the next one on the same
+    work dir finds them by HYDRA_TRIO_BUILD_DIR and kills them (and only them)."""
+    work = tmp_path / "w"
+    ours = work.absolute() / "builds" / "b1-1"
+    elsewhere = tmp_path / "other" / "builds" / "b1-1"
+
+    def start(build_dir: Path) -> subprocess.Popen[bytes]:
+        env = {**os.environ, BUILD_DIR_VARIABLE: str(build_dir)}
+        # a shell with a child: the shell is the group leader, the sleep a member
+        return subprocess.Popen(["sh", "-c", "sleep 60 & wait"], env=env, start_new_session=True)
+
+    left, other = start(ours), start(elsewhere)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(_children_of(left.pid)) < 1:
+            time.sleep(0.01)
+        [child] = _children_of(left.pid)
+        claim_work_dir(work).close()
+        assert left.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
+            time.sleep(0.01)
+        assert not _alive(child)
+        assert other.poll() is None  # another work dir's build: not ours to kill
+    finally:
+        for proc in (left, other):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _children_of(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(word) for word in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
 
 
 async def test_the_runner_keeps_a_builder_that_hears_nothing_informed_that_it_lives(

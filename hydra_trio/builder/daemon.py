@@ -20,12 +20,14 @@ an incompatible protocol version ends ``run_builder`` (with ``IncompatibleVersio
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import random
 import shutil
+import signal
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
@@ -37,7 +39,7 @@ import trio
 
 from hydra_trio import auth, net, sdnotify
 from hydra_trio.builder.backoff import Backoff
-from hydra_trio.builder.executor import Fetch, FetchError, Send, execute
+from hydra_trio.builder.executor import BUILD_DIR_VARIABLE, Fetch, FetchError, Send, execute
 from hydra_trio.builder.nixexec import execute_nix
 from hydra_trio.nixstore import NixStore
 from hydra_trio.protocol.connection import Connection
@@ -137,6 +139,11 @@ def claim_work_dir(work_dir: Path) -> IO[bytes]:
         raise WorkDirError(
             f"another builder is using {work_dir}: stop it, or give this one another --work-dir"
         )
+    killed = kill_leftover_builds(work_dir.absolute() / "builds")
+    if killed:
+        log.warning(
+            "killed %d processes of builds a previous builder on %s left running", killed, work_dir
+        )
     removed = 0
     for leftovers in (work_dir / "builds", work_dir / "cache" / "tmp"):
         for entry in leftovers.iterdir() if leftovers.is_dir() else ():
@@ -145,6 +152,35 @@ def claim_work_dir(work_dir: Path) -> IO[bytes]:
     if removed:
         log.info("removed %d build directories and partial fetches left in %s", removed, work_dir)
     return lock
+
+
+def kill_leftover_builds(builds: Path, proc: Path = Path("/proc")) -> int:
+    """SIGKILL every process (and its process group) whose environment places it in a build
+    directory under ``builds``: what the builds of a builder that was itself killed (-9, OOM)
+    left running.  Returns how many processes matched.  A build's processes inherit
+    ``HYDRA_TRIO_BUILD_DIR`` (see ``executor``); one that scrubbed its environment is not
+    found, as one that left its process group escapes the kill of a running build.
+    Blocking: call through a thread."""
+    prefix = f"{BUILD_DIR_VARIABLE}={builds}/".encode()
+    own_group = os.getpgid(0)
+    matched = 0
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        try:
+            environ = (proc / entry.name / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if not any(var.startswith(prefix) for var in environ.split(b"\0")):
+            continue
+        matched += 1
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            group = os.getpgid(pid)
+            if group not in (own_group, 0, 1):
+                os.killpg(group, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+    return matched
 
 
 def _remove_tree(path: Path) -> None:

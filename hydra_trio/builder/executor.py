@@ -82,6 +82,8 @@ async def _deliver_cancel(process: trio.Process) -> None:
 # builder's user can.  ``claim_work_dir`` removes spares with everything else at start.
 
 _BUILD_SUBDIRS = ("work", "out", "in", "tmp")
+#: In every build's environment: its build directory.
+BUILD_DIR_VARIABLE = "HYDRA_TRIO_BUILD_DIR"
 _SPARE_PREFIX = ".spare-"
 #: Spares kept per builds directory at most (beyond that, finished directories are removed).
 MAX_SPARES = 32
@@ -317,6 +319,8 @@ async def execute(
             "IN": str(build_dir / "in"),
             "HYDRA_TRIO_BUILD_ID": assign.build_id,
             "HYDRA_TRIO_ATTEMPT": str(assign.attempt),
+            # also how a builder started after this one was killed finds what it left running
+            BUILD_DIR_VARIABLE: str(build_dir),
             **assign.env,
         }
         await send(Progress(**ref, phase=Phase.BUILDING))
