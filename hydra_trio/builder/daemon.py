@@ -564,45 +564,25 @@ class _Session:
         tmp = cache / "tmp" / f"{request_id}-{info.sha256}"
         writer = await trio.to_thread.run_sync(_CacheWriter, tmp)
         try:
-            requested = received = 0
-            while received < info.size or (info.size == 0 and requested == 0):
-                while requested - received < FETCH_WINDOW * FETCH_CHUNK and (
-                    requested < info.size or requested == 0
-                ):
-                    # Counted before it is sent: the answer may arrive before send returns.
-                    inbox.expected += FETCH_CHUNK
-                    offset, requested = requested, requested + FETCH_CHUNK
-                    await self.send(
-                        FetchRequest(
-                            request_id=request_id,
-                            build_id=assign.build_id,
-                            attempt=assign.attempt,
-                            sha256=info.sha256,
-                            offset=offset,
-                            length=FETCH_CHUNK,
-                        )
-                    )
-                with trio.move_on_after(self.config.fetch_timeout) as stall:
-                    batch = [await inbox.receive.receive()]
-                if stall.cancelled_caught:
-                    raise FetchError(
-                        f"fetching {info.path}: nothing received for "
-                        f"{self.config.fetch_timeout:g} s"
-                    )
-                # Whatever else has arrived goes to disk in the same thread hop.
-                while not (batch[-1].eof or batch[-1].error or not batch[-1].data):
+            # Disk and network at the same time: the frames received go to a task that
+            # writes (and hashes) them in a worker thread while the next ones arrive.  The
+            # window counts bytes taken from the inbox, and the hand-over holds one batch, so
+            # a slow disk closes the window instead of letting the frames pile up.
+            batches, taken = trio.open_memory_channel[list[bytes]](1)
+            failed: list[OSError] = []
+            error: Exception | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_write_behind, writer, taken, failed)
+                async with batches:
                     try:
-                        batch.append(inbox.receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                last = batch[-1]
-                if last.error:
-                    raise FetchError(f"fetching {info.path}: {last.error}")
-                data = b"".join(chunk.data for chunk in batch)
-                await trio.to_thread.run_sync(writer.write, data)
-                received += len(data)
-                if last.eof or not last.data:
-                    break
+                        await self._receive_input(assign, info, request_id, inbox, batches, failed)
+                    except Exception as exc:  # raised below as it is, not in an ExceptionGroup
+                        error = exc
+                        nursery.cancel_scope.cancel()
+            if error is not None:
+                raise error
+            if failed:
+                raise failed[0]
             await trio.to_thread.run_sync(writer.finish, target, info.size, info.sha256)
         finally:
             del self.fetches[request_id]
@@ -612,6 +592,80 @@ class _Session:
             with trio.move_on_after(30, shield=True):
                 await trio.to_thread.run_sync(writer.discard)
         return target
+
+
+    async def _receive_input(
+        self,
+        assign: Assign,
+        info: FileInfo,
+        request_id: int,
+        inbox: _FetchInbox,
+        batches: trio.MemorySendChannel[list[bytes]],
+        failed: list[OSError],
+    ) -> None:
+        """Request the file's chunks (FETCH_WINDOW in flight) and pass what arrives on to
+        ``batches`` about FETCH_CHUNK bytes at a time, until the end of the file."""
+        requested = received = 0
+        pending: list[bytes] = []
+        pending_size = 0
+        while received < info.size or (info.size == 0 and requested == 0):
+            while requested - received < FETCH_WINDOW * FETCH_CHUNK and (
+                requested < info.size or requested == 0
+            ):
+                # Counted before it is sent: the answer may arrive before send returns.
+                inbox.expected += FETCH_CHUNK
+                offset, requested = requested, requested + FETCH_CHUNK
+                await self.send(
+                    FetchRequest(
+                        request_id=request_id,
+                        build_id=assign.build_id,
+                        attempt=assign.attempt,
+                        sha256=info.sha256,
+                        offset=offset,
+                        length=FETCH_CHUNK,
+                    )
+                )
+            with trio.move_on_after(self.config.fetch_timeout) as stall:
+                batch = [await inbox.receive.receive()]
+            if stall.cancelled_caught:
+                raise FetchError(
+                    f"fetching {info.path}: nothing received for {self.config.fetch_timeout:g} s"
+                )
+            # Whatever else has arrived is taken too.
+            while not (batch[-1].eof or batch[-1].error or not batch[-1].data):
+                try:
+                    batch.append(inbox.receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            last = batch[-1]
+            if last.error:
+                raise FetchError(f"fetching {info.path}: {last.error}")
+            for chunk in batch:
+                pending.append(chunk.data)
+                pending_size += len(chunk.data)
+                received += len(chunk.data)
+            done = last.eof or not last.data
+            if pending_size >= FETCH_CHUNK or done:
+                try:
+                    await batches.send(pending)
+                except trio.BrokenResourceError:  # the writer failed
+                    raise failed[0] from None
+                pending, pending_size = [], 0
+            if done:
+                break
+
+
+async def _write_behind(
+    writer: _CacheWriter, batches: trio.MemoryReceiveChannel[list[bytes]], failed: list[OSError]
+) -> None:
+    """Write (and hash) the batches of a fetch in a worker thread, one at a time, in order; an
+    ``OSError`` is kept in ``failed`` (and the channel closed, so the sender stops)."""
+    async with batches:
+        try:
+            async for chunks in batches:
+                await trio.to_thread.run_sync(writer.write_chunks, chunks)
+        except OSError as exc:
+            failed.append(exc)
 
 
 @attrs.define(eq=False)
@@ -649,9 +703,15 @@ class _CacheWriter:
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        self.file.write(data)
-        self.hasher.update(data)
-        self.size += len(data)
+        self.write_chunks([data])
+
+    def write_chunks(self, chunks: list[bytes]) -> None:
+        """Write and hash ``chunks`` in order, without joining them."""
+        file, update = self.file, self.hasher.update
+        for data in chunks:
+            file.write(data)
+            update(data)
+            self.size += len(data)
 
     def finish(self, target: Path, size: int, sha256: str) -> None:
         self.file.close()

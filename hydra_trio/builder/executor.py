@@ -439,36 +439,95 @@ def _make_link(target: Path, link: str) -> None:
 
 
 async def _upload(assign: Assign, out_dir: Path, outputs: list[FileInfo], send: Send) -> None:
-    """Stream every regular output file, read ``UPLOAD_CHUNK`` bytes at a time and sent in
-    frames of ``TRANSFER_FRAME`` bytes; memory stays bounded by one chunk, and the runner checks
-    size and hash on arrival."""
+    """Stream every regular output file in frames of ``TRANSFER_FRAME`` bytes; the runner
+    checks size and hash on arrival.  A worker thread reads ahead, ``UPLOAD_CHUNK`` bytes per
+    hop, while the frames of the chunk before are sent (``_read_ahead``): memory stays bounded
+    by three chunks."""
     for info in outputs:
         if info.link:
             continue
         f = await trio.to_thread.run_sync(_open_beneath, out_dir, info.path)
         try:
-            offset = 0
-            while True:
-                data = await trio.to_thread.run_sync(f.read, UPLOAD_CHUNK)
-                eof = len(data) < UPLOAD_CHUNK or offset + len(data) >= info.size
-                view = memoryview(data)
-                for start in range(0, max(len(data), 1), TRANSFER_FRAME):
-                    piece = bytes(view[start : start + TRANSFER_FRAME])
-                    await send(
-                        UploadData(
-                            build_id=assign.build_id,
-                            attempt=assign.attempt,
-                            path=info.path,
-                            offset=offset,
-                            data=piece,
-                            eof=eof and start + TRANSFER_FRAME >= len(data),
-                        )
-                    )
-                    offset += len(piece)
-                if eof:
-                    break
+            chunks, arriving = trio.open_memory_channel[tuple[list[bytes], bool]](1)
+            failed: list[Exception] = []
+            error: Exception | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_read_ahead, f, info.size, chunks, failed)
+                try:
+                    await _send_chunks(assign, info, arriving, send)
+                except Exception as exc:  # raised below as it is, not in an ExceptionGroup
+                    error = exc
+                    nursery.cancel_scope.cancel()
+            if error is not None:
+                raise error
+            if failed:
+                raise failed[0]
         finally:
             await trio.to_thread.run_sync(f.close)
+
+
+async def _send_chunks(
+    assign: Assign,
+    info: FileInfo,
+    arriving: trio.MemoryReceiveChannel[tuple[list[bytes], bool]],
+    send: Send,
+) -> None:
+    offset = 0
+    async with arriving:
+        async for pieces, eof in arriving:
+            last = len(pieces) - 1
+            for index, piece in enumerate(pieces):
+                await send(
+                    UploadData(
+                        build_id=assign.build_id,
+                        attempt=assign.attempt,
+                        path=info.path,
+                        offset=offset,
+                        data=piece,
+                        eof=eof and index == last,
+                    )
+                )
+                offset += len(piece)
+
+
+async def _read_ahead(
+    f: BinaryIO,
+    size: int,
+    chunks: trio.MemorySendChannel[tuple[list[bytes], bool]],
+    failed: list[Exception],
+) -> None:
+    """Read ``f`` in a worker thread, a chunk per hop, into ``chunks`` (pieces of a frame
+    each, and whether the chunk ends the upload: it is short, or reaches the size scanned);
+    an error is kept in ``failed``, and ends the channel."""
+    async with chunks:
+        offset = 0
+        while True:
+            try:
+                pieces = await trio.to_thread.run_sync(_read_pieces, f)
+            except Exception as exc:
+                failed.append(exc)
+                return
+            length = sum(map(len, pieces))
+            offset += length
+            eof = length < UPLOAD_CHUNK or offset >= size
+            await chunks.send((pieces, eof))
+            if eof:
+                return
+
+
+def _read_pieces(f: BinaryIO) -> list[bytes]:
+    """Up to ``UPLOAD_CHUNK`` bytes of ``f`` as pieces of ``TRANSFER_FRAME`` bytes, each read
+    into its own object (nothing is copied to cut a chunk into frames); at least one piece."""
+    pieces: list[bytes] = []
+    left = UPLOAD_CHUNK
+    while left > 0:
+        piece = f.read(min(left, TRANSFER_FRAME))
+        if piece or not pieces:
+            pieces.append(piece)
+        if len(piece) < min(left, TRANSFER_FRAME):
+            break
+        left -= len(piece)
+    return pieces
 
 
 async def _reap_group(process: trio.Process) -> None:

@@ -50,6 +50,8 @@ class PendingUpload:
     #: chunks staged (``BlobStore.stage``) and not yet written, and their total size.
     staged: list[bytes] = attrs.field(factory=list)
     staged_size: int = 0
+    #: bytes taken by ``stage`` so far (``size`` counts those written, which lag behind).
+    received: int = 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -93,25 +95,38 @@ class BlobStore:
         small frames of a transfer cost one thread hop per megabyte."""
         if upload.done or upload.complete:
             raise BlobError(f"{upload.path}: chunk at offset {offset} after the last one")
-        expected = upload.size + upload.staged_size
-        if offset != expected:
-            raise BlobError(f"{upload.path}: chunk at offset {offset}, expected {expected}")
+        if offset != upload.received:
+            raise BlobError(f"{upload.path}: chunk at offset {offset}, expected {upload.received}")
         upload.staged.append(data)
         upload.staged_size += len(data)
+        upload.received += len(data)
         if eof:
             upload.complete = True
         return eof or upload.staged_size >= WRITE_BATCH
 
+    def take_staged(self, upload: PendingUpload) -> tuple[list[bytes], bool]:
+        """Hand over what is staged for ``write_chunks``, and whether it ends the file.  No
+        I/O: call it on the event loop, so that the next chunks are staged while these are
+        written in a thread."""
+        chunks = upload.staged
+        upload.staged = []
+        upload.staged_size = 0
+        return chunks, upload.complete
+
+    def write_chunks(self, upload: PendingUpload, chunks: list[bytes], last: bool) -> None:
+        """Write and hash ``chunks`` from ``take_staged`` (one call at a time per upload, in
+        the order taken), without joining them; close the file after the ``last`` ones."""
+        file, update = upload.file, upload.hasher.update
+        for chunk in chunks:
+            file.write(chunk)
+            update(chunk)
+            upload.size += len(chunk)
+        if last:
+            file.close()
+
     def write_staged(self, upload: PendingUpload) -> None:
         """Write and hash what is staged; close the file after the last chunk."""
-        data = b"".join(upload.staged)
-        upload.staged.clear()
-        upload.staged_size = 0
-        upload.file.write(data)
-        upload.hasher.update(data)
-        upload.size += len(data)
-        if upload.complete:
-            upload.file.close()
+        self.write_chunks(upload, *self.take_staged(upload))
 
     def append(self, upload: PendingUpload, offset: int, data: bytes, eof: bool = False) -> None:
         """Add the chunk at ``offset`` and write it at once (blocking: call through a thread)."""
@@ -184,14 +199,29 @@ class BlobStore:
 
     def read(self, sha256: str, offset: int, length: int) -> tuple[bytes, bool]:
         """``length`` bytes at ``offset``, and whether they reach the end of the blob."""
+        pieces, eof = self.read_pieces(sha256, offset, length, length)
+        return pieces[0], eof
+
+    def read_pieces(
+        self, sha256: str, offset: int, length: int, piece: int
+    ) -> tuple[list[bytes], bool]:
+        """``length`` bytes at ``offset`` as pieces of ``piece`` bytes (each read straight
+        into its own object: nothing is copied to cut them), and whether they reach the end
+        of the blob.  At least one piece, maybe empty."""
         try:
-            with self.path_of(sha256).open("rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                f.seek(offset)
-                data = f.read(length)
+            fd = os.open(self.path_of(sha256), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise BlobError(f"no file with sha256 {sha256}") from None
-        return data, offset + len(data) >= size
+        try:
+            size = os.fstat(fd).st_size
+            end = min(offset + length, size)
+            pieces = [os.pread(fd, min(piece, end - start), start) for start in range(
+                offset, end, piece
+            )] or [b""]
+        finally:
+            os.close(fd)
+        got = sum(len(p) for p in pieces)
+        return pieces, offset + got >= size
 
 
 @attrs.define(eq=False)

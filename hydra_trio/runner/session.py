@@ -127,6 +127,8 @@ class BuilderSession:
     uploads: dict[tuple[str, int, str], PendingUpload] = attrs.field(factory=dict)
     #: what each attempt uploading on this connection has sent so far, by (build id, attempt).
     upload_totals: dict[tuple[str, int], UploadTotals] = attrs.field(factory=dict)
+    #: the uploads with a write in a worker thread, and the event set when it is over.
+    writes: dict[PendingUpload, trio.Event] = attrs.field(factory=dict)
     #: the protocol error that ended the connection, if one did (counted in /metrics).
     protocol_error: ProtocolError | None = None
     #: when the last frame to the builder was handed to the socket (``trio.current_time``).
@@ -405,7 +407,7 @@ async def _receive_loop(
                     farm.on_ping(session, machine, message, now)
                 elif kind is UploadData:
                     assert isinstance(message, UploadData)
-                    await _on_upload(farm, session, machine, storage, message)
+                    await _on_upload(farm, session, machine, storage, message, nursery)
                 elif kind is FetchRequest:
                     assert isinstance(message, FetchRequest)
                     await _on_fetch(farm, session, machine, storage, message)
@@ -472,7 +474,12 @@ async def _import_and_commit(
 
 
 async def _on_upload(
-    farm: Farm, session: BuilderSession, machine: Machine, storage: Storage, msg: UploadData
+    farm: Farm,
+    session: BuilderSession,
+    machine: Machine,
+    storage: Storage,
+    msg: UploadData,
+    nursery: trio.Nursery,
 ) -> None:
     """Append one chunk of an output file of a build this builder runs under the current
     attempt; any other chunk is counted and dropped (``Farm.current``).  An attempt that
@@ -480,7 +487,8 @@ async def _on_upload(
     file before finishing the last, is a protocol violation: the connection ends.
 
     ``msg.path`` is a label for the result to match, never a file name: the data goes to a
-    temporary file in the blob store and, once checked, to a name made of its hash."""
+    temporary file in the blob store and, once checked, to a name made of its hash.  Chunks
+    are written a batch at a time in a worker thread, in the background (``_write_behind``)."""
     if farm.current(session, machine, msg.build_id, msg.attempt, kind="upload") is None:
         return
     ref = f"build {msg.build_id} attempt {msg.attempt}"
@@ -507,13 +515,64 @@ async def _on_upload(
     if upload.done:
         return  # refused already; the result will say the upload failed
     try:
-        if storage.blobs.stage(upload, msg.offset, msg.data, msg.eof):
-            await trio.to_thread.run_sync(storage.blobs.write_staged, upload)
+        due = storage.blobs.stage(upload, msg.offset, msg.data, msg.eof)
     except BlobError as exc:
         log.warning("upload of %s: %s", ref, exc)
+        await _discard(session, storage, upload)
+        return
+    farm.metrics.uploaded_bytes.inc(len(msg.data))
+    if due:
+        await _write_behind(session, storage, upload, nursery, ref)
+
+
+async def _write_behind(
+    session: BuilderSession,
+    storage: Storage,
+    upload: PendingUpload,
+    nursery: trio.Nursery,
+    ref: str,
+) -> None:
+    """Write (and hash) what is staged of ``upload`` in a worker thread, without waiting for
+    it: the receive loop goes on reading the next frames meanwhile, so the network and the
+    disk work at the same time.  It waits for the upload's previous write first (writes are
+    in order, and at most two batches of an upload are held: one written, one staged)."""
+    await _settled(session, upload)
+    if upload.done:
+        return  # the previous write failed: discarded
+    chunks, last = storage.blobs.take_staged(upload)
+    session.writes[upload] = over = trio.Event()
+    nursery.start_soon(_write, session, storage, upload, chunks, last, over, ref)
+
+
+async def _write(
+    session: BuilderSession,
+    storage: Storage,
+    upload: PendingUpload,
+    chunks: list[bytes],
+    last: bool,
+    over: trio.Event,
+    ref: str,
+) -> None:
+    try:
+        await trio.to_thread.run_sync(storage.blobs.write_chunks, upload, chunks, last)
+    except OSError as exc:  # the disk is full, or failing: this upload cannot be kept
+        log.warning("upload of %s: %s", ref, exc)
         await trio.to_thread.run_sync(storage.blobs.discard, upload)
-    else:
-        farm.metrics.uploaded_bytes.inc(len(msg.data))
+    finally:
+        del session.writes[upload]
+        over.set()
+
+
+async def _settled(session: BuilderSession, upload: PendingUpload) -> None:
+    """Wait until no write of ``upload`` is in flight (before committing or discarding it)."""
+    over = session.writes.get(upload)
+    if over is not None:
+        await over.wait()
+
+
+async def _discard(session: BuilderSession, storage: Storage, upload: PendingUpload) -> None:
+    await _settled(session, upload)
+    await trio.to_thread.run_sync(storage.blobs.discard, upload)
 
 
 def _listing_problem(result: Result) -> str:
@@ -534,7 +593,7 @@ async def _drop_stale_uploads(session: BuilderSession, machine: Machine, storage
     for key in list(session.uploads):
         build = machine.running.get(key[0])
         if build is None or build.attempts != key[1]:
-            await trio.to_thread.run_sync(storage.blobs.discard, session.uploads.pop(key))
+            await _discard(session, storage, session.uploads.pop(key))
     for ref in list(session.upload_totals):
         build = machine.running.get(ref[0])
         if build is None or build.attempts != ref[1]:
@@ -565,12 +624,13 @@ async def _check_outputs(session: BuilderSession, storage: Storage, result: Resu
                 continue
             problem = problem or f"output {info.path} was not uploaded"
             continue
+        await _settled(session, upload)
         try:
             await trio.to_thread.run_sync(storage.blobs.commit, upload, info.size, info.sha256)
         except BlobError as exc:
             problem = problem or str(exc)
     for upload in uploads.values():  # uploaded but not listed: not an output
-        await trio.to_thread.run_sync(storage.blobs.discard, upload)
+        await _discard(session, storage, upload)
     if not problem:
         return result
     if result.status is BuildStatus.SUCCESS:
@@ -590,19 +650,24 @@ async def _on_fetch(
         error = f"{msg.sha256} is not an input of build {msg.build_id}"
     else:
         try:
-            data, eof = await trio.to_thread.run_sync(
-                storage.blobs.read, msg.sha256, msg.offset, min(msg.length, MAX_FETCH_CHUNK)
+            pieces, eof = await trio.to_thread.run_sync(
+                storage.blobs.read_pieces,
+                msg.sha256,
+                msg.offset,
+                min(msg.length, MAX_FETCH_CHUNK),
+                TRANSFER_FRAME,
             )
         except BlobError as exc:
             error = str(exc)
-        except OSError as exc:  # the offset comes from the builder: past what seek() accepts
-            error = f"cannot read {msg.sha256} at offset {msg.offset}: {exc.strerror or exc}"
+        except (OSError, OverflowError) as exc:  # the offset comes from the builder
+            why = getattr(exc, "strerror", None) or exc
+            error = f"cannot read {msg.sha256} at offset {msg.offset}: {why}"
         else:
-            view = memoryview(data)
-            for start in range(0, max(len(data), 1), TRANSFER_FRAME):
-                last = start + TRANSFER_FRAME >= len(data)
-                piece = bytes(view[start : start + TRANSFER_FRAME])
-                session.post(FetchData(request_id=msg.request_id, data=piece, eof=eof and last))
-            farm.metrics.fetched_bytes.inc(len(data))
+            last = len(pieces) - 1
+            for index, piece in enumerate(pieces):
+                session.post(
+                    FetchData(request_id=msg.request_id, data=piece, eof=eof and index == last)
+                )
+            farm.metrics.fetched_bytes.inc(sum(map(len, pieces)))
             return
     session.post(FetchData(request_id=msg.request_id, error=error))
