@@ -21,6 +21,7 @@ an incompatible protocol version ends ``run_builder`` (with ``IncompatibleVersio
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -41,6 +42,7 @@ from hydra_trio import auth, net, sdnotify
 from hydra_trio.builder.backoff import Backoff
 from hydra_trio.builder.executor import BUILD_DIR_VARIABLE, Fetch, FetchError, Send, execute
 from hydra_trio.builder.nixexec import execute_nix
+from hydra_trio.diskio import write_and_hash
 from hydra_trio.nixstore import NixStore
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import HydraTrioError, IncompatibleVersionError, ProtocolError
@@ -593,7 +595,6 @@ class _Session:
                 await trio.to_thread.run_sync(writer.discard)
         return target
 
-
     async def _receive_input(
         self,
         assign: Assign,
@@ -663,7 +664,12 @@ async def _write_behind(
     async with batches:
         try:
             async for chunks in batches:
-                await trio.to_thread.run_sync(writer.write_chunks, chunks)
+                await write_and_hash(
+                    sum(map(len, chunks)),
+                    functools.partial(writer.write_unhashed, chunks),
+                    functools.partial(writer.hash_chunks, chunks),
+                    functools.partial(writer.write_chunks, chunks),
+                )
         except OSError as exc:
             failed.append(exc)
 
@@ -707,11 +713,21 @@ class _CacheWriter:
 
     def write_chunks(self, chunks: list[bytes]) -> None:
         """Write and hash ``chunks`` in order, without joining them."""
-        file, update = self.file, self.hasher.update
+        self.write_unhashed(chunks)
+        self.hash_chunks(chunks)
+
+    def write_unhashed(self, chunks: list[bytes]) -> None:
+        """``write_chunks`` less the hashing, which ``hash_chunks`` does (in another thread at
+        the same time: one write and one hash at a time, each in order)."""
+        write = self.file.write
         for data in chunks:
-            file.write(data)
-            update(data)
+            write(data)
             self.size += len(data)
+
+    def hash_chunks(self, chunks: list[bytes]) -> None:
+        update = self.hasher.update
+        for data in chunks:
+            update(data)
 
     def finish(self, target: Path, size: int, sha256: str) -> None:
         self.file.close()

@@ -116,13 +116,23 @@ class BlobStore:
     def write_chunks(self, upload: PendingUpload, chunks: list[bytes], last: bool) -> None:
         """Write and hash ``chunks`` from ``take_staged`` (one call at a time per upload, in
         the order taken), without joining them; close the file after the ``last`` ones."""
-        file, update = upload.file, upload.hasher.update
+        self.write_unhashed(upload, chunks, last)
+        self.hash_chunks(upload, chunks)
+
+    def write_unhashed(self, upload: PendingUpload, chunks: list[bytes], last: bool) -> None:
+        """``write_chunks`` less the hashing, which ``hash_chunks`` does (in another thread at
+        the same time: one write and one hash of an upload at a time, each in order)."""
+        write = upload.file.write
         for chunk in chunks:
-            file.write(chunk)
-            update(chunk)
+            write(chunk)
             upload.size += len(chunk)
         if last:
-            file.close()
+            upload.file.close()
+
+    def hash_chunks(self, upload: PendingUpload, chunks: list[bytes]) -> None:
+        update = upload.hasher.update
+        for chunk in chunks:
+            update(chunk)
 
     def write_staged(self, upload: PendingUpload) -> None:
         """Write and hash what is staged; close the file after the last chunk."""
@@ -215,9 +225,9 @@ class BlobStore:
         try:
             size = os.fstat(fd).st_size
             end = min(offset + length, size)
-            pieces = [os.pread(fd, min(piece, end - start), start) for start in range(
-                offset, end, piece
-            )] or [b""]
+            pieces = [
+                os.pread(fd, min(piece, end - start), start) for start in range(offset, end, piece)
+            ] or [b""]
         finally:
             os.close(fd)
         got = sum(len(p) for p in pieces)

@@ -10,6 +10,7 @@ farm in one step on the way out.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import ssl
@@ -19,6 +20,7 @@ import attrs
 import trio
 
 from hydra_trio import auth
+from hydra_trio.diskio import write_and_hash
 from hydra_trio.net import ConnectionLost, FramedChannel, tls_failure
 from hydra_trio.nixstore import label_path
 from hydra_trio.protocol.codec import TRANSFER_FRAME
@@ -553,8 +555,14 @@ async def _write(
     over: trio.Event,
     ref: str,
 ) -> None:
+    blobs = storage.blobs
     try:
-        await trio.to_thread.run_sync(storage.blobs.write_chunks, upload, chunks, last)
+        await write_and_hash(
+            sum(map(len, chunks)),
+            functools.partial(blobs.write_unhashed, upload, chunks, last),
+            functools.partial(blobs.hash_chunks, upload, chunks),
+            functools.partial(blobs.write_chunks, upload, chunks, last),
+        )
     except OSError as exc:  # the disk is full, or failing: this upload cannot be kept
         log.warning("upload of %s: %s", ref, exc)
         await trio.to_thread.run_sync(storage.blobs.discard, upload)
