@@ -62,7 +62,7 @@ class FramedChannel:
         The frame is queued synchronously; whichever task holds the write lock flushes
         everything queued, so a task cancelled while waiting may still have its frame sent.
         """
-        self._pending.append(self.connection.send(message))
+        self._pending.extend(self.connection.send_parts(message))
         await self._flush()
 
     @property
@@ -72,7 +72,9 @@ class FramedChannel:
 
     async def send_all(self, messages: list[Message]) -> None:
         """Send several messages in one write."""
-        self._pending.extend(self.connection.send(m) for m in messages)
+        send_parts, pending = self.connection.send_parts, self._pending
+        for message in messages:
+            pending.extend(send_parts(message))
         await self._flush()
 
     async def _flush(self) -> None:
@@ -88,9 +90,16 @@ class FramedChannel:
             pending = self._pending
             sock = self._socket
             while pending:
-                data = pending[0] if len(pending) == 1 else b"".join(pending)
-                pending.clear()
                 try:
+                    if sock is not None and len(pending) > 1:
+                        # A vectored write: a bulk frame's data goes from where it is, never
+                        # copied into one buffer with the rest (``codec.encode_parts``).
+                        buffers: list[bytes | memoryview] = [*pending]
+                        pending.clear()
+                        await _send_vectored(sock, buffers)
+                        continue
+                    data = pending[0] if len(pending) == 1 else b"".join(pending)
+                    pending.clear()
                     if sock is None:
                         await self.stream.send_all(data)
                     else:
@@ -128,6 +137,24 @@ class FramedChannel:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+#: Buffers per ``sendmsg`` at most (Linux's ``IOV_MAX`` is 1024).
+_IOV_MAX = 512
+
+
+async def _send_vectored(sock: trio.socket.SocketType, buffers: list[bytes | memoryview]) -> None:
+    """Send ``buffers`` one after the other, as few ``sendmsg`` calls as the socket's buffer
+    allows (usually one); a buffer the kernel took only part of goes on as a view of the
+    rest."""
+    index, count = 0, len(buffers)
+    while index < count:
+        sent = await sock.sendmsg(buffers[index : index + _IOV_MAX])
+        while index < count and sent >= len(buffers[index]):
+            sent -= len(buffers[index])
+            index += 1
+        if sent:
+            buffers[index] = memoryview(buffers[index])[sent:]
 
 
 async def _send_rest(sock: trio.socket.SocketType, data: bytes, sent: int) -> None:

@@ -306,3 +306,25 @@ def test_unencodable_string_is_refused_at_construction() -> None:
         m.Assign(build_id="b", attempt=1, command=("\ud800",))
     with pytest.raises(ValueError, match="env: not valid Unicode"):
         m.Assign(build_id="b", attempt=1, command=("x",), env={"A": "\ud800"})
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 16 * 1024 - 1, 16 * 1024, 65535, 65536, 70000])
+def test_encode_parts_is_encode_with_the_data_left_uncopied(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    for message in (
+        m.UploadData(build_id="b", attempt=2, path="out/x", offset=7, data=data, eof=True),
+        m.FetchData(request_id=3, data=data, eof=size % 2 == 0),
+    ):
+        parts = codec.encode_parts(message)
+        assert b"".join(parts) == codec.encode(message)
+        if size >= codec.ZERO_COPY_MIN:
+            assert len(parts) == 3 and parts[1] is data
+        else:
+            assert len(parts) == 1
+        assert codec.FrameDecoder().feed(b"".join(parts)) == [message]
+
+
+def test_encode_parts_checks_the_frame_size() -> None:
+    message = m.FetchData(request_id=1, data=bytes(codec.ZERO_COPY_MIN))
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        codec.encode_parts(message, max_frame_size=codec.ZERO_COPY_MIN)

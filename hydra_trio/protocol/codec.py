@@ -22,7 +22,7 @@ import struct
 import msgpack
 
 from hydra_trio.protocol.errors import LocalProtocolError, RemoteProtocolError
-from hydra_trio.protocol.messages import Message, from_wire, to_wire
+from hydra_trio.protocol.messages import FetchData, Message, UploadData, from_wire, to_wire
 
 #: Default limit on one frame's body.  Large enough for a 1 MiB log or upload chunk with room to
 #: spare; small enough that a hostile peer cannot make the runner buffer much per connection.
@@ -38,7 +38,9 @@ HEADER = struct.Struct(">I")
 _HEADER_SIZE = HEADER.size
 _unpack_header = HEADER.unpack_from
 _pack_header = HEADER.pack
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+_packb = _packer.pack
+_pack_map_header = _packer.pack_map_header
 _unpackb = msgpack.unpackb
 #: Frames up to this size take ``FrameDecoder.feed``'s fast path, which copies the body once.
 _SMALL_FRAME = 64 * 1024
@@ -57,6 +59,54 @@ def encode(message: Message, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> by
             f"{message.TAG} frame of {len(body)} bytes exceeds the {max_frame_size}-byte limit"
         )
     return _pack_header(len(body)) + body  # type: ignore[no-any-return]
+
+
+#: The messages carrying file bytes in ``data``, and how long ``data`` must be for
+#: ``encode_parts`` to leave it out of the frame's other bytes.
+_BULK = frozenset({UploadData, FetchData})
+ZERO_COPY_MIN = 16 * 1024
+_DATA_KEY = _packb("data")
+_BIN8, _BIN16, _BIN32 = struct.Struct(">BB"), struct.Struct(">BH"), struct.Struct(">BI")
+
+
+def _bin_header(length: int) -> bytes:
+    """The msgpack header of a ``bin`` of ``length`` bytes (as ``msgpack.packb`` writes it)."""
+    if length < 0x100:
+        return _BIN8.pack(0xC4, length)
+    if length < 0x10000:
+        return _BIN16.pack(0xC5, length)
+    return _BIN32.pack(0xC6, length)
+
+
+def encode_parts(message: Message, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> list[bytes]:
+    """One complete frame, as buffers to be sent one after the other: the same bytes as
+    ``encode``, but the ``data`` of an ``UploadData`` or ``FetchData`` of ``ZERO_COPY_MIN``
+    bytes or more is a part of its own, the object itself, not a copy (a vectored write sends
+    it straight from there).  Raises ``LocalProtocolError`` if it exceeds ``max_frame_size``."""
+    if type(message) not in _BULK:
+        return [encode(message, max_frame_size)]
+    data = message.data  # type: ignore[union-attr]
+    if len(data) < ZERO_COPY_MIN:
+        return [encode(message, max_frame_size)]
+    wire = to_wire(message)
+    before = [_pack_map_header(len(wire))]
+    after: list[bytes] = []
+    into = before
+    for key, value in wire.items():
+        if key == "data":
+            before.append(_DATA_KEY)
+            before.append(_bin_header(len(data)))
+            into = after
+        else:
+            into.append(_packb(key))
+            into.append(_packb(value))
+    head, tail = b"".join(before), b"".join(after)
+    length = len(head) + len(data) + len(tail)
+    if length > max_frame_size:
+        raise LocalProtocolError(
+            f"{message.TAG} frame of {length} bytes exceeds the {max_frame_size}-byte limit"
+        )
+    return [_pack_header(length) + head, data, tail]
 
 
 def decode_body(body: bytes | memoryview) -> Message:
@@ -100,16 +150,18 @@ class FrameDecoder:
                 except RemoteProtocolError as exc:
                     self._failed = exc
                     raise
-        # Usually nothing is pending: parse frames straight out of `data` and keep only an
-        # incomplete tail, instead of copying every received byte through the buffer.
-        source: bytes | bytearray | memoryview = buffer if buffer else data
-        if buffer:
-            buffer += data
+        # Parse frames straight out of `data` and keep only an incomplete tail, instead of
+        # copying every received byte through the buffer.  A frame begun by an earlier read
+        # is completed first, with just the bytes of `data` it still needs.
         messages: list[Message] = []
         offset = 0
         try:
-            with memoryview(source) as view:
+            with memoryview(data) as view:
                 end = len(view)
+                if buffer:
+                    offset = self._complete(buffer, view, messages)
+                    if offset < 0:
+                        return messages  # all of `data` went into the buffer
                 while end - offset >= _HEADER_SIZE:
                     (length,) = _unpack_header(view, offset)
                     if length > self.max_frame_size:
@@ -122,15 +174,38 @@ class FrameDecoder:
                     with view[start : start + length] as body:
                         messages.append(decode_body(body))
                     offset = start + length
+                if offset < end:
+                    buffer += view[offset:]
         except RemoteProtocolError as exc:
             self._failed = exc
             buffer.clear()
             raise
-        if source is buffer:
-            del buffer[:offset]  # (only once no view of the buffer is left)
-        elif offset < len(data):
-            buffer += data[offset:]
         return messages
+
+    def _complete(self, buffer: bytearray, view: memoryview, messages: list[Message]) -> int:
+        """Add to ``buffer`` (a frame's beginning) what ``view`` has of the rest; decode the
+        frame into ``messages`` if that completes it.  Returns how much of ``view`` was used,
+        or -1 when all of it was and the frame is still incomplete."""
+        offset = 0
+        if len(buffer) < _HEADER_SIZE:
+            offset = min(_HEADER_SIZE - len(buffer), len(view))
+            buffer += view[:offset]
+            if len(buffer) < _HEADER_SIZE:
+                return -1
+        (length,) = _unpack_header(buffer)
+        if length > self.max_frame_size:
+            raise RemoteProtocolError(
+                f"frame of {length} bytes announced, the limit is {self.max_frame_size}"
+            )
+        need: int = _HEADER_SIZE + length - len(buffer)
+        if len(view) - offset < need:
+            buffer += view[offset:]
+            return -1
+        buffer += view[offset : offset + need]
+        with memoryview(buffer) as whole, whole[_HEADER_SIZE:] as body:
+            messages.append(decode_body(body))
+        buffer.clear()  # (only once no view of it is left)
+        return offset + need
 
     def check_eof(self) -> None:
         """Call at end of stream: raises ``RemoteProtocolError`` if a frame was cut short."""

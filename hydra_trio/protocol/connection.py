@@ -180,6 +180,13 @@ class Connection:
         self.frames_sent += 1
         return data
 
+    def send_parts(self, message: Message) -> list[bytes]:
+        """``send``, as ``codec.encode_parts`` buffers (a bulk frame's data is not copied)."""
+        self._check_outgoing(message)
+        parts = codec.encode_parts(message, self.max_frame_size)
+        self.frames_sent += 1
+        return parts
+
     def _check_outgoing(self, message: Message) -> None:
         if type(message) not in self._sendable:
             raise LocalProtocolError(f"a {self.role.value} cannot send {message.TAG}")
