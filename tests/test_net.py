@@ -274,3 +274,58 @@ def test_hostport_parse_refuses(text: str, message: str) -> None:
     """Malformed addresses, bare IPv6 and bad ports raise ValueError saying what is wrong."""
     with pytest.raises(ValueError, match=message):
         net.HostPort.parse(text)
+
+
+async def test_a_vectored_write_the_kernel_takes_in_pieces_sends_every_byte_in_order() -> None:
+    class Trickle:
+        """A socket whose buffer takes at most 1000 bytes per call."""
+
+        def __init__(self) -> None:
+            self.received = bytearray()
+            self.calls = 0
+
+        async def sendmsg(self, buffers: list[bytes | memoryview]) -> int:
+            await trio.lowlevel.checkpoint()
+            self.calls += 1
+            taken = b"".join(bytes(b) for b in buffers)[:1000]
+            self.received += taken
+            return len(taken)
+
+    buffers: list[bytes | memoryview] = [b"", bytes(range(256)) * 9, b"x", b"", b"yz" * 700, b""]
+    expected = b"".join(bytes(b) for b in buffers)
+    sock = Trickle()
+    await net._send_vectored(sock, buffers)  # type: ignore[arg-type]
+    assert bytes(sock.received) == expected
+    assert sock.calls == -(-len(expected) // 1000)
+
+
+async def test_bulk_frames_cross_a_real_socket_pair_with_pings_between() -> None:
+    a, b = trio.socket.socketpair()
+    builder = Connection(m.Role.BUILDER, now=0, peer_timeout=9)
+    runner = Connection(m.Role.RUNNER, now=0, peer_timeout=9)
+    left = net.FramedChannel(trio.SocketStream(a), builder)
+    right = net.FramedChannel(trio.SocketStream(b), runner)
+    for conn in (left.connection, right.connection):
+        conn.state = ConnectionState.ESTABLISHED
+    data = [bytes([i]) * (codec.TRANSFER_FRAME - i) for i in range(40)]
+    frames: list[m.Message] = []
+    for i, piece in enumerate(data):
+        frames.append(
+            m.UploadData(build_id="b", attempt=1, path="f", offset=i, data=piece, eof=i == 39)
+        )
+        if i % 7 == 0:
+            frames.append(m.Ping(seq=i))
+    got: list[m.Message] = []
+    async with trio.open_nursery() as nursery:
+
+        async def receive() -> None:
+            while len(got) < len(frames):
+                got.append(await right.receive())
+
+        nursery.start_soon(receive)
+        await left.send_all(frames[:10])
+        for frame in frames[10:]:
+            await left.send(frame)
+    assert got == frames
+    a.close()
+    b.close()
