@@ -217,24 +217,40 @@ def build_from_row(row: Sequence[Any]) -> Build:
 
 
 def machine_row(machine: Machine, last_seen: float) -> tuple[Any, ...]:
-    info = {
-        "systems": list(machine.systems),
-        "supportedFeatures": sorted(machine.supported_features),
-        "mandatoryFeatures": sorted(machine.mandatory_features),
-        "maxJobs": machine.max_jobs,
-        "speedFactor": machine.speed_factor,
-        "drainRequested": machine.drain_requested,
-        "executors": sorted(machine.executors),
-    }
+    """A snapshot of a machine for ``Store.save``, as ``build_row``: immutable values taken
+    on the trio thread (a reconnect storm dirties thousands of machines per batch), the JSON
+    made by ``_sql_machine_row`` in the worker thread."""
     return (
         machine.machine_id,
         machine.hostname,
-        json.dumps(info),
+        (
+            machine.systems,  # a tuple and frozensets: nothing here changes under the thread
+            machine.supported_features,
+            machine.mandatory_features,
+            machine.max_jobs,
+            machine.speed_factor,
+            machine.drain_requested,
+            machine.executors,
+        ),
         last_seen,
         machine.succeeded_builds,
         machine.failed_builds,
         machine.lost_builds,
     )
+
+
+def _sql_machine_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    systems, supported, mandatory, max_jobs, speed_factor, drain, executors = row[2]
+    info = {
+        "systems": list(systems),
+        "supportedFeatures": sorted(supported),
+        "mandatoryFeatures": sorted(mandatory),
+        "maxJobs": max_jobs,
+        "speedFactor": speed_factor,
+        "drainRequested": drain,
+        "executors": sorted(executors),
+    }
+    return (*row[:2], json.dumps(info), *row[3:])
 
 
 def machine_from_row(row: Sequence[Any]) -> Machine:
@@ -335,7 +351,9 @@ class Store:
             if edges:
                 cursor.executemany(self._sql(_INSERT_EDGE), edges)
             if machines:
-                cursor.executemany(self._sql(_UPSERT_MACHINE), machines)
+                cursor.executemany(
+                    self._sql(_UPSERT_MACHINE), [_sql_machine_row(m) for m in machines]
+                )
 
         self._transaction(work)
 
