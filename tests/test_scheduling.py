@@ -213,3 +213,32 @@ def test_the_counts_by_state_follow_every_change() -> None:
     counts = farm.queue_counts()
     assert counts == {"queued": 0, "running": 0, "succeeded": 0, "failed": 2, "cancelled": 1}
     assert {b.state.value for b in (first, second)} == {"failed"}
+
+
+def test_a_retry_never_goes_to_a_full_machine_it_did_not_fail_on() -> None:
+    """When the only machine with a free slot is the one the build failed on, it goes there:
+    a full machine it did not fail on is no choice at all."""
+    farm = Farm()
+    build = submit(farm, "flaky")
+    first = machine(farm, "first")
+    farm.dispatch(0.0)
+    failed = Result(build_id=build.id, attempt=1, status=BuildStatus.UPLOAD_FAILED, error="x")
+    farm.on_result(first, farm.machines["first"], failed, 0.0)
+    busy = machine(farm, "busy", max_jobs=1, speed=2.0)
+    submit(farm, "filler", priority=9)  # goes first, to the faster machine: now full
+    farm.dispatch(build.not_before)
+    assert assigned(busy, farm) == ["filler"]
+    assert assigned(first, farm) == ["flaky", "flaky"]
+
+
+def test_many_machines_and_builds_are_matched_by_capacity() -> None:
+    farm = Farm()
+    sessions = [machine(farm, f"m{i}", max_jobs=2, speed=1.0 + (i % 3)) for i in range(30)]
+    for index in range(50):
+        submit(farm, f"b{index}")
+    farm.dispatch(0.0)
+    loads = [len(assigned(s, farm)) for s in sessions]
+    assert sum(loads) == 50
+    # the fastest machines (speed 3) are filled first, then speed 2, the rest by capacity
+    assert all(loads[i] == 2 for i in range(30) if i % 3 == 2)
+    assert all(loads[i] == 2 for i in range(30) if i % 3 == 1)
