@@ -10,7 +10,7 @@ a second thread hop to pay off do both in one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -30,12 +30,24 @@ async def write_and_hash(
     if size < PARALLEL_MIN:
         await trio.to_thread.run_sync(both)
         return
+    await beside(lambda: trio.to_thread.run_sync(write), lambda: trio.to_thread.run_sync(hash_))
+
+
+async def beside(
+    main: Callable[[], Awaitable[object]], background: Callable[[], Awaitable[object]]
+) -> None:
+    """Run ``main`` with ``background`` running beside it (a reader ahead of a sender, a
+    writer behind a receiver); return when both are done.  An exception from ``main``
+    cancels ``background`` and is raised as it is, not in an ``ExceptionGroup``, so callers
+    catch it as they would from ``main`` alone.  ``background`` reports its own failures
+    (as the transfers do, through a list the caller checks)."""
     failed: list[Exception] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.to_thread.run_sync, hash_)
+        nursery.start_soon(background)
         try:
-            await trio.to_thread.run_sync(write)
+            await main()
         except Exception as exc:
             failed.append(exc)
+            nursery.cancel_scope.cancel()
     if failed:
         raise failed[0]

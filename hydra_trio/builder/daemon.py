@@ -42,7 +42,7 @@ from hydra_trio import auth, net, sdnotify
 from hydra_trio.builder.backoff import Backoff
 from hydra_trio.builder.executor import BUILD_DIR_VARIABLE, Fetch, FetchError, Send, execute
 from hydra_trio.builder.nixexec import execute_nix
-from hydra_trio.diskio import write_and_hash
+from hydra_trio.diskio import beside, write_and_hash
 from hydra_trio.nixstore import NixStore
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import HydraTrioError, IncompatibleVersionError, ProtocolError
@@ -572,17 +572,12 @@ class _Session:
             # a slow disk closes the window instead of letting the frames pile up.
             batches, taken = trio.open_memory_channel[list[bytes]](1)
             failed: list[OSError] = []
-            error: Exception | None = None
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_write_behind, writer, taken, failed)
+
+            async def receive() -> None:
                 async with batches:
-                    try:
-                        await self._receive_input(assign, info, request_id, inbox, batches, failed)
-                    except Exception as exc:  # raised below as it is, not in an ExceptionGroup
-                        error = exc
-                        nursery.cancel_scope.cancel()
-            if error is not None:
-                raise error
+                    await self._receive_input(assign, info, request_id, inbox, batches, failed)
+
+            await beside(receive, functools.partial(_write_behind, writer, taken, failed))
             if failed:
                 raise failed[0]
             await trio.to_thread.run_sync(writer.finish, target, info.size, info.sha256)

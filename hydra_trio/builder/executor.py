@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import trio
 
+from hydra_trio.diskio import beside
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
     Assign,
@@ -450,16 +451,10 @@ async def _upload(assign: Assign, out_dir: Path, outputs: list[FileInfo], send: 
         try:
             chunks, arriving = trio.open_memory_channel[tuple[list[bytes], bool]](1)
             failed: list[Exception] = []
-            error: Exception | None = None
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_read_ahead, f, info.size, chunks, failed)
-                try:
-                    await _send_chunks(assign, info, arriving, send)
-                except Exception as exc:  # raised below as it is, not in an ExceptionGroup
-                    error = exc
-                    nursery.cancel_scope.cancel()
-            if error is not None:
-                raise error
+            await beside(
+                functools.partial(_send_chunks, assign, info, arriving, send),
+                functools.partial(_read_ahead, f, info.size, chunks, failed),
+            )
             if failed:
                 raise failed[0]
         finally:
