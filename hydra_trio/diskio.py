@@ -1,7 +1,11 @@
-"""Writing received file data to disk and hashing it, off the event loop.
+"""Receiving files: writing data to disk and hashing it as it arrives, off the event loop.
 
 A transfer's receiving side both writes and hashes every byte (the runner an upload, a builder
-a fetched input).  Both are slow next to a loopback socket: sha256 runs at ~1.5 GB/s, and a
+a fetched input), then keeps the file under its final name only if its size and hash are the
+ones declared.  ``HashingFile`` is that file; ``receiving`` opens one and removes what is left
+of it however the transfer ends.
+
+Writing and hashing are both slow next to a loopback socket: sha256 runs at ~1.5 GB/s, and a
 write into pages the kernel has to find first (a fresh virtual machine's memory) can be slower
 still.  ``write_and_hash`` runs the two in two worker threads at the same time (both release
 the GIL), so a batch costs the slower of the two instead of their sum.  Batches too small for
@@ -10,12 +14,20 @@ a second thread hop to pay off do both in one.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+import functools
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import BinaryIO
 
 import trio
 
 #: Batches smaller than this are written and hashed in one thread hop.
 PARALLEL_MIN = 256 * 1024
+#: Seconds the removal of a partial file may take when its transfer is cancelled.
+DISCARD_GRACE = 30.0
 
 
 async def write_and_hash(
@@ -37,17 +49,136 @@ async def beside(
     main: Callable[[], Awaitable[object]], background: Callable[[], Awaitable[object]]
 ) -> None:
     """Run ``main`` with ``background`` running beside it (a reader ahead of a sender, a
-    writer behind a receiver); return when both are done.  An exception from ``main``
-    cancels ``background`` and is raised as it is, not in an ``ExceptionGroup``, so callers
-    catch it as they would from ``main`` alone.  ``background`` reports its own failures
-    (as the transfers do, through a list the caller checks)."""
-    failed: list[Exception] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(background)
-        try:
+    writer behind a receiver); return when both are done.  An exception from either cancels
+    the other and is raised as it is, not in an ``ExceptionGroup``, so callers catch it as
+    they would from one task (two at once stay grouped)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(background)
             await main()
-        except Exception as exc:
-            failed.append(exc)
-            nursery.cancel_scope.cancel()
-    if failed:
-        raise failed[0]
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+class HashMismatch(Exception):
+    """A received file's size or sha256 is not the one declared."""
+
+    def __init__(self, size: int, sha256: str, expected_size: int, expected_sha256: str) -> None:
+        super().__init__(
+            f"received {size} bytes with sha256 {sha256}, "
+            f"expected {expected_size} bytes with {expected_sha256}"
+        )
+        self.size = size
+        self.sha256 = sha256
+        self.expected_size = expected_size
+        self.expected_sha256 = expected_sha256
+
+
+class HashingFile:
+    """A file being received into ``tmp``: written and hashed as its data arrives, moved to
+    its final name (read-only) only once its size and hash match, else removed.
+
+    Writes happen one batch at a time, in order; ``write`` overlaps a batch's write and hash
+    in two threads.  Every other method blocks: call it through a thread."""
+
+    def __init__(self, tmp: Path, file: BinaryIO) -> None:
+        self.tmp = tmp
+        self.file = file
+        self.size = 0
+        self.hasher = hashlib.sha256()
+
+    @classmethod
+    def create(cls, tmp: Path) -> HashingFile:
+        """A new file at ``tmp`` (its directory made if missing; an existing file replaced)."""
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        return cls(tmp, tmp.open("wb"))
+
+    async def write(self, chunks: list[bytes]) -> None:
+        """Write and hash ``chunks`` in worker threads (see ``write_and_hash``)."""
+        await write_and_hash(
+            sum(map(len, chunks)),
+            functools.partial(self.write_unhashed, chunks),
+            functools.partial(self.hash_chunks, chunks),
+            functools.partial(self.write_chunks, chunks),
+        )
+
+    def write_chunks(self, chunks: list[bytes]) -> None:
+        """Write and hash ``chunks`` in order, without joining them."""
+        self.write_unhashed(chunks)
+        self.hash_chunks(chunks)
+
+    def write_unhashed(self, chunks: list[bytes]) -> None:
+        """``write_chunks`` less the hashing, which ``hash_chunks`` does (in another thread at
+        the same time: one write and one hash at a time, each in order)."""
+        write = self.file.write
+        for data in chunks:
+            write(data)
+            self.size += len(data)
+
+    def hash_chunks(self, chunks: list[bytes]) -> None:
+        update = self.hasher.update
+        for data in chunks:
+            update(data)
+
+    def close(self) -> None:
+        """Close the file (its data is all written); ``verify`` and ``move_to`` still work."""
+        self.file.close()
+
+    def verify(self, size: int, sha256: str) -> None:
+        """Raise ``HashMismatch`` unless what was written has this size and sha256."""
+        if self.size != size or self.hasher.hexdigest() != sha256:
+            raise HashMismatch(self.size, self.hasher.hexdigest(), size, sha256)
+
+    def move_to(self, target: Path, *, durable: bool = False) -> None:
+        """Close the file and rename it (read-only) to ``target``, replacing what is there.
+        ``durable``: fsync the file before and its directory after, so the rename survives a
+        power loss."""
+        self.close()
+        new_dir = not target.parent.exists()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if durable:
+            with self.tmp.open("rb") as f:
+                os.fsync(f.fileno())
+        os.chmod(self.tmp, 0o444)
+        os.replace(self.tmp, target)
+        if durable:
+            fsync_dir(target.parent)
+            if new_dir:
+                fsync_dir(target.parent.parent)
+
+    def commit(self, target: Path, size: int, sha256: str, *, durable: bool = False) -> None:
+        """``verify``, then ``move_to``; what does not match stays for ``discard``."""
+        self.close()
+        self.verify(size, sha256)
+        self.move_to(target, durable=durable)
+
+    def discard(self) -> None:
+        """Close and remove the file, unless ``move_to`` moved it (then nothing happens)."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+@contextlib.asynccontextmanager
+async def receiving(tmp: Path) -> AsyncIterator[HashingFile]:
+    """A ``HashingFile`` at ``tmp`` for the block, removed after it unless committed.
+
+    The removal is shielded: a transfer is usually cut short by its connection being
+    cancelled, and an unshielded await there would raise ``Cancelled`` at once and leave the
+    partial file for good.  It is bounded by ``DISCARD_GRACE``, in case the disk hangs."""
+    file = await trio.to_thread.run_sync(HashingFile.create, tmp)
+    try:
+        yield file
+    finally:
+        with trio.move_on_after(DISCARD_GRACE, shield=True):
+            await trio.to_thread.run_sync(file.discard)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync the directory ``path`` (what makes a rename in it durable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,12 +1,24 @@
-"""diskio.write_and_hash: write and hash a received batch in two worker threads."""
+"""diskio: write and hash a received batch in two worker threads; HashingFile; beside."""
 
 from __future__ import annotations
 
+import hashlib
+import stat
 import threading
+from pathlib import Path
 
 import pytest
+import trio
+import trio.lowlevel
 
-from hydra_trio.diskio import PARALLEL_MIN, write_and_hash
+from hydra_trio.diskio import (
+    PARALLEL_MIN,
+    HashingFile,
+    HashMismatch,
+    beside,
+    receiving,
+    write_and_hash,
+)
 
 
 async def test_a_large_batch_is_written_and_hashed_in_two_threads_at_once() -> None:
@@ -43,3 +55,78 @@ async def test_the_write_error_is_raised_as_it_is_once_the_hashing_is_over() -> 
     with pytest.raises(OSError, match="No space left"):
         await write_and_hash(PARALLEL_MIN, write, hashed.set, write)
     assert hashed.is_set()
+
+
+async def test_a_received_file_that_matches_is_moved_into_place_read_only(tmp_path: Path) -> None:
+    """A file whose size and hash match is renamed to its target, read-only; no tmp is left."""
+    data = [b"x" * PARALLEL_MIN, b"y" * 10]
+    target = tmp_path / "store" / "ab" / "file"
+    async with receiving(tmp_path / "tmp" / "partial") as file:
+        await file.write(data[:1])
+        await file.write(data[1:])
+        digest = hashlib.sha256(b"".join(data)).hexdigest()
+        await trio.to_thread.run_sync(file.commit, target, PARALLEL_MIN + 10, digest)
+    assert target.read_bytes() == b"".join(data)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o444
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_a_received_file_that_does_not_match_is_refused_and_removed(tmp_path: Path) -> None:
+    """A size or hash other than the declared one raises HashMismatch; the file is removed."""
+    target = tmp_path / "file"
+    with pytest.raises(HashMismatch, match="received 3 bytes") as caught:
+        async with receiving(tmp_path / "tmp" / "partial") as file:
+            await file.write([b"abc"])
+            await trio.to_thread.run_sync(file.commit, target, 3, "0" * 64)
+    assert caught.value.size == 3 and caught.value.expected_sha256 == "0" * 64
+    assert not target.exists() and list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_a_cancelled_transfer_removes_its_partial_file(tmp_path: Path) -> None:
+    """Cancelling the block (its connection died) still removes the partial file."""
+    with trio.move_on_after(0):
+        async with receiving(tmp_path / "partial") as file:
+            file.write_chunks([b"abc"])
+            await trio.sleep_forever()
+    assert not (tmp_path / "partial").exists()
+
+
+def test_a_durable_move_replaces_the_target(tmp_path: Path) -> None:
+    """move_to(durable=True) replaces an existing target (fsyncs are not observable here)."""
+    (tmp_path / "target").write_bytes(b"old")
+    file = HashingFile.create(tmp_path / "tmp")
+    file.write_chunks([b"new"])
+    file.move_to(tmp_path / "target", durable=True)
+    file.discard()  # after a move: nothing to remove, no error
+    assert (tmp_path / "target").read_bytes() == b"new"
+
+
+async def test_beside_raises_a_background_failure_as_it_is() -> None:
+    """A failure of the background task cancels the main one and is raised ungrouped."""
+    main_cancelled = False
+
+    async def main() -> None:
+        nonlocal main_cancelled
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            main_cancelled = True
+            raise
+
+    async def background() -> None:
+        await trio.lowlevel.checkpoint()
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        await beside(main, background)
+    assert main_cancelled
+
+
+async def test_beside_raises_a_main_failure_as_it_is() -> None:
+    """A failure of the main task cancels the background one and is raised ungrouped."""
+
+    async def main() -> None:
+        raise ValueError("bad")
+
+    with pytest.raises(ValueError, match="bad"):
+        await beside(main, trio.sleep_forever)

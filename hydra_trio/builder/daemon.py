@@ -42,7 +42,7 @@ from hydra_trio import auth, net, sdnotify
 from hydra_trio.builder.backoff import Backoff
 from hydra_trio.builder.executor import BUILD_DIR_VARIABLE, Fetch, FetchError, Send, execute
 from hydra_trio.builder.nixexec import execute_nix
-from hydra_trio.diskio import beside, write_and_hash
+from hydra_trio.diskio import HashingFile, HashMismatch, beside, receiving
 from hydra_trio.nixstore import NixStore
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import HydraTrioError, IncompatibleVersionError, ProtocolError
@@ -563,31 +563,22 @@ class _Session:
         request_id = self._next_request
         self._next_request += 1
         inbox = self.fetches[request_id] = _FetchInbox()
-        tmp = cache / "tmp" / f"{request_id}-{info.sha256}"
-        writer = await trio.to_thread.run_sync(_CacheWriter, tmp)
         try:
-            # Disk and network at the same time: the frames received go to a task that
-            # writes (and hashes) them in a worker thread while the next ones arrive.  The
-            # window counts bytes taken from the inbox, and the hand-over holds one batch, so
-            # a slow disk closes the window instead of letting the frames pile up.
-            batches, taken = trio.open_memory_channel[list[bytes]](1)
-            failed: list[OSError] = []
+            async with receiving(cache / "tmp" / f"{request_id}-{info.sha256}") as file:
+                # Disk and network at the same time: the frames received go to a task that
+                # writes (and hashes) them in a worker thread while the next ones arrive.  The
+                # window counts bytes taken from the inbox, and the hand-over holds one batch,
+                # so a slow disk closes the window instead of letting the frames pile up.
+                batches, taken = trio.open_memory_channel[list[bytes]](1)
 
-            async def receive() -> None:
-                async with batches:
-                    await self._receive_input(assign, info, request_id, inbox, batches, failed)
+                async def receive() -> None:
+                    async with batches:
+                        await self._receive_input(assign, info, request_id, inbox, batches)
 
-            await beside(receive, functools.partial(_write_behind, writer, taken, failed))
-            if failed:
-                raise failed[0]
-            await trio.to_thread.run_sync(writer.finish, target, info.size, info.sha256)
+                await beside(receive, functools.partial(_write_behind, file, taken))
+                await trio.to_thread.run_sync(_keep, file, target, info)
         finally:
             del self.fetches[request_id]
-            # Shielded: a fetch is usually cut short by its session being cancelled, and an
-            # unshielded await here would raise Cancelled at once and leave the partial file
-            # in cache/tmp for good.  Bounded, in case the file system hangs.
-            with trio.move_on_after(30, shield=True):
-                await trio.to_thread.run_sync(writer.discard)
         return target
 
     async def _receive_input(
@@ -597,7 +588,6 @@ class _Session:
         request_id: int,
         inbox: _FetchInbox,
         batches: trio.MemorySendChannel[list[bytes]],
-        failed: list[OSError],
     ) -> None:
         """Request the file's chunks (FETCH_WINDOW in flight) and pass what arrives on to
         ``batches`` about FETCH_CHUNK bytes at a time, until the end of the file."""
@@ -642,31 +632,29 @@ class _Session:
                 received += len(chunk.data)
             done = last.eof or not last.data
             if pending_size >= FETCH_CHUNK or done:
-                try:
-                    await batches.send(pending)
-                except trio.BrokenResourceError:  # the writer failed
-                    raise failed[0] from None
+                await batches.send(pending)
                 pending, pending_size = [], 0
             if done:
                 break
 
 
-async def _write_behind(
-    writer: _CacheWriter, batches: trio.MemoryReceiveChannel[list[bytes]], failed: list[OSError]
-) -> None:
-    """Write (and hash) the batches of a fetch in a worker thread, one at a time, in order; an
-    ``OSError`` is kept in ``failed`` (and the channel closed, so the sender stops)."""
-    async with batches:
-        try:
-            async for chunks in batches:
-                await write_and_hash(
-                    sum(map(len, chunks)),
-                    functools.partial(writer.write_unhashed, chunks),
-                    functools.partial(writer.hash_chunks, chunks),
-                    functools.partial(writer.write_chunks, chunks),
-                )
-        except OSError as exc:
-            failed.append(exc)
+async def _write_behind(file: HashingFile, batches: trio.MemoryReceiveChannel[list[bytes]]) -> None:
+    """Write (and hash) the batches of a fetch in worker threads, one at a time, in order.  A
+    failed write propagates and so cancels the receiving (``beside``); the channel is left
+    open for that, as closing it would fail the receiver's send with a second error."""
+    async for chunks in batches:
+        await file.write(chunks)
+
+
+def _keep(file: HashingFile, target: Path, info: FileInfo) -> None:
+    """Move a fetched file into the cache, read-only, if it is what was asked for."""
+    try:
+        file.commit(target, info.size, info.sha256)
+    except HashMismatch as exc:
+        raise FetchError(
+            f"fetched {exc.size} bytes with sha256 {exc.sha256}, "
+            f"expected {exc.expected_size} bytes with {exc.expected_sha256}"
+        ) from None
 
 
 @attrs.define(eq=False)
@@ -690,54 +678,6 @@ class _FetchInbox:
         self.expected -= len(message.data)
         self.send.send_nowait(message)
         return True
-
-
-class _CacheWriter:
-    """A fetched file being written to the cache: hashed as it arrives, renamed into place
-    (read-only) only once size and hash match.  Blocking: call through a thread."""
-
-    def __init__(self, tmp: Path) -> None:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = tmp
-        self.file = tmp.open("wb")
-        self.hasher = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self.write_chunks([data])
-
-    def write_chunks(self, chunks: list[bytes]) -> None:
-        """Write and hash ``chunks`` in order, without joining them."""
-        self.write_unhashed(chunks)
-        self.hash_chunks(chunks)
-
-    def write_unhashed(self, chunks: list[bytes]) -> None:
-        """``write_chunks`` less the hashing, which ``hash_chunks`` does (in another thread at
-        the same time: one write and one hash at a time, each in order)."""
-        write = self.file.write
-        for data in chunks:
-            write(data)
-            self.size += len(data)
-
-    def hash_chunks(self, chunks: list[bytes]) -> None:
-        update = self.hasher.update
-        for data in chunks:
-            update(data)
-
-    def finish(self, target: Path, size: int, sha256: str) -> None:
-        self.file.close()
-        if self.size != size or self.hasher.hexdigest() != sha256:
-            raise FetchError(
-                f"fetched {self.size} bytes with sha256 {self.hasher.hexdigest()}, "
-                f"expected {size} bytes with {sha256}"
-            )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.tmp, 0o444)
-        os.replace(self.tmp, target)
-
-    def discard(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
 
 
 def _build_dir_name(assign: Assign) -> str:

@@ -450,13 +450,10 @@ async def _upload(assign: Assign, out_dir: Path, outputs: list[FileInfo], send: 
         f = await trio.to_thread.run_sync(_open_beneath, out_dir, info.path)
         try:
             chunks, arriving = trio.open_memory_channel[tuple[list[bytes], bool]](1)
-            failed: list[Exception] = []
             await beside(
                 functools.partial(_send_chunks, assign, info, arriving, send),
-                functools.partial(_read_ahead, f, info.size, chunks, failed),
+                functools.partial(_read_ahead, f, info.size, chunks),
             )
-            if failed:
-                raise failed[0]
         finally:
             await trio.to_thread.run_sync(f.close)
 
@@ -489,19 +486,14 @@ async def _read_ahead(
     f: BinaryIO,
     size: int,
     chunks: trio.MemorySendChannel[tuple[list[bytes], bool]],
-    failed: list[Exception],
 ) -> None:
     """Read ``f`` in a worker thread, a chunk per hop, into ``chunks`` (pieces of a frame
-    each, and whether the chunk ends the upload: it is short, or reaches the size scanned);
-    an error is kept in ``failed``, and ends the channel."""
+    each, and whether the chunk ends the upload: it is short, or reaches the size scanned).
+    An error ends the channel and propagates (``beside`` raises it)."""
     async with chunks:
         offset = 0
         while True:
-            try:
-                pieces = await trio.to_thread.run_sync(_read_pieces, f)
-            except Exception as exc:
-                failed.append(exc)
-                return
+            pieces = await trio.to_thread.run_sync(_read_pieces, f)
             length = sum(map(len, pieces))
             offset += length
             eof = length < UPLOAD_CHUNK or offset >= size
