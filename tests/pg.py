@@ -58,11 +58,20 @@ class Cluster:
         cluster = cls(bindir=bindir, root=root, port=port, prefix=prefix)
         data = root / "data"
         cluster._run("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
-        cluster._run(
-            "pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60",
-            "-o", f"-p {port} -k {root} -c listen_addresses='' -c fsync=off", "start",
-        )  # fmt: skip
+        cluster.start_server()
         return cluster
+
+    def start_server(self) -> None:
+        """Start the server (again, after ``stop_server``): same data, port and socket dir."""
+        self._run(
+            "pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-w",
+            "-t", "60", "-o", f"-p {self.port} -k {self.root} -c listen_addresses='' -c fsync=off",
+            "start",
+        )  # fmt: skip
+
+    def stop_server(self) -> None:
+        """Stop the server, ending every connection (``fast``: as a restart by an operator)."""
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "fast", "-w", "stop")
 
     def _run(self, tool: str, *args: str) -> None:
         subprocess.run(

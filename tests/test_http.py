@@ -129,6 +129,8 @@ async def test_status_lists_machines_with_every_contract_field_and_queue_counts(
                 "framesRejected": {},
                 "handshakesRejected": {},
             },
+            "role": "leader",
+            "warnings": [],
         }
         await runner.start_builder("b1")
         await runner.submit()

@@ -12,6 +12,7 @@ sends can make the runner write outside ``root``.  All methods block: call them 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ import attrs
 
 from hydra_trio.nixstore import NixStore
 from hydra_trio.protocol.messages import FileInfo
+from hydra_trio.runner.health import Health
 from hydra_trio.runner.logs import LogStore
 
 
@@ -65,6 +67,8 @@ def _fsync_dir(path: Path) -> None:
 @attrs.define(eq=False)
 class BlobStore:
     root: Path
+    #: where a failed write (disk full) is reported.
+    health: Health = attrs.field(factory=Health)
 
     def __attrs_post_init__(self) -> None:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
@@ -85,8 +89,21 @@ class BlobStore:
         return self.path_of(sha256).is_file()
 
     def begin(self, path: str) -> PendingUpload:
-        fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix="upload-")
+        """A new upload.  If its file cannot be created (the disk is full), the upload is
+        refused from the start: its chunks are dropped and its result is ``upload-failed``."""
+        try:
+            fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix="upload-")
+        except OSError as exc:
+            self.failed(exc)
+            # Nothing on disk: ``tmp`` names no file (discarding it unlinks nothing).
+            return PendingUpload(
+                path=path, tmp=self.root / "tmp" / "refused", file=io.BytesIO(), done=True
+            )
         return PendingUpload(path=path, tmp=Path(name), file=os.fdopen(fd, "wb"))
+
+    def failed(self, exc: OSError) -> None:
+        """An upload could not be written or kept (reported, the upload fails alone)."""
+        self.health.fault("outputs", f"build outputs cannot be written: {exc}", exc)
 
     def stage(self, upload: PendingUpload, offset: int, data: bytes, eof: bool = False) -> bool:
         """Take the chunk at ``offset`` (it must follow what arrived; ``eof``: the last one)
@@ -169,6 +186,11 @@ class BlobStore:
             _fsync_dir(target.parent)
             if new_dir:
                 _fsync_dir(self.root)
+        except OSError as exc:  # the disk is full, or failing: this output cannot be kept
+            self.failed(exc)
+            raise BlobError(f"{upload.path}: the runner cannot keep it: {exc}") from None
+        else:
+            self.health.ok("outputs")
         finally:
             upload.done = True
             upload.tmp.unlink(missing_ok=True)
@@ -247,9 +269,16 @@ class Storage:
     nix_exports: dict[str, FileInfo] = attrs.field(factory=dict)
 
     @classmethod
-    def in_dir(cls, state_dir: Path, nix_store: Path | None = None) -> Storage:
+    def in_dir(
+        cls, state_dir: Path, nix_store: Path | None = None, health: Health | None = None
+    ) -> Storage:
+        health = health if health is not None else Health()
         return cls(
-            blobs=BlobStore(state_dir / "blobs"),
-            logs=LogStore(state_dir / "logs"),
+            blobs=BlobStore(state_dir / "blobs", health),
+            logs=LogStore(state_dir / "logs", health),
             nix=NixStore(nix_store),
         )
+
+    @property
+    def health(self) -> Health:
+        return self.blobs.health

@@ -16,9 +16,10 @@ from hypercorn.trio import serve as hypercorn_serve
 from hydra_trio import net, sdnotify
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm, FarmConfig
+from hydra_trio.runner.front import Front
 from hydra_trio.runner.http import create_app
 from hydra_trio.runner.session import HandshakeGate, SessionConfig, serve_builder
-from hydra_trio.runner.store import Persister, StoreError, open_store
+from hydra_trio.runner.store import Persister, StoreError, lock_database, open_store
 from hydra_trio.system import default_system, lock_dir
 
 log = logging.getLogger("hydra_trio.runner")
@@ -146,6 +147,11 @@ async def serve_runner(
         farm, dispatcher = make_farm(config)
     storage = await trio.to_thread.run_sync(open_storage, config, farm)
     lock = await trio.to_thread.run_sync(lock_state_dir, config.state_dir)
+    try:
+        db_lock = await trio.to_thread.run_sync(lock_database, config.db, config.state_dir)
+    except BaseException:
+        lock.close()
+        raise
     removed = await trio.to_thread.run_sync(storage.blobs.remove_partial_uploads)
     if removed:
         log.info("removed %d partial uploads left by a previous runner", removed)
@@ -153,8 +159,10 @@ async def serve_runner(
         store = await trio.to_thread.run_sync(open_store, config.db, config.state_dir)
     except BaseException:
         lock.close()
+        if db_lock is not None:
+            db_lock.close()
         raise
-    persister = Persister(store, farm)
+    persister = Persister(store, farm, storage.health)
     try:
         await trio.to_thread.run_sync(store.migrate)
         snapshot = await trio.to_thread.run_sync(store.load)
@@ -172,13 +180,15 @@ async def serve_runner(
         try:
             with trio.move_on_after(10, shield=True):
                 try:
-                    if persister.failure is None:
-                        builds, edges, machines = farm.take_dirty()
-                        await trio.to_thread.run_sync(store.save, builds, edges, machines)
+                    await persister.final_save()
+                except Exception as exc:  # e.g. the database is still down: say what waits
+                    log.error("could not write the last changes: %s", exc)
                 finally:
                     await trio.to_thread.run_sync(store.close)
         finally:
             lock.close()
+            if db_lock is not None:
+                db_lock.close()
 
 
 async def _serve(
@@ -215,7 +225,8 @@ async def _serve(
         hc.accesslog = None
         hc.errorlog = logging.getLogger("hydra_trio.http")
         hc.graceful_timeout = 1.0
-        serve_http = functools.partial(hypercorn_serve, app, hc)  # type: ignore[arg-type]
+        front = Front(app, unavailable=lambda: persister.unavailable)
+        serve_http = functools.partial(hypercorn_serve, front, hc)  # type: ignore[arg-type]
         http = await nursery.start(serve_http)
     log.info(
         "queue runner listening for builders on %s, HTTP on %s",

@@ -42,7 +42,8 @@ from hydra_trio.runner import nix
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.dashboard import dashboard
 from hydra_trio.runner.farm import Farm, InvalidGraphError, UnknownBuildError
-from hydra_trio.runner.metrics import collect_metrics, format_metrics
+from hydra_trio.runner.front import unavailable_response
+from hydra_trio.runner.metrics import collect_metrics, format_metrics, health_family
 from hydra_trio.runner.model import Build, BuildState
 from hydra_trio.runner.specs import (
     DrvRequest,
@@ -51,6 +52,7 @@ from hydra_trio.runner.specs import (
     parse_graph,
     parse_spec,
 )
+from hydra_trio.runner.store import StoreUnavailable
 
 #: Limit on request bodies: big enough for a graph of MAX_GRAPH_BUILDS small builds; it keeps a
 #: client from making the runner buffer arbitrary amounts.
@@ -233,6 +235,8 @@ def create_app(
                     "framesRejected": dict(farm.frames_rejected),
                     "handshakesRejected": dict(farm.handshakes_rejected),
                 },
+                "role": "leader",
+                "warnings": [w.to_json() for w in storage.health.warnings()],
             },
             len(farm.machines),
         )
@@ -375,8 +379,13 @@ def create_app(
         # The snapshot is read on the event loop, where the farm cannot change meanwhile; the
         # formatting (three times as long: ~30 ms for 2,000 machines) goes to a thread.
         families = collect_metrics(farm, trio.current_time())
+        families.append(health_family(storage.health))
         body = await trio.to_thread.run_sync(format_metrics, families)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def store_unavailable(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StoreUnavailable)
+        return unavailable_response(exc)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -395,7 +404,7 @@ def create_app(
             Route("/machines/{machine_id}/drain", drain, methods=["POST"]),
             Route("/metrics", metrics),
         ],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, StoreUnavailable: store_unavailable},
         middleware=(
             []
             if token is None

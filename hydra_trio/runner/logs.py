@@ -2,13 +2,29 @@
 
 ``<root>/<build id>.<attempt>.log``: a new attempt starts a new file, so a retried build's log
 is the log of the attempt that is shown, never two attempts interleaved.
+
+A write that fails (the disk is full, or failing) truncates that attempt's log: what was
+written stays, ``TRUNCATED_MARKER`` ends it, and nothing more is appended to it; the build
+goes on.  The marker is written to the file as soon as the disk takes it, and until then added
+by ``read`` to what it returns, so a reader always sees where the log was cut.  The fault is
+reported to ``health`` (``/status`` and ``/metrics``); it never reaches the builder's session.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import trio
+
+from hydra_trio.runner.health import Health
+
+log = logging.getLogger("hydra_trio.runner")
+
+#: Ends a log that could not be written in full.
+TRUNCATED_MARKER = (
+    b"\n[hydra-trio: log truncated here: the runner could not write it (disk full?)]\n"
+)
 
 
 def _append(path: Path, data: bytes) -> None:
@@ -30,16 +46,38 @@ def _read(path: Path, offset: int, length: int) -> bytes:
 
 
 class LogStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, health: Health | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._changed: dict[str, trio.Event] = {}
+        self.health = health if health is not None else Health()
+        #: attempts whose log was cut by a failed write -> whether the marker is on disk.
+        self.truncated: dict[tuple[str, int], bool] = {}
 
     def path(self, build_id: str, attempt: int) -> Path:
         return self.root / f"{build_id}.{attempt}.log"
 
     async def append(self, build_id: str, attempt: int, data: bytes) -> None:
-        await trio.to_thread.run_sync(_append, self.path(build_id, attempt), data)
+        """Append to one attempt's log; a failed write truncates it (never raises OSError)."""
+        key = (build_id, attempt)
+        path = self.path(build_id, attempt)
+        marked = self.truncated.get(key)
+        if marked is None:
+            try:
+                await trio.to_thread.run_sync(_append, path, data)
+            except OSError as exc:
+                log.warning("log of build %s attempt %d truncated: %s", build_id, attempt, exc)
+                self.health.fault("logs", f"build logs cannot be written: {exc}", exc)
+                self.truncated[key] = marked = False
+            else:
+                self.health.ok("logs")
+        if marked is False:  # try again to end the file with the marker
+            try:
+                await trio.to_thread.run_sync(_append, path, TRUNCATED_MARKER)
+            except OSError:
+                pass
+            else:
+                self.truncated[key] = True
         self.notify(build_id)
 
     async def read(
@@ -48,7 +86,10 @@ class LogStore:
         """Bytes of one attempt's log; a negative ``offset`` counts from its end."""
         if attempt <= 0:
             return b""
-        return await trio.to_thread.run_sync(_read, self.path(build_id, attempt), offset, length)
+        data = await trio.to_thread.run_sync(_read, self.path(build_id, attempt), offset, length)
+        if self.truncated.get((build_id, attempt)) is False and len(data) < length:
+            data += TRUNCATED_MARKER  # the end of the file: say it was cut there
+        return data
 
     def notify(self, build_id: str) -> None:
         """Wake followers of a build: new bytes, a new attempt, or the build ended."""

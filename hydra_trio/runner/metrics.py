@@ -36,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from hydra_trio.protocol.errors import ProtocolError
 from hydra_trio.protocol.messages import BuildStatus
+from hydra_trio.runner.health import FAULT_KINDS, Health
 from hydra_trio.runner.model import MachineState
 
 if TYPE_CHECKING:
@@ -155,6 +156,19 @@ def collect_metrics(farm: Farm, now: float) -> list[Metric]:
     """Every family at ``now``: a snapshot, taken where the farm cannot change meanwhile (on
     the event loop).  About 10 ms for 2,000 connected machines."""
     return [*_state_families(farm, now), *farm.metrics.registry.collect()]
+
+
+def health_family(health: Health) -> Metric:
+    """``hydra_trio_dependency_faults_total{kind}``: faults of the database and the disk
+    (``runner.health``), every kind listed even at 0 so an alert can watch its rate."""
+    family = CounterMetricFamily(
+        "hydra_trio_dependency_faults",
+        "Writes the database or the disk refused (connection lost, disk full), by kind.",
+        labels=["kind"],
+    )
+    for kind in FAULT_KINDS:
+        family.add_metric([kind], health.faults[kind])
+    return family
 
 
 def format_metrics(families: Iterable[Metric]) -> bytes:

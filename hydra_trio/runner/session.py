@@ -565,6 +565,7 @@ async def _write(
         )
     except OSError as exc:  # the disk is full, or failing: this upload cannot be kept
         log.warning("upload of %s: %s", ref, exc)
+        blobs.failed(exc)
         await trio.to_thread.run_sync(storage.blobs.discard, upload)
     finally:
         del session.writes[upload]

@@ -21,23 +21,39 @@ The transactions carry the invariants even though only one runner writes:
 
 Blocking work (sqlite3, psycopg) runs only in ``trio.to_thread.run_sync``; one connection is
 used by one thread at a time (the persister's single writer, or startup).
+
+The database is a dependency, and may go away for a while (PostgreSQL restarted, its network
+cut, SQLite's disk full).  A batch that fails for such a reason (``is_transient``) is kept and
+written again, with the changes made since, after a backoff (0.1 s doubling to 5 s, with
+jitter) and a new connection; meanwhile the runner keeps its builders and answers reads,
+``Persister.unavailable`` says why writes wait (HTTP writes answer 503, or 507 for a full
+disk), and nothing waiting on durability is told it is durable: Assigns stay held and
+``flush`` raises ``StoreUnavailable``.  Any other failure (a bug, or a deposed leader's fenced
+write) still ends the persister, and with it the runner.
+
+A SQLite file belongs to one runner: the runner takes an exclusive ``flock`` on
+``<file>.lock`` beside it (``lock_database``, whatever state dir the runner has) and refuses
+the file if another runner holds it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import random
 import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import attrs
 import trio
 
 from hydra_trio.protocol.errors import HydraTrioError
 from hydra_trio.protocol.messages import BuildStatus, FileInfo
+from hydra_trio.runner.health import Health, is_disk_full
 from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine, MachineState
 
 log = logging.getLogger("hydra_trio.runner")
@@ -112,6 +128,27 @@ _UPSERT_MACHINE = """
 
 class StoreError(HydraTrioError):
     """The database cannot be used (newer schema, unreachable, locked)."""
+
+
+class StoreUnavailable(StoreError):
+    """A write could not be made durable now: the database is unreachable or full.  The
+    runner keeps the change and writes it once the database is back."""
+
+    def __init__(self, reason: str, *, disk_full: bool = False) -> None:
+        super().__init__(reason)
+        self.disk_full = disk_full
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed write is the database's trouble (worth retrying on a new
+    connection), rather than a bug or a refusal."""
+    if isinstance(exc, sqlite3.OperationalError | OSError):
+        return True  # disk full, I/O error, database locked
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - only with PostgreSQL in use
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +350,10 @@ class Store:
                 self._conn.commit()
                 return result
             except BaseException:
-                self._conn.rollback()
+                try:
+                    self._conn.rollback()
+                except Exception:  # a lost connection cannot roll back: the original counts
+                    log.debug("rollback failed", exc_info=True)
                 raise
 
     def migrate(self) -> None:
@@ -373,6 +413,9 @@ class Store:
         result: Snapshot = self._transaction(work)
         return result
 
+    def reconnect(self) -> None:
+        """Open a new connection after a transient failure (PostgreSQL); SQLite keeps its."""
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -393,6 +436,40 @@ class SqliteStore(Store):
         return cls(conn, f"SQLite database {path}")
 
 
+def sqlite_path(url: str | None, state_dir: Path) -> Path | None:
+    """The file of a SQLite ``--db``; None for PostgreSQL."""
+    if url is None:
+        return state_dir / "queue.sqlite"
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///") :])
+    return None
+
+
+def lock_database(url: str | None, state_dir: Path) -> IO[bytes] | None:
+    """A runner's claim on its SQLite database, whatever its state dir: an exclusive flock
+    on ``<file>.lock``, held until the returned file is closed.  Raises ``StoreError`` when
+    another runner holds it.  None for PostgreSQL, which runners share (with a lease)."""
+    path = sqlite_path(url, state_dir)
+    if path is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _lock_file(Path(f"{path}.lock"), path)
+
+
+def _lock_file(lock_path: Path, database: Path) -> IO[bytes]:
+    """Take ``lock_path``'s exclusive flock without waiting (held until the file is closed)."""
+    lock = lock_path.open("a+b")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise StoreError(
+            f"{database} is in use by another queue runner (it holds {lock_path}): a SQLite "
+            "database belongs to one runner; stop the other, or share PostgreSQL instead"
+        ) from None
+    return lock
+
+
 class PostgresStore(Store):
     placeholder = "%s"
 
@@ -408,7 +485,21 @@ class PostgresStore(Store):
             conn = psycopg.connect(url, connect_timeout=10)
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to {_redact(url)}: {exc}") from None
-        return cls(conn, f"PostgreSQL database {_redact(url)}")
+        store = cls(conn, f"PostgreSQL database {_redact(url)}")
+        store._url = url
+        return store
+
+    _url: str = ""
+
+    def reconnect(self) -> None:
+        import psycopg
+
+        with self._lock:
+            try:
+                self._conn.close()
+            except Exception:
+                log.debug("closing a lost connection failed", exc_info=True)
+            self._conn = psycopg.connect(self._url, connect_timeout=10)
 
 
 def _redact(url: str) -> str:
@@ -423,10 +514,10 @@ def _redact(url: str) -> str:
 
 def open_store(url: str | None, state_dir: Path) -> Store:
     """``None`` or ``sqlite:///PATH`` -> SQLite; ``postgresql://...`` -> PostgreSQL."""
-    if url is None:
-        return SqliteStore.open(state_dir / "queue.sqlite")
-    if url.startswith("sqlite:///"):
-        return SqliteStore.open(Path(url[len("sqlite:///") :]))
+    path = sqlite_path(url, state_dir)
+    if path is not None:
+        return SqliteStore.open(path)
+    assert url is not None
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresStore.open(url)
     raise StoreError(f"unsupported --db URL {_redact(url)!r}: use sqlite:///PATH or postgresql://")
@@ -436,37 +527,83 @@ def open_store(url: str | None, state_dir: Path) -> Store:
 # The persister task.
 
 
+#: Backoff between attempts at a failed batch: from RETRY_BASE doubling to RETRY_CAP, with
+#: full jitter.  A restarted PostgreSQL is back in about a second: the first retries find it.
+RETRY_BASE = 0.1
+RETRY_CAP = 5.0
+
+_Rows = tuple[list[tuple[Any, ...]], list[tuple[str, str]], list[tuple[Any, ...]]]
+
+
+def _merge(older: _Rows, newer: _Rows) -> _Rows:
+    """One batch of two: a build or machine in both is written as its newer row."""
+    builds = {row[0]: row for row in older[0]}
+    builds.update((row[0], row) for row in newer[0])
+    machines = {row[0]: row for row in older[2]}
+    machines.update((row[0], row) for row in newer[2])
+    return (
+        sorted(builds.values(), key=lambda row: row[1]),  # submission order, as take_dirty
+        older[1] + newer[1],
+        list(machines.values()),
+    )
+
+
 class Persister:
     """Writes the farm's dirty builds and machines, one transaction per batch."""
 
-    def __init__(self, store: Store, farm: Any) -> None:
+    def __init__(self, store: Store, farm: Any, health: Health | None = None) -> None:
         self.store = store
         self.farm = farm
+        self.health = health if health is not None else Health()
         self._wakeup = trio.Event()
         self._requested = 0  # batches asked for
         self._written = 0  # batches committed
         self._written_event = trio.Event()
         self.failure: BaseException | None = None
         self.batches = 0
+        #: why writes cannot be made durable now (None: they can).
+        self.unavailable: StoreUnavailable | None = None
+        #: failed attempts at writing a batch so far.
+        self.write_failures = 0
+        #: a batch that failed, with its held Assigns: written with the next one.
+        self._pending: _Rows | None = None
+        self._pending_assigns: list[Any] = []
+        self._rng = random.Random()
 
     def wake(self) -> None:
         self._wakeup.set()
 
     async def flush(self) -> None:
-        """Return once everything changed before this call is committed."""
+        """Return once everything changed before this call is committed.  Raises
+        ``StoreUnavailable`` if a write fails meanwhile (the change is kept, and written when
+        the database is back, but the caller must not say it is durable)."""
         self._requested += 1
         target = self._requested
+        failures = self.write_failures
         self.wake()
         while self._written < target:
             if self.failure is not None:
                 raise StoreError(f"the database write failed: {self.failure}")
+            if self.write_failures != failures and self.unavailable is not None:
+                raise self.unavailable
             event = self._written_event
             await event.wait()
 
+    def take(self) -> _Rows:
+        """The rows to write next: a failed batch's, with what changed since."""
+        rows: _Rows = self.farm.take_dirty()  # rows, made on this thread
+        self._pending_assigns += self.farm.take_held_assigns()
+        if self._pending is not None:
+            rows = _merge(self._pending, rows)
+            self._pending = None
+        return rows
+
     async def run(self) -> None:
         farm = self.farm
+        delay = RETRY_BASE
         while True:
-            await self._wakeup.wait()
+            if self._pending is None:
+                await self._wakeup.wait()
             # One scheduler pass before taking the rows: tasks woken together with this one
             # run first and their changes join this commit.  A POST /builds wakes the
             # dispatcher and this at once; with the dispatcher's Assign in the same commit as
@@ -474,19 +611,57 @@ class Persister:
             await trio.lowlevel.checkpoint()
             self._wakeup = trio.Event()
             target = self._requested
-            builds, edges, machines = farm.take_dirty()  # rows, made on this thread
-            assigns = farm.take_held_assigns()
+            builds, edges, machines = rows = self.take()
             try:
                 if builds or edges or machines:
                     await trio.to_thread.run_sync(self.store.save, builds, edges, machines)
             except Exception as exc:
-                # A database that stops taking writes is fatal: carrying on would answer
-                # clients with promises the runner cannot keep after a restart.
-                self.failure = exc
-                self._written_event.set()
-                raise
+                if not is_transient(exc):
+                    # Not the database's trouble (a bug, or a fenced write of a deposed
+                    # leader): carrying on would answer clients with promises the runner
+                    # cannot keep after a restart.
+                    self.failure = exc
+                    self._written_event.set()
+                    raise
+                self._pending = rows
+                delay = await self._wait_for_database(exc, delay)
+                continue
+            if self.unavailable is not None:
+                log.warning("%s takes writes again", self.store.description)
+                self.unavailable = None
+            self.health.ok("database")
+            delay = RETRY_BASE
             self.batches += 1
+            assigns, self._pending_assigns = self._pending_assigns, []
             farm.release_assigns(assigns)
             self._written = target
             self._written_event.set()
             self._written_event = trio.Event()
+
+    async def _wait_for_database(self, exc: Exception, delay: float) -> float:
+        """After a failed write: say so, wake the flushers, back off, reconnect.  Returns the
+        next backoff."""
+        full = is_disk_full(exc)
+        what = "is full" if full else "cannot be written"
+        reason = f"{self.store.description} {what}: {str(exc).strip() or type(exc).__name__}"
+        if self.unavailable is None:
+            log.error("%s; retrying, writes wait meanwhile", reason)
+        self.unavailable = StoreUnavailable(reason, disk_full=full)
+        self.health.fault("database", reason, exc)
+        self.write_failures += 1
+        self._written_event.set()  # flushers waiting on this batch learn it is not durable
+        self._written_event = trio.Event()
+        await trio.sleep(self._rng.uniform(RETRY_BASE, delay))
+        try:
+            await trio.to_thread.run_sync(self.store.reconnect)
+        except Exception as again:  # still down: the next write fails and says so
+            log.debug("reconnecting failed: %s", again)
+        return min(RETRY_CAP, delay * 2)
+
+    async def final_save(self) -> None:
+        """Write what is left when the runner stops (the task is gone: directly)."""
+        if self.failure is not None:
+            return
+        builds, edges, machines = self.take()
+        if builds or edges or machines:
+            await trio.to_thread.run_sync(self.store.save, builds, edges, machines)
