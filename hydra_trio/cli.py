@@ -300,6 +300,15 @@ def _nix_store_option(help: str) -> Callable[[F], F]:
 EXECUTORS = ("command", "nix")
 
 
+async def _check_nix(store_root: Path | None) -> None:
+    """Refuse to start a nix-executor builder where Nix cannot build (``NixSetupError``, one
+    line saying what to set up), instead of failing every build it is given as
+    ``internal-error``."""
+    from hydra_trio.nixstore import NixStore
+
+    await NixStore(root=store_root).check_can_build()
+
+
 def _executors(value: tuple[str, ...]) -> tuple[str, ...]:
     unknown = [name for name in value if name not in EXECUTORS]
     if unknown or not value:
@@ -455,6 +464,8 @@ def builder(log_level: str, log_format: str, **kw: Any) -> None:
     )
 
     async def serve() -> None:
+        if "nix" in config.executors:
+            await _check_nix(config.nix_store)
         lock = await trio.to_thread.run_sync(claim_work_dir, config.work_dir)
         try:
             async with trio.open_nursery() as nursery:

@@ -199,6 +199,9 @@ class HostPort:
 #: Linux option numbers the ``socket`` module does not name (``linux/tcp.h``).
 TCP_THIN_LINEAR_TIMEOUTS = getattr(socket, "TCP_THIN_LINEAR_TIMEOUTS", 16)
 TCP_RTO_MAX_MS = 44  # Linux >= 6.11
+#: The option of the idle time before the first keepalive probe: Linux and the BSDs call it
+#: ``TCP_KEEPIDLE``, macOS ``TCP_KEEPALIVE``.
+KEEPIDLE_NAME = "TCP_KEEPIDLE" if hasattr(socket, "TCP_KEEPIDLE") else "TCP_KEEPALIVE"
 #: Unsent bytes the kernel holds for a connection before ``send`` waits: a ping or pong queued
 #: behind a transfer waits for at most this much (plus what is in flight) on a slow link.
 NOTSENT_LOWAT = 128 * 1024
@@ -224,7 +227,10 @@ def configure_keepalive(stream: trio.abc.Stream, timeout: float) -> None:
     - ``TCP_NOTSENT_LOWAT`` (``NOTSENT_LOWAT``): a ping is not queued behind megabytes of
       transfer in the kernel (finding 2).
 
-    Options this platform lacks are skipped."""
+    Options this platform lacks are skipped: macOS has keepalive (its idle time is named
+    ``TCP_KEEPALIVE``), ``TCP_KEEPINTVL``/``TCP_KEEPCNT`` and ``TCP_NOTSENT_LOWAT``, but no
+    ``TCP_USER_TIMEOUT``, thin-stream or RTO options; there the application's watchdog alone
+    bounds a write into a black hole (docs/protocol.md, "TCP options by platform")."""
     sock = getattr(stream, "socket", None)
     if sock is None:
         return
@@ -232,7 +238,7 @@ def configure_keepalive(stream: trio.abc.Stream, timeout: float) -> None:
     interval = max(1, int(timeout / 6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (
-        ("TCP_KEEPIDLE", idle),
+        (KEEPIDLE_NAME, idle),
         ("TCP_KEEPINTVL", interval),
         ("TCP_KEEPCNT", 3),
         ("TCP_USER_TIMEOUT", max(1000, int(4 * timeout * 1000))),
@@ -253,7 +259,7 @@ def keepalive_settings(stream: trio.abc.Stream) -> dict[str, int]:
     sock = stream.socket  # type: ignore[attr-defined]
     settings = {"SO_KEEPALIVE": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)}
     names = (
-        "TCP_KEEPIDLE",
+        KEEPIDLE_NAME,
         "TCP_KEEPINTVL",
         "TCP_KEEPCNT",
         "TCP_USER_TIMEOUT",

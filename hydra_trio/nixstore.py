@@ -25,12 +25,15 @@ import functools
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import attrs
 import trio
+
+from hydra_trio.protocol.errors import HydraTrioError
 
 #: The store directory every store here uses (chroot stores keep it and move the files).
 STORE_DIR = "/nix/store"
@@ -42,6 +45,10 @@ _ARGS_PER_CALL = 2000
 
 class NixError(Exception):
     """A Nix command failed; the message is one line saying which and why."""
+
+
+class NixSetupError(NixError, HydraTrioError):
+    """Nix cannot build on this machine; the message says what to set up."""
 
 
 def is_store_path(path: str) -> bool:
@@ -93,8 +100,10 @@ class NixStore:
         """``nix-store --realise`` of ``drv`` in this store, substituters off (inputs come
         from the runner).  A chroot store's sandbox gets /bin, /lib, /lib64 and /usr, so
         derivations whose builder is ``/bin/sh`` run there."""
-        args = ["nix-store", *self._store_args(), "--realise", drv]
-        args += ["--option", "substituters", ""]
+        return ["nix-store", *self._store_args(), "--realise", drv, *self._build_options()]
+
+    def _build_options(self) -> list[str]:
+        args = ["--option", "substituters", ""]
         if self.root is not None:
             args += ["--option", "sandbox-paths", "/bin /lib /lib64 /usr"]
         if self.system_features:
@@ -120,6 +129,28 @@ class NixStore:
         if done.returncode != 0:
             raise NixError(f"{' '.join(args[:2])}: {_last_error(done.stderr)}")
         return done.stdout or b""
+
+    async def check_can_build(self) -> None:
+        """Build a trivial derivation (``/bin/sh`` writing its output; a new one each call,
+        so nothing cached answers for Nix) in this store, or raise ``NixError`` saying in one
+        line what to set up.  A builder with the nix executor calls this at start, so a
+        machine where Nix cannot build refuses to serve instead of failing every build it is
+        given as ``internal-error``."""
+        nonce = f"{os.getpid()}-{time.time_ns()}"
+        expr = (
+            'builtins.derivation { name = "hydra-trio-check"; system = builtins.currentSystem;'
+            ' builder = "/bin/sh"; args = [ "-c" "echo ok > $out" ]; PATH = "/bin:/usr/bin";'
+            f' nonce = "{nonce}"; }}'
+        )
+        try:
+            drv = (await self._run("nix-instantiate", "--expr", expr)).decode().strip()
+            await self._run("nix-store", "--realise", drv, *self._build_options())
+        except NixError as exc:
+            message = f"--executor nix: {self.describe()} cannot build: {_setup_hint(str(exc))}"
+            raise NixSetupError(message) from None
+
+    def describe(self) -> str:
+        return "this machine's Nix store" if self.root is None else f"the Nix store {self.root}"
 
     async def is_valid(self, path: str) -> bool:
         return not await self.invalid([path])
@@ -244,6 +275,18 @@ async def _collect(process: trio.Process, into: list[bytes]) -> None:
     while data := await process.stderr.receive_some(65536):
         into.append(bytes(data))
         del into[:-16]
+
+
+def _setup_hint(error: str) -> str:
+    """``error`` with what to do about the usual cause: Nix running as root builds as the
+    users of ``build-users-group`` (``nixbld`` by default), which a bare Nix install lacks."""
+    if "build-users-group" in error or "nixbld" in error:
+        return (
+            f"{error} (create the build users: on Debian/Ubuntu `apt-get install "
+            "nix-setup-systemd`, elsewhere Nix's multi-user install; or, for a single-user "
+            "store, set `build-users-group =` in nix.conf or NIX_CONFIG)"
+        )
+    return error
 
 
 def _last_error(stderr: bytes) -> str:

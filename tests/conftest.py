@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +13,26 @@ import pytest
 from hydra_trio.runner.store import PostgresStore, SqliteStore, Store
 
 from .pg import Cluster, find_bindir
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's Nix stores are chroot stores under its temporary directories, used by one
+    user: Nix builds as that user (``build-users-group =``), so the tests need no ``nixbld``
+    group or build users, which a root Nix otherwise requires (and a bare ``nix-bin`` install
+    lacks).  Child processes (the real daemons of the realnet and chaos tests) inherit it."""
+    extra = os.environ.get("NIX_CONFIG", "")
+    os.environ["NIX_CONFIG"] = f"{extra}\nbuild-users-group =" if extra else "build-users-group ="
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``linux`` skip themselves on other platforms (the macOS CI job runs the
+    rest: everything the builder does on a Mac)."""
+    if sys.platform == "linux":
+        return
+    skip = pytest.mark.skip(reason=f"needs Linux, this is {sys.platform}")
+    for item in items:
+        if "linux" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

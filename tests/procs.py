@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import attrs
 import httpx
+import psutil
 import trio
 
 T = TypeVar("T")
@@ -70,10 +71,9 @@ def process_alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie waiting for its reaper does not count: an orphan's
     reaper may be a PID 1 that is slow to reap, or never does)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 @attrs.define(eq=False)

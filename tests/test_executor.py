@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import trio
 
@@ -66,11 +67,9 @@ async def run(tmp_path: Path, *command: str, **limits: Any) -> tuple[Result, Rec
 def alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie (dead, not yet reaped by init) counts as dead."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    return state not in ("Z", "X")
 
 
 async def gone(pid: int) -> bool:

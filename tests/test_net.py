@@ -178,7 +178,7 @@ def expected_keepalive(timeout: float) -> dict[str, int]:
     """What configure_keepalive promises for ``timeout`` seconds, for the options we have."""
     wanted = {
         "SO_KEEPALIVE": 1,
-        "TCP_KEEPIDLE": max(1, int(timeout / 2)),
+        net.KEEPIDLE_NAME: max(1, int(timeout / 2)),
         "TCP_KEEPINTVL": max(1, int(timeout / 6)),
         "TCP_KEEPCNT": 3,
         "TCP_USER_TIMEOUT": max(1000, int(4 * timeout * 1000)),

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,25 @@ from hydra_trio.system import default_system
 
 from .sim import Farmlet
 
+
+@functools.cache
+def _why_nix_cannot_build() -> str | None:
+    """None where Nix builds a trivial derivation in a chroot store here, else why not: the
+    skip check tests that Nix can build, not only that it is on PATH."""
+    if shutil.which("nix-store") is None or shutil.which("nix-instantiate") is None:
+        return "Nix is not installed (apt-get install nix-bin): skipped the Nix build tests"
+    with tempfile.TemporaryDirectory(prefix="hydra-trio-nix-check-") as root:
+        try:
+            trio.run(NixStore(Path(root) / "store").check_can_build)
+        except NixError as exc:
+            return f"Nix cannot build here, skipped the Nix build tests: {exc}"
+    return None
+
+
 pytestmark = [
     pytest.mark.realnet,
-    pytest.mark.skipif(
-        shutil.which("nix-store") is None or shutil.which("nix-instantiate") is None,
-        reason="Nix is not installed (apt-get install nix-bin): skipped the Nix build tests",
-    ),
+    pytest.mark.linux,  # chroot stores (--store DIR) build in Linux namespaces only
+    pytest.mark.skipif(_why_nix_cannot_build() is not None, reason=str(_why_nix_cannot_build())),
 ]
 
 SYSTEM = default_system()
@@ -479,3 +493,31 @@ async def test_an_import_error_is_retried(
             assert farmlet.farm.requeued[expected] == 1
             assert await valid(runner_store, plan.outputs[0][1])
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="Nix uses build-users-group only as root")
+def test_a_nix_builder_where_nix_cannot_build_exits_with_one_line_saying_what_to_set_up(
+    tmp_path: Path,
+) -> None:
+    """Nix as root builds as the users of ``build-users-group``; where that group does not
+    exist the builder refuses to start, in one line naming the group and the set-up, instead
+    of failing every build it is given as internal-error."""
+    env = {
+        **os.environ,
+        "NIX_CONFIG": "build-users-group = hydra-trio-no-such-group",
+        "PYTHONUNBUFFERED": "1",
+    }
+    args = ["--server", "127.0.0.1:9", "--executor", "nix", "--work-dir", str(tmp_path / "w")]
+    args += ["--nix-store", str(tmp_path / "store")]
+    done = subprocess.run(
+        [sys.executable, "-m", "hydra_trio", "builder", *args],
+        env=env,
+        capture_output=True,
+        timeout=LIMIT,
+        check=False,
+    )
+    lines = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 1, lines
+    assert "hydra-trio-no-such-group" in lines[0]
+    assert "nix-setup-systemd" in lines[0] and "build-users-group =" in lines[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import psutil
 import pytest
 import trio
 import trio.testing
@@ -508,7 +509,7 @@ def test_a_new_builder_kills_what_builds_of_a_killed_one_left_running(tmp_path: 
         claim_work_dir(work).close()
         assert left.wait(timeout=10) == -signal.SIGKILL
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
+        while time.monotonic() < deadline and _alive(child):
             time.sleep(0.01)
         assert not _alive(child)
         assert other.poll() is None  # another work dir's build: not ours to kill
@@ -521,18 +522,16 @@ def test_a_new_builder_kills_what_builds_of_a_killed_one_left_running(tmp_path: 
 
 def _children_of(pid: int) -> list[int]:
     try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except FileNotFoundError:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
         return []
-    return [int(word) for word in text.split()]
 
 
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    return state not in ("Z", "X")
 
 
 async def test_the_runner_keeps_a_builder_that_hears_nothing_informed_that_it_lives(

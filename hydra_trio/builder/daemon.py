@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO
 
 import attrs
+import psutil
 import trio
 
 from hydra_trio import auth, net, sdnotify
@@ -156,32 +157,41 @@ def claim_work_dir(work_dir: Path) -> IO[bytes]:
     return lock
 
 
-def kill_leftover_builds(builds: Path, proc: Path = Path("/proc")) -> int:
+def kill_leftover_builds(builds: Path) -> int:
     """SIGKILL every process (and its process group) whose environment places it in a build
     directory under ``builds``: what the builds of a builder that was itself killed (-9, OOM)
     left running.  Returns how many processes matched.  A build's processes inherit
     ``HYDRA_TRIO_BUILD_DIR`` (see ``executor``); one that scrubbed its environment is not
     found, as one that left its process group escapes the kill of a running build.
-    Blocking: call through a thread."""
-    prefix = f"{BUILD_DIR_VARIABLE}={builds}/".encode()
-    own_group = os.getpgid(0)
+
+    The processes are listed with ``psutil`` (``/proc`` on Linux, ``sysctl`` on macOS and the
+    BSDs).  Where the listing itself fails (no ``/proc`` mounted, a platform psutil cannot
+    list), this logs a warning and kills nothing: the leftovers keep running but the builder
+    starts, and a new build never shares a directory with them.  Blocking: call through a
+    thread."""
+    prefix = f"{builds}/"
+    own_pid, own_group = os.getpid(), os.getpgid(0)
     matched = 0
-    for entry in os.scandir(proc):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    try:
+        processes = list(psutil.process_iter())
+    except (OSError, psutil.Error) as exc:
+        log.warning("cannot list processes to find builds a previous builder left: %s", exc)
+        return 0
+    for process in processes:
+        if process.pid == own_pid:
             continue
-        pid = int(entry.name)
         try:
-            environ = (proc / entry.name / "environ").read_bytes()
-        except OSError:  # gone, or not ours to read
+            environ = process.environ()
+        except (psutil.Error, OSError):  # gone, a zombie, or not ours to read
             continue
-        if not any(var.startswith(prefix) for var in environ.split(b"\0")):
+        if not environ.get(BUILD_DIR_VARIABLE, "").startswith(prefix):
             continue
         matched += 1
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            group = os.getpgid(pid)
+            group = os.getpgid(process.pid)
             if group not in (own_group, 0, 1):
                 os.killpg(group, signal.SIGKILL)
-            os.kill(pid, signal.SIGKILL)
+            os.kill(process.pid, signal.SIGKILL)
     return matched
 
 

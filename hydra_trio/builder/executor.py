@@ -19,6 +19,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -373,6 +374,8 @@ def _copy_from_cache(source: Path, target: Path, executable: bool) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     with source.open("rb") as src, os.fdopen(os.open(target, flags, 0o600), "wb") as dst:
         try:
+            if sys.platform != "linux":  # the number means FICLONE on Linux only
+                raise OSError("no FICLONE")
             fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
         except OSError:
             _copy_contents(src, dst)
@@ -380,14 +383,18 @@ def _copy_from_cache(source: Path, target: Path, executable: bool) -> None:
 
 
 def _copy_contents(src: BinaryIO, dst: BinaryIO) -> None:
-    try:
-        while os.copy_file_range(src.fileno(), dst.fileno(), _HASH_BLOCK * 16):
-            pass
-    except OSError:  # no copy_file_range between these files: copy through user space
-        src.seek(0)
-        dst.seek(0)
-        dst.truncate()
-        shutil.copyfileobj(src, dst, _HASH_BLOCK)
+    """An in-kernel copy where there is one (Linux's ``copy_file_range``), else through user
+    space (macOS and other Unixes, or files between which the kernel cannot copy)."""
+    if sys.platform == "linux":
+        try:
+            while os.copy_file_range(src.fileno(), dst.fileno(), _HASH_BLOCK * 16):
+                pass
+            return
+        except OSError:  # no copy_file_range between these files
+            src.seek(0)
+            dst.seek(0)
+            dst.truncate()
+    shutil.copyfileobj(src, dst, _HASH_BLOCK)
 
 
 #: Input lists longer than this are checked in a worker thread (~5 us a file).
