@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 
+from hydra_trio.builder.builddir import BUILD_DIR_VARIABLE
 from hydra_trio.builder.daemon import (
     BuilderConfig,
     BuilderState,
@@ -27,7 +28,6 @@ from hydra_trio.builder.daemon import (
     load_machine_id,
     run_builder,
 )
-from hydra_trio.builder.executor import BUILD_DIR_VARIABLE
 from hydra_trio.net import FramedChannel
 from hydra_trio.protocol import codec
 from hydra_trio.protocol.connection import Connection, ConnectionState

@@ -24,9 +24,9 @@ import pytest
 import trio
 import trio.testing
 
-from hydra_trio.builder import executor
+from hydra_trio.builder import outputs
 from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
-from hydra_trio.builder.executor import BadOutput, scan_outputs
+from hydra_trio.builder.outputs import BadOutput, scan_outputs
 from hydra_trio.protocol import codec
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.messages import (
@@ -412,18 +412,18 @@ async def test_a_file_swapped_for_a_link_after_the_scan_is_not_uploaded(tmp_path
     out = tmp_path / "out"
     (out / "d").mkdir(parents=True)
     (out / "d" / "f").write_bytes(b"secret")
-    outputs = scan_outputs(out)
+    listed = scan_outputs(out)
     (out / "d" / "f").unlink()
     (out / "d" / "f").symlink_to(outside / "f")
     send = Recorder()
     message = Assign(build_id="b1", attempt=1, command=("true",))
     with pytest.raises(BadOutput, match="changed while it was read"):
-        await executor._upload(message, out, outputs, send)
+        await outputs.upload(message, out, listed, send)
     (out / "d" / "f").unlink()
     (out / "d").rmdir()
     (out / "d").symlink_to(outside)
     with pytest.raises(BadOutput, match="changed while it was read"):
-        await executor._upload(message, out, outputs, send)
+        await outputs.upload(message, out, listed, send)
     assert send.messages == []
 
 
@@ -432,7 +432,7 @@ async def test_more_outputs_than_one_result_can_list_fail_the_build(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A listing too long for one Result frame fails the build, not the builder's connection."""
-    monkeypatch.setattr(executor, "MAX_OUTPUT_LISTING", 2000)
+    monkeypatch.setattr(outputs, "MAX_OUTPUT_LISTING", 2000)
     result, send, _ = await run(tmp_path, "sh", "-c", "cd $OUT && touch $(seq 1 100)")
     assert result.status is BuildStatus.BUILD_FAILED
     assert "too many files" in result.error

@@ -33,24 +33,16 @@ import functools
 import math
 import os
 import signal
-import time
 from pathlib import Path
-from typing import Any
 
 import attrs
 import trio
 
-from hydra_trio.builder.executor import (
-    Fetch,
-    FetchError,
-    Send,
-    _hash_beneath,
-    _kill_group,
-    _prepare,
-    _remove,
-    _run,
-    _upload,
-)
+from hydra_trio.builder.attempt import Send, attempt
+from hydra_trio.builder.builddir import BuildDir
+from hydra_trio.builder.executor import Fetch, FetchError
+from hydra_trio.builder.outputs import hash_beneath, upload
+from hydra_trio.builder.process import Outcome, kill_group, run_command
 from hydra_trio.nixstore import NixError, NixStore, export_label, is_store_path, label_path
 from hydra_trio.protocol.messages import (
     Assign,
@@ -59,7 +51,6 @@ from hydra_trio.protocol.messages import (
     LogChunk,
     Message,
     Phase,
-    Progress,
     Result,
 )
 
@@ -86,7 +77,7 @@ async def _interrupt(process: trio.Process) -> None:
     _interrupt_group(process.pid)
     with trio.move_on_after(INTERRUPT_GRACE):
         await process.wait()
-    _kill_group(process.pid)
+    kill_group(process.pid)
 
 
 async def execute_nix(
@@ -99,54 +90,42 @@ async def execute_nix(
 ) -> Result:
     """Realise ``assign.drv`` in ``store``; ``build_dir`` (created fresh, removed afterwards)
     holds Nix's temporary files and the exports being uploaded."""
-    ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
-    timings: dict[str, float] = {}
-    drv = assign.drv
-    try:
-        await trio.to_thread.run_sync(_prepare, build_dir)
+    async with attempt(assign, build_dir, send) as phases:
+        drv = assign.drv
         if not (is_store_path(drv) and drv.endswith(".drv")):
-            return Result(**ref, status=BuildStatus.BUILD_FAILED, error=f"not a derivation: {drv}")
-        await send(Progress(**ref, phase=Phase.FETCHING))
-        started = time.monotonic()
+            return phases.result(BuildStatus.BUILD_FAILED, error=f"not a derivation: {drv}")
         try:
-            await fetch_closure(store, assign, fetch)
+            async with phases.timed(Phase.FETCHING):
+                await fetch_closure(store, assign, fetch)
         except (FetchError, NixError) as exc:
-            return Result(**ref, status=BuildStatus.FETCH_FAILED, error=str(exc))
-        timings["fetch"] = round(time.monotonic() - started, 6)
-
-        await send(Progress(**ref, phase=Phase.BUILDING))
-        started = time.monotonic()
-        status, exit_code, error = await _realise(store, assign, build_dir, send)
-        timings["build"] = round(time.monotonic() - started, 6)
-        outputs: list[FileInfo] = []
-        if status is BuildStatus.SUCCESS:
-            await send(Progress(**ref, phase=Phase.UPLOADING))
-            started = time.monotonic()
-            try:
-                outputs, new = await _export_outputs(store, assign, build_dir / "out")
-            except NixError as exc:
-                status, error = BuildStatus.UPLOAD_FAILED, str(exc)
-            else:
-                limit = assign.limits.max_output_bytes
-                total = sum(f.size for f in new)
-                if limit is not None and total > limit:
-                    status = BuildStatus.OUTPUT_LIMIT_EXCEEDED
-                    error = f"outputs are {total} bytes, the limit is {limit}"
-                    outputs = []
-                else:
-                    await _upload(assign, build_dir / "out", new, send)
-            timings["upload"] = round(time.monotonic() - started, 6)
-        return Result(
-            **ref,
-            status=status,
-            exit_code=exit_code,
-            timings=timings,
-            outputs=tuple(outputs),
-            error=error,
+            return phases.result(BuildStatus.FETCH_FAILED, error=str(exc))
+        async with phases.timed(Phase.BUILDING):
+            ended = await _realise(store, assign, phases.dir, send)
+        if ended.status is not BuildStatus.SUCCESS:
+            return phases.result(ended.status, exit_code=ended.exit_code, error=ended.error)
+        async with phases.timed(Phase.UPLOADING):
+            ended, outputs = await _upload_closure(store, assign, phases.dir.out, send, ended)
+        return phases.result(
+            ended.status, exit_code=ended.exit_code, error=ended.error, outputs=outputs
         )
-    finally:
-        with trio.move_on_after(30, shield=True):
-            await trio.to_thread.run_sync(_remove, build_dir)
+
+
+async def _upload_closure(
+    store: NixStore, assign: Assign, out_dir: Path, send: Send, built: Outcome
+) -> tuple[Outcome, list[FileInfo]]:
+    """Export the outputs' closure and upload what the runner lacks; how the build ended
+    then, and the outputs it lists."""
+    try:
+        outputs, new = await _export_outputs(store, assign, out_dir)
+    except NixError as exc:
+        return attrs.evolve(built, status=BuildStatus.UPLOAD_FAILED, error=str(exc)), []
+    limit = assign.limits.max_output_bytes
+    total = sum(f.size for f in new)
+    if limit is not None and total > limit:
+        error = f"outputs are {total} bytes, the limit is {limit}"
+        return attrs.evolve(built, status=BuildStatus.OUTPUT_LIMIT_EXCEEDED, error=error), []
+    await upload(assign, out_dir, new, send)
+    return built, outputs
 
 
 async def fetch_closure(store: NixStore, assign: Assign, fetch: Fetch) -> None:
@@ -163,9 +142,7 @@ async def fetch_closure(store: NixStore, assign: Assign, fetch: Fetch) -> None:
         raise FetchError(f"after the import, {sorted(still)[0]} is still not valid")
 
 
-async def _realise(
-    store: NixStore, assign: Assign, build_dir: Path, send: Send
-) -> tuple[BuildStatus, int | None, str]:
+async def _realise(store: NixStore, assign: Assign, build_dir: BuildDir, send: Send) -> Outcome:
     limits = assign.limits
     command = store.realise_args(assign.drv)
     if limits.timeout is not None:
@@ -187,24 +164,26 @@ async def _realise(
 
     env = {
         **store.env(),
-        "HOME": str(build_dir / "work"),
-        "TMPDIR": str(build_dir / "tmp"),
+        "HOME": str(build_dir.work),
+        "TMPDIR": str(build_dir.tmp),
     }
     run = attrs.evolve(assign, command=tuple(command), limits=backstop)
-    status, code, error = await _run(
-        run, build_dir, env, send_keeping_tail, _interrupt, _interrupt_group
+    ended = await run_command(
+        run, build_dir.work, env, send_keeping_tail, _interrupt, _interrupt_group
     )
-    if status is not BuildStatus.BUILD_FAILED or code is None:
-        return status, code, error
+    code = ended.exit_code
+    if ended.status is not BuildStatus.BUILD_FAILED or code is None:
+        return ended
     message = _last_error_line(bytes(tail))
+    error = message or ended.error
     if code in _NIX_BUILD_FAILURE and (code - 100) & _NIX_TIMEOUT_BIT:
         if "of silence" in message:
-            return BuildStatus.SILENT_TOO_LONG, code, message or error
-        return BuildStatus.TIMED_OUT, code, message or error
+            return Outcome(BuildStatus.SILENT_TOO_LONG, code, error)
+        return Outcome(BuildStatus.TIMED_OUT, code, error)
     if code in _NIX_BUILD_FAILURE:
-        return BuildStatus.BUILD_FAILED, code, message or error
+        return Outcome(BuildStatus.BUILD_FAILED, code, error)
     # Nix itself failed (its store, the disk, a lock): not the derivation's fault.
-    return BuildStatus.INTERNAL_ERROR, code, f"nix-store failed: {message or error}"
+    return Outcome(BuildStatus.INTERNAL_ERROR, code, f"nix-store failed: {error}")
 
 
 def _last_error_line(log: bytes) -> str:
@@ -233,7 +212,7 @@ async def _export_outputs(
             functools.partial(target.parent.mkdir, parents=True, exist_ok=True)
         )
         await store.export(path, target)
-        size, sha256 = await trio.to_thread.run_sync(_hash_beneath, out_dir, label)
+        size, sha256 = await trio.to_thread.run_sync(hash_beneath, out_dir, label)
         info = FileInfo(path=label, size=size, sha256=sha256)
         listed.append(info)
         new.append(info)

@@ -1,0 +1,128 @@
+"""A build's directory: made with empty ``work``, ``out``, ``in`` and ``tmp``, recycled after.
+
+Build directories are recycled.  Making a build directory's five directories and removing
+them afterwards costs about 1 ms of kernel time per build on ext4 (170 us per mkdir on the
+project's machine, far more with several builds doing it at once: the journal), more than
+the rest of a no-op build's own work on the builder.  So a finished build's directory, once
+emptied, is kept as a spare (``<builds>/.spare-<random>``) and renamed into place for a later
+build: two renames instead of ten directory operations.  A directory is recycled only if it
+holds exactly its four subdirectories, each a plain directory with the mode it had when its
+build started (``BuildDir.mode``: what ``mkdir`` gave it under this process's umask, or the
+spare's, which was checked the same way); anything else (a build that replaced or chmod-ed
+one) is removed as before.  Every build still starts with empty directories; a process that
+escaped its build's process group could write into a recycled directory, as it could write
+anywhere the builder's user can.  ``claim_work_dir`` removes spares with everything else at
+start.
+
+Every function here blocks: call it through a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import attrs
+
+SUBDIRS = ("work", "out", "in", "tmp")
+#: In every build's environment: its build directory.
+BUILD_DIR_VARIABLE = "HYDRA_TRIO_BUILD_DIR"
+SPARE_PREFIX = ".spare-"
+#: Spares kept per builds directory at most (beyond that, finished directories are removed).
+MAX_SPARES = 32
+
+
+@attrs.frozen
+class BuildDir:
+    """A prepared build directory and the mode it (and each subdirectory) had then."""
+
+    path: Path
+    mode: int
+
+    @property
+    def work(self) -> Path:
+        return self.path / "work"
+
+    @property
+    def out(self) -> Path:
+        return self.path / "out"
+
+    @property
+    def inputs(self) -> Path:
+        return self.path / "in"
+
+    @property
+    def tmp(self) -> Path:
+        return self.path / "tmp"
+
+
+def prepare(path: Path) -> BuildDir:
+    """Make ``path`` with empty ``work``, ``out``, ``in`` and ``tmp``: a spare renamed into
+    place if there is one, else new (whatever was at ``path`` is removed first)."""
+    if path.exists():
+        shutil.rmtree(path)
+    builds = path.parent
+    with contextlib.suppress(FileNotFoundError):  # no builds dir yet: no spare either
+        for name in _spares(builds):
+            try:
+                os.rename(builds / name, path)
+            except FileNotFoundError:
+                continue  # another build took it first
+            return BuildDir(path, _mode(path))
+    for sub in SUBDIRS:
+        (path / sub).mkdir(parents=True)
+    return BuildDir(path, _mode(path))
+
+
+def remove(build_dir: BuildDir | Path) -> None:
+    """Recycle ``build_dir`` as a spare (see above) or remove it.  A bare path (its
+    preparation failed) is removed."""
+    if isinstance(build_dir, BuildDir):
+        if _recycle(build_dir):
+            return
+        build_dir = build_dir.path
+    shutil.rmtree(build_dir, ignore_errors=True)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def _spares(builds: Path) -> list[str]:
+    with os.scandir(builds) as entries:
+        return [e.name for e in entries if e.name.startswith(SPARE_PREFIX)]
+
+
+def _recycle(build_dir: BuildDir) -> bool:
+    """Empty ``build_dir`` and keep it as a spare; False if it is not fit for that."""
+    path = build_dir.path
+    builds = path.parent
+    try:
+        if len(_spares(builds)) >= MAX_SPARES:
+            return False
+        with os.scandir(path) as entries:
+            if sorted(e.name for e in entries) != sorted(SUBDIRS):
+                return False
+        for each in (path, *(path / sub for sub in SUBDIRS)):
+            mode = os.lstat(each).st_mode
+            if not stat.S_ISDIR(mode) or stat.S_IMODE(mode) != build_dir.mode:
+                return False
+        for sub in SUBDIRS:
+            _empty(path / sub)
+        os.rename(path, builds / f"{SPARE_PREFIX}{os.urandom(8).hex()}")
+    except OSError:
+        return False
+    return True
+
+
+def _empty(directory: Path) -> None:
+    """Remove everything in ``directory`` (never following a link)."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)

@@ -1,0 +1,244 @@
+"""A build's outputs: what it left in ``$OUT``, listed, hashed and uploaded.
+
+``scan_outputs`` lists ``$OUT`` without ever following a link (files with size and sha256,
+links as links), refuses what cannot be an output (``BadOutput``) and an oversized ``$OUT``
+before reading it (``OutputTooLarge``).  ``upload`` streams the listed files to the runner,
+reading each through ``open_beneath`` so a file swapped for a link or fifo after the scan is
+refused, not read through.  A build's leftover processes may still be changing ``$OUT``
+meanwhile: nothing here trusts what the scan saw.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO
+
+import trio
+
+from hydra_trio.builder.attempt import Send
+from hydra_trio.diskio import beside
+from hydra_trio.protocol.codec import TRANSFER_FRAME
+from hydra_trio.protocol.messages import Assign, FileInfo, UploadData
+from hydra_trio.protocol.validators import encodable
+
+#: Bytes read per thread hop while uploading: large enough that the hops do not set the pace;
+#: each read goes out in frames of ``codec.TRANSFER_FRAME`` bytes.
+UPLOAD_CHUNK = 1024 * 1024
+_HASH_BLOCK = 1024 * 1024
+
+
+class OutputTooLarge(Exception):
+    """``$OUT`` holds more bytes than the build may upload."""
+
+    def __init__(self, total: int, limit: int) -> None:
+        super().__init__(f"outputs are {total} bytes, the limit is {limit}")
+
+
+class BadOutput(Exception):
+    """``$OUT`` holds something that cannot be an output: a device file, fifo or socket, a
+    name that is not UTF-8, more files than one result can list, or a file that changed into
+    something else while it was read."""
+
+
+#: The most bytes the listing of a build's outputs may take (paths and link targets, plus
+#: ~100 bytes of hash and framing per file), so its ``Result`` fits in a frame under the
+#: default 8 MiB limit.  A bigger ``$OUT`` fails its build instead of the connection.
+MAX_OUTPUT_LISTING = 4 * 1024 * 1024
+
+_KIND = {
+    stat.S_IFIFO: "a fifo",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def open_beneath(root: Path, rel: str) -> BinaryIO:
+    """Open the regular file ``rel`` under ``root`` without following a symbolic link at any
+    step, and without blocking on a fifo: a build's leftover process may swap a file for a
+    link or fifo after the scan, and the builder must then refuse it, not read through it."""
+    parts = rel.split("/")
+    step = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                parent, fd = fd, os.open(part, step, dir_fd=fd)
+                os.close(parent)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            file_fd = os.open(parts[-1], flags, dir_fd=fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # ELOOP, ENOTDIR, ENOENT: not what the scan found
+        raise BadOutput(f"output {rel} changed while it was read: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+        os.close(file_fd)
+        raise BadOutput(f"output {rel} changed while it was read: not a regular file")
+    return os.fdopen(file_fd, "rb")
+
+
+def hash_beneath(root: Path, rel: str) -> tuple[int, str]:
+    """Size and sha256 of what ``rel`` under ``root`` holds now (see ``open_beneath``)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open_beneath(root, rel) as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _walk_error(exc: OSError) -> None:
+    raise BadOutput(f"cannot read {exc.filename}: {exc.strerror}")
+
+
+def _entries(out_dir: Path) -> list[tuple[str, os.stat_result, str]]:
+    """(path relative to ``out_dir``, lstat, link target) of everything in it but directories,
+    in a stable order.  ``os.fwalk`` never follows a link, not even one a leftover process
+    swaps in while it walks, and neither does anything here."""
+    try:
+        top = out_dir.lstat()
+    except FileNotFoundError:
+        raise BadOutput("$OUT was removed by the build") from None
+    if not stat.S_ISDIR(top.st_mode):
+        raise BadOutput("$OUT is no longer a directory: the build replaced it")
+    found: list[tuple[str, os.stat_result, str]] = []
+    listing = 0
+    walk = os.fwalk(out_dir, onerror=_walk_error, follow_symlinks=False)
+    for root, dirs, names, root_fd in walk:
+        dirs.sort()
+        base = Path(root).relative_to(out_dir)
+        for name in [*sorted(names), *dirs]:
+            info = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                continue
+            rel = (base / name).as_posix()
+            if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
+                kind = _KIND.get(stat.S_IFMT(info.st_mode), "not a regular file")
+                raise BadOutput(
+                    f"output {rel.encode('utf-8', 'replace')!r} is {kind}: $OUT may hold only "
+                    "files, directories and symbolic links"
+                )
+            link = os.readlink(name, dir_fd=root_fd) if stat.S_ISLNK(info.st_mode) else ""
+            found.append((rel, info, link))
+            listing += len(rel) + len(link) + 100
+            if listing > MAX_OUTPUT_LISTING:
+                raise BadOutput(
+                    f"$OUT holds too many files (at least {len(found)}) to list in one result"
+                )
+    return found
+
+
+def scan_outputs(out_dir: Path, max_bytes: int | None = None) -> list[FileInfo]:
+    """Every file under ``out_dir`` with size and hash.  Symbolic links are listed as links
+    (their target as text) and never followed; devices, fifos and sockets are refused
+    (``BadOutput``).  Sizes are summed before anything is hashed, so an oversized ``$OUT`` is
+    refused (``OutputTooLarge``) without reading it.  Runs in a worker thread."""
+    empty = hashlib.sha256(b"").hexdigest()
+    try:
+        found = _entries(out_dir)
+    except RecursionError:
+        raise BadOutput("$OUT is nested too deeply") from None
+    except OSError as exc:  # a directory was swapped or vanished under us, or out of fds
+        raise BadOutput(f"cannot read $OUT: {exc.strerror or exc}") from None
+    total = sum(info.st_size for _, info, _ in found if stat.S_ISREG(info.st_mode))
+    if max_bytes is not None and total > max_bytes:
+        raise OutputTooLarge(total, max_bytes)
+    files: list[FileInfo] = []
+    hashed = 0
+    for rel, info, link in found:
+        if not encodable(rel) or not encodable(link):
+            name = rel.encode("utf-8", "replace")
+            raise BadOutput(f"output {name!r} (or its link target) is not a UTF-8 name")
+        if link:
+            files.append(FileInfo(path=rel, size=0, sha256=empty, link=link))
+            continue
+        size, sha256 = hash_beneath(out_dir, rel)
+        hashed += size
+        if max_bytes is not None and hashed > max_bytes:  # it grew while being read
+            raise OutputTooLarge(hashed, max_bytes)
+        executable = bool(info.st_mode & 0o111)
+        files.append(FileInfo(path=rel, size=size, sha256=sha256, executable=executable))
+    return files
+
+
+async def upload(assign: Assign, out_dir: Path, outputs: list[FileInfo], send: Send) -> None:
+    """Stream every regular output file in frames of ``TRANSFER_FRAME`` bytes; the runner
+    checks size and hash on arrival.  A worker thread reads ahead, ``UPLOAD_CHUNK`` bytes per
+    hop, while the frames of the chunk before are sent (``_read_ahead``): memory stays bounded
+    by three chunks."""
+    for info in outputs:
+        if info.link:
+            continue
+        f = await trio.to_thread.run_sync(open_beneath, out_dir, info.path)
+        try:
+            chunks, arriving = trio.open_memory_channel[tuple[list[bytes], bool]](1)
+            await beside(
+                functools.partial(_send_chunks, assign, info, arriving, send),
+                functools.partial(_read_ahead, f, info.size, chunks),
+            )
+        finally:
+            await trio.to_thread.run_sync(f.close)
+
+
+async def _send_chunks(
+    assign: Assign,
+    info: FileInfo,
+    arriving: trio.MemoryReceiveChannel[tuple[list[bytes], bool]],
+    send: Send,
+) -> None:
+    offset = 0
+    async with arriving:
+        async for pieces, eof in arriving:
+            last = len(pieces) - 1
+            for index, piece in enumerate(pieces):
+                await send(
+                    UploadData(
+                        build_id=assign.build_id,
+                        attempt=assign.attempt,
+                        path=info.path,
+                        offset=offset,
+                        data=piece,
+                        eof=eof and index == last,
+                    )
+                )
+                offset += len(piece)
+
+
+async def _read_ahead(
+    f: BinaryIO,
+    size: int,
+    chunks: trio.MemorySendChannel[tuple[list[bytes], bool]],
+) -> None:
+    """Read ``f`` in a worker thread, a chunk per hop, into ``chunks`` (pieces of a frame
+    each, and whether the chunk ends the upload: it is short, or reaches the size scanned).
+    An error ends the channel and propagates (``beside`` raises it)."""
+    async with chunks:
+        offset = 0
+        while True:
+            pieces = await trio.to_thread.run_sync(_read_pieces, f)
+            length = sum(map(len, pieces))
+            offset += length
+            eof = length < UPLOAD_CHUNK or offset >= size
+            await chunks.send((pieces, eof))
+            if eof:
+                return
+
+
+def _read_pieces(f: BinaryIO) -> list[bytes]:
+    """Up to ``UPLOAD_CHUNK`` bytes of ``f`` as pieces of ``TRANSFER_FRAME`` bytes, each read
+    into its own object (nothing is copied to cut a chunk into frames); at least one piece."""
+    pieces: list[bytes] = []
+    left = UPLOAD_CHUNK
+    while left > 0:
+        piece = f.read(min(left, TRANSFER_FRAME))
+        if piece or not pieces:
+            pieces.append(piece)
+        if len(piece) < min(left, TRANSFER_FRAME):
+            break
+        left -= len(piece)
+    return pieces

@@ -1,0 +1,156 @@
+"""A build's command as a child process in its own process group, under the build's limits.
+
+``run_command`` starts ``assign.command``, forwards its merged stdout and stderr as
+``LogChunk``s, and enforces ``timeout`` (wall clock), ``max_silent`` (no output) and
+``max_log_bytes``.  Each limit stops the process with its own status.  When the command
+exits, whatever it left in its process group is killed, so a background child can neither
+hold the log pipe open nor outlive its build.  How the process is stopped is the caller's:
+SIGKILL of the group by default, an interrupt for ``nix-store`` (see ``nixexec``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import attrs
+import trio
+
+from hydra_trio.builder.attempt import Send
+from hydra_trio.protocol.messages import Assign, BuildStatus, LogChunk
+
+#: Log bytes per LogChunk frame at most (a read returns what the pipe has, up to this).
+LOG_CHUNK = 64 * 1024
+
+#: Stops a process when its build is cancelled or its wall-clock limit passes.
+DeliverCancel = Callable[[trio.Process], Awaitable[object]]
+#: Stops a process (by pid) when its log or silence limit is hit.
+Stop = Callable[[int], None]
+
+
+@attrs.frozen
+class Outcome:
+    """How a command ended: its status, exit status (None if it never exited by itself) and
+    the error the result reports ("" for success)."""
+
+    status: BuildStatus
+    exit_code: int | None
+    error: str = ""
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads (gone already, or not ours: nothing to do)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def kill_on_cancel(process: trio.Process) -> None:
+    kill_group(process.pid)
+
+
+async def run_command(
+    assign: Assign,
+    cwd: Path,
+    env: dict[str, str],
+    send: Send,
+    deliver_cancel: DeliverCancel = kill_on_cancel,
+    stop: Stop = kill_group,
+) -> Outcome:
+    """Run ``assign.command`` in ``cwd`` under its limits.  ``deliver_cancel`` stops it when
+    the build is cancelled or the wall-clock limit passes, ``stop(pid)`` when the log or
+    silence limit does (by default both SIGKILL its process group)."""
+    timeout = assign.limits.timeout if assign.limits.timeout is not None else math.inf
+    limited: Outcome | None = None
+    process: trio.Process | None = None
+    start_error: OSError | None = None
+    with trio.move_on_after(timeout) as wall:
+        async with trio.open_nursery() as nursery:
+            try:
+                process = await nursery.start(
+                    functools.partial(
+                        trio.run_process,
+                        list(assign.command),
+                        cwd=str(cwd),
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        check=False,
+                        deliver_cancel=deliver_cancel,
+                    )
+                )
+            except OSError as exc:  # the command could not be started
+                start_error = exc
+            else:
+                assert process is not None
+                nursery.start_soon(_reap_group, process)
+                limited = await _stream_log(process, assign, send, stop)
+    if start_error is not None:
+        return await _not_started(assign, send, start_error)
+    if wall.cancelled_caught:
+        return Outcome(BuildStatus.TIMED_OUT, None, f"timed out after {timeout:g} s")
+    assert process is not None
+    code = process.returncode
+    if limited is not None:
+        return attrs.evolve(limited, exit_code=code)
+    if code == 0:
+        return Outcome(BuildStatus.SUCCESS, 0)
+    return Outcome(BuildStatus.BUILD_FAILED, code, f"exit status {code}")
+
+
+async def _not_started(assign: Assign, send: Send, exc: OSError) -> Outcome:
+    """A command that could not be started fails its build as a shell's would (127), with
+    why in the log."""
+    message = f"cannot run {assign.command[0]!r}: {exc.strerror or exc}\n"
+    await send(LogChunk(build_id=assign.build_id, attempt=assign.attempt, data=message.encode()))
+    return Outcome(BuildStatus.BUILD_FAILED, 127, message.strip())
+
+
+async def _reap_group(process: trio.Process) -> None:
+    """When the command exits, whatever it left behind in its process group dies too, so a
+    background child cannot hold the log pipe open (or outlive its build)."""
+    await process.wait()
+    kill_group(process.pid)
+
+
+async def _stream_log(
+    process: trio.Process, assign: Assign, send: Send, stop: Stop
+) -> Outcome | None:
+    """Forward the merged stdout/stderr as LogChunks until EOF, enforcing ``max_silent`` and
+    ``max_log_bytes``.  Returns how the build ended if a limit was hit (its exit status yet
+    unknown), else None."""
+    assert process.stdout is not None
+    limits = assign.limits
+    max_silent = limits.max_silent if limits.max_silent is not None else math.inf
+    max_log = limits.max_log_bytes
+    log_bytes = 0
+    with trio.CancelScope(deadline=trio.current_time() + max_silent) as silence:
+        while data := await process.stdout.receive_some(LOG_CHUNK):
+            silence.deadline = trio.current_time() + max_silent
+            over = max_log is not None and log_bytes + len(data) > max_log
+            if over:
+                assert max_log is not None
+                data = data[: max_log - log_bytes]
+            log_bytes += len(data)
+            if data:
+                chunk = LogChunk(build_id=assign.build_id, attempt=assign.attempt, data=bytes(data))
+                await send(chunk)
+            if over:
+                stop(process.pid)
+                return Outcome(
+                    BuildStatus.LOG_LIMIT_EXCEEDED, None, f"log exceeded {max_log} bytes"
+                )
+        # Closing stdout and stderr does not escape max_silent: a command that does and then
+        # hangs is still silent.
+        await process.wait()
+    if silence.cancelled_caught:
+        stop(process.pid)
+        return Outcome(BuildStatus.SILENT_TOO_LONG, None, f"no output for {max_silent:g} s")
+    return None
