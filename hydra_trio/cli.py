@@ -284,10 +284,34 @@ def _runner_options(f: F) -> F:
                 "A local chroot Nix store (DIR/nix/store) to read submitted derivations from "
                 "and import Nix builds' outputs into.  [default: this machine's store]"
             ),
+            option(
+                "--hydra-db",
+                default=None,
+                help="Hydra mode: serve the queue of this Hydra database "
+                "(postgresql://.../hydra), as hydra-queue-runner does.",
+            ),
+            option(
+                "--hydra-data",
+                type=click.Path(file_okay=False, path_type=Path),
+                default=None,
+                help="Hydra mode: Hydra's data dir (HYDRA_DATA; logs go to its build-logs/).",
+            ),
         ]
     ):
         f = decorator(f)
     return f
+
+
+def _hydra_config(db: str | None, data: Path | None) -> Any:
+    if db is None and data is None:
+        return None
+    if db is None or data is None:
+        raise click.UsageError("--hydra-db and --hydra-data go together (Hydra mode)")
+    if not db.startswith(("postgresql://", "postgres://")):
+        raise click.BadParameter("must be a postgresql:// URL", param_hint="--hydra-db")
+    from hydra_trio.hydra.config import HydraConfig
+
+    return HydraConfig(db=db, data=data)
 
 
 def _nix_store_option(help: str) -> Callable[[F], F]:
@@ -363,6 +387,7 @@ def _runner_config(**kw: Any) -> Any:
             tls_ca=kw.get("tls_ca"),
             max_unauthenticated=kw["max_unauthenticated"],
             nix_store=kw.get("nix_store"),
+            hydra=_hydra_config(kw.get("hydra_db"), kw.get("hydra_data")),
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

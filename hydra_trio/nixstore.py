@@ -177,6 +177,19 @@ class NixStore:
         out = await self._run("nix-store", "--query", "--requisites", *paths)
         return out.decode().split()
 
+    async def nar_sizes(self, paths: Sequence[str]) -> list[int]:
+        """The NAR size of each of ``paths`` (valid in this store), in order."""
+        sizes: list[int] = []
+        for start in range(0, len(paths), _ARGS_PER_CALL):
+            chunk = paths[start : start + _ARGS_PER_CALL]
+            out = await self._run("nix-store", "--query", "--size", *chunk)
+            sizes += [int(word) for word in out.decode().split()]
+        return sizes
+
+    def real_path(self, path: str) -> Path:
+        """Where the store path ``path`` is on disk (under ``root`` for a chroot store)."""
+        return Path(path) if self.root is None else self.root / path.lstrip("/")
+
     async def derivations(self, drv: str) -> dict[str, Any]:
         """``nix show-derivation --recursive``: every derivation in ``drv``'s closure, by path."""
         out = await self._run(

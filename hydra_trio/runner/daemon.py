@@ -14,6 +14,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from hydra_trio import net, sdnotify
+from hydra_trio.hydra.config import HydraConfig
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm, FarmConfig
 from hydra_trio.runner.front import Front
@@ -54,6 +55,8 @@ class RunnerConfig:
     #: a local chroot Nix store (``--nix-store DIR``) for ``drv`` submissions and Nix build
     #: outputs; None: the machine's own store.
     nix_store: Path | None = None
+    #: Hydra mode (``--hydra-db``, ``--hydra-data``): serve a Hydra database's queue.
+    hydra: HydraConfig | None = None
 
     @builder_timeout.validator
     def _positive(self, attribute: attrs.Attribute[float], value: float) -> None:
@@ -203,6 +206,10 @@ async def _serve(
 ) -> None:
     """Start the dispatcher, the builder port and the HTTP API in ``nursery``."""
     nursery.start_soon(dispatcher.run, farm)
+    if config.hydra is not None:
+        from hydra_trio.hydra.queue import HydraQueue
+
+        await nursery.start(HydraQueue(config.hydra, farm, storage).run)
     gate = HandshakeGate(config.max_unauthenticated)
     handler = functools.partial(serve_builder, farm, session_config, storage, gate=gate)
     builders = await nursery.start(

@@ -127,6 +127,11 @@ class Farm:
     on_build_change: Callable[[str], None] = lambda build_id: None
     #: called when there is something for the persister to write.
     on_dirty: Callable[[], None] = lambda: None
+    #: called with a build after each transition of an attempt: assigned (RUNNING, no
+    #: phase), a phase reported (RUNNING), requeued after an infrastructure failure (QUEUED),
+    #: finished.  Synchronous, inside the transition: an observer copies what it needs and
+    #: must not call back into the farm (Hydra mode writes Hydra's tables from these).
+    observers: list[Callable[[Build], None]] = attrs.field(factory=list)
 
     builds: dict[str, Build] = attrs.field(factory=dict, init=False)
     machines: dict[str, Machine] = attrs.field(factory=dict, init=False)
@@ -456,8 +461,9 @@ class Farm:
 
     def on_progress(self, session: Session, machine: Machine, msg: Progress) -> None:
         build = self.current(session, machine, msg.build_id, msg.attempt, kind="progress")
-        if build is not None:
+        if build is not None and build.phase is not msg.phase:
             build.phase = msg.phase
+            self._observe(build)
 
     def on_log(self, session: Session, machine: Machine, msg: LogChunk) -> bytes | None:
         """The part of a log chunk to keep (cut at the log limit), or None if it is stale."""
@@ -642,6 +648,7 @@ class Farm:
             machine.session.post(assign)
         log.info("build %s attempt %d assigned to %s", build.id, build.attempts, machine.hostname)
         self.on_build_change(build.id)
+        self._observe(build)
 
     def is_input(self, build: Build, sha256: str) -> bool:
         """Whether a file with this hash is one a builder running ``build`` may fetch: an
@@ -655,6 +662,22 @@ class Farm:
         )
 
     # -- transitions ------------------------------------------------------------------------
+
+    def _observe(self, build: Build) -> None:
+        for observer in self.observers:
+            observer(build)
+
+    def raise_priority(self, build_id: str, priority: int) -> None:
+        """Give a queued build a higher priority (Hydra's bump); lower ones are ignored, and
+        so are builds that already run or ended."""
+        build = self.builds.get(build_id)
+        if build is None or build.state is not BuildState.QUEUED or priority <= build.spec.priority:
+            return
+        build.spec = attrs.evolve(build.spec, priority=priority)
+        self._touch(build)
+        if not build.waiting_for:
+            self._push(build)  # the old entry is skipped once the build has run
+            self.on_change()
 
     def _make_runnable(self, build: Build, now: float) -> None:
         self._since[build.id] = now
@@ -696,6 +719,7 @@ class Farm:
         build.not_before = now + delay
         self.requeued[status.value] += 1
         log.info("build %s requeued (%s), retry in %.0f s", build.id, status.value, delay)
+        self._observe(build)
         self._make_runnable(build, now)
 
     def _finish(
@@ -717,6 +741,7 @@ class Farm:
         self.finished[status.value] += 1
         self.on_build_change(build.id)
         log.info("build %s finished: %s%s", build.id, status.value, f" ({error})" if error else "")
+        self._observe(build)
         for dep_id in build.dependents:
             dependent = self.builds[dep_id]
             if dependent.state.finished:
