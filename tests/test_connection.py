@@ -458,6 +458,27 @@ def test_pings_scheduled_from_send_time() -> None:
     assert not conn.ping_due(44.0)
 
 
+def test_welcome_lowers_the_ping_interval_to_a_third_of_the_builder_timeout() -> None:
+    """A builder whose ping interval exceeds a third of the runner's builder timeout pings
+    every third of it once the Welcome arrives."""
+    conn = builder(ping_interval=10.0)
+    conn.send(HELLO)
+    conn.receive_data(frame(attrs.evolve(WELCOME, builder_timeout=3.0)), 0.0)
+    assert conn.ping_interval == 1.0
+    conn.make_ping(0.0)
+    assert conn.next_ping_at == 1.0
+    assert not conn.ping_due(0.999)
+    assert conn.ping_due(1.0)
+
+
+def test_welcome_keeps_a_shorter_ping_interval() -> None:
+    """A ping interval already under a third of the builder timeout is kept as it is."""
+    conn = builder(ping_interval=2.0)
+    conn.send(HELLO)
+    conn.receive_data(frame(attrs.evolve(WELCOME, builder_timeout=30.0)), 0.0)
+    assert conn.ping_interval == 2.0
+
+
 def test_ping_carries_status() -> None:
     """make_ping puts load, disk_free and running builds in the ping."""
     refs = (m.BuildRef(build_id="b", attempt=3),)
@@ -644,9 +665,13 @@ class LinkMachine(RuleBasedStateMachine):
         self.to_builder.deliver([len(self.to_builder.buffer)], start)
         self._send(self.builder, HELLO)
         self.to_runner.deliver([len(self.to_runner.buffer)], start)
-        self._send(self.runner, WELCOME)
+        # The runner announces its own silence limit; the builder pings at least three times
+        # within it (``interval`` may be longer than that third).
+        self._send(self.runner, attrs.evolve(WELCOME, builder_timeout=self.runner.peer_timeout))
         self.to_builder.deliver([len(self.to_builder.buffer)], start)
         assert self.builder.state is self.runner.state is ConnectionState.ESTABLISHED
+        self.interval = min(interval, self.runner.peer_timeout / 3)
+        assert self.builder.ping_interval == self.interval
 
     def _send(self, conn: Connection, message: m.Message) -> None:
         pipe = self.to_runner if conn is self.builder else self.to_builder

@@ -8,6 +8,7 @@ import random
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -178,6 +179,41 @@ async def test_a_blip_shorter_than_the_timeouts_changes_nothing(
         assert len(farm.network.links["a"]) == 1
         assert started == [(build.id, 1)]
         assert build.attempts == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_builder_pings_often_enough_for_the_runners_timeout_whatever_its_flags(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Runner --builder-timeout 3, builder left at --ping-interval 10: the builder pings every
+    second, keeps its one session and its build for 100 s, and warns once about its flag."""
+    started: list[tuple[str, int]] = []
+    fast = attrs.evolve(RUNNER, builder_timeout=3.0)
+    async with trio.open_nursery() as nursery:
+        farm = Farmlet(nursery, fast, tmp_path / "runner")
+        state = await farm.add_builder(
+            "a", builder_config(tmp_path, "a"), execute=hanging_executor(started)
+        )
+        build = farm.farm.submit(spec(), trio.current_time())
+        await wait_until(lambda: build.state is BuildState.RUNNING)
+        machine = farm.machine("a")
+        pings: list[float] = []
+        for _ in range(100):
+            await trio.sleep(1)
+            pings.append(machine.last_ping_at)
+        # every second a new ping, none of them later than 1 s after the one before
+        assert len(set(pings)) >= 99
+        assert max(b - a for a, b in itertools.pairwise(sorted(set(pings)))) <= 1.0 + 1e-9
+        assert machine.state is MachineState.CONNECTED
+        assert machine.sessions == 1
+        assert state.sessions == 1
+        assert started == [(build.id, 1)]
+        assert build.attempts == 1
+        warnings = [r.getMessage() for r in caplog.records if "--ping-interval" in r.getMessage()]
+        assert warnings == [
+            "--ping-interval 10 s is longer than a third of the runner's --builder-timeout 3 s: "
+            "pinging every 1 s instead (give --ping-interval 1 to silence this)"
+        ]
         nursery.cancel_scope.cancel()
 
 

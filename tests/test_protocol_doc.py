@@ -42,8 +42,8 @@ def section(heading: str) -> str:
 
 
 def test_vectors_present() -> None:
-    """The doc has vectors for Challenge, Hello, Ping, Pong, Assign and Result."""
-    assert set(VECTORS) >= {"Challenge", "Hello", "Ping", "Pong", "Assign", "Result"}
+    """The doc has vectors for Challenge, Hello, Welcome, Ping, Pong, Assign and Result."""
+    assert set(VECTORS) >= {"Challenge", "Hello", "Welcome", "Ping", "Pong", "Assign", "Result"}
 
 
 def test_proof_vector() -> None:

@@ -95,7 +95,7 @@ class BuilderConfig:
     max_jobs: int = 1
     speed_factor: float = 1.0
     ping_interval: float = 10.0
-    #: None: 3 x ping_interval.
+    #: None: 3 x the ping interval used (ping_interval, or a third of the runner's timeout).
     ping_timeout: float | None = None
     work_dir: Path = Path("hydra-trio-builder")
     hostname: str = attrs.field(factory=default_hostname)
@@ -240,6 +240,8 @@ class BuilderState:
     sessions: int = 0
     #: (monotonic time, event) pairs for tests and diagnostics; bounded.
     events: list[tuple[float, str]] = attrs.field(factory=list)
+    #: whether the warning about a ping interval too long for the runner was logged.
+    warned_ping_interval: bool = False
     #: runs one build (replaceable by embedders and tests).
     execute: Executor = execute
     #: runs one Nix build (``Assign.drv``) in a store (replaceable by embedders and tests).
@@ -339,6 +341,7 @@ async def _session(config: BuilderConfig, state: BuilderState, stream: trio.abc.
         return f"handshake failed: {str(exc) or type(exc).__name__}"
     if isinstance(welcome, str):
         return welcome
+    _follow_runner_timeout(config, state, channel.connection, welcome)
     state.sessions += 1
     log.info(
         "connected to %s as %s (session %s)", config.server, state.machine_id, welcome.session_id
@@ -346,6 +349,31 @@ async def _session(config: BuilderConfig, state: BuilderState, stream: trio.abc.
     sdnotify.notify(f"STATUS=connected to {config.server}")
     session = _Session(config, state, channel)
     return await session.run()
+
+
+def _follow_runner_timeout(
+    config: BuilderConfig, state: BuilderState, conn: Connection, welcome: Welcome
+) -> None:
+    """Ping often enough for the runner, whatever our own flags say.
+
+    The Connection already lowered its ping interval to a third of ``welcome.builder_timeout``
+    (a runner with ``--builder-timeout 3`` and builders left at ``--ping-interval 10`` would
+    otherwise drop every builder every 3 s, and its builds with it).  A ping timeout that was
+    not given follows the interval actually used (3 x it), as it follows the flag.
+    """
+    interval = conn.ping_interval
+    if config.ping_timeout is None:
+        conn.set_peer_timeout(3 * interval)
+    if interval < config.ping_interval and not state.warned_ping_interval:
+        state.warned_ping_interval = True
+        log.warning(
+            "--ping-interval %g s is longer than a third of the runner's --builder-timeout "
+            "%g s: pinging every %g s instead (give --ping-interval %g to silence this)",
+            config.ping_interval,
+            welcome.builder_timeout,
+            interval,
+            interval,
+        )
 
 
 async def _handshake(
@@ -425,7 +453,7 @@ class _Session:
 
     async def _receive_loop(self) -> None:
         conn = self.channel.connection
-        timeout = self.config.effective_ping_timeout
+        timeout = conn.peer_timeout
         try:
             with trio.CancelScope(deadline=conn.deadline) as watchdog:
                 self.channel.watchdog = watchdog  # any frame (or its progress) proves it alive

@@ -74,7 +74,9 @@ class Connection:
 
     ``peer_timeout`` is how long the peer may stay silent (builder: ``--ping-timeout``; runner:
     ``--builder-timeout``, or ``--handshake-timeout`` until the hello).  ``ping_interval`` is
-    the builder's ping period (ignored on the runner side).
+    the builder's ping period (ignored on the runner side); the runner's ``Welcome`` lowers it
+    to a third of the runner's builder timeout when it is longer, so a builder whose own flag
+    says otherwise is never dropped for pinging too rarely.
     """
 
     role: Role
@@ -303,6 +305,9 @@ class Connection:
             assert isinstance(message, Welcome)
             self.welcome = message
             self.state = ConnectionState.ESTABLISHED
+            # At least three pings per builder timeout: one lost or late ping must not be
+            # enough for the runner to call us silent.
+            self.ping_interval = min(self.ping_interval, message.builder_timeout / 3)
             self._next_ping_at = now  # the first ping goes out right after the welcome
         elif kind is Reject:
             self.state = ConnectionState.CLOSED
