@@ -126,7 +126,7 @@ async def hydra_server(stream: Any) -> None:
     from hydra_trio.runner.daemon import RunnerConfig, make_farm
     from hydra_trio.runner.session import SessionConfig, serve_builder
 
-    farm, _ = make_farm(RunnerConfig())
+    farm, _ = make_farm(RunnerConfig(), persisted=False)
     with tempfile.TemporaryDirectory(prefix="hydra-trio-bench-") as state:
         storage = Storage.in_dir(Path(state))
         await serve_builder(farm, SessionConfig(builder_timeout=3600.0), storage, stream)

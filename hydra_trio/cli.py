@@ -554,7 +554,6 @@ def up(
     setup_logging(log_level, log_format)
     config = _runner_config(**kw)
     hostname = default_hostname()
-    farm, dispatcher = make_farm(config)
     graph: tuple[list[Any], list[str]] | None = None
     if graph_file is not None:
         try:
@@ -571,6 +570,7 @@ def up(
                 lock.close()
 
     async def serve_farm(locks: list[IO[bytes]]) -> None:
+        farm, dispatcher = make_farm(config)
         async with trio.open_nursery() as nursery:
             addresses: RunnerAddresses = await nursery.start(
                 functools.partial(serve_runner, config, farm=farm, dispatcher=dispatcher)

@@ -170,7 +170,7 @@ class Farmlet:
 
     def __attrs_post_init__(self) -> None:
         self.runner_config = attrs.evolve(self.runner_config, state_dir=self.state_dir)
-        self.farm, dispatcher = make_farm(self.runner_config)
+        self.farm, dispatcher = make_farm(self.runner_config, persisted=False)
         self.storage = open_storage(self.runner_config, self.farm)
         self.nursery.start_soon(dispatcher.run, self.farm)
         handler = functools.partial(

@@ -56,9 +56,11 @@ from hydra_trio.protocol.messages import Assign, BuildStatus, LogChunk, Phase, P
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.daemon import Dispatcher, RunnerConfig, open_storage
 from hydra_trio.runner.farm import FarmConfig
+from hydra_trio.runner.journal import Journal as FarmJournal
 from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine
+from hydra_trio.runner.persister import Persister, take_rows
 from hydra_trio.runner.session import serve_builder
-from hydra_trio.runner.store import Persister, Store, open_store
+from hydra_trio.runner.store import Store, open_store
 
 from .sim import Link
 from .simjournal import Execution, Journal, JournalingFarm
@@ -115,7 +117,8 @@ class SimRunner:
         self.farm = JournalingFarm(
             config=FarmConfig(max_tries=self.config.max_tries),
             on_change=self.dispatcher.wake,
-            journal=self.journal,
+            journal=FarmJournal(hold_assigns=True),
+            sim_journal=self.journal,
             generation=self.generation,
         )
         self.storage = open_storage(self.config, self.farm)
@@ -141,8 +144,6 @@ class SimRunner:
                         if b.state.finished
                     }
                     self.farm.restore(snapshot, trio.current_time())
-                    self.farm.persist_with(persister.wake)
-                    persister.wake()
                     async with trio.open_nursery() as nursery:
                         self.nursery = nursery
                         nursery.start_soon(persister.run)
@@ -152,7 +153,7 @@ class SimRunner:
                 finally:
                     with trio.CancelScope(shield=True):
                         if self.graceful and persister.failure is None:
-                            builds, edges, machines = self.farm.take_dirty()
+                            builds, edges, machines = take_rows(self.farm)
                             await trio.to_thread.run_sync(store.save, builds, edges, machines)
                         # kill -9: the kernel closes the file; what was committed survives.
                         await trio.to_thread.run_sync(store.close)

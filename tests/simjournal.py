@@ -114,21 +114,21 @@ class JournalingFarm(Farm):
     """The real ``Farm``, telling the journal about attaches and results, and checking that a
     result or progress it rejects as stale changes nothing."""
 
-    journal: Journal = attrs.field(kw_only=True, factory=Journal)
+    sim_journal: Journal = attrs.field(kw_only=True, factory=Journal)
     generation: int = attrs.field(kw_only=True, default=1)
 
     def attach(self, session: Session, hello: Any, now: float) -> Machine:
         machine = super().attach(session, hello, now)
-        self.journal.attaches.setdefault(machine.hostname, []).append(now)
-        self.journal.log(f"runner {self.generation} attached {machine.hostname}")
+        self.sim_journal.attaches.setdefault(machine.hostname, []).append(now)
+        self.sim_journal.log(f"runner {self.generation} attached {machine.hostname}")
         return machine
 
     def detach(self, session: Session, reason: str, now: float, *, lost: bool = True) -> None:
-        machine = self._machine_of(session)
+        machine = self.registry.machine_of(session)
         if machine is not None:
-            self.journal.log(f"runner {self.generation} detached {machine.hostname}: {reason}")
+            self.sim_journal.log(f"runner {self.generation} detached {machine.hostname}: {reason}")
         if reason.startswith("internal error"):  # serve_builder's catch-all: a bug
-            self.journal.violation(f"runner {self.generation} session failed: {reason}")
+            self.sim_journal.violation(f"runner {self.generation} session failed: {reason}")
         super().detach(session, reason, now, lost=lost)
 
     def _fingerprint(self, build_id: str, machine: Machine) -> tuple[Any, ...]:
@@ -143,8 +143,8 @@ class JournalingFarm(Farm):
             tuple(machine.running),
             machine.succeeded_builds,
             machine.failed_builds,
-            sum(self.finished.values()),
-            sum(self.requeued.values()),
+            sum(self.metrics.finished.values()),
+            sum(self.metrics.requeued.values()),
         )
 
     def current(
@@ -153,10 +153,10 @@ class JournalingFarm(Farm):
         build = super().current(session, machine, build_id, attempt, **kw)
         if build is None:
             kind = str(kw.get("kind", "frame"))
-            self.journal.stale[kind] = self.journal.stale.get(kind, 0) + 1
-            self.journal.log(
+            self.sim_journal.stale[kind] = self.sim_journal.stale.get(kind, 0) + 1
+            self.sim_journal.log(
                 f"runner {self.generation} rejected a stale {kind} of "
-                f"{self.journal.name(build_id)} attempt {attempt} from {machine.hostname}"
+                f"{self.sim_journal.name(build_id)} attempt {attempt} from {machine.hostname}"
             )
         return build
 
@@ -173,7 +173,7 @@ class JournalingFarm(Farm):
             and machine.session is session
         )
         committed = super().on_result(session, machine, msg, now)
-        journal = self.journal
+        journal = self.sim_journal
         what = f"{journal.name(msg.build_id)} attempt {msg.attempt} {msg.status.value}"
         if committed and not fenced_in:
             journal.violation(f"runner {self.generation} committed the stale result {what}")
@@ -206,7 +206,7 @@ class JournalingFarm(Farm):
         before = self._fingerprint(msg.build_id, machine)
         super().on_progress(session, machine, msg)
         if not current and self._fingerprint(msg.build_id, machine) != before:
-            self.journal.violation(
-                f"a stale progress of {self.journal.name(msg.build_id)} attempt "
+            self.sim_journal.violation(
+                f"a stale progress of {self.sim_journal.name(msg.build_id)} attempt "
                 f"{msg.attempt} changed the farm"
             )

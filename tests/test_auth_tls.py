@@ -144,7 +144,7 @@ async def test_a_builder_with_the_token_is_accepted_and_the_token_never_crosses_
         assert farm.farm.machines["machine-a"].state is MachineState.CONNECTED
         [wire] = taps
         assert TOKEN not in wire.sent + wire.received
-        assert farm.farm.handshakes_rejected == {}
+        assert farm.farm.metrics.handshakes_rejected == {}
         nursery.cancel_scope.cancel()
 
 
@@ -173,7 +173,7 @@ async def test_a_wrong_or_missing_token_is_rejected_and_the_builder_backs_off(
         attempts = farm.network.connect_times["a"]
         assert 5 <= len(attempts) <= 40
         assert max(b - a for a, b in itertools.pairwise(attempts)) > 20
-        assert farm.farm.handshakes_rejected["auth-failed"] == len(attempts)
+        assert farm.farm.metrics.handshakes_rejected["auth-failed"] == len(attempts)
         assert f"auth-failed: {why}" in caplog.text  # the runner says who and why
         if token is None:
             assert "requires a token: give this builder --token-file" in caplog.text
@@ -203,7 +203,7 @@ async def test_a_replayed_handshake_is_rejected(
         await stream.send_all(recorded)  # the recorded bytes, verbatim
         reply = await receive_one(stream, conn)
         assert isinstance(reply, Reject) and reply.code == "auth-failed"
-        assert farm.farm.handshakes_rejected["auth-failed"] == 1
+        assert farm.farm.metrics.handshakes_rejected["auth-failed"] == 1
         # ... while the same hello, proven for this connection's nonce, would have passed:
         assert auth.verify(
             TOKEN,

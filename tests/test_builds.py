@@ -110,7 +110,7 @@ async def test_infrastructure_failures_are_retried_on_another_builder_up_to_max_
         assert len(set(flaky.failed_on[:2])) == 2  # the retry went to the other builder
         assert broken.status is BuildStatus.BUILD_FAILED
         assert broken.attempts == 1
-        assert farm.farm.requeued["fetch-failed"] == 2
+        assert farm.farm.metrics.requeued["fetch-failed"] == 2
         nursery.cancel_scope.cancel()
 
 
@@ -142,7 +142,7 @@ async def test_a_drained_builder_finishes_its_build_keeps_pinging_and_leaves_cle
         assert long.state is BuildState.SUCCEEDED
         await wait_until(lambda: machine.state is MachineState.DISCONNECTED)
         assert "goodbye" in machine.disconnect_reason
-        assert farm.farm.builders_lost_idle == farm.farm.builders_lost_busy == 0
+        assert farm.farm.metrics.builders_lost_idle == farm.farm.metrics.builders_lost_busy == 0
         assert later.state is BuildState.QUEUED  # never given to the draining builder
         assert [build_id for build_id, _, _ in seen] == [long.id]
         assert state.draining

@@ -152,7 +152,7 @@ async def test_postgresql_restarted_under_load_loses_nothing_and_the_runner_carr
         )
         machine = next(iter(runner.farm.machines.values()))
         assert machine.sessions == 1 and machine.lost_builds == 0
-        await runner.until(lambda: not runner.farm._dirty_builds)
+        await runner.until(lambda: not runner.farm.journal.changed_builds)
         status = (await runner.client.get("/status")).json()
         assert status["warnings"] == []
         metrics = (await runner.client.get("/metrics")).text

@@ -69,6 +69,7 @@ from hydra_trio.protocol.errors import RemoteProtocolError
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.daemon import RunnerConfig, make_farm
 from hydra_trio.runner.farm import Farm
+from hydra_trio.runner.logs import Followers
 from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine, MachineState
 from hydra_trio.runner.session import HandshakeGate, SessionConfig, serve_builder
 
@@ -997,23 +998,24 @@ async def fuzz_one(plan: Plan, state_dir: Path, records: list[logging.LogRecord]
     config = SessionConfig(
         builder_timeout=BUILDER_TIMEOUT, handshake_timeout=HANDSHAKE_TIMEOUT, token=token
     )
-    storage = Storage.in_dir(state_dir)
-    blob = storage.blobs.path_of(INPUT_SHA)
-    blob.parent.mkdir()
-    blob.write_bytes(INPUT)
-    farm, dispatcher = make_farm(RUNNER)
-    gate = HandshakeGate(limit=10)
     #: (build id, attempt) the farm assigned to a machine other than the good builder's: the
     #: attacker's.
     attacker_attempts: set[tuple[str, int]] = set()
 
-    def on_build_change(build_id: str) -> None:
-        build = farm.builds[build_id]
-        if build.state is BuildState.RUNNING and build.machine_id != GOOD_ID:
-            attacker_attempts.add((build_id, build.attempts))
-        storage.logs.notify(build_id)
+    class Watch(Followers):
+        def notify(self, build_id: str) -> None:
+            build = farm.builds[build_id]
+            if build.state is BuildState.RUNNING and build.machine_id != GOOD_ID:
+                attacker_attempts.add((build_id, build.attempts))
+            super().notify(build_id)
 
-    farm.on_build_change = on_build_change
+    followers = Watch()
+    farm, dispatcher = make_farm(RUNNER, persisted=False, followers=followers)
+    storage = Storage.in_dir(state_dir, followers=followers)
+    blob = storage.blobs.path_of(INPUT_SHA)
+    blob.parent.mkdir()
+    blob.write_bytes(INPUT)
+    gate = HandshakeGate(limit=10)
     now = trio.current_time()
     builds: dict[str, Build] = {}
     for name, priority, after, system in [
@@ -1148,7 +1150,7 @@ async def fuzz_one(plan: Plan, state_dir: Path, records: list[logging.LogRecord]
             assert reason == expected.reason
             if expected.kind == "rejected":
                 code = expected.reason.removeprefix("rejected ")
-                assert farm.handshakes_rejected == {code: 1}
+                assert farm.metrics.handshakes_rejected == {code: 1}
                 assert [type(r) for r in attacker.received] == [m.Challenge, m.Reject]
         event(f"outcome: {outcome}")
         event(f"builds assigned to the attacker: {len(attacker_attempts)}")

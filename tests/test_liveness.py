@@ -245,11 +245,11 @@ async def test_a_late_result_for_a_superseded_attempt_is_rejected(
         await wait_until(lambda: machine_a.state is MachineState.CONNECTED)
         session = machine_a.session
         stale = Result(build_id=build.id, attempt=1, status=BuildStatus.SUCCESS, exit_code=0)
-        rejected_before = farm.farm.stale_rejected
+        rejected_before = farm.farm.metrics.stale_rejected
         assert not farm.farm.on_result(session, machine_a, stale, trio.current_time())
         stale_log = LogChunk(build_id=build.id, attempt=1, data=b"stale")
         assert farm.farm.on_log(session, machine_a, stale_log) is None
-        assert farm.farm.stale_rejected == rejected_before + 2
+        assert farm.farm.metrics.stale_rejected == rejected_before + 2
         assert build.state is BuildState.RUNNING
         assert b"stale" not in await farm.storage.logs.read(build.id, 1)
         assert b"stale" not in await farm.storage.logs.read(build.id, 2)
@@ -258,7 +258,7 @@ async def test_a_late_result_for_a_superseded_attempt_is_rejected(
         assert build.state is BuildState.SUCCEEDED
         assert build.attempts == 2
         assert build.hostname == "b"
-        assert farm.farm.finished[BuildStatus.SUCCESS.value] == 1
+        assert farm.farm.metrics.finished[BuildStatus.SUCCESS.value] == 1
         # A duplicate of the committed result is rejected too: committed once.
         machine_b = farm.machine("b")
         again = Result(build_id=build.id, attempt=2, status=BuildStatus.BUILD_FAILED)
@@ -387,5 +387,5 @@ async def test_builder_messages_are_applied_only_for_the_current_attempt(
         await wait_until(lambda: build.state.finished)
         assert build.state is BuildState.SUCCEEDED
         assert await farm.storage.logs.read(build.id, build.attempts) == b"hi\n"
-        assert farm.farm.stale_rejected == 0
+        assert farm.farm.metrics.stale_rejected == 0
         nursery.cancel_scope.cancel()

@@ -490,7 +490,7 @@ async def test_an_import_error_is_retried(
             assert build.state is BuildState.SUCCEEDED
             assert (build.attempts, build.infra_failures, failures) == (2, 1, [0])
             expected = "fetch-failed" if side == "builder" else "upload-failed"
-            assert farmlet.farm.requeued[expected] == 1
+            assert farmlet.farm.metrics.requeued[expected] == 1
             assert await valid(runner_store, plan.outputs[0][1])
             nursery.cancel_scope.cancel()
 

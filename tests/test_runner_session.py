@@ -121,7 +121,7 @@ class Runner:
         config = CONFIG
         self.config = config
         self.farm: Farm
-        self.farm, dispatcher = make_farm(config)
+        self.farm, dispatcher = make_farm(config, persisted=False)
         self.storage = open_storage(
             RunnerConfig(state_dir=state_dir, http=None, default_system=SYSTEM), self.farm
         )
@@ -345,7 +345,7 @@ async def test_a_result_for_an_attempt_that_is_not_current_is_counted_and_ignore
             )
         await builder.send(Result(build_id="no-such-build", attempt=1, status=BuildStatus.SUCCESS))
         await builder.ping()  # frames are handled in order: the results were seen
-        assert runner.farm.stale_rejected == 3
+        assert runner.farm.metrics.stale_rejected == 3
         assert state_of(build) is BuildState.RUNNING
         assert build.attempts == 1
         assert runner.farm.machines["m1"].running == {build.id: build}
@@ -354,7 +354,7 @@ async def test_a_result_for_an_attempt_that_is_not_current_is_counted_and_ignore
         await builder.ping()
         assert state_of(build) is BuildState.FAILED
         assert build.status is BuildStatus.BUILD_FAILED
-        assert runner.farm.stale_rejected == 3
+        assert runner.farm.metrics.stale_rejected == 3
         nursery.cancel_scope.cancel()
 
 

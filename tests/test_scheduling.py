@@ -174,7 +174,7 @@ def test_builds_no_free_machine_can_build_cost_dispatch_nothing() -> None:
         submit(farm, f"gpu{index}", priority=9, features=("gpu",))
     submit(farm, "plain")
     session = machine(farm, "m", max_jobs=2)
-    [gpu_heap] = [h for key, h in farm._runnable.items() if "gpu" in key[2]]
+    [gpu_heap] = [h for key, h in farm.scheduler._runnable.items() if "gpu" in key[2]]
     before = list(gpu_heap)
     farm.dispatch(0.0)
     assert assigned(session, farm) == ["plain"]

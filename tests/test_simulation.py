@@ -551,7 +551,7 @@ def test_the_farm_keeps_its_invariants_under_any_fault_schedule(scenario: Scenar
     assert not problems, "\n".join(problems)
 
 
-#: The minimal schedule of a bug this test found (fixed: ``Farm.persist_with``): b0 finishes #0
+#: The minimal schedule of a bug this test found (fixed: ``Journal.hold_assigns``): b0 finishes #0
 #: at 1 s, the runner commits it and sent b0 the Assign of #1 attempt 1 at once; it is killed
 #: 5 ms later, while that batch is still being committed.  The next runner restored #1 with no
 #: attempts and handed out #1 attempt 1 a second time: the fencing token was reused, and the

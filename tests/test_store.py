@@ -10,10 +10,11 @@ import trio.testing
 
 from hydra_trio.protocol.messages import BuildStatus, FileInfo, Hello
 from hydra_trio.runner.farm import Farm
+from hydra_trio.runner.journal import Journal
 from hydra_trio.runner.model import BuildSpec, BuildState, MachineState
+from hydra_trio.runner.persister import Persister, take_rows
 from hydra_trio.runner.store import (
     SCHEMA_VERSION,
-    Persister,
     Store,
     StoreError,
     build_row,
@@ -29,7 +30,7 @@ def spec(name: str = "", *after: str) -> BuildSpec:
 
 
 def flush(farm: Farm, store: Store) -> None:
-    builds, edges, machines = farm.take_dirty()
+    builds, edges, machines = take_rows(farm)
     store.save(builds, edges, machines)
 
 
@@ -203,9 +204,8 @@ async def test_the_persister_commits_groups_and_flush_waits_for_durability(
 ) -> None:
     """Many changes while a batch is written land in few transactions; after flush() the
     database has all of them."""
-    farm = Farm()
+    farm = Farm(journal=Journal(hold_assigns=True))
     persister = Persister(store, farm)
-    farm.persist_with(persister.wake)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(persister.run)
         for index in range(200):
@@ -224,9 +224,8 @@ async def test_a_build_submitted_to_a_free_machine_is_assigned_after_one_commit(
     from hydra_trio.runner.daemon import Dispatcher
 
     dispatcher = Dispatcher()
-    farm = Farm(on_change=dispatcher.wake)
+    farm = Farm(on_change=dispatcher.wake, journal=Journal(hold_assigns=True))
     persister = Persister(store, farm)
-    farm.persist_with(persister.wake)
     session = FakeSession()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(persister.run)
@@ -247,7 +246,7 @@ def test_a_graph_is_all_or_nothing(store: Store) -> None:
     """A batch that fails part-way leaves nothing of it behind."""
     farm = Farm()
     builds = farm.submit_graph([spec("a"), spec("b", "a")], 0.0, {"a": 0}.get)
-    rows, edges, machines = farm.take_dirty()
+    rows, edges, machines = take_rows(farm)
     broken = [*rows, (*rows[0][:2], None, *rows[0][3:])]  # NULL spec violates the schema
     broken[-1] = ("zz", *broken[-1][1:])
     with pytest.raises(Exception):  # noqa: B017 - each driver raises its own IntegrityError

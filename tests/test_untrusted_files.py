@@ -216,7 +216,7 @@ async def test_a_builder_cannot_speak_for_a_build_assigned_to_another_machine(
             await b.send(Result(**ref, status=BuildStatus.SUCCESS, exit_code=0, outputs=(forged,)))
             await sync(b)  # frames are handled in order: all of the above were seen
 
-            assert runner.farm.frames_rejected == {
+            assert runner.farm.metrics.frames_rejected == {
                 "progress": 1,
                 "log": 1,
                 "upload": 1,
@@ -236,7 +236,7 @@ async def test_a_builder_cannot_speak_for_a_build_assigned_to_another_machine(
             await sync(a)
             assert state_of(build) is BuildState.FAILED
             assert build.status is BuildStatus.BUILD_FAILED
-            assert runner.farm.stale_rejected == 4
+            assert runner.farm.metrics.stale_rejected == 4
             nursery.cancel_scope.cancel()
 
 
@@ -259,7 +259,7 @@ async def test_frames_of_a_stale_attempt_are_counted_and_never_applied(
                 info = await upload(builder, stale, "out", b"stale")
                 await builder.send(Result(**stale, status=BuildStatus.SUCCESS, outputs=(info,)))
             await sync(builder)
-            assert runner.farm.frames_rejected == {"log": 6, "upload": 2, "result": 2}
+            assert runner.farm.metrics.frames_rejected == {"log": 6, "upload": 2, "result": 2}
             assert state_of(build) is BuildState.RUNNING and build.attempts == 1
             assert stored_files(tmp_path) == []
             warnings = [r for r in caplog.records if "rejected a frame" in r.getMessage()]

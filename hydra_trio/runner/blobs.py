@@ -23,7 +23,7 @@ import attrs
 from hydra_trio.nixstore import NixStore
 from hydra_trio.protocol.messages import FileInfo
 from hydra_trio.runner.health import Health
-from hydra_trio.runner.logs import LogStore
+from hydra_trio.runner.logs import Followers, LogStore
 
 
 class BlobError(Exception):
@@ -270,12 +270,18 @@ class Storage:
 
     @classmethod
     def in_dir(
-        cls, state_dir: Path, nix_store: Path | None = None, health: Health | None = None
+        cls,
+        state_dir: Path,
+        nix_store: Path | None = None,
+        health: Health | None = None,
+        followers: Followers | None = None,
     ) -> Storage:
+        """``followers``: the farm's (``Farm.followers``), so that log appends and build
+        changes wake the same waiters."""
         health = health if health is not None else Health()
         return cls(
             blobs=BlobStore(state_dir / "blobs", health),
-            logs=LogStore(state_dir / "logs", health),
+            logs=LogStore(state_dir / "logs", health, followers),
             nix=NixStore(nix_store),
         )
 

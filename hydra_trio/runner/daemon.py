@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from pathlib import Path
 from typing import IO
 
@@ -19,8 +20,11 @@ from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm, FarmConfig
 from hydra_trio.runner.front import Front
 from hydra_trio.runner.http import create_app
+from hydra_trio.runner.journal import Journal
+from hydra_trio.runner.logs import Followers
+from hydra_trio.runner.persister import Persister
 from hydra_trio.runner.session import HandshakeGate, SessionConfig, serve_builder
-from hydra_trio.runner.store import Persister, StoreError, lock_database, open_store
+from hydra_trio.runner.store import StoreError, lock_database, open_store
 from hydra_trio.system import default_system, lock_dir
 
 log = logging.getLogger("hydra_trio.runner")
@@ -109,9 +113,23 @@ class Dispatcher:
                 await self._wakeup.wait()
 
 
-def make_farm(config: RunnerConfig) -> tuple[Farm, Dispatcher]:
+def make_farm(
+    config: RunnerConfig, *, persisted: bool = True, followers: Followers | None = None
+) -> tuple[Farm, Dispatcher]:
+    """The runner's farm and its dispatcher.  Call it inside ``trio.run``: the farm's wall
+    clock is ``trio.current_time()`` + an offset taken here.
+
+    ``persisted``: a ``Persister`` will write the farm (``serve_runner`` makes one), so its
+    Assigns wait for its commits; False (tests, benchmarks without a store): they go out at
+    once.  ``followers``: waiters woken on every build change (by default, new ones)."""
     dispatcher = Dispatcher()
-    farm = Farm(config=FarmConfig(max_tries=config.max_tries), on_change=dispatcher.wake)
+    farm = Farm(
+        config=FarmConfig(max_tries=config.max_tries),
+        on_change=dispatcher.wake,
+        followers=followers if followers is not None else Followers(),
+        journal=Journal(hold_assigns=persisted),
+        epoch=time.time() - trio.current_time(),
+    )
     return farm, dispatcher
 
 
@@ -127,10 +145,8 @@ def lock_state_dir(state_dir: Path) -> IO[bytes]:
 
 
 def open_storage(config: RunnerConfig, farm: Farm) -> Storage:
-    """The state dir's files; log followers are woken on every build change."""
-    storage = Storage.in_dir(config.state_dir, config.nix_store)
-    farm.on_build_change = storage.logs.notify
-    return storage
+    """The state dir's files; log followers are the farm's, woken on every build change."""
+    return Storage.in_dir(config.state_dir, config.nix_store, followers=farm.followers)
 
 
 async def serve_runner(
@@ -170,8 +186,6 @@ async def serve_runner(
         await trio.to_thread.run_sync(store.migrate)
         snapshot = await trio.to_thread.run_sync(store.load)
         farm.restore(snapshot, trio.current_time())
-        farm.persist_with(persister.wake)
-        persister.wake()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(persister.run)
             await _serve(

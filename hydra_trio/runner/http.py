@@ -227,14 +227,7 @@ def create_app(
             {
                 "machines": [m.to_json(now) for m in farm.machines.values()],
                 "queue": farm.queue_counts(),
-                "counters": {
-                    "staleResultsRejected": farm.stale_rejected,
-                    "buildersLostIdle": farm.builders_lost_idle,
-                    "buildersLostWhileBuilding": farm.builders_lost_busy,
-                    "requeued": dict(farm.requeued),
-                    "framesRejected": dict(farm.frames_rejected),
-                    "handshakesRejected": dict(farm.handshakes_rejected),
-                },
+                "counters": farm.metrics.counters_json(),
                 "role": "leader",
                 "warnings": [w.to_json() for w in storage.health.warnings()],
             },

@@ -45,11 +45,35 @@ def _read(path: Path, offset: int, length: int) -> bytes:
         return b""
 
 
+class Followers:
+    """Waiters on builds (``?follow=1``), woken when a build changes: new log bytes, a new
+    attempt, or the build ended.  The farm holds one from its construction and notifies it
+    on every assignment and end; the log store notifies it on every append."""
+
+    def __init__(self) -> None:
+        self._changed: dict[str, trio.Event] = {}
+
+    def notify(self, build_id: str) -> None:
+        """Wake followers of a build."""
+        event = self._changed.pop(build_id, None)
+        if event is not None:
+            event.set()
+
+    async def wait(self, build_id: str) -> None:
+        """Return at the next ``notify`` of ``build_id``."""
+        event = self._changed.get(build_id)
+        if event is None:
+            event = self._changed[build_id] = trio.Event()
+        await event.wait()
+
+
 class LogStore:
-    def __init__(self, root: Path, health: Health | None = None) -> None:
+    def __init__(
+        self, root: Path, health: Health | None = None, followers: Followers | None = None
+    ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self._changed: dict[str, trio.Event] = {}
+        self.followers = followers if followers is not None else Followers()
         self.health = health if health is not None else Health()
         #: attempts whose log was cut by a failed write -> whether the marker is on disk.
         self.truncated: dict[tuple[str, int], bool] = {}
@@ -93,12 +117,7 @@ class LogStore:
 
     def notify(self, build_id: str) -> None:
         """Wake followers of a build: new bytes, a new attempt, or the build ended."""
-        event = self._changed.pop(build_id, None)
-        if event is not None:
-            event.set()
+        self.followers.notify(build_id)
 
     async def wait(self, build_id: str) -> None:
-        event = self._changed.get(build_id)
-        if event is None:
-            event = self._changed[build_id] = trio.Event()
-        await event.wait()
+        await self.followers.wait(build_id)

@@ -5,13 +5,18 @@ Theory of operation
 Two sources:
 
 - What the farm's state already holds (machines by state, each machine's ping age and jobs,
-  builds by state, the counters ``Farm`` keeps for ``/status``) is read at scrape time into
-  metric families: nothing is counted twice, so /metrics and /status cannot disagree.
+  builds by state, the plain counters of ``FarmMetrics`` that ``/status`` shows too) is read
+  at scrape time into metric families: nothing is counted twice, so /metrics and /status
+  cannot disagree.
 - What the state does not remember is recorded when it happens, into the histograms and
-  counters of ``FarmMetrics`` (``farm.metrics``): the farm observes dispatch latency and
-  build duration, the builder session counts bytes moved and protocol errors.  They live in
+  counters of ``FarmMetrics``: the farm observes dispatch latency and build duration, the
+  builder session counts bytes moved, protocol errors and refused hellos.  They live in
   the farm's own ``CollectorRegistry``, never prometheus-client's global default one: tests
   and embedders run many farms in one process, and each must expose only its own.
+
+``FarmMetrics`` is made first and given to ``Farm`` at construction (``Farm(metrics=...)``);
+this module reads the farm only through ``FarmView``, so it imports neither ``farm`` nor
+anything that does.
 
 A scrape is ``collect_metrics`` (a snapshot of both, taken on the event loop, where the farm
 cannot change meanwhile) then ``format_metrics`` (text from the snapshot alone, so it may run
@@ -27,20 +32,19 @@ argument, so this module imports no trio.
 
 from __future__ import annotations
 
+import collections
 import re
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol
 
+import attrs
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hydra_trio.protocol.errors import ProtocolError
 from hydra_trio.protocol.messages import BuildStatus
 from hydra_trio.runner.health import FAULT_KINDS, Health
-from hydra_trio.runner.model import MachineState
-
-if TYPE_CHECKING:
-    from hydra_trio.runner.farm import Farm
+from hydra_trio.runner.model import Machine, MachineState
 
 #: Dispatch latency buckets (seconds): a free machine takes a build in milliseconds; a busy
 #: farm makes builds wait minutes to hours.
@@ -95,7 +99,7 @@ _KIND_PATTERNS = (
 )
 
 
-#: The label values ``Farm.frames_rejected`` and ``Farm.handshakes_rejected`` use, listed at 0
+#: The label values ``FarmMetrics.frames_rejected`` and ``.handshakes_rejected`` use, listed at 0
 #: before they first happen.
 _FRAME_KINDS = ("progress", "log", "result", "upload", "fetch")
 _HANDSHAKE_REJECTIONS = ("auth-failed", "incompatible-version")
@@ -110,11 +114,33 @@ def protocol_error_kind(exc: ProtocolError) -> str:
     return "other"
 
 
+@attrs.define(eq=False)
 class FarmMetrics:
-    """The event metrics of one farm, in that farm's own registry (``registry``)."""
+    """The counters and event metrics of one farm: plain counters that ``/status`` shows too,
+    and histograms and counters in that farm's own Prometheus registry (``registry``)."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+    #: frames about a build rejected because their sender does not run it under that attempt.
+    stale_rejected: int = 0
+    #: the same frames by kind (``progress``, ``log``, ``result``, ``upload``, ``fetch``).
+    frames_rejected: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    builders_lost_idle: int = 0
+    builders_lost_busy: int = 0
+    #: attempts requeued after an infrastructure failure, by status.
+    requeued: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    #: builds finished, by status.
+    finished: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    #: hellos refused, by ``Reject`` code (``auth-failed``, ``incompatible-version``).
+    handshakes_rejected: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    registry: CollectorRegistry = attrs.field(
+        factory=lambda: CollectorRegistry(auto_describe=True), init=False
+    )
+    dispatch_latency: Histogram = attrs.field(init=False)
+    build_duration: Histogram = attrs.field(init=False)
+    uploaded_bytes: Counter = attrs.field(init=False)
+    fetched_bytes: Counter = attrs.field(init=False)
+    protocol_errors: Counter = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
         self.dispatch_latency = Histogram(
             "hydra_trio_dispatch_latency_seconds",
             "Seconds from a build becoming runnable (submitted with its dependencies done, its "
@@ -151,8 +177,35 @@ class FarmMetrics:
         """Count a connection ended by ``exc``."""
         self.protocol_errors.labels(kind=protocol_error_kind(exc)).inc()
 
+    def handshake_rejected(self, code: str) -> None:
+        """Count a hello refused with the ``Reject`` code ``code``."""
+        self.handshakes_rejected[code] += 1
 
-def collect_metrics(farm: Farm, now: float) -> list[Metric]:
+    def counters_json(self) -> dict[str, object]:
+        """The counters as ``/status`` shows them (``counters``)."""
+        return {
+            "staleResultsRejected": self.stale_rejected,
+            "buildersLostIdle": self.builders_lost_idle,
+            "buildersLostWhileBuilding": self.builders_lost_busy,
+            "requeued": dict(self.requeued),
+            "framesRejected": dict(self.frames_rejected),
+            "handshakesRejected": dict(self.handshakes_rejected),
+        }
+
+
+class FarmView(Protocol):
+    """What a scrape reads of a farm (``farm.Farm`` is one)."""
+
+    @property
+    def machines(self) -> Mapping[str, Machine]: ...
+
+    @property
+    def metrics(self) -> FarmMetrics: ...
+
+    def queue_counts(self) -> dict[str, int]: ...
+
+
+def collect_metrics(farm: FarmView, now: float) -> list[Metric]:
     """Every family at ``now``: a snapshot, taken where the farm cannot change meanwhile (on
     the event loop).  About 10 ms for 2,000 connected machines."""
     return [*_state_families(farm, now), *farm.metrics.registry.collect()]
@@ -177,7 +230,7 @@ def format_metrics(families: Iterable[Metric]) -> bytes:
     return generate_latest(_Families(families))
 
 
-def render_metrics(farm: Farm, now: float) -> bytes:
+def render_metrics(farm: FarmView, now: float) -> bytes:
     """``format_metrics(collect_metrics(farm, now))``, in one step."""
     return format_metrics(collect_metrics(farm, now))
 
@@ -200,7 +253,8 @@ def _labelled(
     return family
 
 
-def _state_families(farm: Farm, now: float) -> Iterator[Metric]:
+def _state_families(farm: FarmView, now: float) -> Iterator[Metric]:
+    counters = farm.metrics
     by_state = dict.fromkeys(MachineState, 0)
     for machine in farm.machines.values():
         by_state[machine.state] += 1
@@ -231,14 +285,14 @@ def _state_families(farm: Farm, now: float) -> Iterator[Metric]:
     )
     # Every status is listed (at 0 until it happens), so a rate() over it has a series to
     # start from; the same for requeue reasons, the infrastructure statuses.
-    finished = {s.value: farm.finished.get(s.value, 0) for s in BuildStatus}
+    finished = {s.value: counters.finished.get(s.value, 0) for s in BuildStatus}
     yield _labelled(
         CounterMetricFamily(
             "hydra_trio_builds_finished", "Builds finished, by status.", labels=["status"]
         ),
         sorted(finished.items()),
     )
-    requeued = {s.value: 0 for s in BuildStatus if s.is_infrastructure} | farm.requeued
+    requeued = {s.value: 0 for s in BuildStatus if s.is_infrastructure} | counters.requeued
     yield _labelled(
         CounterMetricFamily(
             "hydra_trio_builds_requeued",
@@ -253,12 +307,12 @@ def _state_families(farm: Farm, now: float) -> Iterator[Metric]:
             "Builder sessions lost, idle or while building.",
             labels=["while"],
         ),
-        [("idle", farm.builders_lost_idle), ("building", farm.builders_lost_busy)],
+        [("idle", counters.builders_lost_idle), ("building", counters.builders_lost_busy)],
     )
     yield CounterMetricFamily(
         "hydra_trio_stale_results_rejected",
         "Frames about a build rejected because their attempt was not current.",
-        value=farm.stale_rejected,
+        value=counters.stale_rejected,
     )
     yield _labelled(
         CounterMetricFamily(
@@ -266,7 +320,7 @@ def _state_families(farm: Farm, now: float) -> Iterator[Metric]:
             "Frames about a build not this connection's to speak for, by kind.",
             labels=["kind"],
         ),
-        sorted((dict.fromkeys(_FRAME_KINDS, 0) | farm.frames_rejected).items()),
+        sorted((dict.fromkeys(_FRAME_KINDS, 0) | counters.frames_rejected).items()),
     )
     yield _labelled(
         CounterMetricFamily(
@@ -274,5 +328,5 @@ def _state_families(farm: Farm, now: float) -> Iterator[Metric]:
             "Builder hellos refused, by reason (auth-failed, incompatible-version).",
             labels=["reason"],
         ),
-        sorted((dict.fromkeys(_HANDSHAKE_REJECTIONS, 0) | farm.handshakes_rejected).items()),
+        sorted((dict.fromkeys(_HANDSHAKE_REJECTIONS, 0) | counters.handshakes_rejected).items()),
     )

@@ -1,7 +1,8 @@
 """What the queue runner knows: builds and machines, and the states they move through.
 
-These are plain bookkeeping objects; ``farm.Farm`` owns them and is the only code that changes
-them, so every transition (and its invariants) is in one place.
+These are plain bookkeeping objects; ``farm.Farm`` owns them, and it and the parts it delegates
+to (``registry.Registry`` for machines, ``scheduler.Scheduler`` for the run queue) are the only
+code that changes them, so every transition (and its invariants) is in one place.
 """
 
 from __future__ import annotations

@@ -377,7 +377,7 @@ async def _handshake(farm: Farm, channel: FramedChannel, config: SessionConfig) 
 
 
 async def _reject(farm: Farm, channel: FramedChannel, hello: Hello, code: str, why: str) -> None:
-    farm.handshakes_rejected[code] += 1
+    farm.metrics.handshake_rejected(code)
     log.warning("rejected builder %s (%s): %s: %s", hello.hostname, hello.machine_id, code, why)
     await channel.send(Reject(code=code, reason=why))
 

@@ -3,11 +3,12 @@
 Theory of operation
 -------------------
 The farm keeps the whole queue in memory and is the only writer of it; the store is its
-journal.  Every transition marks builds and machines dirty; the ``Persister`` task takes the
-dirty set, turns it into rows on the trio thread (cheap), and writes them in **one transaction
-per batch** on a worker thread (group commit: whatever changes while a batch is being written
-goes into the next).  Callers that must not answer before their change is durable (``POST
-/builds``) await ``Persister.flush()``.
+durable copy.  Every transition marks builds and machines changed (``journal.Journal``); the
+``persister.Persister`` task takes the changes, turns them into rows here (``rows``, on the
+trio thread: cheap), and writes them in **one transaction per batch** on a worker thread
+(``Store.save``; group commit: whatever changes while a batch is being written goes into the
+next).  Callers that must not answer before their change is durable (``POST /builds``) await
+``Persister.flush()``.
 
 The transactions carry the invariants even though only one runner writes:
 
@@ -41,7 +42,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import random
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -49,11 +49,10 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import attrs
-import trio
 
 from hydra_trio.protocol.errors import HydraTrioError
 from hydra_trio.protocol.messages import BuildStatus, FileInfo
-from hydra_trio.runner.health import Health, is_disk_full
+from hydra_trio.runner.journal import Changes
 from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine, MachineState
 
 log = logging.getLogger("hydra_trio.runner")
@@ -214,6 +213,20 @@ def build_row(build: Build) -> tuple[Any, ...]:
         build.outputs,  # a tuple of frozen records
         dict(build.timings),
         list(build.failed_on),
+    )
+
+
+#: What ``Store.save`` takes: build rows, edges, machine rows.
+Rows = tuple[list[tuple[Any, ...]], list[tuple[str, str]], list[tuple[Any, ...]]]
+
+
+def rows(changes: Changes, last_seen: float) -> Rows:
+    """The rows of ``changes`` for ``Store.save`` (on the trio thread: see ``build_row``);
+    ``last_seen``: the wall-clock time written for the machines."""
+    return (
+        [build_row(b) for b in changes.builds],
+        changes.edges,
+        [machine_row(m, last_seen) for m in changes.machines],
     )
 
 
@@ -521,147 +534,3 @@ def open_store(url: str | None, state_dir: Path) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresStore.open(url)
     raise StoreError(f"unsupported --db URL {_redact(url)!r}: use sqlite:///PATH or postgresql://")
-
-
-# ---------------------------------------------------------------------------------------------
-# The persister task.
-
-
-#: Backoff between attempts at a failed batch: from RETRY_BASE doubling to RETRY_CAP, with
-#: full jitter.  A restarted PostgreSQL is back in about a second: the first retries find it.
-RETRY_BASE = 0.1
-RETRY_CAP = 5.0
-
-_Rows = tuple[list[tuple[Any, ...]], list[tuple[str, str]], list[tuple[Any, ...]]]
-
-
-def _merge(older: _Rows, newer: _Rows) -> _Rows:
-    """One batch of two: a build or machine in both is written as its newer row."""
-    builds = {row[0]: row for row in older[0]}
-    builds.update((row[0], row) for row in newer[0])
-    machines = {row[0]: row for row in older[2]}
-    machines.update((row[0], row) for row in newer[2])
-    return (
-        sorted(builds.values(), key=lambda row: row[1]),  # submission order, as take_dirty
-        older[1] + newer[1],
-        list(machines.values()),
-    )
-
-
-class Persister:
-    """Writes the farm's dirty builds and machines, one transaction per batch."""
-
-    def __init__(self, store: Store, farm: Any, health: Health | None = None) -> None:
-        self.store = store
-        self.farm = farm
-        self.health = health if health is not None else Health()
-        self._wakeup = trio.Event()
-        self._requested = 0  # batches asked for
-        self._written = 0  # batches committed
-        self._written_event = trio.Event()
-        self.failure: BaseException | None = None
-        self.batches = 0
-        #: why writes cannot be made durable now (None: they can).
-        self.unavailable: StoreUnavailable | None = None
-        #: failed attempts at writing a batch so far.
-        self.write_failures = 0
-        #: a batch that failed, with its held Assigns: written with the next one.
-        self._pending: _Rows | None = None
-        self._pending_assigns: list[Any] = []
-        self._rng = random.Random()
-
-    def wake(self) -> None:
-        self._wakeup.set()
-
-    async def flush(self) -> None:
-        """Return once everything changed before this call is committed.  Raises
-        ``StoreUnavailable`` if a write fails meanwhile (the change is kept, and written when
-        the database is back, but the caller must not say it is durable)."""
-        self._requested += 1
-        target = self._requested
-        failures = self.write_failures
-        self.wake()
-        while self._written < target:
-            if self.failure is not None:
-                raise StoreError(f"the database write failed: {self.failure}")
-            if self.write_failures != failures and self.unavailable is not None:
-                raise self.unavailable
-            event = self._written_event
-            await event.wait()
-
-    def take(self) -> _Rows:
-        """The rows to write next: a failed batch's, with what changed since."""
-        rows: _Rows = self.farm.take_dirty()  # rows, made on this thread
-        self._pending_assigns += self.farm.take_held_assigns()
-        if self._pending is not None:
-            rows = _merge(self._pending, rows)
-            self._pending = None
-        return rows
-
-    async def run(self) -> None:
-        farm = self.farm
-        delay = RETRY_BASE
-        while True:
-            if self._pending is None:
-                await self._wakeup.wait()
-            # One scheduler pass before taking the rows: tasks woken together with this one
-            # run first and their changes join this commit.  A POST /builds wakes the
-            # dispatcher and this at once; with the dispatcher's Assign in the same commit as
-            # the new build, the Assign goes out after one fsync instead of two.
-            await trio.lowlevel.checkpoint()
-            self._wakeup = trio.Event()
-            target = self._requested
-            builds, edges, machines = rows = self.take()
-            try:
-                if builds or edges or machines:
-                    await trio.to_thread.run_sync(self.store.save, builds, edges, machines)
-            except Exception as exc:
-                if not is_transient(exc):
-                    # Not the database's trouble (a bug, or a fenced write of a deposed
-                    # leader): carrying on would answer clients with promises the runner
-                    # cannot keep after a restart.
-                    self.failure = exc
-                    self._written_event.set()
-                    raise
-                self._pending = rows
-                delay = await self._wait_for_database(exc, delay)
-                continue
-            if self.unavailable is not None:
-                log.warning("%s takes writes again", self.store.description)
-                self.unavailable = None
-            self.health.ok("database")
-            delay = RETRY_BASE
-            self.batches += 1
-            assigns, self._pending_assigns = self._pending_assigns, []
-            farm.release_assigns(assigns)
-            self._written = target
-            self._written_event.set()
-            self._written_event = trio.Event()
-
-    async def _wait_for_database(self, exc: Exception, delay: float) -> float:
-        """After a failed write: say so, wake the flushers, back off, reconnect.  Returns the
-        next backoff."""
-        full = is_disk_full(exc)
-        what = "is full" if full else "cannot be written"
-        reason = f"{self.store.description} {what}: {str(exc).strip() or type(exc).__name__}"
-        if self.unavailable is None:
-            log.error("%s; retrying, writes wait meanwhile", reason)
-        self.unavailable = StoreUnavailable(reason, disk_full=full)
-        self.health.fault("database", reason, exc)
-        self.write_failures += 1
-        self._written_event.set()  # flushers waiting on this batch learn it is not durable
-        self._written_event = trio.Event()
-        await trio.sleep(self._rng.uniform(RETRY_BASE, delay))
-        try:
-            await trio.to_thread.run_sync(self.store.reconnect)
-        except Exception as again:  # still down: the next write fails and says so
-            log.debug("reconnecting failed: %s", again)
-        return min(RETRY_CAP, delay * 2)
-
-    async def final_save(self) -> None:
-        """Write what is left when the runner stops (the task is gone: directly)."""
-        if self.failure is not None:
-            return
-        builds, edges, machines = self.take()
-        if builds or edges or machines:
-            await trio.to_thread.run_sync(self.store.save, builds, edges, machines)
