@@ -43,7 +43,8 @@ from hydra_trio import auth, net, sdnotify
 from hydra_trio.builder.attempt import Send
 from hydra_trio.builder.backoff import Backoff
 from hydra_trio.builder.builddir import BUILD_DIR_VARIABLE
-from hydra_trio.builder.executor import Fetch, FetchError, execute
+from hydra_trio.builder.executor import execute
+from hydra_trio.builder.inputs import Fetch, FetchError
 from hydra_trio.builder.nixexec import execute_nix
 from hydra_trio.diskio import HashingFile, HashMismatch, beside, receiving
 from hydra_trio.nixstore import NixStore

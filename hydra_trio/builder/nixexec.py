@@ -40,7 +40,7 @@ import trio
 
 from hydra_trio.builder.attempt import Send, attempt
 from hydra_trio.builder.builddir import BuildDir
-from hydra_trio.builder.executor import Fetch, FetchError
+from hydra_trio.builder.inputs import Fetch, FetchError
 from hydra_trio.builder.outputs import hash_beneath, upload
 from hydra_trio.builder.process import Outcome, kill_group, run_command
 from hydra_trio.nixstore import NixError, NixStore, export_label, is_store_path, label_path
