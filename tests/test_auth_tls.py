@@ -22,6 +22,7 @@ import trustme
 
 from hydra_trio import auth, net
 from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
+from hydra_trio.builder.state import SessionEnd
 from hydra_trio.protocol import codec
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import HydraTrioError
@@ -166,7 +167,11 @@ async def test_a_wrong_or_missing_token_is_rejected_and_the_builder_backs_off(
         await trio.sleep(600)
         assert "machine-a" not in farm.farm.machines
         assert state.sessions == 0
-        rejections = [e for _, e in state.events if "auth-failed" in e]
+        rejections = [
+            e.reason
+            for e in state.events
+            if e.end is SessionEnd.REJECTED and "auth-failed" in e.reason
+        ]
         assert rejections and why in rejections[0]
         # Backing off, not hammering: full-jitter delays growing to a 60 s cap average 30 s
         # once there, so 10 minutes hold about 20 attempts (the bound leaves room for jitter).
@@ -312,7 +317,11 @@ async def test_a_builder_refuses_a_runner_whose_certificate_it_cannot_verify(
         )
         await trio.sleep(30)
         assert state.sessions == 0
-        failures = [e for _, e in state.events if "certificate verification failed" in e]
+        failures = [
+            e
+            for e in state.events
+            if e.end is SessionEnd.CONNECT_FAILED and "certificate verification failed" in e.reason
+        ]
         assert failures, state.events
         nursery.cancel_scope.cancel()
 

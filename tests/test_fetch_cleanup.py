@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from hydra_trio.builder.daemon import BuilderState, run_builder
+from hydra_trio.builder.state import EventKind
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.messages import (
     PROTOCOL_VERSION,
@@ -78,7 +79,9 @@ async def test_a_fetch_cut_short_by_a_silent_runner_removes_its_partial_file(
         state = BuilderState(config=config, machine_id="m")
         await nursery.start(functools.partial(run_builder, config, connect=connect, state=state))
         await wait_until(silent.is_set, limit=600)  # the partial file exists from now on
-        await wait_until(lambda: any("disconnected" in e for _, e in state.events), limit=600)
+        await wait_until(
+            lambda: any(e.kind is EventKind.DISCONNECTED for e in state.events), limit=600
+        )
         await wait_until(lambda: not list(partial.iterdir()), limit=60)
         nursery.cancel_scope.cancel()
     assert not (config.work_dir / "cache" / "ab").exists()

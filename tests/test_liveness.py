@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from hydra_trio.builder.daemon import BuilderConfig
+from hydra_trio.builder.state import EventKind
 from hydra_trio.protocol.messages import (
     Assign,
     BuildStatus,
@@ -110,7 +111,7 @@ async def test_blackholed_link_is_detected_on_both_sides_and_the_build_moves(
         await wait_until(lambda: machine_a.state is MachineState.DISCONNECTED)
         assert machine_a.disconnected_at == pytest.approx(last_ping + RUNNER.builder_timeout)
         assert "silent for 30 s" in machine_a.disconnect_reason
-        watchdog = [t for t, event in state_a.events if event == "watchdog"]
+        watchdog = [e.time for e in state_a.events if e.kind is EventKind.WATCHDOG]
         assert len(watchdog) == 1
         assert t0 < watchdog[0] <= last_ping + 30.0 + 1e-6  # the pong came right after the ping
 
@@ -320,7 +321,7 @@ async def test_cancel_of_a_running_build_aborts_it_and_its_late_result_is_stale(
         assert not farm.farm.on_result(machine.session, machine, late, trio.current_time())
         assert build.state is BuildState.CANCELLED
         await trio.sleep(1)
-        assert not any(e.startswith("disconnected") for _, e in state.events)
+        assert not any(e.kind is EventKind.DISCONNECTED for e in state.events)
         nursery.cancel_scope.cancel()
 
 

@@ -28,6 +28,7 @@ from hydra_trio.builder.daemon import (
     load_machine_id,
     run_builder,
 )
+from hydra_trio.builder.state import SessionEnd
 from hydra_trio.net import FramedChannel
 from hydra_trio.protocol import codec
 from hydra_trio.protocol.connection import Connection, ConnectionState
@@ -441,7 +442,11 @@ async def test_an_auth_failure_backs_off_and_retries(
         gaps = [b - a for a, b in itertools.pairwise(times)]
         for n, gap in enumerate(gaps):
             assert config.reconnect_floor <= gap <= config.reconnect_base * 2**n + 1e-9
-        rejected = [e for _, e in state.events if "auth-failed" in e]
+        rejected = [
+            e.reason
+            for e in state.events
+            if e.end is SessionEnd.REJECTED and "auth-failed" in e.reason
+        ]
         assert len(rejected) >= 3
         assert "go away" in rejected[0]
         nursery.cancel_scope.cancel()

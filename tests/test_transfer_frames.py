@@ -20,6 +20,7 @@ import trio
 import trio.testing
 
 from hydra_trio.builder.daemon import BuilderState, run_builder
+from hydra_trio.builder.state import EventKind, SessionEnd
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.messages import (
@@ -115,7 +116,7 @@ async def run_against(
             await wait_until(
                 lambda: (
                     any(isinstance(m, Result) for m in seen)
-                    or any("disconnected" in e for _, e in state.events)
+                    or any(e.kind is EventKind.DISCONNECTED for e in state.events)
                 )
             )
             nursery.cancel_scope.cancel()
@@ -170,7 +171,7 @@ async def test_a_fetch_answered_in_frames_of_any_size_adds_up_to_the_file(
         inputs=FETCH_ASSIGN.inputs,
     )
     seen, state = await run_against(tmp_path, split_answer(sizes), assign, slow_send=slow_send)
-    assert not any("disconnected" in e for _, e in state.events), state.events
+    assert not any(e.kind is EventKind.DISCONNECTED for e in state.events), state.events
     [result] = [m for m in seen if isinstance(m, Result)]
     assert result.status is BuildStatus.SUCCESS, result
     cached = tmp_path / "a" / "cache" / INFO.sha256[:2] / INFO.sha256
@@ -185,7 +186,10 @@ async def test_a_runner_sending_more_fetch_data_than_asked_for_loses_the_connect
         return [FetchData(request_id=request.request_id, data=data)] * 6  # 6 MiB for 4 asked
 
     seen, state = await run_against(tmp_path, answer, FETCH_ASSIGN)
-    assert any("more fetch data than requested" in e for _, e in state.events), state.events
+    assert any(
+        e.end is SessionEnd.PROTOCOL_ERROR and "more fetch data than requested" in e.reason
+        for e in state.events
+    ), state.events
     assert not any(isinstance(m, Result) for m in seen)
     assert not list((tmp_path / "a" / "cache" / "tmp").iterdir())
 
@@ -197,7 +201,10 @@ async def test_an_empty_fetch_frame_that_is_not_the_end_loses_the_connection(
         return [FetchData(request_id=request.request_id)]
 
     _, state = await run_against(tmp_path, answer, FETCH_ASSIGN)
-    assert any("more fetch data than requested" in e for _, e in state.events), state.events
+    assert any(
+        e.end is SessionEnd.PROTOCOL_ERROR and "more fetch data than requested" in e.reason
+        for e in state.events
+    ), state.events
 
 
 async def test_uploads_travel_in_frames_no_larger_than_a_transfer_frame(
@@ -294,7 +301,12 @@ async def test_a_frame_crawling_over_a_lossy_link_keeps_the_builder_from_giving_
         await nursery.start(run)
         await crawl_ended.wait()
         ended_at = trio.current_time()
-        assert not any("disconnected" in e or "no frame" in e for _, e in state.events)
-        await wait_until(lambda: any("no frame from the runner" in e for _, e in state.events))
+        assert not any(e.kind is EventKind.DISCONNECTED for e in state.events)
+        await wait_until(
+            lambda: any(
+                e.end is SessionEnd.RUNNER_SILENT and "no frame from the runner" in e.reason
+                for e in state.events
+            )
+        )
         assert trio.current_time() - ended_at <= 30.0
         nursery.cancel_scope.cancel()

@@ -27,6 +27,7 @@ import trio.testing
 from hydra_trio.builder import outputs
 from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
 from hydra_trio.builder.outputs import BadOutput, scan_outputs
+from hydra_trio.builder.state import EventKind
 from hydra_trio.protocol import codec
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.messages import (
@@ -603,7 +604,10 @@ async def test_an_input_path_with_dot_dot_ends_the_connection_before_anything_ru
     inputs[0]["files"][0]["path"] = climb(outside / "pwned", tmp_path / "in" / "dep")
     runner, state = await build_with(tmp_path, raw_frame(assign, inputs=inputs))
     assert runner.result is None
-    assert any("not a normalised relative path" in event for _, event in state.events)
+    assert any(
+        e.kind is EventKind.DISCONNECTED and "not a normalised relative path" in e.reason
+        for e in state.events
+    )
     assert list(outside.iterdir()) == []
 
 

@@ -58,6 +58,16 @@ class Phase(enum.Enum):
     UPLOADING = "uploading"
 
 
+class ExecutorKind(enum.StrEnum):
+    """What runs a build on a builder.  The value is its name on the wire (``Hello.executors``)
+    and on the command line (``--executor``)."""
+
+    #: an ``Assign``'s ``command``, run in a fresh directory (a 1.0 builder has only this).
+    COMMAND = "command"
+    #: an ``Assign``'s ``drv``, realised in a Nix store (1.1).
+    NIX = "nix"
+
+
 class BuildStatus(enum.Enum):
     """Why a build (or one attempt of it) ended."""
 
@@ -202,7 +212,7 @@ class Hello:
     #: what it can run (1.1): ``command`` (an ``Assign``'s command) and ``nix`` (an
     #: ``Assign``'s ``drv``); a 1.0 builder sends nothing and runs commands only.
     executors: tuple[str, ...] = attrs.field(
-        default=("command",), converter=v.as_tuple, validator=v.check_str_tuple
+        default=(ExecutorKind.COMMAND.value,), converter=v.as_tuple, validator=v.check_str_tuple
     )
 
 
@@ -286,6 +296,11 @@ class Assign:
     def _command_not_empty(self, attr: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
         if not value:
             raise ValueError("command: must not be empty")
+
+    @property
+    def executor(self) -> ExecutorKind:
+        """The executor this assignment asks for."""
+        return ExecutorKind.NIX if self.drv else ExecutorKind.COMMAND
 
 
 @attrs.frozen(kw_only=True)
