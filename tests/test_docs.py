@@ -47,3 +47,52 @@ def test_the_guides_graph_is_a_valid_graph(tmp_path: Path) -> None:
     path.write_text(block)
     specs, names = parse_graph(load_graph(str(path)), "x86_64-linux")
     assert names == ["compile", "test"] and specs[1].after
+
+
+EMBEDDING = DEPLOY.parent / "embedding.md"
+EXAMPLE = DEPLOY.parent.parent / "examples" / "embedded.py"
+
+
+def test_embedding_md_shows_the_example_file() -> None:
+    """docs/embedding.md carries examples/embedded.py exactly."""
+    [block] = re.findall(r"```python\n(.*?)```", EMBEDDING.read_text(), re.S)
+    assert block == EXAMPLE.read_text()
+
+
+def test_embedding_md_lists_the_public_api() -> None:
+    """The table of docs/embedding.md names exactly hydra_trio.__all__, each importable."""
+    import hydra_trio
+
+    documented = re.findall(r"^\| `(\w+)[`(]", EMBEDDING.read_text(), re.M)
+    assert sorted(documented) == sorted(n for n in hydra_trio.__all__ if n != "__version__")
+    for name in documented:
+        assert getattr(hydra_trio, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hydra_trio.nope  # type: ignore[attr-defined]  # noqa: B018
+
+
+@pytest.mark.realnet
+async def test_the_embedding_example_runs_a_build(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """examples/embedded.py serves a runner and a builder, and its build succeeds."""
+    import importlib.util
+
+    import trio
+
+    spec = importlib.util.spec_from_file_location("embedded_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with trio.fail_after(60):
+        build = await module.main(tmp_path)
+    assert build["state"] == "succeeded"
+    assert [(o["path"], o["size"]) for o in build["outputs"]] == [("greeting", 3)]
+    assert capsys.readouterr().out == "hi\n"
+
+
+def test_the_public_names_are_the_lazy_ones() -> None:
+    """hydra_trio.__all__ and the names it imports on first use are the same list."""
+    import hydra_trio
+
+    assert set(hydra_trio.__all__) - {"__version__"} == set(hydra_trio._PUBLIC)

@@ -19,7 +19,8 @@ def _executor_kinds(names: Iterable[str]) -> tuple[ExecutorKind, ...]:
 
 @attrs.frozen(kw_only=True)
 class BuilderConfig:
-    """Everything a builder is configured with (see CONTRACT.md for the options)."""
+    """Everything a builder is configured with: the `builder` options (`hydra-trio builder
+    --help`, docs/deploy.md) as attributes."""
 
     server: net.HostPort = net.HostPort("127.0.0.1", 7420)
     systems: tuple[str, ...] = attrs.field(factory=lambda: (default_system(),))

@@ -65,7 +65,7 @@ async def execute(
 
 
 def build_env(assign: Assign, build_dir: BuildDir, base_env: dict[str, str]) -> dict[str, str]:
-    """The environment a build's command runs in (see CONTRACT.md: ``OUT``, ``IN``)."""
+    """The environment a build's command runs in (README, "What a build is": ``OUT``, ``IN``)."""
     return {
         **base_env,
         "HOME": str(build_dir.work),

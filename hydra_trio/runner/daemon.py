@@ -32,7 +32,8 @@ log = logging.getLogger("hydra_trio.runner")
 
 @attrs.frozen(kw_only=True)
 class RunnerConfig:
-    """Everything the queue runner is configured with (see CONTRACT.md for the options)."""
+    """Everything the queue runner is configured with: the `queue-runner` options
+    (`hydra-trio queue-runner --help`, docs/deploy.md) as attributes."""
 
     listen: net.HostPort = net.HostPort("127.0.0.1", 7420)
     http: net.HostPort | None = net.HostPort("127.0.0.1", 7421)
