@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import trio
 from click.testing import CliRunner, Result
 
 from hydra_trio import cli
+from hydra_trio.cli import daemons
 from hydra_trio.net import HostPort
 
 COMMANDS = sorted(cli.main.commands)
@@ -30,7 +30,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if key.startswith("HYDRA_TRIO_"):
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "setup_logging", lambda level, fmt: None)
+    monkeypatch.setattr(daemons, "setup_logging", lambda level, fmt: None)
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     mains: list[Any] = []
 
     def fake_run(fn: Any, main: Any, *args: Any) -> None:
-        assert fn is cli.run_until_signal
+        assert fn is daemons.run_until_signal
         mains.append(main)
 
     monkeypatch.setattr(trio, "run", fake_run)
@@ -57,10 +57,10 @@ def runner_config(mains: list[Any]) -> Any:
     return main.args[0]
 
 
-def closure_config(mains: list[Any]) -> Any:
-    """The config a builder/up ``serve`` closure would have used (it captures ``config``)."""
+def builder_config(mains: list[Any]) -> Any:
+    """The BuilderConfig builder would have started with."""
     (main,) = mains
-    return inspect.getclosurevars(main).nonlocals["config"]
+    return main.args[0]
 
 
 def error_lines(result: Result) -> list[str]:
@@ -234,7 +234,7 @@ def test_builder_options_from_env_and_file(started: list[Any], tmp_path: Path) -
         env={"HYDRA_TRIO_SERVER": "runner.example:7420", "HYDRA_TRIO_FEATURES": "kvm, big"},
     )
     assert result.exit_code == 0, result.output
-    config = closure_config(started)
+    config = builder_config(started)
     assert config.server == HostPort("runner.example", 7420)
     assert config.systems == ("x86_64-linux", "i686-linux")
     assert config.supported_features == ("kvm", "big")
@@ -372,13 +372,13 @@ def test_commands_are_the_contracts() -> None:
 def test_builder_executors(started: list[Any], tmp_path: Path) -> None:
     """--executor defaults to command; command,nix and --nix-store DIR are taken as given."""
     assert invoke(["builder", "--server", "r:7420"]).exit_code == 0
-    assert closure_config(started).executors == ("command",)
+    assert builder_config(started).executors == ("command",)
     started.clear()
     result = invoke(
         ["builder", "--server", "r:7420", "--executor", "command,nix", "--nix-store", "st"]
     )
     assert result.exit_code == 0, result.output
-    config = closure_config(started)
+    config = builder_config(started)
     assert (config.executors, config.nix_store) == (("command", "nix"), Path("st"))
 
 

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from hydra_trio import cli
+from hydra_trio.cli.render import last_line
 
 from .test_http import Runner, runner  # noqa: F401 (the fixture)
 
@@ -85,5 +86,5 @@ async def test_log_tail_returns_the_end_of_the_log(runner: Runner) -> None:  # n
 
 def test_last_line_drops_control_characters() -> None:
     log: Any = "one\n\x1b[31mred\x1b[0m\n\n"
-    assert cli._last_line(log) == "red"
-    assert cli._last_line("") == ""
+    assert last_line(log) == "red"
+    assert last_line("") == ""

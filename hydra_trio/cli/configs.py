@@ -1,0 +1,328 @@
+"""The daemons' options as typed records, and the daemon configs built from them.
+
+Each record is what click parsed for one group of options (``options_record`` checks at import
+that the options and the fields match).  ``RunnerOptions.runner_config`` and
+``BuilderOptions.builder_config`` turn them into the frozen ``RunnerConfig``/``BuilderConfig``
+the daemons take, reading the files they name (token, TLS) and turning what the configs refuse
+into one-line usage errors.  The conversion lives here and not as a classmethod of the configs:
+``runner/`` and ``builder/`` do not know the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import attrs
+import click
+
+from hydra_trio import net
+from hydra_trio.cli.options import (
+    HOSTPORT,
+    LIST,
+    SECONDS,
+    option,
+    options_record,
+    path_option,
+    token_file_option,
+)
+from hydra_trio.protocol.errors import HydraTrioError
+from hydra_trio.system import default_hostname, default_system
+
+if TYPE_CHECKING:
+    import ssl
+
+    from hydra_trio.builder.daemon import BuilderConfig
+    from hydra_trio.hydra.config import HydraConfig
+    from hydra_trio.runner.daemon import RunnerConfig
+
+#: The executors a builder can offer (``--executor``).
+EXECUTORS = ("command", "nix")
+
+
+def load_token(path: Path | None) -> bytes | None:
+    """The token in ``path`` (None without one); a bad file is a usage error."""
+    from hydra_trio.auth import load_token
+
+    if path is None:
+        return None
+    try:
+        return load_token(path)
+    except HydraTrioError as exc:
+        raise click.BadParameter(str(exc), param_hint="--token-file") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The queue runner.
+
+
+@attrs.frozen(kw_only=True)
+class ServerTlsOptions:
+    """TLS on the builder port (``queue-runner`` only; ``up`` listens on loopback)."""
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+
+server_tls_options = options_record(
+    ServerTlsOptions,
+    "tls",
+    path_option("--tls-cert", "TLS certificate (PEM, with its chain) for the builder port."),
+    path_option("--tls-key", "The TLS certificate's private key (PEM)."),
+    path_option("--tls-ca", "With TLS: builders must present a certificate signed by this CA."),
+)
+
+
+@attrs.frozen(kw_only=True)
+class RunnerOptions:
+    """The queue runner's options that ``queue-runner`` and ``up`` share."""
+
+    listen: net.HostPort
+    state_dir: Path
+    db: str | None
+    builder_timeout: float
+    handshake_timeout: float
+    max_tries: int
+    token_file: Path | None
+    http_token_for_reads: bool
+    max_unauthenticated: int
+    nix_store: Path | None
+    hydra_db: str | None
+    hydra_data: Path | None
+
+    def runner_config(
+        self, http: net.HostPort, tls: ServerTlsOptions | None = None
+    ) -> RunnerConfig:
+        from hydra_trio.runner.daemon import RunnerConfig
+
+        tls = tls or ServerTlsOptions()
+        try:
+            return RunnerConfig(
+                listen=self.listen,
+                http=http,
+                state_dir=self.state_dir,
+                db=self.db,
+                builder_timeout=self.builder_timeout,
+                handshake_timeout=self.handshake_timeout,
+                max_tries=self.max_tries,
+                token=load_token(self.token_file),
+                http_token_for_reads=self.http_token_for_reads,
+                tls_cert=tls.tls_cert,
+                tls_key=tls.tls_key,
+                tls_ca=tls.tls_ca,
+                max_unauthenticated=self.max_unauthenticated,
+                nix_store=self.nix_store,
+                hydra=self.hydra_config(),
+            )
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+
+    def hydra_config(self) -> HydraConfig | None:
+        """Hydra mode's settings (``--hydra-db`` with ``--hydra-data``), or None."""
+        db, data = self.hydra_db, self.hydra_data
+        if db is None and data is None:
+            return None
+        if db is None or data is None:
+            raise click.UsageError("--hydra-db and --hydra-data go together (Hydra mode)")
+        if not db.startswith(("postgresql://", "postgres://")):
+            raise click.BadParameter("must be a postgresql:// URL", param_hint="--hydra-db")
+        from hydra_trio.hydra.config import HydraConfig
+
+        return HydraConfig(db=db, data=data)
+
+
+runner_options = options_record(
+    RunnerOptions,
+    "runner",
+    option(
+        "--listen",
+        type=HOSTPORT,
+        default="127.0.0.1:7420",
+        help="Where builders connect ([::]:7420 for every interface).",
+    ),
+    option(
+        "--state-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default="./hydra-trio-state",
+        help="Database, logs and build outputs.",
+    ),
+    option(
+        "--db",
+        default=None,
+        help="sqlite:///PATH or postgresql://...  [default: <state-dir>/queue.sqlite]",
+    ),
+    option(
+        "--builder-timeout",
+        type=SECONDS,
+        default=30.0,
+        help="A builder silent this long is disconnected and its builds rescheduled.",
+    ),
+    option(
+        "--handshake-timeout",
+        type=SECONDS,
+        default=10.0,
+        help="A connection without a hello by then is closed.",
+    ),
+    option(
+        "--max-tries",
+        type=click.IntRange(min=1),
+        default=3,
+        help="Attempts per build for infrastructure failures.",
+    ),
+    token_file_option(
+        "Shared secret builders must prove they know, and HTTP calls that change state must carry."
+    ),
+    option(
+        "--http-token-for-reads",
+        is_flag=True,
+        default=False,
+        help="With --token-file, HTTP reads need the token too.",
+    ),
+    option(
+        "--max-unauthenticated",
+        type=click.IntRange(min=1),
+        default=256,
+        help="Connections in their handshake at once; more are closed at once.",
+    ),
+    path_option(
+        "--nix-store",
+        "A local chroot Nix store (DIR/nix/store) to read submitted derivations from "
+        "and import Nix builds' outputs into.  [default: this machine's store]",
+        directory=True,
+    ),
+    option(
+        "--hydra-db",
+        default=None,
+        help="Hydra mode: serve the queue of this Hydra database "
+        "(postgresql://.../hydra), as hydra-queue-runner does.",
+    ),
+    option(
+        "--hydra-data",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Hydra mode: Hydra's data dir (HYDRA_DATA; logs go to its build-logs/).",
+    ),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The builder.
+
+
+@attrs.frozen(kw_only=True)
+class BuilderOptions:
+    """Everything ``builder`` takes besides logging."""
+
+    server: net.HostPort
+    systems: tuple[str, ...]
+    features: tuple[str, ...]
+    mandatory_features: tuple[str, ...]
+    max_jobs: int
+    speed_factor: float
+    ping_interval: float
+    ping_timeout: float | None
+    reconnect_max: float
+    work_dir: Path
+    hostname: str
+    token_file: Path | None
+    tls_ca: Path | None
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls: bool
+    executor: tuple[str, ...]
+    nix_store: Path | None
+
+    def builder_config(self) -> BuilderConfig:
+        from hydra_trio.builder.daemon import BuilderConfig
+
+        if not self.systems:
+            raise click.BadParameter("at least one system is needed", param_hint="--systems")
+        return BuilderConfig(
+            server=self.server,
+            systems=self.systems,
+            supported_features=self.features,
+            mandatory_features=self.mandatory_features,
+            max_jobs=self.max_jobs,
+            speed_factor=self.speed_factor,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            work_dir=self.work_dir,
+            hostname=self.hostname,
+            reconnect_max=self.reconnect_max,
+            token=load_token(self.token_file),
+            ssl_context=self.ssl_context(),
+            executors=self.executors(),
+            nix_store=self.nix_store,
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The builder's TLS context: with any TLS option (``--tls`` alone uses the system
+        roots)."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise click.UsageError("--tls-cert and --tls-key go together")
+        if not (self.tls or self.tls_ca or self.tls_cert):
+            return None
+        try:
+            return net.client_tls_context(self.tls_ca, self.tls_cert, self.tls_key)
+        except HydraTrioError as exc:
+            raise click.UsageError(str(exc)) from None
+
+    def executors(self) -> tuple[str, ...]:
+        unknown = [name for name in self.executor if name not in EXECUTORS]
+        if unknown or not self.executor:
+            raise click.BadParameter(
+                f"{','.join(unknown) or '(none)'}: give one or more of {', '.join(EXECUTORS)}",
+                param_hint="--executor",
+            )
+        return self.executor
+
+
+builder_options = options_record(
+    BuilderOptions,
+    "options",
+    option("--server", type=HOSTPORT, required=True, help="The queue runner's builder port."),
+    option("--systems", type=LIST, default=default_system(), help="Comma-separated."),
+    option("--features", type=LIST, default="", help="Supported features."),
+    option(
+        "--mandatory-features",
+        type=LIST,
+        default="",
+        help="Features every build run here must require.",
+    ),
+    option("--max-jobs", type=click.IntRange(min=1), default=1, help="Job slots."),
+    option("--speed-factor", type=SECONDS, default=1.0, help="Preference among machines."),
+    option("--ping-interval", type=SECONDS, default=10.0, help="Seconds between pings."),
+    option(
+        "--ping-timeout",
+        type=SECONDS,
+        default=None,
+        help="No frame from the runner this long: reconnect.  [default: 3 x interval]",
+    ),
+    option("--reconnect-max", type=SECONDS, default=60.0, help="Cap of reconnect backoff."),
+    option(
+        "--work-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default="./hydra-trio-builder",
+        help="Build directories and the machine id.",
+    ),
+    option("--hostname", default=default_hostname(), help="Shown in /status."),
+    token_file_option("The runner's shared secret (proven, never sent)."),
+    path_option("--tls-ca", "Connect with TLS; verify the runner against this CA."),
+    path_option("--tls-cert", "Connect with TLS; present this client certificate (PEM)."),
+    path_option("--tls-key", "The client certificate's private key (PEM)."),
+    option(
+        "--tls", is_flag=True, default=False, help="Connect with TLS, verified by system roots."
+    ),
+    option(
+        "--executor",
+        type=LIST,
+        default="command",
+        help="What it runs: command (COMMAND builds), nix (derivations), or command,nix.",
+    ),
+    path_option(
+        "--nix-store",
+        "A local chroot Nix store (DIR/nix/store) for the nix executor.  [default: this machine's]",
+        directory=True,
+    ),
+)

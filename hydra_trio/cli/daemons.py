@@ -1,0 +1,243 @@
+"""Starting the daemons from the command line: logging, ``trio.run``, signals, and the start-up
+of a builder and of ``up``'s one-process farm.
+
+``run_daemon`` owns the process: it raises the open-file limit, tunes the collector, runs the
+daemon's ``main`` under ``run_until_signal`` and turns the start-up errors a user can fix (a
+port in use, a locked state dir, an unreadable file, a refused database) into one line and exit
+status 1.  Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import attrs
+import click
+import trio
+
+from hydra_trio.cli.client import RunnerClient, RunnerClientError
+from hydra_trio.cli.errors import fail
+from hydra_trio.protocol.errors import HydraTrioError
+from hydra_trio.system import default_hostname, raise_open_file_limit, tune_gc
+
+if TYPE_CHECKING:
+    from hydra_trio.builder.daemon import BuilderConfig
+    from hydra_trio.runner.daemon import RunnerConfig
+
+log = logging.getLogger("hydra_trio.cli")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # httpx logs every request at INFO; the only one a daemon makes is up's --submit.
+    logging.getLogger("httpx").setLevel(max(root.level, logging.WARNING))
+
+
+def _leaf(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``exc`` or in the exception groups it nests."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _leaf(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
+def run_daemon(
+    main: Callable[[], Awaitable[None]], on_sigterm: Callable[[], None] | None = None
+) -> None:
+    """``trio.run`` a daemon until a signal; startup errors a user can fix are one line."""
+    raise_open_file_limit()
+    tune_gc()
+    try:
+        trio.run(run_until_signal, main, on_sigterm)
+    except BaseException as exc:
+        ours = _leaf(exc, HydraTrioError)  # incompatible runner, database refused, state locked
+        if ours is not None:
+            fail(str(ours))
+        os_error = _leaf(exc, OSError)
+        if isinstance(os_error, OSError) and os_error.errno in (
+            errno.EADDRINUSE,
+            errno.EADDRNOTAVAIL,
+            errno.EACCES,
+        ):
+            fail(f"cannot listen: {os_error.strerror} (is another runner using the port?)")
+        if isinstance(os_error, OSError) and os_error.filename:
+            fail(f"{os_error.filename}: {os_error.strerror}")
+        raise
+
+
+async def run_until_signal(
+    main: Callable[[], Awaitable[None]], on_sigterm: Callable[[], None] | None = None
+) -> None:
+    """Run ``main``; SIGINT cancels it; SIGTERM calls ``on_sigterm`` (a graceful drain) if
+    given, else cancels.  A second signal always cancels."""
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            graceful = on_sigterm
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGTERM and graceful is not None:
+                        graceful()
+                        graceful = None
+                        continue
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(watch)
+        await main()
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# The queue runner.
+
+
+def run_runner_daemon(config: RunnerConfig) -> None:
+    from hydra_trio.runner.daemon import serve_runner
+
+    run_daemon(functools.partial(serve_runner, config))
+
+
+# ---------------------------------------------------------------------------------------------
+# A builder.
+
+
+def run_builder_daemon(config: BuilderConfig) -> None:
+    """Run a builder on its work dir; SIGTERM drains it (finish the running builds, then stop)."""
+    drains: list[Callable[[], None]] = []
+
+    def on_sigterm() -> None:
+        for request_drain in drains:
+            request_drain()
+
+    run_daemon(functools.partial(_serve_builder, config, drains), on_sigterm)
+
+
+async def _serve_builder(config: BuilderConfig, drains: list[Callable[[], None]]) -> None:
+    from hydra_trio.builder.daemon import BuilderState, claim_work_dir, run_builder
+
+    if "nix" in config.executors:
+        await _check_nix(config.nix_store)
+    lock = await trio.to_thread.run_sync(claim_work_dir, config.work_dir)
+    try:
+        async with trio.open_nursery() as nursery:
+            state: BuilderState = await nursery.start(functools.partial(run_builder, config))
+            drains.append(state.request_drain)
+    finally:
+        lock.close()
+
+
+async def _check_nix(store_root: Path | None) -> None:
+    """Refuse to start a nix-executor builder where Nix cannot build (``NixSetupError``, one
+    line saying what to set up), instead of failing every build it is given as
+    ``internal-error``."""
+    from hydra_trio.nixstore import NixStore
+
+    await NixStore(root=store_root).check_can_build()
+
+
+# ---------------------------------------------------------------------------------------------
+# up: a runner and local builders in one process.
+
+
+@attrs.frozen(kw_only=True)
+class LocalFarm:
+    """What ``up`` starts."""
+
+    runner: RunnerConfig
+    builders: int
+    max_jobs: int
+    ping_interval: float
+    #: a ``POST /builds`` graph body to submit once the runner is up (already validated).
+    graph: dict[str, Any] | None = None
+
+
+def run_local_farm(farm: LocalFarm) -> None:
+    run_daemon(functools.partial(_serve_local_farm, farm))
+
+
+async def _serve_local_farm(farm: LocalFarm) -> None:
+    locks: list[IO[bytes]] = []  # each builder's work dir, held while this runs
+    try:
+        async with trio.open_nursery() as nursery:
+            await _start_local_farm(farm, nursery, locks)
+    finally:
+        for lock in locks:
+            lock.close()
+
+
+async def _start_local_farm(farm: LocalFarm, nursery: trio.Nursery, locks: list[IO[bytes]]) -> None:
+    from hydra_trio.builder.daemon import BuilderConfig, claim_work_dir, run_builder
+    from hydra_trio.runner.daemon import RunnerAddresses, serve_runner
+
+    config = farm.runner
+    addresses: RunnerAddresses = await nursery.start(functools.partial(serve_runner, config))
+    url = addresses.http[0] if addresses.http else None
+    if farm.graph is not None and url is not None:
+        await _submit_graph(RunnerClient(url, config.token), farm.graph)
+    server = addresses.builders[0]
+    hostname = default_hostname()
+    for index in range(farm.builders):
+        work_dir = config.state_dir / "builders" / str(index + 1)
+        locks.append(await trio.to_thread.run_sync(claim_work_dir, work_dir))
+        builder = BuilderConfig(
+            server=server,
+            hostname=f"{hostname}-builder{index + 1}",
+            work_dir=work_dir,
+            max_jobs=farm.max_jobs,
+            ping_interval=farm.ping_interval,
+            token=config.token,
+        )
+        nursery.start_soon(functools.partial(run_builder, builder))
+    if url:
+        click.echo(
+            f"\nhydra-trio is up: {farm.builders} builders x {farm.max_jobs} slots.\n"
+            f"  dashboard and API: {url}/\n"
+            f"  try:  hydra-trio submit --url {url} --wait -- sh -c 'echo hello > $OUT/x'\n"
+            f"        hydra-trio status --url {url}\n"
+            "  stop with Ctrl-C\n",
+            err=True,
+        )
+
+
+async def _submit_graph(client: RunnerClient, graph: dict[str, Any]) -> None:
+    """Submit ``up --submit``'s graph through the runner's HTTP API, as ``submit --file``
+    would; a refusal is one logged line and the farm keeps running."""
+    try:
+        ids = await trio.to_thread.run_sync(client.submit_graph, graph)
+    except RunnerClientError as exc:
+        log.error("could not submit the --submit graph: %s", exc)
+        return
+    for name, build_id in ids.items():
+        click.echo(f"submitted {name} {build_id}", err=True)
