@@ -354,15 +354,20 @@ def tls_failure(exc: BaseException) -> str:
 
 
 async def start_tls(
-    stream: trio.abc.Stream, context: ssl.SSLContext, *, server_hostname: str
+    stream: trio.abc.Stream,
+    context: ssl.SSLContext,
+    *,
+    server_hostname: str | None = None,
+    server_side: bool = False,
 ) -> trio.SSLStream[trio.abc.Stream]:
-    """Wrap a connected ``stream`` in TLS as a client and complete the handshake (callers
-    bound it with their connect deadline).  Raises ``ConnectionLost`` if it fails."""
-    tls = trio.SSLStream(stream, context, server_hostname=server_hostname)
+    """Wrap a connected ``stream`` in TLS and complete the handshake: as a client of
+    ``server_hostname``, or (``server_side``) as the server.  Callers bound it with their
+    deadline.  Raises ``ConnectionLost`` if it fails, with ``stream`` closed."""
+    tls = trio.SSLStream(stream, context, server_side=server_side, server_hostname=server_hostname)
     try:
         await tls.do_handshake()
     except trio.BrokenResourceError as exc:
         await trio.aclose_forcefully(stream)
-        why = tls_failure(exc)
-        raise ConnectionLost(f"TLS handshake with {server_hostname} failed: {why}") from None
+        peer = "" if server_side else f" with {server_hostname}"
+        raise ConnectionLost(f"TLS handshake{peer} failed: {tls_failure(exc)}") from None
     return tls

@@ -34,8 +34,9 @@ from hydra_trio.protocol.messages import (
     Role,
 )
 from hydra_trio.runner.daemon import RunnerConfig
+from hydra_trio.runner.handshake import HandshakeGate
 from hydra_trio.runner.model import MachineState
-from hydra_trio.runner.session import HandshakeGate, serve_builder
+from hydra_trio.runner.session import serve_builder
 
 from .sim import Farmlet, Link
 from .test_liveness import SYSTEM, builder_config, wait_until

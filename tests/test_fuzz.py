@@ -69,9 +69,10 @@ from hydra_trio.protocol.errors import RemoteProtocolError
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.daemon import RunnerConfig, make_farm
 from hydra_trio.runner.farm import Farm
+from hydra_trio.runner.handshake import HandshakeGate
 from hydra_trio.runner.logs import Followers
 from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine, MachineState
-from hydra_trio.runner.session import HandshakeGate, SessionConfig, serve_builder
+from hydra_trio.runner.session import SessionConfig, serve_builder
 
 from .strategies import EXAMPLES, MESSAGES, any_message, messages_from
 

@@ -604,7 +604,7 @@ async def test_an_answer_never_waits_behind_a_write_in_flight(
         assert channel.writing  # the builder reads nothing: the write cannot finish
         with trio.fail_after(0.001):
             await session.reply(Pong(seq=7))
-        assert session._queued == 1
+        assert session.outbox.queued == 1
         nursery.cancel_scope.cancel()
 
 

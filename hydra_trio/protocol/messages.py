@@ -229,6 +229,15 @@ class Welcome:
     builder_timeout: float = attrs.field(validator=v.check_positive_number)
 
 
+class RejectCode(enum.Enum):
+    """Why a runner refused a hello: ``Reject.code`` on the wire is the value."""
+
+    #: the builder speaks another major version of the protocol.
+    INCOMPATIBLE_VERSION = "incompatible-version"
+    #: the builder did not prove it knows the runner's token.
+    AUTH_FAILED = "auth-failed"
+
+
 @attrs.frozen(kw_only=True)
 class Reject:
     """Runner -> builder: the hello was refused; the runner closes the connection."""
@@ -236,7 +245,8 @@ class Reject:
     TAG: ClassVar[str] = "reject"
     SENDERS: ClassVar[frozenset[Role]] = _R
 
-    #: machine-readable: ``incompatible-version``, ``auth-failed``, ``invalid-hello``, ...
+    #: machine-readable: a ``RejectCode`` value (``incompatible-version``, ``auth-failed``),
+    #: or one a newer runner added.
     code: str = attrs.field(validator=v.check_nonempty_str)
     reason: str = attrs.field(validator=v.check_str)
 

@@ -19,11 +19,12 @@ from hydra_trio.hydra.config import HydraConfig
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm, FarmConfig
 from hydra_trio.runner.front import Front
+from hydra_trio.runner.handshake import HandshakeGate
 from hydra_trio.runner.http import create_app
 from hydra_trio.runner.journal import Journal
 from hydra_trio.runner.logs import Followers
 from hydra_trio.runner.persister import Persister
-from hydra_trio.runner.session import HandshakeGate, SessionConfig, serve_builder
+from hydra_trio.runner.session import SessionConfig, serve_builder
 from hydra_trio.runner.store import StoreError, lock_database, open_store
 from hydra_trio.system import default_system, lock_dir
 

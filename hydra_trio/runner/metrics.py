@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hydra_trio.protocol.errors import ProtocolError
-from hydra_trio.protocol.messages import BuildStatus
+from hydra_trio.protocol.messages import BuildStatus, RejectCode
 from hydra_trio.runner.health import FAULT_KINDS, Health
 from hydra_trio.runner.model import Machine, MachineState
 
@@ -102,7 +102,7 @@ _KIND_PATTERNS = (
 #: The label values ``FarmMetrics.frames_rejected`` and ``.handshakes_rejected`` use, listed at 0
 #: before they first happen.
 _FRAME_KINDS = ("progress", "log", "result", "upload", "fetch")
-_HANDSHAKE_REJECTIONS = ("auth-failed", "incompatible-version")
+_HANDSHAKE_REJECTIONS = tuple(sorted(code.value for code in RejectCode))
 
 
 def protocol_error_kind(exc: ProtocolError) -> str:

@@ -1,0 +1,155 @@
+"""What the runner does with each frame a builder sends after its hello.
+
+``FrameHandler.handle`` looks the frame's type up in a table and awaits its handler; each
+handler is short, and hands anything slow to the session's nursery (upload writes, result
+checks and commits) so the receive loop goes on reading: a loop that stops reading takes the
+builder for silent.  Frames about a build are fenced (``Farm.current``): only the session
+attached to the build's machine, under the build's current attempt, may speak for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from hydra_trio.protocol.codec import TRANSFER_FRAME
+from hydra_trio.protocol.messages import (
+    Drain,
+    FetchData,
+    FetchRequest,
+    LogChunk,
+    Message,
+    Ping,
+    Pong,
+    Progress,
+    Result,
+    UploadData,
+)
+from hydra_trio.runner.blobs import BlobError, Storage
+from hydra_trio.runner.farm import Farm
+from hydra_trio.runner.model import Machine
+from hydra_trio.runner.outbox import Outbox
+from hydra_trio.runner.results import ResultCommitter
+from hydra_trio.runner.uploads import UploadReceiver
+
+#: The most bytes one FetchRequest is answered with, whatever the builder asks: read in one
+#: thread hop, sent in frames of ``TRANSFER_FRAME`` bytes.
+MAX_FETCH_CHUNK = 1024 * 1024
+
+
+class BuilderEnd(Protocol):
+    """What a handler needs of the runner's end of the connection (``session.BuilderSession``)."""
+
+    @property
+    def session_id(self) -> str: ...
+
+    @property
+    def outbox(self) -> Outbox: ...
+
+    def post(self, message: Message) -> None: ...
+
+    async def reply(self, message: Message) -> None: ...
+
+    def close(self, reason: str) -> None: ...
+
+
+@attrs.define(eq=False)
+class FrameHandler:
+    farm: Farm
+    session: BuilderEnd
+    machine: Machine
+    storage: Storage
+    uploads: UploadReceiver
+    results: ResultCommitter
+    _table: dict[type[Message], Callable[[Any], Awaitable[None]]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._table = {
+            Ping: self.ping,
+            UploadData: self.upload,
+            FetchRequest: self.fetch,
+            LogChunk: self.log,
+            Result: self.result,
+            Progress: self.progress,
+            Drain: self.drain,
+        }
+
+    async def handle(self, message: Message) -> None:
+        """Apply one frame (``Goodbye`` is the receive loop's: it ends it)."""
+        handler = self._table.get(type(message))
+        if handler is not None:
+            await handler(message)
+
+    async def ping(self, msg: Ping) -> None:
+        """Answer at once, or after the results received before it (``reply_after``); the
+        ping counts for liveness at once either way."""
+        now = trio.current_time()
+        if not await self.results.reply_after(Pong(seq=msg.seq)):
+            self.session.outbox.last_ping_seq = msg.seq
+            await self.session.reply(Pong(seq=msg.seq))
+        self.farm.on_ping(self.session, self.machine, msg, now)
+
+    async def upload(self, msg: UploadData) -> None:
+        await self.results.settled(msg.build_id, msg.attempt)
+        current = self.farm.current(
+            self.session, self.machine, msg.build_id, msg.attempt, kind="upload"
+        )
+        if current is not None:
+            await self.uploads.receive(msg)
+
+    async def log(self, msg: LogChunk) -> None:
+        await self.results.settled(msg.build_id, msg.attempt)
+        data = self.farm.on_log(self.session, self.machine, msg)
+        if data:
+            await self.storage.logs.append(msg.build_id, msg.attempt, data)
+
+    async def result(self, msg: Result) -> None:
+        await self.results.settled(msg.build_id, msg.attempt)
+        await self.results.submit(msg)
+
+    async def progress(self, msg: Progress) -> None:
+        await self.results.settled(msg.build_id, msg.attempt)
+        self.farm.on_progress(self.session, self.machine, msg)
+
+    async def drain(self, msg: Drain) -> None:
+        self.farm.on_builder_drain(self.session, self.machine)
+
+    async def fetch(self, msg: FetchRequest) -> None:
+        """Serve a chunk of an input of a build this builder runs under the current attempt."""
+        await self.results.settled(msg.build_id, msg.attempt)
+        build = self.farm.current(
+            self.session, self.machine, msg.build_id, msg.attempt, kind="fetch"
+        )
+        if build is None:
+            error = "not an input of a build you run under this attempt"
+        elif not self.farm.is_input(build, msg.sha256):
+            error = f"{msg.sha256} is not an input of build {msg.build_id}"
+        else:
+            try:
+                pieces, eof = await trio.to_thread.run_sync(
+                    self.storage.blobs.read_pieces,
+                    msg.sha256,
+                    msg.offset,
+                    min(msg.length, MAX_FETCH_CHUNK),
+                    TRANSFER_FRAME,
+                )
+            except BlobError as exc:
+                error = str(exc)
+            except (OSError, OverflowError) as exc:  # the offset comes from the builder
+                why = getattr(exc, "strerror", None) or exc
+                error = f"cannot read {msg.sha256} at offset {msg.offset}: {why}"
+            else:
+                self._send_pieces(msg.request_id, pieces, eof)
+                return
+        self.session.post(FetchData(request_id=msg.request_id, error=error))
+
+    def _send_pieces(self, request_id: int, pieces: list[bytes], eof: bool) -> None:
+        last = len(pieces) - 1
+        for index, piece in enumerate(pieces):
+            self.session.post(
+                FetchData(request_id=request_id, data=piece, eof=eof and index == last)
+            )
+        self.farm.metrics.fetched_bytes.inc(sum(map(len, pieces)))

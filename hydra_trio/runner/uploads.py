@@ -1,0 +1,246 @@
+"""The output files one builder connection uploads, and their check against its result.
+
+``UploadReceiver.receive`` takes one chunk of an output of a build the builder runs under the
+current attempt (the caller has checked that, ``Farm.current``).  ``msg.path`` is a label for
+the result to match, never a file name: the data goes to a temporary file in the blob store,
+written and hashed a batch at a time in a worker thread in the background (``_write_behind``),
+so the receive loop goes on reading while the disk works.  An attempt that uploads more than
+``max_output_bytes``, more files than a result can list, or starts a file before finishing the
+last, is a protocol violation: the connection ends.
+
+``take`` hands a result its attempt's uploads (on the receive loop, as the result arrives, so
+that later frames cannot change what it settles); ``check`` then keeps each one whose size and
+hash match the result's list, off the receive loop.  ``drop_stale`` discards uploads no result
+can commit any more.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import attrs
+import trio
+
+from hydra_trio.diskio import write_and_hash
+from hydra_trio.protocol.errors import RemoteProtocolError
+from hydra_trio.protocol.messages import BuildStatus, Result, UploadData
+from hydra_trio.protocol.validators import MAX_LIST, tree_conflict
+from hydra_trio.runner.blobs import BlobError, BlobStore, PendingUpload
+from hydra_trio.runner.metrics import FarmMetrics
+from hydra_trio.runner.model import Machine
+
+log = logging.getLogger("hydra_trio.runner")
+
+#: The most output files one attempt may upload: no ``Result`` can list more, so a builder
+#: sending more is not a builder (each costs a temporary file and an entry here).
+MAX_UPLOADS = MAX_LIST
+#: Results listing more outputs than this are checked in a worker thread (~5 us an output).
+_CHECK_INLINE = 1000
+
+#: (build id, attempt) of an upload, and with the builder's path of one file.
+_Attempt = tuple[str, int]
+_FileKey = tuple[str, int, str]
+
+
+@attrs.define(eq=False)
+class UploadTotals:
+    """The uploads of one attempt on one connection, bounded against a lying builder."""
+
+    files: int = 0
+    bytes: int = 0
+    #: the file being received.  A builder sends its files one after another, so this is the
+    #: only one with an open descriptor: a builder cannot make the runner hold more.
+    current: PendingUpload | None = None
+
+
+@attrs.define(eq=False)
+class UploadReceiver:
+    blobs: BlobStore
+    metrics: FarmMetrics
+    #: per attempt, the most bytes it may upload (``FarmConfig.max_output_bytes``).
+    max_output_bytes: int
+    #: the session's: the background writes run there.
+    nursery: trio.Nursery
+    #: output files arriving, by (build id, attempt, path).
+    uploads: dict[_FileKey, PendingUpload] = attrs.field(factory=dict, init=False)
+    #: what each attempt uploading on this connection has sent so far.
+    totals: dict[_Attempt, UploadTotals] = attrs.field(factory=dict, init=False)
+    #: the uploads with a write in a worker thread, and the event set when it is over.
+    writes: dict[PendingUpload, trio.Event] = attrs.field(factory=dict, init=False)
+    #: what ``take`` handed to results not settled yet (``check``, ``discard``).
+    _settling: list[dict[str, PendingUpload]] = attrs.field(factory=list, init=False)
+
+    async def receive(self, msg: UploadData) -> None:
+        """Append one chunk of a current attempt's output file (see the module)."""
+        ref = f"build {msg.build_id} attempt {msg.attempt}"
+        totals = self.totals.setdefault((msg.build_id, msg.attempt), UploadTotals())
+        totals.bytes += len(msg.data)
+        limit = self.max_output_bytes
+        if totals.bytes > limit:
+            raise RemoteProtocolError(f"{ref}: uploaded more than max_output_bytes ({limit})")
+        key = (msg.build_id, msg.attempt, msg.path)
+        upload = self.uploads.get(key)
+        if upload is None:
+            if msg.offset != 0:
+                return  # its start was refused; the result will say the upload failed
+            upload = await self._begin(key, totals, ref)
+        if upload.done:
+            return  # refused already; the result will say the upload failed
+        try:
+            due = self.blobs.stage(upload, msg.offset, msg.data, msg.eof)
+        except BlobError as exc:
+            log.warning("upload of %s: %s", ref, exc)
+            await self._discard(upload)
+            return
+        self.metrics.uploaded_bytes.inc(len(msg.data))
+        if due:
+            await self._write_behind(upload, ref)
+
+    async def _begin(self, key: _FileKey, totals: UploadTotals, ref: str) -> PendingUpload:
+        previous = totals.current
+        if previous is not None and not (previous.complete or previous.done):
+            raise RemoteProtocolError(
+                f"{ref}: started {key[2]!r} before finishing {previous.path!r}"
+            )
+        if totals.files >= MAX_UPLOADS:
+            raise RemoteProtocolError(f"{ref}: uploaded more than {MAX_UPLOADS} files")
+        totals.files += 1
+        upload = await trio.to_thread.run_sync(self.blobs.begin, key[2])
+        self.uploads[key] = totals.current = upload
+        return upload
+
+    async def _write_behind(self, upload: PendingUpload, ref: str) -> None:
+        """Write (and hash) what is staged of ``upload`` in a worker thread, without waiting
+        for it: the receive loop goes on reading the next frames meanwhile, so the network and
+        the disk work at the same time.  It waits for the upload's previous write first
+        (writes are in order, and at most two batches of an upload are held: one written, one
+        staged)."""
+        await self._settled(upload)
+        if upload.done:
+            return  # the previous write failed: discarded
+        chunks, last = self.blobs.take_staged(upload)
+        self.writes[upload] = over = trio.Event()
+        self.nursery.start_soon(self._write, upload, chunks, last, over, ref)
+
+    async def _write(
+        self, upload: PendingUpload, chunks: list[bytes], last: bool, over: trio.Event, ref: str
+    ) -> None:
+        blobs = self.blobs
+        try:
+            await write_and_hash(
+                sum(map(len, chunks)),
+                functools.partial(blobs.write_unhashed, upload, chunks, last),
+                functools.partial(blobs.hash_chunks, upload, chunks),
+                functools.partial(blobs.write_chunks, upload, chunks, last),
+            )
+        except OSError as exc:  # the disk is full, or failing: this upload cannot be kept
+            log.warning("upload of %s: %s", ref, exc)
+            blobs.failed(exc)
+            await trio.to_thread.run_sync(blobs.discard, upload)
+        finally:
+            del self.writes[upload]
+            over.set()
+
+    async def _settled(self, upload: PendingUpload) -> None:
+        """Wait until no write of ``upload`` is in flight (before committing or discarding)."""
+        over = self.writes.get(upload)
+        if over is not None:
+            await over.wait()
+
+    async def _discard(self, upload: PendingUpload) -> None:
+        await self._settled(upload)
+        await trio.to_thread.run_sync(self.blobs.discard, upload)
+
+    def take(self, build_id: str, attempt: int) -> dict[str, PendingUpload]:
+        """The uploads of one attempt, by path, for its result to settle (``check``); from
+        now on they are the result's, and further chunks of the attempt start afresh."""
+        self.totals.pop((build_id, attempt), None)
+        uploads = {
+            path: self.uploads.pop((b, a, path))
+            for (b, a, path) in list(self.uploads)
+            if b == build_id and a == attempt
+        }
+        self._settling.append(uploads)
+        return uploads
+
+    async def check(self, result: Result, uploads: dict[str, PendingUpload]) -> Result:
+        """Keep each of ``uploads`` whose size and hash match the result's list.  A success
+        whose outputs did not all arrive intact becomes ``upload-failed`` (retried
+        elsewhere), as does one whose list could not be a directory tree (a path twice, or a
+        file also used as a directory: placing those under a dependent's ``$IN`` would go
+        through a link)."""
+        try:
+            return await self._check(result, uploads)
+        finally:
+            self._settled_by_result(uploads)
+
+    async def _check(self, result: Result, uploads: dict[str, PendingUpload]) -> Result:
+        if len(result.outputs) > _CHECK_INLINE:
+            problem = await trio.to_thread.run_sync(_listing_problem, result)
+        else:
+            problem = _listing_problem(result)
+        for info in () if problem else result.outputs:
+            if info.link:
+                continue
+            upload = uploads.pop(info.path, None)
+            if upload is None:
+                if await trio.to_thread.run_sync(self.blobs.has, info.sha256):
+                    continue
+                problem = problem or f"output {info.path} was not uploaded"
+                continue
+            await self._settled(upload)
+            try:
+                await trio.to_thread.run_sync(self.blobs.commit, upload, info.size, info.sha256)
+            except BlobError as exc:
+                problem = problem or str(exc)
+        for upload in uploads.values():  # uploaded but not listed: not an output
+            await self._discard(upload)
+        if not problem:
+            return result
+        if result.status is BuildStatus.SUCCESS:
+            log.warning("build %s attempt %d: %s", result.build_id, result.attempt, problem)
+            return attrs.evolve(result, status=BuildStatus.UPLOAD_FAILED, error=problem, outputs=())
+        return attrs.evolve(result, outputs=())
+
+    async def discard(self, uploads: dict[str, PendingUpload]) -> None:
+        """Throw away uploads ``take`` gave a result that will not be checked."""
+        try:
+            for upload in uploads.values():
+                await self._discard(upload)
+        finally:
+            self._settled_by_result(uploads)
+
+    def _settled_by_result(self, uploads: dict[str, PendingUpload]) -> None:
+        self._settling = [taken for taken in self._settling if taken is not uploads]
+
+    async def drop_stale(self, machine: Machine) -> None:
+        """Discard uploads of attempts that are no longer current here (aborted, cancelled or
+        requeued): no result can commit them, and they would hold disk until the session
+        ends."""
+        for key in list(self.uploads):
+            build = machine.running.get(key[0])
+            if build is None or build.attempts != key[1]:
+                await self._discard(self.uploads.pop(key))
+        for ref in list(self.totals):
+            build = machine.running.get(ref[0])
+            if build is None or build.attempts != ref[1]:
+                del self.totals[ref]
+
+    async def discard_all(self) -> None:
+        """At the end of the session: remove every file still arriving or waiting for its
+        result's check (no write is in flight any more: the session's nursery is over)."""
+        for upload in [*self.uploads.values(), *(u for t in self._settling for u in t.values())]:
+            await trio.to_thread.run_sync(self.blobs.discard, upload)
+
+
+def _listing_problem(result: Result) -> str:
+    """Why the outputs a result lists could not all exist in one ``$OUT`` (so could not all
+    be placed in a dependent's ``$IN``), or "".  A builder scanning a real directory never
+    lists such a thing."""
+    problem = tree_conflict(info.path for info in result.outputs)
+    if problem is not None:
+        return f"the builder's list of outputs is impossible: {problem}"
+    if any("\0" in info.link for info in result.outputs):
+        return "the builder's list of outputs has a link target with a NUL"
+    return ""
