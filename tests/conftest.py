@@ -1,18 +1,22 @@
-"""Shared fixtures: the store backends (SQLite always, PostgreSQL when it is installed)."""
+"""Shared fixtures: the store backends (SQLite always, PostgreSQL when it is installed) and
+a real queue runner on loopback (``runner``)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import trio
 
 from hydra_trio.runner.store import PostgresStore, SqliteStore, Store
 
-from .pg import Cluster, find_bindir
+from .helpers.pg import Cluster, find_bindir
+from .helpers.runner import Runner, start_runner
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -82,3 +86,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     else:
         lines.append(f"Nix: {shutil.which('nix-store')}")
     return lines
+
+
+@pytest.fixture
+async def runner(tmp_path: Path) -> AsyncIterator[Runner]:
+    """A real queue runner on loopback with the defaults, served until the test ends; its
+    ``client`` talks to its HTTP API."""
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10) as client:
+        started = await start_runner(nursery, tmp_path, client)
+        assert started.addresses.http[0].startswith("http://127.0.0.1:")
+        yield started
+        nursery.cancel_scope.cancel()

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import trio
 
-from .procs import RealFarm, real_farm
+from .helpers.procs import RealFarm, real_farm
 
 pytestmark = pytest.mark.realnet
 

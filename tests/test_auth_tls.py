@@ -13,6 +13,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -38,8 +39,8 @@ from hydra_trio.runner.handshake import HandshakeGate
 from hydra_trio.runner.model import MachineState
 from hydra_trio.runner.session import serve_builder
 
-from .sim import Farmlet, Link
-from .test_liveness import SYSTEM, builder_config, wait_until
+from .helpers.common import SYSTEM, builder_config, wait_until
+from .helpers.sim import Farmlet, Link
 
 TOKEN = b"correct horse battery staple"
 RUNNER = RunnerConfig(builder_timeout=30.0, http=None, default_system=SYSTEM, token=TOKEN)
@@ -270,7 +271,7 @@ async def test_mutual_tls_with_a_certificate_from_the_runners_ca_connects(
         nursery.cancel_scope.cancel()
 
 
-BAD_CLIENTS: dict[str, dict[str, object]] = {
+BAD_CLIENTS: dict[str, dict[str, Any]] = {
     "another CA": {"ca": trustme.CA()},
     "expired": {"not_after": datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)},
 }

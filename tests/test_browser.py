@@ -32,7 +32,7 @@ import attrs
 import pytest
 import trio
 
-from .procs import RealFarm, real_farm
+from .helpers.procs import RealFarm, real_farm
 
 pytestmark = pytest.mark.realnet
 

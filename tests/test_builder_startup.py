@@ -17,7 +17,7 @@ from hydra_trio.runner.daemon import RunnerConfig
 from hydra_trio.runner.model import BuildSpec, BuildState
 from hydra_trio.system import default_system
 
-from .sim import Farmlet
+from .helpers.sim import Farmlet
 
 SYSTEM = default_system()
 

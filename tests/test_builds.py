@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -10,37 +11,29 @@ import trio.testing
 
 from hydra_trio.builder.daemon import BuilderState, run_builder
 from hydra_trio.builder.state import EventKind
-from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.messages import (
-    PROTOCOL_VERSION,
     Assign,
     BuildStatus,
-    Challenge,
     FetchRequest,
     FileInfo,
-    Hello,
     InputSpec,
-    Message,
     Phase,
-    Ping,
-    Pong,
     Progress,
     Result,
-    Role,
-    Welcome,
 )
 from hydra_trio.runner.daemon import RunnerConfig
 from hydra_trio.runner.model import BuildSpec, BuildState, MachineState
 
-from .sim import Farmlet
-from .test_liveness import SYSTEM, builder_config, spec, wait_until
+from .helpers.common import SYSTEM, builder_config, spec, wait_until
+from .helpers.fake_runner import FakeRunner
+from .helpers.sim import Farmlet
 
 RUNNER = RunnerConfig(builder_timeout=30.0, http=None, default_system=SYSTEM, max_tries=3)
 
 
 def scripted_executor(
     script: dict[str, BuildStatus], seen: list[tuple[str, int, str]], seconds: float = 1.0
-):
+) -> Callable[..., Awaitable[Result]]:
     """An executor that ends each build with the status ``script`` names for its command."""
 
     async def execute(assign: Assign, build_dir: Path, send, env, fetch) -> Result:  # type: ignore[no-untyped-def]
@@ -192,7 +185,6 @@ async def test_an_input_fetch_that_stalls_fails_the_attempt_instead_of_hanging(
     """The runner answers pings but never sends the input: after fetch-timeout without data
     the attempt ends fetch-failed (retried by the runner), and the connection stays up."""
     config = builder_config(tmp_path, "a", fetch_timeout=120.0)
-    seen: list[tuple[float, Message]] = []
     info = FileInfo(path="big", size=10, sha256="ab" * 32)
     assign = Assign(
         build_id="b1",
@@ -200,31 +192,13 @@ async def test_an_input_fetch_that_stalls_fails_the_attempt_instead_of_hanging(
         command=("true",),
         inputs=(InputSpec(name="dep", build_id="b0", files=(info,)),),
     )
-    builder_end, runner_end = trio.testing.memory_stream_pair()
-
-    async def fake_runner() -> None:
-        conn = Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=1e9)
-        challenge = Challenge(protocol_version=PROTOCOL_VERSION, nonce=bytes(32))
-        await runner_end.send_all(conn.send(challenge))
-        while True:
-            data = await runner_end.receive_some()
-            for message in conn.receive_data(data, trio.current_time()):
-                seen.append((trio.current_time(), message))
-                if isinstance(message, Hello):
-                    welcome = Welcome(
-                        protocol_version=PROTOCOL_VERSION, session_id="s", builder_timeout=30.0
-                    )
-                    await runner_end.send_all(conn.send(welcome) + conn.send(assign))
-                elif isinstance(message, Ping):
-                    await runner_end.send_all(conn.send(Pong(seq=message.seq)))
-
-    async def connect() -> trio.abc.Stream:
-        return builder_end
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fake_runner)
+        runner = FakeRunner(nursery, assign=assign, connections=1)
+        seen = runner.seen
         state = BuilderState(config=config, machine_id="m")
-        await nursery.start(functools.partial(run_builder, config, connect=connect, state=state))
+        run = functools.partial(run_builder, config, connect=runner.connect, state=state)
+        await nursery.start(run)
         await wait_until(lambda: any(isinstance(m, Result) for _, m in seen))
         [(asked, request)] = [(t, m) for t, m in seen if isinstance(m, FetchRequest)][:1]
         assert request.sha256 == info.sha256

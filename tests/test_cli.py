@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -13,24 +12,20 @@ from typing import Any
 import click
 import pytest
 import trio
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from hydra_trio import cli
 from hydra_trio.cli import daemons
 from hydra_trio.net import HostPort
 
+from .helpers.cli import clean_environment, invoke
+
 COMMANDS = sorted(cli.main.commands)
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No HYDRA_TRIO_* from the developer's shell; relative defaults land in tmp_path; the
-    root logger is left alone (setup_logging would point it at CliRunner's closed stderr)."""
-    for key in list(os.environ):
-        if key.startswith("HYDRA_TRIO_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(daemons, "setup_logging", lambda level, fmt: None)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_environment(monkeypatch, tmp_path)
 
 
 @pytest.fixture
@@ -45,10 +40,6 @@ def started(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
 
     monkeypatch.setattr(trio, "run", fake_run)
     yield mains
-
-
-def invoke(args: list[str], env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(cli.main, args, env=env, prog_name="hydra-trio", terminal_width=200)
 
 
 def runner_config(mains: list[Any]) -> Any:

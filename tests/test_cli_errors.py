@@ -5,7 +5,6 @@ cannot be reached or is not a runner, bad graph files."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,23 +16,18 @@ from typing import Any
 
 import pytest
 import trio
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from hydra_trio import cli
-from hydra_trio.cli import daemons
+from .helpers.cli import clean_environment, invoke
 
 GRAPH = '[build.a]\ncommand = ["true"]\n'
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No HYDRA_TRIO_* from the developer's shell; files are made in tmp_path; no daemon runs
     (a command that got past its checks would start one: ``started`` says so)."""
-    for key in list(os.environ):
-        if key.startswith("HYDRA_TRIO_"):
-            monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(daemons, "setup_logging", lambda level, fmt: None)
+    clean_environment(monkeypatch, tmp_path)
     files = {
         "not-toml.toml": "listen = [\n",
         "typo.toml": 'lisen = "127.0.0.1:1"\n',
@@ -55,10 +49,6 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         raise AssertionError("a daemon was started")
 
     monkeypatch.setattr(trio, "run", no_daemon)
-
-
-def invoke(args: list[str]) -> Result:
-    return CliRunner().invoke(cli.main, args, prog_name="hydra-trio", terminal_width=200)
 
 
 def assert_one_line(result: Result, *named: str) -> str:

@@ -14,7 +14,7 @@ import trio
 from hydra_trio import cli
 from hydra_trio.cli.render import last_line
 
-from .test_http import Runner, runner  # noqa: F401 (the fixture)
+from .helpers.runner import Runner
 
 pytestmark = pytest.mark.realnet
 
@@ -47,7 +47,7 @@ async def run(url: str, tty: bool, *command: str) -> tuple[int, str]:
         return await trio.to_thread.run_sync(call)
 
 
-async def test_plain_lines_without_a_terminal(runner: Runner) -> None:  # noqa: F811
+async def test_plain_lines_without_a_terminal(runner: Runner) -> None:
     await runner.start_builder("b1")
     status, err = await run(runner.addresses.http[0], False, "sh", "-c", SCRIPT)
     assert status == 0
@@ -57,7 +57,7 @@ async def test_plain_lines_without_a_terminal(runner: Runner) -> None:  # noqa: 
     assert any("running (building) on b1 attempt 1" in line for line in lines)
 
 
-async def test_one_live_line_with_the_log_tail_on_a_terminal(runner: Runner) -> None:  # noqa: F811
+async def test_one_live_line_with_the_log_tail_on_a_terminal(runner: Runner) -> None:
     await runner.start_builder("b1")
     status, err = await run(runner.addresses.http[0], True, "sh", "-c", SCRIPT + "; exit 3")
     assert status == 1
@@ -68,7 +68,7 @@ async def test_one_live_line_with_the_log_tail_on_a_terminal(runner: Runner) -> 
     assert failure.startswith("build ") and "build-failed" in failure
 
 
-async def test_log_tail_returns_the_end_of_the_log(runner: Runner) -> None:  # noqa: F811
+async def test_log_tail_returns_the_end_of_the_log(runner: Runner) -> None:
     await runner.start_builder("b1")
     build_id = await runner.submit(command=["sh", "-c", "seq 1 1000"])
     with trio.fail_after(30):

@@ -15,7 +15,7 @@ from hydra_trio.protocol import codec
 from hydra_trio.protocol import messages as m
 from hydra_trio.protocol.errors import LocalProtocolError, RemoteProtocolError
 
-from .strategies import EXAMPLES, FAST, any_message
+from .helpers.strategies import EXAMPLES, FAST, any_message
 
 
 def header(length: int) -> bytes:

@@ -22,7 +22,7 @@ from hydra_trio.protocol import messages as m
 from hydra_trio.protocol.connection import PROGRESS_BYTES, Connection, ConnectionState
 from hydra_trio.protocol.errors import LocalProtocolError, RemoteProtocolError
 
-from .strategies import EXAMPLES, MESSAGES
+from .helpers.strategies import EXAMPLES, MESSAGES
 
 CHALLENGE = EXAMPLES[m.Challenge]
 HELLO = EXAMPLES[m.Hello]

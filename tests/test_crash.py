@@ -28,7 +28,7 @@ import httpx
 import pytest
 import trio
 
-from .procs import POLL, Daemon, RealFarm, real_farm
+from .helpers.procs import POLL, Daemon, RealFarm, real_farm
 
 pytestmark = pytest.mark.realnet
 

@@ -3,87 +3,26 @@ up and frees again, a second runner on the same SQLite file (real sockets and ti
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import attrs
 import httpx
 import pytest
 import trio
 
-from hydra_trio.builder.daemon import BuilderConfig, run_builder
-from hydra_trio.net import HostPort
-from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
-from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.logs import TRUNCATED_MARKER
-from hydra_trio.runner.model import BuildState, MachineState
+from hydra_trio.runner.model import BuildState
 from hydra_trio.runner.store import StoreError, open_store
 
-from .pg import Cluster, find_bindir
+from .helpers.pg import Cluster, find_bindir
+from .helpers.runner import Runner, start_runner
 
 pytestmark = pytest.mark.realnet
 
-SYSTEM = "x86_64-linux"
 LIMIT = 60.0
-
-
-@attrs.define
-class Runner:
-    client: httpx.AsyncClient
-    farm: Farm
-    addresses: RunnerAddresses
-    nursery: trio.Nursery
-    tmp_path: Path
-
-    async def start_builder(self, name: str, max_jobs: int = 1) -> None:
-        config = BuilderConfig(
-            server=self.addresses.builders[0],
-            systems=(SYSTEM,),
-            work_dir=self.tmp_path / name,
-            hostname=name,
-            ping_interval=1,
-            max_jobs=max_jobs,
-        )
-        await self.nursery.start(functools.partial(run_builder, config))
-        while not any(
-            m.hostname == name and m.state is MachineState.CONNECTED
-            for m in self.farm.machines.values()
-        ):
-            await trio.sleep(0.01)
-
-    async def post(self, *command: str) -> httpx.Response:
-        return await self.client.post("/builds", json={"command": list(command)})
-
-    async def submit(self, *command: str) -> str:
-        response = await self.post(*command)
-        assert response.status_code == 201, response.text
-        build_id: str = response.json()["id"]
-        return build_id
-
-    async def until(self, check: Any) -> None:
-        """Poll ``check()`` every 50 ms until it is true (the test's fail_after bounds it)."""
-        while not check():
-            await trio.sleep(0.05)
-
-
-async def _runner(
-    nursery: trio.Nursery, tmp_path: Path, **options: Any
-) -> tuple[RunnerAddresses, Farm]:
-    config = RunnerConfig(
-        listen=HostPort("127.0.0.1", 0),
-        http=HostPort("127.0.0.1", 0),
-        default_system=SYSTEM,
-        **{"state_dir": tmp_path / "state", **options},
-    )
-    farm, dispatcher = make_farm(config)
-    addresses: RunnerAddresses = await nursery.start(
-        functools.partial(serve_runner, config, farm=farm, dispatcher=dispatcher)
-    )
-    return addresses, farm
 
 
 @pytest.fixture
@@ -91,12 +30,10 @@ async def start(tmp_path: Path) -> AsyncIterator[Any]:
     """``await start(**RunnerConfig options)`` -> a Runner served until the test ends."""
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=20) as client:
 
-        async def start_runner(**options: Any) -> Runner:
-            addresses, farm = await _runner(nursery, tmp_path, **options)
-            client.base_url = httpx.URL(addresses.http[0])
-            return Runner(client, farm, addresses, nursery, tmp_path)
+        async def start_one(**options: Any) -> Runner:
+            return await start_runner(nursery, tmp_path, client, **options)
 
-        yield start_runner
+        yield start_one
         nursery.cancel_scope.cancel()
 
 
@@ -179,8 +116,8 @@ async def test_a_second_runner_on_the_same_sqlite_file_is_refused(
     with trio.fail_after(LIMIT):
         runner = await start(db=url, state_dir=tmp_path / "a")
         with pytest.raises(ExceptionGroup) as caught:
-            async with trio.open_nursery() as nursery:
-                await _runner(nursery, tmp_path, db=url, state_dir=tmp_path / "b")
+            async with trio.open_nursery() as nursery, httpx.AsyncClient() as other:
+                await start_runner(nursery, tmp_path, other, db=url, state_dir=tmp_path / "b")
         (error,) = caught.value.exceptions
         assert isinstance(error, StoreError)
         assert "in use by another queue runner" in str(error)

@@ -6,7 +6,6 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -16,52 +15,13 @@ from hydra_trio.builder.executor import execute
 from hydra_trio.protocol.messages import (
     Assign,
     BuildStatus,
-    Limits,
-    LogChunk,
-    Message,
     Phase,
     Progress,
-    Result,
-    UploadData,
 )
 
+from .helpers.executor import LIMIT, Recorder, assign, run
+
 pytestmark = pytest.mark.realnet
-
-#: Every test is bounded: a hung child process must fail the test, not the suite.
-LIMIT = 20.0
-
-
-class Recorder:
-    """A ``send`` that keeps every message, in order."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    async def __call__(self, message: Message) -> None:
-        self.messages.append(message)
-
-    def chunks(self) -> list[LogChunk]:
-        return [m for m in self.messages if isinstance(m, LogChunk)]
-
-    def uploads(self) -> list[UploadData]:
-        return [m for m in self.messages if isinstance(m, UploadData)]
-
-    def log(self) -> bytes:
-        return b"".join(m.data for m in self.chunks())
-
-
-def assign(*command: str, **limits: Any) -> Assign:
-    return Assign(build_id="b1", attempt=1, command=command, limits=Limits(**limits))
-
-
-async def run(tmp_path: Path, *command: str, **limits: Any) -> tuple[Result, Recorder, Path]:
-    build_dir = tmp_path / "build"
-    send = Recorder()
-    with trio.fail_after(LIMIT):
-        result = await execute(
-            assign(*command, **limits), build_dir, send, {"PATH": os.environ["PATH"]}
-        )
-    return result, send, build_dir
 
 
 def alive(pid: int) -> bool:

@@ -15,23 +15,17 @@ import trio.testing
 
 from hydra_trio.builder.daemon import BuilderState, run_builder
 from hydra_trio.builder.state import EventKind
-from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.messages import (
-    PROTOCOL_VERSION,
     Assign,
-    Challenge,
     FetchData,
     FetchRequest,
     FileInfo,
-    Hello,
     InputSpec,
-    Ping,
-    Pong,
-    Role,
-    Welcome,
+    Message,
 )
 
-from .test_liveness import builder_config, wait_until
+from .helpers.common import builder_config, wait_until
+from .helpers.fake_runner import FakeRunner
 
 
 async def test_a_fetch_cut_short_by_a_silent_runner_removes_its_partial_file(
@@ -47,37 +41,25 @@ async def test_a_fetch_cut_short_by_a_silent_runner_removes_its_partial_file(
         command=("true",),
         inputs=(InputSpec(name="dep", build_id="b0", files=(info,)),),
     )
-    builder_end, runner_end = trio.testing.memory_stream_pair()
     partial = config.work_dir / "cache" / "tmp"
     silent = trio.Event()
 
-    async def fake_runner() -> None:
-        conn = Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=1e9)
-        challenge = Challenge(protocol_version=PROTOCOL_VERSION, nonce=bytes(32))
-        await runner_end.send_all(conn.send(challenge))
-        while data := await runner_end.receive_some():
-            for message in conn.receive_data(data, trio.current_time()):
-                if isinstance(message, Hello):
-                    welcome = Welcome(
-                        protocol_version=PROTOCOL_VERSION, session_id="s", builder_timeout=3.0
-                    )
-                    await runner_end.send_all(conn.send(welcome) + conn.send(assign))
-                elif isinstance(message, Ping) and not silent.is_set():
-                    # Until the fetch has begun, a live runner: the builder's thread hops take
-                    # real time, which the autojump clock turns into virtual seconds.
-                    await runner_end.send_all(conn.send(Pong(seq=message.seq)))
-                elif isinstance(message, FetchRequest) and not silent.is_set():
-                    chunk = FetchData(request_id=message.request_id, data=b"x" * 1024 * 1024)
-                    await runner_end.send_all(conn.send(chunk))
-                    silent.set()  # from now on: reads everything, answers nothing
-
-    async def connect() -> trio.abc.Stream:
-        return builder_end
+    def answer(message: Message) -> list[Message]:
+        if isinstance(message, FetchRequest) and not silent.is_set():
+            # Until the fetch has begun, a live runner (it answers pings): the builder's
+            # thread hops take real time, which the autojump clock turns into virtual seconds.
+            runner.pongs = False  # from now on: reads everything, answers nothing
+            silent.set()
+            return [FetchData(request_id=message.request_id, data=b"x" * 1024 * 1024)]
+        return []
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fake_runner)
+        runner = FakeRunner(
+            nursery, assign=assign, builder_timeout=3.0, answer=answer, connections=1
+        )
         state = BuilderState(config=config, machine_id="m")
-        await nursery.start(functools.partial(run_builder, config, connect=connect, state=state))
+        run = functools.partial(run_builder, config, connect=runner.connect, state=state)
+        await nursery.start(run)
         await wait_until(silent.is_set, limit=600)  # the partial file exists from now on
         await wait_until(
             lambda: any(e.kind is EventKind.DISCONNECTED for e in state.events), limit=600

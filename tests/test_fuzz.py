@@ -74,7 +74,7 @@ from hydra_trio.runner.logs import Followers
 from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine, MachineState
 from hydra_trio.runner.session import SessionConfig, serve_builder
 
-from .strategies import EXAMPLES, MESSAGES, any_message, messages_from
+from .helpers.strategies import EXAMPLES, MESSAGES, any_message, messages_from
 
 EXAMPLE_COUNT = int(os.environ.get("HYDRA_TRIO_FUZZ_EXAMPLES", "200"))
 
@@ -332,7 +332,7 @@ class Mangled:
     body: Any
 
     def render(self, ctx: Attacker) -> bytes:
-        body = msgpack.packb(self.body, use_bin_type=True)
+        body: bytes = msgpack.packb(self.body, use_bin_type=True)
         return codec.HEADER.pack(len(body)) + body
 
 

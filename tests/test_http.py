@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import hashlib
 import json
 import warnings
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import attrs
 import httpx
 import pytest
 import trio
 
-from hydra_trio.builder.daemon import BuilderConfig, run_builder
-from hydra_trio.net import HostPort
 from hydra_trio.runner import http as runner_http
-from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
-from hydra_trio.runner.farm import Farm
-from hydra_trio.runner.model import MachineState
+
+from .helpers.common import SYSTEM
+from .helpers.runner import LIMIT, Runner
 
 pytestmark = pytest.mark.realnet
 
-SYSTEM = "x86_64-linux"
-#: Every test is bounded: a hung server must fail the test, not the suite.
-LIMIT = 20.0
 
 MACHINE_FIELDS = {
     "machineId",
@@ -58,57 +49,6 @@ BUILD_FIELDS = {
     "startedAt",
     "finishedAt",
 }
-
-
-@attrs.define
-class Runner:
-    client: httpx.AsyncClient
-    farm: Farm
-    addresses: RunnerAddresses
-    nursery: trio.Nursery
-    tmp_path: Path
-
-    async def start_builder(self, name: str) -> None:
-        """A real builder over TCP; returns once the runner lists it as connected."""
-        config = BuilderConfig(
-            server=self.addresses.builders[0],
-            systems=(SYSTEM,),
-            work_dir=self.tmp_path / name,
-            hostname=name,
-            ping_interval=1,
-        )
-        await self.nursery.start(functools.partial(run_builder, config))
-        while not any(
-            m.hostname == name and m.state is MachineState.CONNECTED
-            for m in self.farm.machines.values()
-        ):
-            await trio.sleep(0.01)
-
-    async def submit(self, **body: Any) -> str:
-        response = await self.client.post("/builds", json={"command": ["true"], **body})
-        assert response.status_code == 201, response.text
-        build_id = response.json()["id"]
-        assert isinstance(build_id, str)
-        return build_id
-
-
-@pytest.fixture
-async def runner(tmp_path: Path) -> AsyncIterator[Runner]:
-    config = RunnerConfig(
-        listen=HostPort("127.0.0.1", 0),
-        http=HostPort("127.0.0.1", 0),
-        state_dir=tmp_path / "state",
-        default_system=SYSTEM,
-    )
-    farm, dispatcher = make_farm(config)
-    async with trio.open_nursery() as nursery:
-        addresses: RunnerAddresses = await nursery.start(
-            functools.partial(serve_runner, config, farm=farm, dispatcher=dispatcher)
-        )
-        assert addresses.http[0].startswith("http://127.0.0.1:")
-        async with httpx.AsyncClient(base_url=addresses.http[0], timeout=10) as client:
-            yield Runner(client, farm, addresses, nursery, tmp_path)
-        nursery.cancel_scope.cancel()
 
 
 async def test_status_lists_machines_with_every_contract_field_and_queue_counts(

@@ -20,19 +20,23 @@ import pytest
 import trio
 from click.testing import Result
 
-from hydra_trio.net import HostPort
 from hydra_trio.runner import http as runner_http
 from hydra_trio.runner import specs
 from hydra_trio.runner.blobs import Storage
-from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
 from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.http import create_app
 from hydra_trio.runner.model import BuildSpec, BuildState, Machine
 
-from .test_cli import clean_environment, invoke
-from .test_http import LIMIT, SYSTEM, Runner
+from .helpers.cli import clean_environment, invoke
+from .helpers.common import SYSTEM
+from .helpers.runner import LIMIT, Runner, start_runner
 
-__all__ = ["clean_environment"]  # autouse: no HYDRA_TRIO_* from the shell in the CLI tests
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No HYDRA_TRIO_* from the shell in the CLI tests."""
+    clean_environment(monkeypatch, tmp_path)
+
 
 TOKEN = b"s3cret-token"
 AUTH = {"Authorization": "Bearer s3cret-token"}
@@ -258,23 +262,13 @@ def test_an_empty_token_is_refused() -> None:
 async def guarded(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Runner]:
     """A real runner with TOKEN (and with token_for_reads when parametrized so); its
     ``client`` sends the token."""
-    config = RunnerConfig(
-        listen=HostPort("127.0.0.1", 0),
-        http=HostPort("127.0.0.1", 0),
-        state_dir=tmp_path / "state",
-        default_system=SYSTEM,
-        token=TOKEN,
-        http_token_for_reads=request.param,
-    )
-    farm, dispatcher = make_farm(config)
-    async with trio.open_nursery() as nursery:
-        addresses: RunnerAddresses = await nursery.start(
-            functools.partial(serve_runner, config, farm=farm, dispatcher=dispatcher)
+    async with (
+        trio.open_nursery() as nursery,
+        httpx.AsyncClient(headers=AUTH, timeout=10) as client,
+    ):
+        yield await start_runner(
+            nursery, tmp_path, client, token=TOKEN, http_token_for_reads=request.param
         )
-        async with httpx.AsyncClient(
-            base_url=addresses.http[0], headers=AUTH, timeout=10
-        ) as client:
-            yield Runner(client, farm, addresses, nursery, tmp_path)
         nursery.cancel_scope.cancel()
 
 

@@ -38,7 +38,7 @@ from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.model import MachineState
 from hydra_trio.system import default_system
 
-from .pg import Cluster
+from .helpers.pg import Cluster
 
 SCHEMA = Path(__file__).with_name("hydra_schema.sql")
 #: Hydra's full schema (sql/hydra.sql), where the project's reference copy is.
@@ -83,14 +83,14 @@ def hydra_url(pg_cluster: Cluster | None) -> str:
         pytest.skip("PostgreSQL is not installed: skipped the Hydra-mode tests")
     url = pg_cluster.new_database()
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(SCHEMA.read_text())  # type: ignore[arg-type]
+        conn.execute(SCHEMA.read_text())
         conn.execute("INSERT INTO schemaversion VALUES (87)")
     return url
 
 
 def sql(url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(url, autocommit=True) as conn, conn.cursor() as cur:
-        cur.execute(query, args)  # type: ignore[arg-type]
+        cur.execute(query, args)
         return cur.fetchall() if cur.description else []
 
 
@@ -686,7 +686,7 @@ async def test_a_runner_killed_mid_build_leaves_no_busy_rows(
     """kill -9 of the runner while a step is busy; the next runner aborts that row at start
     (busy 0, status 3), dispatches the step again under a new step number, and the build
     finishes."""
-    from .procs import daemon_env, free_port
+    from .helpers.procs import daemon_env, free_port
 
     h = hydra
     port = free_port()

@@ -6,6 +6,7 @@ import itertools
 import os
 import random
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
@@ -13,7 +14,6 @@ import pytest
 import trio
 import trio.testing
 
-from hydra_trio.builder.daemon import BuilderConfig
 from hydra_trio.builder.state import EventKind
 from hydra_trio.protocol.messages import (
     Assign,
@@ -24,42 +24,15 @@ from hydra_trio.protocol.messages import (
     Result,
 )
 from hydra_trio.runner.daemon import RunnerConfig
-from hydra_trio.runner.model import BuildSpec, BuildState, MachineState
+from hydra_trio.runner.model import BuildState, MachineState
 
-from .sim import Farmlet
-
-SYSTEM = "x86_64-linux"
-RUNNER = RunnerConfig(
-    builder_timeout=30.0, handshake_timeout=10.0, http=None, default_system=SYSTEM
-)
-
-
-def builder_config(tmp_path: Path, name: str, **kw: object) -> BuilderConfig:
-    defaults: dict[str, object] = {
-        "systems": (SYSTEM,),
-        "ping_interval": 10.0,
-        "work_dir": tmp_path / name,
-    }
-    defaults.update(kw)
-    return BuilderConfig(**defaults)  # type: ignore[arg-type]
-
-
-def spec(*command: str) -> BuildSpec:
-    return BuildSpec(command=command or ("true",), system=SYSTEM)
-
-
-async def wait_until(predicate: object, *, step: float = 0.01, limit: float = 100_000) -> float:
-    """Poll ``predicate`` in virtual time; returns the time it became true."""
-    assert callable(predicate)
-    with trio.fail_after(limit):
-        while not predicate():
-            await trio.sleep(step)
-    return trio.current_time()
+from .helpers.common import RUNNER, SYSTEM, builder_config, spec, wait_until
+from .helpers.sim import Farmlet
 
 
 def hanging_executor(
     log: list[tuple[str, int]], phase: Phase = Phase.BUILDING, seconds: float = 10 * 3600
-):
+) -> Callable[..., Awaitable[Result]]:
     """An executor that reports ``phase`` and then hangs (a stuck fetch or a long build)."""
 
     async def execute(assign: Assign, build_dir: Path, send, env, fetch) -> Result:  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hydra_trio.protocol import messages as m
 from hydra_trio.protocol.errors import RemoteProtocolError
 
-from .strategies import EXAMPLES, FAST, MESSAGES, RECORDS, SHA_EMPTY, any_message
+from .helpers.strategies import EXAMPLES, FAST, MESSAGES, RECORDS, SHA_EMPTY, any_message
 
 PLAIN = (dict, list, str, bytes, int, float, bool, type(None))
 

@@ -45,7 +45,9 @@ from hydra_trio.runner.http import create_app
 from hydra_trio.runner.metrics import PROTOCOL_ERROR_KINDS, protocol_error_kind, render_metrics
 from hydra_trio.runner.model import BuildSpec, MachineState
 
-from .test_runner_session import SYSTEM, FakeBuilder, Runner
+from .helpers.common import RUNNER, SYSTEM
+from .helpers.fake_builder import FakeBuilder
+from .helpers.sim import Farmlet
 
 OUTPUT = b"hello"
 OUTPUT_INFO = FileInfo(path="f", size=len(OUTPUT), sha256=hashlib.sha256(OUTPUT).hexdigest())
@@ -67,7 +69,7 @@ async def settle(done: Callable[[], bool]) -> None:
         await trio.testing.wait_all_tasks_blocked()
 
 
-async def run_busy_farm(runner: Runner, clock: trio.testing.MockClock) -> None:
+async def run_busy_farm(runner: Farmlet, clock: trio.testing.MockClock) -> None:
     """From t=0 to t=15: 4 results (3 successes, 1 failure), 1 builder lost while building and
     its build requeued, 1 stale result, a 5-byte upload and its 5-byte fetch, 3 connections
     ended by protocol errors (2 of them builders lost idle), and at the end a draining builder
@@ -127,13 +129,13 @@ async def run_busy_farm(runner: Runner, clock: trio.testing.MockClock) -> None:
     await m4.stream.send_all(codec.HEADER.pack(1) + b"\xc1")
     m5 = runner.connect()
     await m5.handshake("m5")
-    await m5.stream.send_all(codec.HEADER.pack(runner.config.max_frame_size + 1))
+    await m5.stream.send_all(codec.HEADER.pack(runner.runner_config.max_frame_size + 1))
     for builder in (m3, m4, m5):
         await builder.closed()
     assert trio.current_time() == t0 + 15
 
 
-async def scrape(runner: Runner) -> httpx.Response:
+async def scrape(runner: Farmlet) -> httpx.Response:
     app = create_app(runner.farm, runner.storage, default_system=SYSTEM)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://runner") as client:
@@ -156,7 +158,7 @@ async def test_metrics_count_what_happened_in_a_scripted_run(
     """After ``run_busy_farm``, /metrics gives each family's exact values (latencies and
     durations to the second on the mock clock), as the text format Prometheus asks for."""
     async with trio.open_nursery() as nursery:
-        runner = Runner(nursery, tmp_path)
+        runner = Farmlet(nursery, RUNNER, tmp_path)
         await run_busy_farm(runner, mock_clock)
         response = await scrape(runner)
         nursery.cancel_scope.cancel()
@@ -218,7 +220,7 @@ async def test_promtool_finds_nothing_to_complain_about(
     if promtool is None:
         pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
     async with trio.open_nursery() as nursery:
-        runner = Runner(nursery, tmp_path)
+        runner = Farmlet(nursery, RUNNER, tmp_path)
         await run_busy_farm(runner, mock_clock)
         response = await scrape(runner)
         nursery.cancel_scope.cancel()

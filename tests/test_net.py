@@ -18,7 +18,7 @@ from hydra_trio.protocol import messages as m
 from hydra_trio.protocol.connection import Connection, ConnectionState
 from hydra_trio.protocol.errors import RemoteProtocolError
 
-from .strategies import EXAMPLES
+from .helpers.strategies import EXAMPLES
 
 CHALLENGE = EXAMPLES[m.Challenge]
 HELLO = EXAMPLES[m.Hello]

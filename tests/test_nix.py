@@ -33,7 +33,7 @@ from hydra_trio.runner.model import BuildState, MachineState
 from hydra_trio.runner.specs import DrvRequest
 from hydra_trio.system import default_system
 
-from .sim import Farmlet
+from .helpers.sim import Farmlet
 
 
 @functools.cache

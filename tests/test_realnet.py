@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from .procs import RealFarm, process_alive, real_farm
+from .helpers.procs import RealFarm, process_alive, real_farm
 
 pytestmark = pytest.mark.realnet
 

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import attrs
 import psutil
@@ -39,7 +38,6 @@ from hydra_trio.protocol.messages import (
     BuildStatus,
     Challenge,
     FetchData,
-    Hello,
     LogChunk,
     Message,
     Phase,
@@ -51,106 +49,15 @@ from hydra_trio.protocol.messages import (
     Role,
     Welcome,
 )
-from hydra_trio.runner.daemon import RunnerConfig, lock_state_dir, make_farm, open_storage
-from hydra_trio.runner.farm import Farm
-from hydra_trio.runner.model import BuildSpec, BuildState, MachineState
-from hydra_trio.runner.session import BuilderSession, serve_builder
+from hydra_trio.runner.daemon import lock_state_dir
+from hydra_trio.runner.model import BuildState, MachineState
+from hydra_trio.runner.session import BuilderSession
 from hydra_trio.runner.store import StoreError
 
-SYSTEM = "x86_64-linux"
-CONFIG = RunnerConfig(
-    builder_timeout=30.0, handshake_timeout=10.0, http=None, default_system=SYSTEM
-)
-
-
-def hello(machine_id: str = "m1", version: str = PROTOCOL_VERSION) -> Hello:
-    return Hello(
-        protocol_version=version, machine_id=machine_id, hostname=machine_id, systems=(SYSTEM,)
-    )
-
-
-class FakeBuilder:
-    """The builder's end of one connection, driven step by step by a test."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.conn = Connection(Role.BUILDER, now=trio.current_time(), peer_timeout=1e9)
-        self.received: list[Message] = []
-
-    async def send(self, message: Message) -> None:
-        await self.stream.send_all(self.conn.send(message))
-
-    async def receive(self) -> Message:
-        while not self.received:
-            data = await self.stream.receive_some()
-            assert data, "the runner closed the connection"
-            self.received.extend(self.conn.receive_data(data, trio.current_time()))
-        return self.received.pop(0)
-
-    async def closed(self) -> bytes:
-        """Wait for the runner to close the connection; returns what it sent before."""
-        data = b""
-        while chunk := await self.stream.receive_some():
-            data += chunk
-        return data
-
-    async def challenge(self) -> Challenge:
-        """The runner's first frame, which must come before our hello."""
-        challenge = await self.receive()
-        assert isinstance(challenge, Challenge)
-        return challenge
-
-    async def handshake(self, machine_id: str) -> Welcome:
-        await self.challenge()
-        await self.send(hello(machine_id))
-        welcome = await self.receive()
-        assert isinstance(welcome, Welcome)
-        return welcome
-
-    async def ping(self) -> Pong:
-        await self.send(self.conn.make_ping(trio.current_time()))
-        pong = await self.receive()
-        assert isinstance(pong, Pong)
-        return pong
-
-
-class Runner:
-    """A farm with its dispatcher, and ``serve_builder`` for each connection made."""
-
-    def __init__(self, nursery: trio.Nursery, state_dir: Path) -> None:
-        self.nursery = nursery
-        config = CONFIG
-        self.config = config
-        self.farm: Farm
-        self.farm, dispatcher = make_farm(config, persisted=False)
-        self.storage = open_storage(
-            RunnerConfig(state_dir=state_dir, http=None, default_system=SYSTEM), self.farm
-        )
-        nursery.start_soon(dispatcher.run, self.farm)
-        self.connections = 0
-        #: when each connection's handler returned, by connection number.
-        self.ended: dict[int, float] = {}
-
-    def connect(self) -> FakeBuilder:
-        runner_end, builder_end = trio.testing.memory_stream_pair()
-        number = self.connections
-        self.connections += 1
-
-        async def serve() -> None:
-            await serve_builder(self.farm, self.config.session_config(), self.storage, runner_end)
-            self.ended[number] = trio.current_time()
-
-        self.nursery.start_soon(serve)
-        return FakeBuilder(builder_end)
-
-
-def state_of(thing: Any) -> Any:
-    """Read a state another task changes (keeps mypy from narrowing it across awaits)."""
-    return thing.state
-
-
-def spec() -> BuildSpec:
-    return BuildSpec(command=("true",), system=SYSTEM)
+from .helpers.common import RUNNER, SYSTEM, spec, state_of
+from .helpers.fake_builder import hello
+from .helpers.fake_runner import FakeRunner
+from .helpers.sim import Farmlet
 
 
 async def test_a_connection_that_sends_nothing_is_closed_after_exactly_the_handshake_timeout(
@@ -159,7 +66,7 @@ async def test_a_connection_that_sends_nothing_is_closed_after_exactly_the_hands
     """No hello: the runner sends its challenge, then closes the connection at exactly
     handshake_timeout."""
     async with trio.open_nursery() as nursery:
-        runner = Runner(nursery, tmp_path)
+        runner = Farmlet(nursery, RUNNER, tmp_path)
         t0 = trio.current_time()
         builder = runner.connect()
         sent = await builder.closed()
@@ -181,7 +88,7 @@ async def test_a_hello_that_is_half_sent_still_gets_the_handshake_timeout(
 ) -> None:
     """A peer trickling a partial frame does not extend the handshake deadline."""
     async with trio.open_nursery() as nursery:
-        runner = Runner(nursery, tmp_path)
+        runner = Farmlet(nursery, RUNNER, tmp_path)
         t0 = trio.current_time()
         builder = runner.connect()
         await builder.challenge()
@@ -200,7 +107,7 @@ async def test_a_first_frame_other_than_hello_closes_the_connection(
 ) -> None:
     """A Ping before the hello: closed at once, and nothing is attached to the farm."""
     async with trio.open_nursery() as nursery:
-        runner = Runner(nursery, tmp_path)
+        runner = Farmlet(nursery, RUNNER, tmp_path)
         t0 = trio.current_time()
         builder = runner.connect()
         await builder.challenge()
@@ -216,7 +123,7 @@ async def test_an_incompatible_protocol_version_is_rejected_naming_both_versions
 ) -> None:
     """A hello speaking 2.0 gets Reject(incompatible-version) naming 2.0 and ours, then EOF."""
     async with trio.open_nursery() as nursery:
-        runner = Runner(nursery, tmp_path)
+        runner = Farmlet(nursery, RUNNER, tmp_path)
         builder = runner.connect()
         await builder.challenge()
         await builder.send(hello(version="2.0"))
@@ -246,7 +153,7 @@ async def test_a_malformed_frame_closes_that_connection_only(
     """Builder a sends a bad frame: a is dropped; b, connected at the same time, keeps its
     session, gets its Pongs, and runs a build to completion."""
     async with trio.open_nursery() as nursery:
-        runner = Runner(nursery, tmp_path)
+        runner = Farmlet(nursery, RUNNER, tmp_path)
         a = runner.connect()
         b = runner.connect()
         await a.handshake("a")
@@ -281,7 +188,7 @@ async def test_a_ping_gets_its_pong_and_resets_since_last_ping(
 ) -> None:
     """Ping(seq) is answered with Pong(seq), and /status's sinceLastPing restarts from 0."""
     async with trio.open_nursery() as nursery:
-        runner = Runner(nursery, tmp_path)
+        runner = Farmlet(nursery, RUNNER, tmp_path)
         builder = runner.connect()
         await builder.handshake("m1")
         machine = runner.farm.machines["m1"]
@@ -302,7 +209,7 @@ async def test_a_silent_builder_is_disconnected_at_exactly_its_last_frame_plus_t
     """After its last frame a builder goes quiet: disconnected at last frame + 30 s exactly,
     and its running build is requeued as builder-lost."""
     async with trio.open_nursery() as nursery:
-        runner = Runner(nursery, tmp_path)
+        runner = Farmlet(nursery, RUNNER, tmp_path)
         builder = runner.connect()
         await builder.handshake("m1")
         build = runner.farm.submit(spec(), trio.current_time())
@@ -333,7 +240,7 @@ async def test_a_result_for_an_attempt_that_is_not_current_is_counted_and_ignore
     """A Result naming another attempt changes nothing and is counted in stale_rejected; the
     current attempt's Result is then committed."""
     async with trio.open_nursery() as nursery:
-        runner = Runner(nursery, tmp_path)
+        runner = Farmlet(nursery, RUNNER, tmp_path)
         builder = runner.connect()
         await builder.handshake("m1")
         build = runner.farm.submit(spec(), trio.current_time())
@@ -363,40 +270,6 @@ async def test_a_result_for_an_attempt_that_is_not_current_is_counted_and_ignore
 # The builder's side of the handshake.
 
 
-class FakeRunner:
-    """Opens every connection with a Challenge, answers its hello with a Reject, and records
-    when each came."""
-
-    def __init__(self, nursery: trio.Nursery, code: str) -> None:
-        self.nursery = nursery
-        self.code = code
-        self.connect_times: list[float] = []
-        self.hellos: list[Hello] = []
-        self.connected = trio.Event()
-
-    async def connect(self) -> trio.abc.Stream:
-        self.connect_times.append(trio.current_time())
-        builder_end, runner_end = trio.testing.memory_stream_pair()
-        self.nursery.start_soon(self._serve, runner_end)
-        self.connected.set()
-        self.connected = trio.Event()
-        return builder_end
-
-    async def _serve(self, stream: trio.abc.Stream) -> None:
-        conn = Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=1e9)
-        challenge = Challenge(protocol_version=PROTOCOL_VERSION, nonce=bytes(32))
-        await stream.send_all(conn.send(challenge))
-        messages: list[Message] = []
-        while not messages:
-            data = await stream.receive_some()
-            assert data
-            messages = conn.receive_data(data, trio.current_time())
-        assert isinstance(messages[0], Hello)
-        self.hellos.append(messages[0])
-        await stream.send_all(conn.send(Reject(code=self.code, reason="go away")))
-        await stream.aclose()
-
-
 def builder_config(tmp_path: Path) -> BuilderConfig:
     return BuilderConfig(
         systems=(SYSTEM,),
@@ -414,7 +287,7 @@ async def test_a_runner_rejecting_our_version_ends_run_builder_with_an_error(
     """Reject(incompatible-version) is the one rejection run_builder does not retry."""
     config = builder_config(tmp_path)
     async with trio.open_nursery() as nursery:
-        runner = FakeRunner(nursery, "incompatible-version")
+        runner = FakeRunner(nursery, reject="incompatible-version")
         state = BuilderState(config=config, machine_id="m1")
         with pytest.raises(IncompatibleVersionError, match="go away"):
             await run_builder(config, connect=runner.connect, state=state)
@@ -431,7 +304,7 @@ async def test_an_auth_failure_backs_off_and_retries(
     backoff, never sooner than the floor, with growing windows."""
     config = builder_config(tmp_path)
     async with trio.open_nursery() as nursery:
-        runner = FakeRunner(nursery, "auth-failed")
+        runner = FakeRunner(nursery, reject="auth-failed")
         state = BuilderState(config=config, machine_id="m1", rng=random.Random(7))
         await nursery.start(
             functools.partial(run_builder, config, connect=runner.connect, state=state)
@@ -549,7 +422,7 @@ async def test_the_runner_keeps_a_builder_that_hears_nothing_informed_that_it_li
     outgoing queue.  One not heard from within half a ping interval gets none: a builder cut
     off in one direction must notice."""
     async with trio.open_nursery() as nursery:
-        runner = Runner(nursery, tmp_path)
+        runner = Farmlet(nursery, RUNNER, tmp_path)
         builder = runner.connect()
         await builder.challenge()
         await builder.send(attrs.evolve(hello("m1"), ping_interval=2.0))
@@ -567,7 +440,7 @@ async def test_the_runner_keeps_a_builder_that_hears_nothing_informed_that_it_li
                 await trio.sleep(0.5)
 
         nursery.start_soon(uploading)
-        heard = []
+        heard: list[tuple[float, Message]] = []
         while len(heard) < 3:
             message = await builder.receive()
             heard.append((trio.current_time() - last_pong, message))

@@ -10,7 +10,7 @@ import trio
 
 from hydra_trio import sdnotify
 
-from .procs import real_farm
+from .helpers.procs import real_farm
 
 
 def test_without_a_notify_socket_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -67,9 +67,9 @@ from hydra_trio.runner.daemon import RunnerConfig
 from hydra_trio.runner.model import BuildState, MachineState
 from hydra_trio.runner.store import open_store
 
-from .simfarm import DIRECTIONS, FAULT_KINDS, TICK, BuildPlan, World, machine_silence
-from .simjournal import Commit, Execution
-from .simprocess import COMMIT_LATENCY, synchronous_threads
+from .helpers.simfarm import DIRECTIONS, FAULT_KINDS, TICK, BuildPlan, World, machine_silence
+from .helpers.simjournal import Commit, Execution
+from .helpers.simprocess import COMMIT_LATENCY, synchronous_threads
 
 #: 120 examples take about 25 s on a 2-core machine (4 to 5 examples a second).
 EXAMPLES = int(os.environ.get("HYDRA_TRIO_SIM_EXAMPLES", "120"))

@@ -22,28 +22,21 @@ import trio.testing
 from hydra_trio.builder.daemon import BuilderState, run_builder
 from hydra_trio.builder.state import EventKind, SessionEnd
 from hydra_trio.protocol.codec import TRANSFER_FRAME
-from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.messages import (
-    PROTOCOL_VERSION,
     Assign,
     BuildStatus,
-    Challenge,
     FetchData,
     FetchRequest,
     FileInfo,
-    Hello,
     InputSpec,
     Message,
-    Ping,
-    Pong,
     Result,
-    Role,
     UploadData,
-    Welcome,
 )
 from hydra_trio.runner.blobs import WRITE_BATCH, BlobError, BlobStore
 
-from .test_liveness import builder_config, wait_until
+from .helpers.common import builder_config, wait_until
+from .helpers.fake_runner import FakeRunner
 
 CONTENT = random.Random(7).randbytes(2 * 1024 * 1024 + 12345)
 INFO = FileInfo(path="big", size=len(CONTENT), sha256=hashlib.sha256(CONTENT).hexdigest())
@@ -77,49 +70,32 @@ async def run_against(
     FetchRequest with the frames ``answer(request)`` returns; until a Result or a
     disconnect.  ``slow_send``: the builder's sends return a second after the bytes left."""
     config = builder_config(tmp_path, "a", fetch_timeout=60.0)
-    seen: list[Message] = []
-    builder_end, runner_end = trio.testing.memory_stream_pair()
-    stream: trio.abc.Stream = SlowToReturn(builder_end) if slow_send else builder_end
     state = BuilderState(config=config, machine_id="m")
 
-    async def fake_runner() -> None:
-        conn = Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=1e9)
-        challenge = Challenge(protocol_version=PROTOCOL_VERSION, nonce=bytes(32))
-        await runner_end.send_all(conn.send(challenge))
-        while True:
-            data = await runner_end.receive_some()
-            if not data:
-                return
-            for message in conn.receive_data(data, trio.current_time()):
-                seen.append(message)
-                if isinstance(message, Hello):
-                    welcome = Welcome(
-                        protocol_version=PROTOCOL_VERSION, session_id="s", builder_timeout=30.0
-                    )
-                    await runner_end.send_all(conn.send(welcome) + conn.send(assign))
-                elif isinstance(message, Ping):
-                    await runner_end.send_all(conn.send(Pong(seq=message.seq)))
-                elif isinstance(message, FetchRequest):
-                    frames = answer(message)  # type: ignore[operator]
-                    await runner_end.send_all(b"".join(conn.send(f) for f in frames))
-
-    async def connect() -> trio.abc.Stream:
-        if state.sessions:
-            await trio.sleep_forever()  # one connection is all this runner takes
-        return stream
+    def answer_fetches(message: Message) -> list[Message]:
+        if not isinstance(message, FetchRequest):
+            return []
+        return answer(message)  # type: ignore[operator,no-any-return]
 
     with trio.fail_after(3600):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(fake_runner)
+            # One connection is all this runner takes.
+            runner = FakeRunner(nursery, assign=assign, answer=answer_fetches, connections=1)
+
+            async def connect() -> trio.abc.Stream:
+                stream = await runner.connect()
+                return SlowToReturn(stream) if slow_send else stream
+
             run = functools.partial(run_builder, config, connect=connect, state=state)
             await nursery.start(run)
             await wait_until(
                 lambda: (
-                    any(isinstance(m, Result) for m in seen)
+                    any(isinstance(m, Result) for m in runner.received)
                     or any(e.kind is EventKind.DISCONNECTED for e in state.events)
                 )
             )
             nursery.cancel_scope.cancel()
+    seen = runner.received
     return seen, state
 
 
@@ -272,17 +248,9 @@ async def test_a_frame_crawling_over_a_lossy_link_keeps_the_builder_from_giving_
     state = BuilderState(config=config, machine_id="m")
     crawl_ended = trio.Event()
 
-    async def fake_runner() -> None:
-        conn = Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=1e9)
-        challenge = Challenge(protocol_version=PROTOCOL_VERSION, nonce=bytes(32))
-        await runner_end.send_all(conn.send(challenge))
-        while not any(
-            isinstance(m, Hello)
-            for m in conn.receive_data(await runner_end.receive_some(), trio.current_time())
-        ):
-            pass
-        welcome = Welcome(protocol_version=PROTOCOL_VERSION, session_id="s", builder_timeout=30.0)
-        await runner_end.send_all(conn.send(welcome))
+    async def fake_runner(runner: FakeRunner) -> None:
+        conn = await runner.handshake(runner_end)
+        assert conn is not None
         data = conn.send(FetchData(request_id=99, data=b"x" * TRANSFER_FRAME))
         for start in range(0, len(data) - 1, 2048):
             await trio.sleep(5)
@@ -296,7 +264,7 @@ async def test_a_frame_crawling_over_a_lossy_link_keeps_the_builder_from_giving_
         return builder_end
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fake_runner)
+        nursery.start_soon(fake_runner, FakeRunner(nursery))
         run = functools.partial(run_builder, config, connect=connect, state=state)
         await nursery.start(run)
         await crawl_ended.wait()

@@ -15,6 +15,7 @@ import logging
 import os
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +30,20 @@ from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
 from hydra_trio.builder.outputs import BadOutput, scan_outputs
 from hydra_trio.builder.state import EventKind
 from hydra_trio.protocol import codec
-from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.messages import (
-    PROTOCOL_VERSION,
     Assign,
     BuildStatus,
     Challenge,
     FetchData,
     FetchRequest,
     FileInfo,
-    Hello,
     InputSpec,
     LogChunk,
     Message,
     Phase,
-    Ping,
     Pong,
     Progress,
     Result,
-    Role,
     UploadData,
     Welcome,
     to_wire,
@@ -55,8 +51,11 @@ from hydra_trio.protocol.messages import (
 from hydra_trio.runner.http import create_app
 from hydra_trio.runner.model import Build, BuildState, MachineState
 
-from .test_executor import LIMIT, Recorder, run
-from .test_runner_session import SYSTEM, FakeBuilder, Runner, hello, spec, state_of
+from .helpers.common import RUNNER, SYSTEM, spec, state_of
+from .helpers.executor import LIMIT, Recorder, run
+from .helpers.fake_builder import FakeBuilder, hello
+from .helpers.fake_runner import FakeRunner
+from .helpers.sim import Farmlet
 
 
 def sha(data: bytes) -> str:
@@ -75,13 +74,13 @@ def raw_frame(message: Message, **fields: Any) -> bytes:
 # The runner: what a builder sends.
 
 
-def start_runner(nursery: trio.Nursery, tmp_path: Path) -> Runner:
+def start_runner(nursery: trio.Nursery, tmp_path: Path) -> Farmlet:
     # Real time, no autojump clock: uploads hop to worker threads, and while one runs the
     # autojump clock would jump straight to the silence watchdog.  Nothing here is timed.
-    return Runner(nursery, tmp_path / "state")
+    return Farmlet(nursery, RUNNER, tmp_path / "state")
 
 
-async def connected(runner: Runner, machine_id: str) -> FakeBuilder:
+async def connected(runner: Farmlet, machine_id: str) -> FakeBuilder:
     builder = runner.connect()
     assert isinstance(await builder.receive(), Challenge)
     await builder.send(hello(machine_id))
@@ -93,13 +92,13 @@ async def sync(builder: FakeBuilder) -> list[Message]:
     """Ping and wait for the Pong: the runner has handled every frame sent before.  Returns
     what else it sent meanwhile (a retried build may be assigned again)."""
     await builder.send(builder.conn.make_ping(trio.current_time()))
-    others = []
+    others: list[Message] = []
     while not isinstance(message := await builder.receive(), Pong):
         others.append(message)
     return others
 
 
-async def assigned(runner: Runner, builder: FakeBuilder) -> tuple[Build, dict[str, Any]]:
+async def assigned(runner: Farmlet, builder: FakeBuilder) -> tuple[Build, dict[str, Any]]:
     """Submit a build; ``builder`` (the only free one) gets it.  Returns it and its ref."""
     build = runner.farm.submit(spec(), trio.current_time())
     assign = await builder.receive()
@@ -444,61 +443,32 @@ async def test_more_outputs_than_one_result_can_list_fail_the_build(
 # A real builder against a malicious runner: inputs under $IN.
 
 
-class MaliciousRunner:
-    """Welcomes one builder, assigns it ``assign`` (a message, or raw frame bytes that no
-    honest runner could encode), serves fetches of ``blobs``, and keeps what comes back."""
+def serving(blobs: dict[str, bytes]) -> Callable[[Message], list[Message]]:
+    """A ``FakeRunner`` answer: each FetchRequest gets the slice of ``blobs`` it asks for."""
 
-    def __init__(self, nursery: trio.Nursery, assign: Assign | bytes, blobs: dict[str, bytes]):
-        self.nursery = nursery
-        self.assign = assign
-        self.blobs = blobs
-        self.received: list[Message] = []
-        self.result: Result | None = None
-        self.done = trio.Event()
+    def answer(message: Message) -> list[Message]:
+        if not isinstance(message, FetchRequest):
+            return []
+        blob = blobs[message.sha256]
+        data = blob[message.offset : message.offset + message.length]
+        end = message.offset + len(data) >= len(blob)
+        return [FetchData(request_id=message.request_id, data=data, eof=end)]
 
-    async def connect(self) -> trio.abc.Stream:
-        builder_end, runner_end = trio.testing.memory_stream_pair()
-        self.nursery.start_soon(self._serve, runner_end)
-        return builder_end
-
-    async def _serve(self, stream: trio.abc.Stream) -> None:
-        conn = Connection(Role.RUNNER, now=trio.current_time(), peer_timeout=1e9)
-        challenge = Challenge(protocol_version=PROTOCOL_VERSION, nonce=os.urandom(32))
-        await stream.send_all(conn.send(challenge))
-        while data := await stream.receive_some():
-            for message in conn.receive_data(data, trio.current_time()):
-                self.received.append(message)
-                await self._answer(stream, conn, message)
-        self.done.set()  # the builder hung up
-
-    async def _answer(self, stream: trio.abc.Stream, conn: Connection, message: Message) -> None:
-        if isinstance(message, Hello):
-            welcome = Welcome(protocol_version=PROTOCOL_VERSION, session_id="s", builder_timeout=30)
-            frames = conn.send(welcome)
-            frames += self.assign if isinstance(self.assign, bytes) else conn.send(self.assign)
-            await stream.send_all(frames)
-        elif isinstance(message, Ping):
-            await stream.send_all(conn.send(Pong(seq=message.seq)))
-        elif isinstance(message, FetchRequest):
-            blob = self.blobs[message.sha256]
-            data = blob[message.offset : message.offset + message.length]
-            end = message.offset + len(data) >= len(blob)
-            await stream.send_all(
-                conn.send(FetchData(request_id=message.request_id, data=data, eof=end))
-            )
-        elif isinstance(message, Result):
-            self.result = message
-            self.done.set()
+    return answer
 
 
 async def build_with(
     tmp_path: Path, assign: Assign | bytes, blobs: dict[str, bytes] | None = None
-) -> tuple[MaliciousRunner, BuilderState]:
-    """Run a real builder against a ``MaliciousRunner`` until it answers or hangs up."""
+) -> tuple[FakeRunner, BuilderState]:
+    """Run a real builder against a malicious runner that welcomes it, assigns it ``assign``
+    (a message, or raw frame bytes that no honest runner could encode), serves fetches of
+    ``blobs``, and keeps what comes back; until the builder answers or hangs up."""
     config = BuilderConfig(systems=(SYSTEM,), work_dir=tmp_path / "builder", hostname="b")
     state = BuilderState(config=config, machine_id="m")
     async with trio.open_nursery() as nursery:
-        runner = MaliciousRunner(nursery, assign, blobs or {})
+        runner = FakeRunner(
+            nursery, assign=assign, nonce=os.urandom(32), answer=serving(blobs or {})
+        )
         with trio.fail_after(LIMIT):
             await nursery.start(
                 functools.partial(run_builder, config, connect=runner.connect, state=state)

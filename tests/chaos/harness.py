@@ -39,7 +39,7 @@ import attrs
 import httpx
 import trio
 
-from ..procs import POLL, Daemon, RealFarm, daemon_env, free_port, real_farm
+from ..helpers.procs import POLL, Daemon, RealFarm, daemon_env, free_port, real_farm
 from .network import Link, NetnsNetwork, ProxyNetwork, free_subnet
 
 #: The aggressive settings of the goals: ping every 1 s, give up after 3 s, on both sides.

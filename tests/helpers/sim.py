@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 import trio
+import trio.testing
 
 from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
 from hydra_trio.runner.blobs import Storage
@@ -21,6 +22,8 @@ from hydra_trio.runner.daemon import RunnerConfig, make_farm, open_storage
 from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.model import MachineState
 from hydra_trio.runner.session import serve_builder
+
+from .fake_builder import FakeBuilder
 
 
 @attrs.define(eq=False)
@@ -158,7 +161,8 @@ class Network:
 
 @attrs.define(eq=False)
 class Farmlet:
-    """A runner (farm + dispatcher, no TCP or HTTP) and builders, all on one network."""
+    """A runner (farm + dispatcher, no TCP or HTTP) and builders, all on one network; or
+    ``FakeBuilder``s connected to its sessions directly (``connect``)."""
 
     nursery: trio.Nursery
     runner_config: RunnerConfig
@@ -167,6 +171,10 @@ class Farmlet:
     farm: Farm = attrs.field(init=False)
     network: Network = attrs.field(init=False)
     builders: dict[str, BuilderState] = attrs.field(factory=dict)
+    #: ``FakeBuilder`` connections made so far.
+    connections: int = 0
+    #: when each ``FakeBuilder`` connection's handler returned, by connection number.
+    ended: dict[int, float] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self.runner_config = attrs.evolve(self.runner_config, state_dir=self.state_dir)
@@ -177,6 +185,19 @@ class Farmlet:
             serve_builder, self.farm, self.runner_config.session_config(), self.storage
         )
         self.network = Network(self.nursery, handler)
+
+    def connect(self) -> FakeBuilder:
+        """A new connection to a runner session, its builder's end driven by the test."""
+        runner_end, builder_end = trio.testing.memory_stream_pair()
+        number = self.connections
+        self.connections += 1
+
+        async def serve() -> None:
+            await self.network.handler(runner_end)
+            self.ended[number] = trio.current_time()
+
+        self.nursery.start_soon(serve)
+        return FakeBuilder(builder_end)
 
     async def add_builder(self, name: str, config: BuilderConfig, **state_kw: Any) -> BuilderState:
         config = attrs.evolve(config, hostname=name)
