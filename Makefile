@@ -24,6 +24,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict --platform linux hydra_trio
 	$(BIN)/mypy --strict --platform darwin hydra_trio
+	$(BIN)/mypy --platform linux tests
 
 system-deps:
 	@scripts/system-deps.sh

@@ -89,8 +89,10 @@ class Link(Protocol):
     """One builder's path to the runner."""
 
     name: str
-    #: the HOST:PORT the builder dials.
-    server: str
+
+    @property
+    def server(self) -> str:
+        """The HOST:PORT the builder dials."""
 
     def command(self, argv: list[str]) -> list[str]:
         """``argv`` as run on the builder's side of the link."""

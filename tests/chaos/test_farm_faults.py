@@ -16,6 +16,7 @@ builders cut off and healed together.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections import Counter
@@ -83,8 +84,12 @@ async def test_30_percent_loss_and_200_ms_delay_at_default_timeouts(
             async with trio.open_nursery() as nursery:
                 for name in names:
                     nursery.start_soon(
-                        lambda name=name: chaos.add_builder(
-                            name, max_jobs=2, aggressive=False, reconnect_max=None
+                        functools.partial(
+                            chaos.add_builder,
+                            name,
+                            max_jobs=2,
+                            aggressive=False,
+                            reconnect_max=None,
                         )
                     )
             t0 = time.time()
@@ -172,8 +177,8 @@ async def test_ten_builders_cut_off_and_healed_at_once(
             async with trio.open_nursery() as nursery:
                 for name in TEN:
                     nursery.start_soon(
-                        lambda name=name: chaos.add_builder(
-                            name, max_jobs=2, reconnect_max=None, wait=False
+                        functools.partial(
+                            chaos.add_builder, name, max_jobs=2, reconnect_max=None, wait=False
                         )
                     )
             await chaos.wait_connected(*TEN)
@@ -192,13 +197,13 @@ async def test_ten_builders_cut_off_and_healed_at_once(
             with trio.fail_after(15):
                 runner_saw = {
                     n: await chaos.wait_until(
-                        f"runner detected {n}", lambda n=n: chaos.runner_detected(n, t0)
+                        f"runner detected {n}", functools.partial(chaos.runner_detected, n, t0)
                     )
                     for n in TEN
                 }
                 builder_saw = {
                     n: await chaos.wait_until(
-                        f"{n} detected", lambda n=n: chaos.builder_detected(n, t0)
+                        f"{n} detected", functools.partial(chaos.builder_detected, n, t0)
                     )
                     for n in TEN
                 }
@@ -216,12 +221,12 @@ async def test_ten_builders_cut_off_and_healed_at_once(
             with trio.fail_after(60):
                 back = {
                     n: await chaos.wait_until(
-                        f"{n} reconnected", lambda n=n: chaos.reconnected(n, healed)
+                        f"{n} reconnected", functools.partial(chaos.reconnected, n, healed)
                     )
                     for n in TEN
                 }
                 again = {
-                    b: await chaos.wait_until(f"{b} again", lambda b=b: chaos.assigned(b, 2))
+                    b: await chaos.wait_until(f"{b} again", functools.partial(chaos.assigned, b, 2))
                     for b in ids.values()
                 }
             tally = await check_invariants(chaos, list(ids.values()))

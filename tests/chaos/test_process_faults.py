@@ -9,6 +9,7 @@ once the runner has stopped, ``check_database``.
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
 from collections.abc import Callable
@@ -155,7 +156,7 @@ async def test_the_runner_frozen(tmp_path: Path, backend: str, report: Callable[
             with trio.fail_after(15):
                 noticed = {
                     name: await chaos.wait_until(
-                        f"{name} detected", lambda name=name: chaos.builder_detected(name, t0)
+                        f"{name} detected", functools.partial(chaos.builder_detected, name, t0)
                     )
                     for name in ("bA", "bB")
                 }
@@ -166,12 +167,12 @@ async def test_the_runner_frozen(tmp_path: Path, backend: str, report: Callable[
                 lost = {
                     name: await chaos.wait_until(
                         f"runner dropped {name}",
-                        lambda name=name: chaos.runner_detected(name, t0),
+                        functools.partial(chaos.runner_detected, name, t0),
                     )
                     for name in ("bA", "bB")
                 }
                 again = [
-                    await chaos.wait_until(f"{b} again", lambda b=b: chaos.assigned(b, 2))
+                    await chaos.wait_until(f"{b} again", functools.partial(chaos.assigned, b, 2))
                     for b in ids.values()
                 ]
             tally = await check_invariants(chaos, list(ids.values()))
@@ -210,7 +211,7 @@ async def test_the_runner_killed_with_builds_in_every_phase(
             await chaos.start_runner()
             async with trio.open_nursery() as nursery:
                 for name in names:
-                    nursery.start_soon(lambda name=name: chaos.add_builder(name, reconnect_max=2))
+                    nursery.start_soon(functools.partial(chaos.add_builder, name, reconnect_max=2))
             for link in chaos.links.values():
                 await link.rate(RATE)
             blob = f"head -c {BIG} /dev/urandom > $OUT/blob"
@@ -252,14 +253,16 @@ async def test_the_runner_killed_with_builds_in_every_phase(
             with trio.fail_after(15):
                 noticed = {
                     name: await chaos.wait_until(
-                        f"{name} detected", lambda name=name: chaos.builder_detected(name, t0)
+                        f"{name} detected", functools.partial(chaos.builder_detected, name, t0)
                     )
                     for name in names
                 }
             await chaos.wait_connected(*names)
             with trio.fail_after(30):
                 again = {
-                    n: await chaos.wait_until(f"{n} again", lambda n=n: chaos.assigned(ids[n], 2))
+                    n: await chaos.wait_until(
+                        f"{n} again", functools.partial(chaos.assigned, ids[n], 2)
+                    )
                     for n in ("c", "s", "u")
                 }
             every = [i for n, i in ids.items() if n != "p"]
