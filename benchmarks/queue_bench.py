@@ -1,7 +1,7 @@
 """The queue at 100,000 builds: enqueue time, runner memory, dispatch latency, restart time.
 
 For each store (SQLite in the state dir; PostgreSQL in a throwaway cluster from
-``tests/pg.py`` when PostgreSQL is installed, else one line saying it is skipped):
+``tests/helpers/pg.py`` when PostgreSQL is installed, else one line saying it is skipped):
 
 1. A real queue runner is started as a subprocess (``python -m hydra_trio queue-runner``, the
    default ``--log-level info``, its log written to a file), on free loopback ports.
@@ -451,7 +451,7 @@ def main() -> int:
             results.append(bench_store("sqlite", None, work, args))
             print(json.dumps(results[-1]), flush=True)
         if args.store in ("postgresql", "both"):
-            from tests.pg import Cluster, find_bindir
+            from tests.helpers.pg import Cluster, find_bindir
 
             bindir = find_bindir()
             if bindir is None:

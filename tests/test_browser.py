@@ -1,9 +1,9 @@
 """The dashboard in a real browser: headless Chromium watches a farm of real processes.
 
 A queue runner (``--builder-timeout 3``) and two builders run as child processes
-(``tests/procs.py``); Debian's Chromium (``scripts/system-deps.sh`` installs it) is driven through
-Playwright's sync API, launched with ``executable_path`` at the system browser (Playwright never
-downloads one here).  The page is loaded once and never reloaded: everything the test sees
+(``tests/helpers/procs.py``); Debian's Chromium (``scripts/system-deps.sh`` installs it) is driven
+through Playwright's sync API, launched with ``executable_path`` at the system browser (Playwright
+never downloads one here). The page is loaded once and never reloaded: everything the test sees
 arrives through the dashboard's own polling.
 
 Playwright's sync API must be called from the thread that started it, so every browser call

@@ -1,12 +1,12 @@
 """Crash recovery with real processes: the queue runner is killed with SIGKILL again and again.
 
 A queue runner (``--builder-timeout 3``) and two builders (``--ping-interval 1 --ping-timeout 3
---max-jobs 2 --reconnect-max 2``) run as child processes (``tests/procs.py``).  One graph of 200
-named builds is submitted in one ``POST /builds``: quick builds, builds with 2-3 MB random
-outputs (so uploads are in flight when the runner dies), a chain of slow builds, and dependents
-that copy (or hash) their dependencies' outputs into their own.  Then the runner is killed with
-``kill -9`` at random moments (during dispatch, during uploads, while builders reconnect) and
-restarted on the same state dir and ports; the builders find it again by themselves.
+--max-jobs 2 --reconnect-max 2``) run as child processes (``tests/helpers/procs.py``). One graph of
+200 named builds is submitted in one ``POST /builds``: quick builds, builds with 2-3 MB random
+outputs (so uploads are in flight when the runner dies), a chain of slow builds, and dependents that
+copy (or hash) their dependencies' outputs into their own. Then the runner is killed with ``kill
+-9`` at random moments (during dispatch, during uploads, while builders reconnect) and restarted on
+the same state dir and ports; the builders find it again by themselves.
 
 At the end every build must have succeeded exactly once as far as anyone can see: through the
 HTTP API (states, outputs, hashes, dependents' contents), the blob store (every blob's content

@@ -1,6 +1,6 @@
 """Hydra mode: hydra-trio as the queue runner of a Hydra database.
 
-The database is a throwaway PostgreSQL (``tests/pg.py``) with the part of Hydra's schema
+The database is a throwaway PostgreSQL (``tests/helpers/pg.py``) with the part of Hydra's schema
 the runner uses (``tests/hydra_schema.sql``, checked here against Hydra's full schema when
 it is at hand).  The writes are tested on their own against it; the end-to-end tests add a
 real runner and Nix builders with chroot stores (as ``tests/test_nix.py``), insert a

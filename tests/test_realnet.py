@@ -1,10 +1,9 @@
 """Failover with real processes over real loopback TCP: a frozen builder, a killed builder.
 
 A queue runner (``--builder-timeout 3``) and two builders (``--ping-interval 1 --ping-timeout 3``,
-one job slot each) run as child processes (``tests/procs.py``); the tests drive them through the
-HTTP API and with signals.  No autojump clock here: each test body is bounded by
-``TEST_TIMEOUT`` and every wait inside it by its own timeout.
-"""
+one job slot each) run as child processes (``tests/helpers/procs.py``); the tests drive them through
+the HTTP API and with signals. No autojump clock here: each test body is bounded by ``TEST_TIMEOUT``
+and every wait inside it by its own timeout."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Deterministic simulation: the real runner and builders under generated fault schedules.
 
-Each example is a farm of 1 to 8 builders (``tests/simfarm.py``: real ``run_builder``, real
+Each example is a farm of 1 to 8 builders (``tests/helpers/simfarm.py``: real ``run_builder``, real
 ``serve_builder``/``Farm``/``Persister`` over SQLite, in-process links), a graph of up to 50
 builds run by a scripted executor (virtual-time sleeps, scripted statuses, a log line naming
 the run), and a schedule of faults (delays, drops, partitions, freezes, crashes and power
