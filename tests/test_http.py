@@ -101,7 +101,7 @@ async def test_a_large_status_is_the_same_json_encoded_off_the_loop(
     from hydra_trio.runner.model import Machine
 
     for i in range(5):
-        runner.farm.machines[f"m{i}"] = Machine(
+        runner.farm.registry.machines[f"m{i}"] = Machine(
             machine_id=f"m{i}",
             hostname=f"h{i}\u00e9",  # not ASCII: written as UTF-8, as JSONResponse does
             systems=(SYSTEM,),

@@ -49,7 +49,7 @@ def farm_with_a_build_and_a_machine() -> Farm:
     """A farm holding one queued build and one known (disconnected, not draining) machine."""
     farm = Farm()
     farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)
-    farm.machines[MACHINE] = Machine(
+    farm.registry.machines[MACHINE] = Machine(
         machine_id=MACHINE,
         hostname="host-1",
         systems=(SYSTEM,),
@@ -354,7 +354,7 @@ async def test_the_client_sends_the_token_from_its_file(
         config = tmp_path / "client.toml"
         config.write_text(f"token-file = {path!r}\n")
         extra = ["--config", str(config)]
-    guarded.farm.machines[MACHINE] = farm_with_a_build_and_a_machine().machines[MACHINE]
+    guarded.farm.registry.machines[MACHINE] = farm_with_a_build_and_a_machine().machines[MACHINE]
 
     async def ok(*args: str) -> str:
         result = await run_cli([args[0], "--url", url, *extra, *args[1:]], env)
@@ -383,7 +383,7 @@ async def test_the_client_without_the_token_is_one_line_and_exit_1(
 ) -> None:
     """A write without --token-file: one line quoting the runner's refusal and saying to pass
     --token-file, exit 1, and nothing changed."""
-    guarded.farm.machines[MACHINE] = farm_with_a_build_and_a_machine().machines[MACHINE]
+    guarded.farm.registry.machines[MACHINE] = farm_with_a_build_and_a_machine().machines[MACHINE]
     build_id = await guarded.submit()
     args = [build_id if a == "BUILD" else a for a in args]
     with trio.fail_after(LIMIT):
