@@ -88,6 +88,8 @@ class HashingFile:
         self.file = file
         self.size = 0
         self.hasher = hashlib.sha256()
+        #: ``move_to`` renamed it: ``tmp`` is no longer ours to remove.
+        self.kept = False
 
     @classmethod
     def create(cls, tmp: Path) -> HashingFile:
@@ -143,6 +145,7 @@ class HashingFile:
                 os.fsync(f.fileno())
         os.chmod(self.tmp, 0o444)
         os.replace(self.tmp, target)
+        self.kept = True
         if durable:
             fsync_dir(target.parent)
             if new_dir:
@@ -157,7 +160,8 @@ class HashingFile:
     def discard(self) -> None:
         """Close and remove the file, unless ``move_to`` moved it (then nothing happens)."""
         self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        if not self.kept:
+            self.tmp.unlink(missing_ok=True)
 
 
 @contextlib.asynccontextmanager

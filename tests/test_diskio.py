@@ -97,8 +97,10 @@ def test_a_durable_move_replaces_the_target(tmp_path: Path) -> None:
     file = HashingFile.create(tmp_path / "tmp")
     file.write_chunks([b"new"])
     file.move_to(tmp_path / "target", durable=True)
-    file.discard()  # after a move: nothing to remove, no error
+    (tmp_path / "tmp").write_bytes(b"someone else's")  # the name is free again after the move
+    file.discard()  # after a move: nothing of ours to remove
     assert (tmp_path / "target").read_bytes() == b"new"
+    assert (tmp_path / "tmp").read_bytes() == b"someone else's"
 
 
 async def test_beside_raises_a_background_failure_as_it_is() -> None:
