@@ -49,6 +49,7 @@ from hydra_trio.protocol.messages import (
     Hello,
     Message,
     Reject,
+    RejectCode,
     Role,
     Welcome,
 )
@@ -185,7 +186,7 @@ async def handshake(
         await channel.send(_hello(config, state, challenge))
         reply = await channel.receive()
     if isinstance(reply, Reject):
-        if reply.code == "incompatible-version":
+        if reply.code == RejectCode.INCOMPATIBLE_VERSION.value:
             raise IncompatibleVersionError(f"the queue runner rejected us: {reply.reason}")
         raise Rejected(reply.code, reply.reason)
     assert isinstance(reply, Welcome)

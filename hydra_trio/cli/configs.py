@@ -27,6 +27,7 @@ from hydra_trio.cli.options import (
     token_file_option,
 )
 from hydra_trio.protocol.errors import HydraTrioError
+from hydra_trio.protocol.messages import ExecutorKind
 from hydra_trio.system import default_hostname, default_system
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from hydra_trio.runner.daemon import RunnerConfig
 
 #: The executors a builder can offer (``--executor``).
-EXECUTORS = ("command", "nix")
+EXECUTORS = tuple(kind.value for kind in ExecutorKind)
 
 
 def load_token(path: Path | None) -> bytes | None:
@@ -317,7 +318,7 @@ builder_options = options_record(
     option(
         "--executor",
         type=LIST,
-        default="command",
+        default=ExecutorKind.COMMAND.value,
         help="What it runs: command (COMMAND builds), nix (derivations), or command,nix.",
     ),
     path_option(

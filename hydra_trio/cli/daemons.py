@@ -26,6 +26,7 @@ import trio
 from hydra_trio.cli.client import RunnerClient, RunnerClientError
 from hydra_trio.cli.errors import fail
 from hydra_trio.protocol.errors import HydraTrioError
+from hydra_trio.protocol.messages import ExecutorKind
 from hydra_trio.system import default_hostname, raise_open_file_limit, tune_gc
 
 if TYPE_CHECKING:
@@ -147,7 +148,7 @@ def run_builder_daemon(config: BuilderConfig) -> None:
 async def _serve_builder(config: BuilderConfig, drains: list[Callable[[], None]]) -> None:
     from hydra_trio.builder.daemon import BuilderState, claim_work_dir, run_builder
 
-    if "nix" in config.executors:
+    if ExecutorKind.NIX in config.executors:
         await _check_nix(config.nix_store)
     lock = await trio.to_thread.run_sync(claim_work_dir, config.work_dir)
     try:
