@@ -262,3 +262,44 @@ def test_the_entry_points_print_one_line_without_a_traceback(
     assert client.returncode == 1
     (line,) = client.stderr.splitlines()
     assert line.startswith("hydra-trio: error: cannot reach the queue runner")
+
+
+def _start_runner(state_dir: Path, listen: str) -> subprocess.CompletedProcess[str]:
+    """``queue-runner`` in a real process, where it must fail at start."""
+    argv = [sys.executable, "-m", "hydra_trio", "queue-runner", "--listen", listen]
+    argv += ["--http", "127.0.0.1:0", "--state-dir", str(state_dir)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def assert_one_error_line(process: subprocess.CompletedProcess[str], *named: str) -> None:
+    assert process.returncode == 1
+    assert "Traceback" not in process.stderr
+    lines = [line for line in process.stderr.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1, process.stderr
+    assert lines[0].startswith("hydra-trio: error: ")
+    for name in named:
+        assert name in lines[0]
+
+
+def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    """queue-runner on a builder port another socket holds: one line, exit 1."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        process = _start_runner(tmp_path / "state", f"127.0.0.1:{port}")
+    assert_one_error_line(process, "cannot listen")
+
+
+def test_a_state_dir_in_use_is_one_line(tmp_path: Path) -> None:
+    """queue-runner on a state dir another runner holds: one line naming it, exit 1."""
+    from hydra_trio.runner.daemon import lock_state_dir
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    lock = lock_state_dir(state_dir)
+    try:
+        process = _start_runner(state_dir, "127.0.0.1:0")
+    finally:
+        lock.close()
+    assert_one_error_line(process, str(state_dir), "--state-dir")
