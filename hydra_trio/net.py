@@ -14,6 +14,7 @@ a vanished peer on an idle link, but only the ping proves the peer's event loop 
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 import sys
@@ -290,11 +291,14 @@ async def serve_tcp(
     address: HostPort,
     *,
     keepalive_timeout: float,
+    handler_nursery: trio.Nursery | None = None,
     task_status: trio.TaskStatus[list[HostPort]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``handler`` on ``address`` forever; reports the bound addresses when listening.
 
-    ``::`` and ``0.0.0.0`` mean every interface; ``::`` listens on IPv6 and IPv4.
+    ``::`` and ``0.0.0.0`` mean every interface; ``::`` listens on IPv6 and IPv4.  With
+    ``handler_nursery``, connections run there, so cancelling this stops accepting without
+    ending them (ordered shutdown, as hypercorn's trio worker does).
     """
     host: str | None = None if address.host in ("::", "") else address.host
     listeners = await trio.open_tcp_listeners(address.port, host=host)
@@ -305,7 +309,11 @@ async def serve_tcp(
 
     bound = [HostPort(*listener.socket.getsockname()[:2]) for listener in listeners]
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, configured, listeners)
+        await nursery.start(
+            functools.partial(
+                trio.serve_listeners, configured, listeners, handler_nursery=handler_nursery
+            )
+        )
         task_status.started(bound)
 
 

@@ -23,6 +23,8 @@ class BuilderConfig:
     --help`, docs/deploy.md) as attributes."""
 
     server: net.HostPort = net.HostPort("127.0.0.1", 7420)
+    #: every runner that may lead (``--server A,B``), tried in turn; empty: just ``server``.
+    servers: tuple[net.HostPort, ...] = ()
     systems: tuple[str, ...] = attrs.field(factory=lambda: (default_system(),))
     supported_features: tuple[str, ...] = ()
     mandatory_features: tuple[str, ...] = ()
@@ -55,6 +57,11 @@ class BuilderConfig:
     #: a local chroot Nix store for the ``nix`` executor (``--nix-store DIR``); None: the
     #: machine's own store.
     nix_store: Path | None = None
+
+    @property
+    def addresses(self) -> tuple[net.HostPort, ...]:
+        """The runners to try, in turn (``servers``, or ``server`` alone)."""
+        return self.servers or (self.server,)
 
     @property
     def effective_ping_timeout(self) -> float:

@@ -62,4 +62,4 @@ async def run_builder(
         state = BuilderState(config=config, machine_id=machine_id)
     task_status.started(state)
     sdnotify.notify(f"READY=1\nSTATUS=connecting to {config.server}")
-    await reconnect(config, state, connect or tcp_connector(config))
+    await reconnect(config, state, connect or tcp_connector(config, state.servers))

@@ -35,11 +35,13 @@ from hydra_trio.builder.backoff import Backoff
 from hydra_trio.builder.config import BuilderConfig
 from hydra_trio.builder.fetch import InputFetcher
 from hydra_trio.builder.jobs import Jobs
+from hydra_trio.builder.servers import ServerList
 from hydra_trio.builder.state import BuilderState, Ended, EventKind, SessionEnd
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import HydraTrioError, IncompatibleVersionError, ProtocolError
 from hydra_trio.protocol.messages import (
     PROTOCOL_VERSION,
+    RUNNER_STOPPING,
     Abort,
     Assign,
     Challenge,
@@ -63,10 +65,12 @@ Connect = Callable[[], Awaitable[trio.abc.Stream]]
 class Rejected(HydraTrioError):
     """The runner answered the hello with a ``Reject`` (other than for the version)."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, leader: str = "") -> None:
         super().__init__(f"rejected by the queue runner ({code}): {reason}")
         self.code = code
         self.reason = reason
+        #: with code ``standby``: the leader's builder address ("" when it named none).
+        self.leader = leader
 
 
 async def reconnect(config: BuilderConfig, state: BuilderState, connect: Connect) -> None:
@@ -89,21 +93,42 @@ async def reconnect(config: BuilderConfig, state: BuilderState, connect: Connect
         established = state.sessions > sessions_before  # a handshake completed
         if established and trio.current_time() - started >= config.effective_healthy_after:
             backoff.reset()
-        delay = backoff.next_delay()
+        delay = _next_delay(config, state, ended, established, backoff)
         log.warning("%s; reconnecting in %.1f s", ended.reason, delay)
         with trio.move_on_after(delay):
             await state.drain_event.wait()
     log.info("drained while disconnected: exiting")
 
 
-def tcp_connector(config: BuilderConfig) -> Connect:
-    """TCP to ``config.server`` with keepalive set from the ping timeout, TLS if configured."""
+def _next_delay(
+    config: BuilderConfig, state: BuilderState, ended: Ended, established: bool, backoff: Backoff
+) -> float:
+    """Move on to the next runner of the list, and how long to wait before trying it: at
+    once while some runner of the list was not tried this round; a short pause, without
+    growing the backoff, after a standby or a runner stopping on purpose (its successor is
+    due within about a lease timeout); else the backoff."""
+    servers = state.servers
+    if established:
+        servers.connected()
+    redirected = ended.end in (SessionEnd.STANDBY, SessionEnd.RUNNER_STOPPING)
+    round_failed = servers.failed(ended.leader)
+    if not round_failed:
+        return 0.0
+    if redirected:
+        return state.rng.uniform(config.reconnect_floor, config.reconnect_base)
+    return backoff.next_delay()
+
+
+def tcp_connector(config: BuilderConfig, servers: ServerList | None = None) -> Connect:
+    """TCP to the runner ``servers`` says is next (``config.server`` without a list), with
+    keepalive set from the ping timeout, TLS if configured."""
 
     async def connect() -> trio.abc.Stream:
-        stream = await net.open_tcp(config.server, keepalive_timeout=config.effective_ping_timeout)
+        server = servers.current if servers is not None else config.server
+        stream = await net.open_tcp(server, keepalive_timeout=config.effective_ping_timeout)
         if config.ssl_context is None:
             return stream
-        return await net.start_tls(stream, config.ssl_context, server_hostname=config.server.host)
+        return await net.start_tls(stream, config.ssl_context, server_hostname=server.host)
 
     return connect
 
@@ -114,7 +139,7 @@ async def _connection(config: BuilderConfig, state: BuilderState, connect: Conne
         with trio.fail_after(config.connect_timeout):
             stream = await connect()
     except (OSError, trio.TooSlowError, net.ConnectionLost) as exc:
-        reason = f"cannot connect to {config.server}: {str(exc) or type(exc).__name__}"
+        reason = f"cannot connect to {state.servers.current}: {str(exc) or type(exc).__name__}"
         return Ended(SessionEnd.CONNECT_FAILED, reason)
     state.record(EventKind.CONNECTED)
     try:
@@ -140,13 +165,14 @@ async def _session(config: BuilderConfig, state: BuilderState, stream: trio.abc.
         reason = f"handshake failed: {str(exc) or type(exc).__name__}"
         return Ended(SessionEnd.HANDSHAKE_FAILED, reason)
     except Rejected as exc:
+        if exc.code == "standby":
+            return Ended(SessionEnd.STANDBY, str(exc), exc.leader)
         return Ended(SessionEnd.REJECTED, str(exc))
     _follow_runner_timeout(config, state, channel.connection, welcome)
     state.sessions += 1
-    log.info(
-        "connected to %s as %s (session %s)", config.server, state.machine_id, welcome.session_id
-    )
-    sdnotify.notify(f"STATUS=connected to {config.server}")
+    server = state.servers.current
+    log.info("connected to %s as %s (session %s)", server, state.machine_id, welcome.session_id)
+    sdnotify.notify(f"STATUS=connected to {server}")
     return await Session(config, state, channel).run()
 
 
@@ -188,7 +214,7 @@ async def handshake(
     if isinstance(reply, Reject):
         if reply.code == RejectCode.INCOMPATIBLE_VERSION.value:
             raise IncompatibleVersionError(f"the queue runner rejected us: {reply.reason}")
-        raise Rejected(reply.code, reply.reason)
+        raise Rejected(reply.code, reply.reason, reply.leader)
     assert isinstance(reply, Welcome)
     return reply
 
@@ -292,7 +318,8 @@ class Session:
                 self.state.request_drain()
             case Goodbye():
                 reason = f"the runner said goodbye ({message.reason})"
-                self.close(SessionEnd.GOODBYE, reason)
+                stopping = message.reason == RUNNER_STOPPING
+                self.close(SessionEnd.RUNNER_STOPPING if stopping else SessionEnd.GOODBYE, reason)
                 return False
         return True
 

@@ -21,6 +21,7 @@ from hydra_trio.builder.config import BuilderConfig
 from hydra_trio.builder.executor import execute
 from hydra_trio.builder.inputs import Fetch
 from hydra_trio.builder.nixexec import execute_nix
+from hydra_trio.builder.servers import ServerList
 from hydra_trio.nixstore import NixStore
 from hydra_trio.protocol.messages import Assign, Result
 
@@ -42,6 +43,9 @@ class SessionEnd(enum.Enum):
     HANDSHAKE_FAILED = "handshake-failed"
     #: the runner answered the hello with a ``Reject`` (a standby, bad credentials, ...).
     REJECTED = "rejected"
+    #: the runner is a hot standby (``Reject`` code ``standby``): not a fault; the leader it
+    #: names (``Ended.leader``) is tried next.
+    STANDBY = "standby"
     #: the stream failed (EOF, reset, a send or receive error).
     CONNECTION_LOST = "connection-lost"
     #: the runner broke the protocol (a malformed frame, more fetch data than requested).
@@ -50,6 +54,9 @@ class SessionEnd(enum.Enum):
     RUNNER_SILENT = "runner-silent"
     #: the runner said ``Goodbye``.
     GOODBYE = "goodbye"
+    #: the runner said ``Goodbye`` because it stops on purpose (``runner-stopping``): not a
+    #: fault, reconnect soon (to it, or to another runner of the list).
+    RUNNER_STOPPING = "runner-stopping"
     #: this builder drained: its builds finished and it said ``Goodbye``.
     DRAINED = "drained"
     #: closed without a recorded reason.
@@ -62,6 +69,8 @@ class Ended:
 
     end: SessionEnd
     reason: str
+    #: for ``STANDBY``: the leader's builder address the standby named ("" if none).
+    leader: str = ""
 
 
 class EventKind(enum.Enum):
@@ -116,6 +125,11 @@ class BuilderState:
     execute_nix: NixExecutor = execute_nix
     #: the store the ``nix`` executor builds in; None: from ``config.nix_store``.
     nix_store: NixStore | None = None
+    #: the runners to connect to (``config.addresses``), and the one tried next.
+    servers: ServerList = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.servers = ServerList(self.config.addresses)
 
     def record(self, kind: EventKind, ended: Ended | None = None) -> None:
         self.events.append(BuilderEvent(trio.current_time(), kind, ended))

@@ -35,7 +35,7 @@ from hydra_trio.protocol import validators as v
 from hydra_trio.protocol.errors import RemoteProtocolError
 
 #: The protocol version this code speaks.  Same major = compatible.
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 
 
 class Role(enum.Enum):
@@ -236,6 +236,8 @@ class RejectCode(enum.Enum):
     INCOMPATIBLE_VERSION = "incompatible-version"
     #: the builder did not prove it knows the runner's token.
     AUTH_FAILED = "auth-failed"
+    #: (1.2) this runner is a hot standby: ``Reject.leader`` names the leading runner.
+    STANDBY = "standby"
 
 
 @attrs.frozen(kw_only=True)
@@ -245,10 +247,14 @@ class Reject:
     TAG: ClassVar[str] = "reject"
     SENDERS: ClassVar[frozenset[Role]] = _R
 
-    #: machine-readable: a ``RejectCode`` value (``incompatible-version``, ``auth-failed``),
-    #: or one a newer runner added.
+    #: machine-readable: a ``RejectCode`` value (``incompatible-version``, ``auth-failed``,
+    #: ``standby``: this runner is a hot standby, connect to ``leader``), or one a newer
+    #: runner added.
     code: str = attrs.field(validator=v.check_nonempty_str)
     reason: str = attrs.field(validator=v.check_str)
+    #: (1.2) with code ``standby``: the leading runner's builder address (``HOST:PORT``), or
+    #: "" while none is known.
+    leader: str = attrs.field(default="", validator=v.check_str)
 
 
 @attrs.frozen(kw_only=True)
@@ -387,6 +393,11 @@ class Goodbye:
     SENDERS: ClassVar[frozenset[Role]] = _BOTH
 
     reason: str = attrs.field(default="", validator=v.check_str)
+
+
+#: (1.2) ``Goodbye.reason`` of a runner stopping on purpose: the builder reconnects soon (to
+#: it or to another runner of its list) without counting a fault.
+RUNNER_STOPPING = "runner-stopping"
 
 
 @attrs.frozen(kw_only=True)

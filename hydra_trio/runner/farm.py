@@ -61,7 +61,14 @@ from hydra_trio.protocol.messages import (
 from hydra_trio.runner.journal import Journal
 from hydra_trio.runner.logs import Followers
 from hydra_trio.runner.metrics import FarmMetrics
-from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine, Session
+from hydra_trio.runner.model import (
+    Build,
+    BuildSpec,
+    BuildState,
+    Machine,
+    MachineState,
+    Session,
+)
 from hydra_trio.runner.registry import Registry
 from hydra_trio.runner.scheduler import Scheduler, retry_delay
 from hydra_trio.runner.store import Snapshot
@@ -308,6 +315,30 @@ class Farm:
             self._infrastructure_failure(
                 build, BuildStatus.BUILDER_LOST, now, f"builder {machine.hostname} lost: {reason}"
             )
+        self.on_change()
+
+    def stop_session(self, session: Session, reason: str, now: float) -> None:
+        """The runner stops on purpose: end ``session`` as ``detach`` does, except that its
+        running builds go back to the queue as after a restart (``restore``): no try used,
+        no loss counted for the machine.  No-op if it was already superseded."""
+        machine = self.registry.machine_of(session)
+        if machine is None:
+            return
+        machine.session = None
+        machine.state = MachineState.DISCONNECTED
+        machine.disconnected_at = now
+        machine.disconnect_reason = reason
+        running = list(machine.running.values())
+        machine.running.clear()
+        self.journal.touch_machine(machine)
+        for build in running:
+            build.state = BuildState.QUEUED
+            build.status = BuildStatus.BUILDER_LOST
+            build.error = "the runner stopped while it ran"
+            build.phase = None
+            self.journal.touch(build)
+            self._observe(build)
+            self.scheduler.make_runnable(build, now)
         self.on_change()
 
     def drain(self, machine_key: str) -> Machine:

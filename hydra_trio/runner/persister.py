@@ -29,6 +29,7 @@ from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.health import Health, is_disk_full
 from hydra_trio.runner.model import Session
 from hydra_trio.runner.store import (
+    Deposed,
     Rows,
     Store,
     StoreError,
@@ -97,6 +98,8 @@ class Persister:
         failures = self.write_failures
         self.farm.journal.wake()
         while self._written < target:
+            if isinstance(self.failure, Deposed):
+                raise StoreUnavailable(str(self.failure))
             if self.failure is not None:
                 raise StoreError(f"the database write failed: {self.failure}")
             if self.write_failures != failures and self.unavailable is not None:

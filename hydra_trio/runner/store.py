@@ -138,6 +138,11 @@ class StoreUnavailable(StoreError):
         self.disk_full = disk_full
 
 
+class Deposed(StoreError):
+    """A fenced write found another leader's epoch in the lease: this runner no longer leads,
+    and the write was not made."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed write is the database's trouble (worth retrying on a new
     connection), rather than a bug or a refusal."""
@@ -351,6 +356,8 @@ class Store:
         self._conn = connection
         self.description = description
         self._lock = threading.Lock()  # one thread in the connection at a time, whatever calls
+        #: the leader's lease epoch every batch is conditional on (``fence``); None: unfenced.
+        self.epoch: int | None = None
 
     def _sql(self, statement: str) -> str:
         return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
@@ -399,6 +406,8 @@ class Store:
         edges of new builds, and machine rows (``machine_row``)."""
 
         def work(cursor: Any) -> None:
+            if self.epoch is not None:
+                self._check_epoch(cursor, self.epoch)
             if builds:
                 cursor.executemany(self._sql(_UPSERT_BUILD), [_sql_row(b) for b in builds])
             if edges:
@@ -428,6 +437,23 @@ class Store:
 
     def reconnect(self) -> None:
         """Open a new connection after a transient failure (PostgreSQL); SQLite keeps its."""
+
+    def fence(self, epoch: int, lease_timeout: float) -> None:
+        """Make every later ``save`` conditional on the leadership lease still being at
+        ``epoch`` (see ``runner.leadership``): one that finds another raises ``Deposed``."""
+        raise StoreError(f"{self.description} has no leadership lease: only PostgreSQL has")
+
+    def _check_epoch(self, cursor: Any, epoch: int) -> None:
+        # FOR SHARE: a takeover (an UPDATE of the row) waits until this transaction ends,
+        # so the new leader reads everything committed under the old epoch.
+        cursor.execute("SELECT epoch FROM runner_lease WHERE id = 1 FOR SHARE")
+        row = cursor.fetchone()
+        if row is None or int(row[0]) != epoch:
+            current = None if row is None else int(row[0])
+            raise Deposed(
+                f"this runner's leadership (epoch {epoch}) ended: the lease is at epoch "
+                f"{current}; nothing was written"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -503,6 +529,9 @@ class PostgresStore(Store):
         return store
 
     _url: str = ""
+    #: with a lease (``fence``): the most a transaction may sit idle, so that a leader frozen
+    #: inside one cannot hold the lease row (and a takeover) for longer.
+    _idle_timeout_ms: int | None = None
 
     def reconnect(self) -> None:
         import psycopg
@@ -513,6 +542,20 @@ class PostgresStore(Store):
             except Exception:
                 log.debug("closing a lost connection failed", exc_info=True)
             self._conn = psycopg.connect(self._url, connect_timeout=10)
+        if self._idle_timeout_ms is not None:
+            self._set_idle_timeout()
+
+    def fence(self, epoch: int, lease_timeout: float) -> None:
+        self._idle_timeout_ms = max(1, round(lease_timeout * 1000))
+        self._set_idle_timeout()
+        self.epoch = epoch
+
+    def _set_idle_timeout(self) -> None:
+        self._transaction(
+            lambda cursor: cursor.execute(
+                f"SET idle_in_transaction_session_timeout = {self._idle_timeout_ms}"
+            )
+        )
 
 
 def _redact(url: str) -> str:

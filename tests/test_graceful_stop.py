@@ -1,0 +1,86 @@
+"""A graceful stop of the runner costs nothing: running builds finish within the grace or go
+back to the queue without using a try, and no builder counts as lost (real sockets and time)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import trio
+
+from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
+from hydra_trio.builder.state import SessionEnd
+from hydra_trio.net import HostPort
+from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
+from hydra_trio.runner.model import BuildSpec, BuildState
+from hydra_trio.runner.store import open_store
+
+pytestmark = pytest.mark.realnet
+
+SYSTEM = "x86_64-linux"
+LIMIT = 30.0
+
+
+async def test_a_graceful_stop_lets_builds_finish_and_requeues_the_rest_without_a_try(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM-like stop with a short and a long build running: the short one succeeds in
+    the grace, the long one is queued again with no try used; the builder was told the
+    runner is going (not a fault) and nothing counts as lost."""
+    config = RunnerConfig(
+        listen=HostPort("127.0.0.1", 0),
+        http=None,
+        state_dir=tmp_path / "state",
+        default_system=SYSTEM,
+        stop_grace=2.0,
+    )
+    farm, dispatcher = make_farm(config)
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            runner_scope = trio.CancelScope()
+
+            async def run_runner(task_status: trio.TaskStatus[RunnerAddresses]) -> None:
+                with runner_scope:
+                    await serve_runner(
+                        config, farm=farm, dispatcher=dispatcher, task_status=task_status
+                    )
+
+            addresses = await nursery.start(run_runner)
+            builder_config = BuilderConfig(
+                server=addresses.builders[0],
+                systems=(SYSTEM,),
+                work_dir=tmp_path / "builder",
+                hostname="b1",
+                ping_interval=1,
+                max_jobs=2,
+            )
+            state: BuilderState = await nursery.start(
+                functools.partial(run_builder, builder_config)
+            )
+            short = farm.submit(BuildSpec(command=("sleep", "0.5"), system=SYSTEM), 0.0)
+            long = farm.submit(BuildSpec(command=("sleep", "60"), system=SYSTEM), 0.0)
+            while farm.queue_counts()["running"] < 2:
+                await trio.sleep(0.02)
+            stopped_at = trio.current_time()
+            runner_scope.cancel()
+            while not runner_scope.cancelled_caught:
+                await trio.sleep(0.02)
+            # Bounded by the grace (plus the goodbye): the long build did not hold it up.
+            assert trio.current_time() - stopped_at < config.stop_grace + 3
+            ends = [event.end for event in state.events]
+            nursery.cancel_scope.cancel()
+    assert SessionEnd.RUNNER_STOPPING in ends, ends
+    store = open_store(None, config.state_dir)
+    try:
+        snapshot = store.load()
+    finally:
+        store.close()
+    saved = {b.id: b for b in snapshot.builds}
+    assert saved[short.id].state is BuildState.SUCCEEDED
+    assert saved[long.id].state is BuildState.QUEUED
+    assert saved[long.id].infra_failures == 0
+    assert saved[long.id].attempts == 1
+    (machine,) = snapshot.machines
+    assert machine.lost_builds == 0 and machine.succeeded_builds == 1
+    assert farm.metrics.builders_lost_busy == 0 and farm.metrics.builders_lost_idle == 0
