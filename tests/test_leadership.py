@@ -25,7 +25,7 @@ from hydra_trio.runner.model import BuildSpec, BuildState
 from hydra_trio.runner.persister import take_rows
 from hydra_trio.runner.store import Deposed, open_store
 
-from .pg import Cluster
+from .helpers.pg import Cluster
 
 pytestmark = pytest.mark.realnet
 
