@@ -407,3 +407,26 @@ def test_the_daemons_collector_settings() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_several_runners_options_reach_the_configs(started: list[Any], tmp_path: Path) -> None:
+    """builder --server A,B (or HYDRA_TRIO_SERVER) lists every runner; queue-runner takes
+    --data-dir, --lease-timeout (default: the builder timeout) and --stop-grace."""
+    result = invoke(
+        ["builder", "--hostname", "b"], env={"HYDRA_TRIO_SERVER": "a.example:7420,b.example:7420"}
+    )
+    assert result.exit_code == 0, result.output
+    config = builder_config(started)
+    assert config.server == HostPort("a.example", 7420)
+    assert config.addresses == (HostPort("a.example", 7420), HostPort("b.example", 7420))
+    started.clear()
+    result = invoke(["queue-runner", "--data-dir", str(tmp_path / "data"), "--stop-grace", "3"])
+    assert result.exit_code == 0, result.output
+    runner = runner_config(started)
+    assert runner.data_dir == tmp_path / "data"
+    assert runner.stop_grace == 3.0
+    assert runner.effective_lease_timeout == runner.builder_timeout == 30.0
+    started.clear()
+    result = invoke(["queue-runner", "--lease-timeout", "5"])
+    assert result.exit_code == 0, result.output
+    assert runner_config(started).effective_lease_timeout == 5.0

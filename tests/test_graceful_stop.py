@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -22,12 +23,10 @@ SYSTEM = "x86_64-linux"
 LIMIT = 30.0
 
 
-async def test_a_graceful_stop_lets_builds_finish_and_requeues_the_rest_without_a_try(
-    tmp_path: Path,
-) -> None:
-    """SIGTERM-like stop with a short and a long build running: the short one succeeds in
-    the grace, the long one is queued again with no try used; the builder was told the
-    runner is going (not a fault) and nothing counts as lost."""
+async def _stop_with_builds(tmp_path: Path, *, graceful: bool) -> tuple[Any, Any, Any, Any]:
+    """A runner with a short and a long build running, stopped gracefully (``graceful_stop``,
+    as SIGTERM) or at once (cancelled, as SIGINT); returns the farm, the builder's session
+    ends, the saved snapshot, and the two builds."""
     config = RunnerConfig(
         listen=HostPort("127.0.0.1", 0),
         http=None,
@@ -39,12 +38,19 @@ async def test_a_graceful_stop_lets_builds_finish_and_requeues_the_rest_without_
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
             runner_scope = trio.CancelScope()
+            stop = trio.Event()
+            stopped = trio.Event()
 
             async def run_runner(task_status: trio.TaskStatus[RunnerAddresses]) -> None:
                 with runner_scope:
                     await serve_runner(
-                        config, farm=farm, dispatcher=dispatcher, task_status=task_status
+                        config,
+                        farm=farm,
+                        dispatcher=dispatcher,
+                        graceful_stop=stop,
+                        task_status=task_status,
                     )
+                stopped.set()
 
             addresses = await nursery.start(run_runner)
             builder_config = BuilderConfig(
@@ -62,20 +68,29 @@ async def test_a_graceful_stop_lets_builds_finish_and_requeues_the_rest_without_
             long = farm.submit(BuildSpec(command=("sleep", "60"), system=SYSTEM), 0.0)
             while farm.queue_counts()["running"] < 2:
                 await trio.sleep(0.02)
-            stopped_at = trio.current_time()
-            runner_scope.cancel()
-            while not runner_scope.cancelled_caught:
-                await trio.sleep(0.02)
-            # Bounded by the grace (plus the goodbye): the long build did not hold it up.
-            assert trio.current_time() - stopped_at < config.stop_grace + 3
+            if graceful:
+                stop.set()
+            else:
+                runner_scope.cancel()
+            await stopped.wait()
             ends = [event.end for event in state.events]
             nursery.cancel_scope.cancel()
-    assert SessionEnd.RUNNER_STOPPING in ends, ends
     store = open_store(None, config.state_dir)
     try:
         snapshot = store.load()
     finally:
         store.close()
+    return farm, ends, snapshot, (short, long)
+
+
+async def test_a_graceful_stop_lets_builds_finish_and_requeues_the_rest_without_a_try(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM-like stop with a short and a long build running: the short one succeeds in
+    the grace, the long one is queued again with no try used; the builder was told the
+    runner is going (not a fault) and nothing counts as lost."""
+    farm, ends, snapshot, (short, long) = await _stop_with_builds(tmp_path, graceful=True)
+    assert SessionEnd.RUNNER_STOPPING in ends, ends
     saved = {b.id: b for b in snapshot.builds}
     assert saved[short.id].state is BuildState.SUCCEEDED
     assert saved[long.id].state is BuildState.QUEUED
@@ -83,4 +98,19 @@ async def test_a_graceful_stop_lets_builds_finish_and_requeues_the_rest_without_
     assert saved[long.id].attempts == 1
     (machine,) = snapshot.machines
     assert machine.lost_builds == 0 and machine.succeeded_builds == 1
+    assert farm.metrics.builders_lost_busy == 0 and farm.metrics.builders_lost_idle == 0
+
+
+async def test_an_immediate_stop_requeues_every_running_build_without_a_try(
+    tmp_path: Path,
+) -> None:
+    """SIGINT-like stop (cancelled): no grace, but still no try used and nothing lost."""
+    farm, ends, snapshot, builds = await _stop_with_builds(tmp_path, graceful=False)
+    assert SessionEnd.RUNNER_STOPPING in ends, ends
+    saved = {b.id: b for b in snapshot.builds}
+    for build in builds:
+        assert saved[build.id].state is BuildState.QUEUED
+        assert saved[build.id].infra_failures == 0
+    (machine,) = snapshot.machines
+    assert machine.lost_builds == 0
     assert farm.metrics.builders_lost_busy == 0 and farm.metrics.builders_lost_idle == 0

@@ -297,3 +297,24 @@ async def test_a_leader_whose_lease_was_taken_stands_down_and_commits_nothing(
             store.close()
         assert [b for b in builds if b.spec.command == ("stale",)] == []
         assert all(b.state is BuildState.QUEUED for b in builds)
+
+
+async def test_a_client_given_both_runners_reaches_the_leader(start: Any) -> None:
+    """--url STANDBY,LEADER (and a dead URL first): status and submit go to the leader."""
+    from hydra_trio.cli.client import RunnerClient
+
+    with trio.fail_after(LIMIT):
+        a = await start("a")
+        await a.role("leader")
+        b = await start("b")
+        while (await b.status()).get("leader") is None:
+            await trio.sleep(0.05)
+        dead = "http://127.0.0.1:1"
+        client = RunnerClient(f"{dead},{b.addresses.http[0]},{a.addresses.http[0]}")
+        status = await trio.to_thread.run_sync(client.status)
+        assert status["role"] == "leader"
+        build_id = await trio.to_thread.run_sync(client.submit, {"command": ["true"]})
+        assert (await a.client.get(f"/builds/{build_id}")).status_code == 200
+        # The standby alone, naming the leader: followed.
+        only_b = RunnerClient(b.addresses.http[0])
+        assert (await trio.to_thread.run_sync(only_b.status))["role"] == "leader"

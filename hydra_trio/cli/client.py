@@ -26,7 +26,12 @@ class RunnerClientError(Exception):
 
 @attrs.frozen
 class RunnerClient:
-    """The queue runner at ``url``; ``token`` (``--token-file``) goes with every call."""
+    """The queue runner at ``url``; ``token`` (``--token-file``) goes with every call.
+
+    ``url`` may be a comma list of runners sharing one database (``--url A,B``): each call
+    goes to them in turn until one answers as the leader.  A runner that cannot be reached,
+    or a standby (``503`` naming the leader), passes the call on: to the leader it named
+    first, else to the next of the list."""
 
     url: str = DEFAULT_URL
     token: bytes | None = attrs.field(default=None, repr=False)
@@ -86,8 +91,12 @@ class RunnerClient:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    @property
+    def urls(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.url.split(",") if u.strip()] or [self.url]
+
     def _address(self, path: str) -> str:
-        return self.url.rstrip("/") + path
+        return self.urls[0] + path
 
     def _headers(self) -> dict[str, str]:
         if self.token is None:
@@ -95,23 +104,30 @@ class RunnerClient:
         return {"Authorization": "Bearer " + self.token.decode("ascii")}  # load_token checked it
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = httpx.request(
-                method,
-                self._address(path),
-                headers=self._headers(),
-                timeout=self.timeout,
-                **kwargs,
-            )
-        except httpx.InvalidURL as exc:
-            raise RunnerClientError(f"invalid --url {self.url!r}: {exc}") from None
-        except httpx.HTTPError as exc:
-            raise RunnerClientError(
-                f"cannot reach the queue runner at {self.url}: {exc} (is it running? "
-                "`hydra-trio up`)"
-            ) from None
-        self._check(response)
-        return response
+        todo, tried = self.urls, set()
+        while True:
+            url = todo.pop(0)
+            tried.add(url)
+            try:
+                response = httpx.request(
+                    method, url + path, headers=self._headers(), timeout=self.timeout, **kwargs
+                )
+            except httpx.InvalidURL as exc:
+                raise RunnerClientError(f"invalid --url {url!r}: {exc}") from None
+            except httpx.HTTPError as exc:
+                if todo:
+                    continue  # another runner of the list may lead
+                raise RunnerClientError(
+                    f"cannot reach the queue runner at {url}: {exc} (is it running? "
+                    "`hydra-trio up`)"
+                ) from None
+            leader = _standby_leader(response, path)
+            if leader is not None and (todo or (leader and leader not in tried)):
+                if leader and leader not in tried:
+                    todo.insert(0, leader)
+                continue
+            self._check(response)
+            return response
 
     def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """A call whose answer is a JSON object (anything else is not a queue runner's)."""
@@ -149,3 +165,20 @@ class RunnerClient:
             hint = "is --token-file the runner's token?" if self.token else "pass --token-file"
             raise RunnerClientError(f"the queue runner refused the request: {message} ({hint})")
         raise RunnerClientError(f"{message} (HTTP {response.status_code})")
+
+
+def _standby_leader(response: httpx.Response, path: str) -> str | None:
+    """For a standby's answer (``503 {"leader": URL}``, or its ``/status`` with ``"role":
+    "standby"``): the leader's URL ("" when it knows none); None for any other answer."""
+    if response.status_code != 503 and not (response.status_code == 200 and path == "/status"):
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or "leader" not in body:
+        return None
+    if response.status_code == 200 and body.get("role") != "standby":
+        return None
+    leader = body["leader"]
+    return leader.rstrip("/") if isinstance(leader, str) else ""

@@ -19,6 +19,7 @@ import click
 from hydra_trio import net
 from hydra_trio.cli.options import (
     HOSTPORT,
+    HOSTPORT_LIST,
     LIST,
     SECONDS,
     option,
@@ -91,6 +92,9 @@ class RunnerOptions:
     nix_store: Path | None
     hydra_db: str | None
     hydra_data: Path | None
+    data_dir: Path | None
+    lease_timeout: float | None
+    stop_grace: float
 
     def runner_config(
         self, http: net.HostPort, tls: ServerTlsOptions | None = None
@@ -115,6 +119,9 @@ class RunnerOptions:
                 max_unauthenticated=self.max_unauthenticated,
                 nix_store=self.nix_store,
                 hydra=self.hydra_config(),
+                data_dir=self.data_dir,
+                lease_timeout=self.lease_timeout,
+                stop_grace=self.stop_grace,
             )
         except ValueError as exc:
             raise click.UsageError(str(exc)) from None
@@ -204,6 +211,27 @@ runner_options = options_record(
         default=None,
         help="Hydra mode: Hydra's data dir (HYDRA_DATA; logs go to its build-logs/).",
     ),
+    option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Build outputs and logs, shared by the runners of one PostgreSQL database "
+        "(e.g. on NFS).  [default: the state dir]",
+    ),
+    option(
+        "--lease-timeout",
+        type=SECONDS,
+        default=None,
+        help="With PostgreSQL: a leader that has not renewed its lease this long is replaced "
+        "by a standby.  [default: --builder-timeout]",
+    ),
+    option(
+        "--stop-grace",
+        type=click.FloatRange(min=0),
+        default=10.0,
+        help="On SIGTERM, running builds get this long to finish; the rest go back to the "
+        "queue without using a try (SIGINT: at once).",
+    ),
 )
 
 
@@ -215,7 +243,7 @@ runner_options = options_record(
 class BuilderOptions:
     """Everything ``builder`` takes besides logging."""
 
-    server: net.HostPort
+    server: tuple[net.HostPort, ...]
     systems: tuple[str, ...]
     features: tuple[str, ...]
     mandatory_features: tuple[str, ...]
@@ -239,8 +267,11 @@ class BuilderOptions:
 
         if not self.systems:
             raise click.BadParameter("at least one system is needed", param_hint="--systems")
+        if not self.server:
+            raise click.BadParameter("at least one address is needed", param_hint="--server")
         return BuilderConfig(
-            server=self.server,
+            server=self.server[0],
+            servers=self.server if len(self.server) > 1 else (),
             systems=self.systems,
             supported_features=self.features,
             mandatory_features=self.mandatory_features,
@@ -282,7 +313,13 @@ class BuilderOptions:
 builder_options = options_record(
     BuilderOptions,
     "options",
-    option("--server", type=HOSTPORT, required=True, help="The queue runner's builder port."),
+    option(
+        "--server",
+        type=HOSTPORT_LIST,
+        required=True,
+        help="The queue runner's builder port; several runners sharing a database as a "
+        "comma list (the builder settles on the leader).",
+    ),
     option("--systems", type=LIST, default=default_system(), help="Comma-separated."),
     option("--features", type=LIST, default="", help="Supported features."),
     option(

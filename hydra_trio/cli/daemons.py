@@ -125,9 +125,23 @@ async def run_until_signal(
 
 
 def run_runner_daemon(config: RunnerConfig) -> None:
+    """Run the queue runner; SIGTERM stops it gracefully (running builds get
+    ``--stop-grace``), SIGINT at once; neither uses a build's try."""
+    stops: list[trio.Event] = []
+
+    def on_sigterm() -> None:
+        for stop in stops:
+            stop.set()
+
+    run_daemon(functools.partial(_serve_runner, config, stops), on_sigterm)
+
+
+async def _serve_runner(config: RunnerConfig, stops: list[trio.Event]) -> None:
     from hydra_trio.runner.daemon import serve_runner
 
-    run_daemon(functools.partial(serve_runner, config))
+    stop = trio.Event()
+    stops.append(stop)
+    await serve_runner(config, graceful_stop=stop)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,20 @@ class HostPortType(click.ParamType):  # type: ignore[type-arg]
             self.fail(str(exc), param, ctx)
 
 
+class HostPortListType(click.ParamType):  # type: ignore[type-arg]
+    """``HOST:PORT[,HOST:PORT...]`` (a TOML list too)."""
+
+    name = "HOST:PORT[,...]"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[net.HostPort, ...]:
+        if isinstance(value, tuple) and all(isinstance(v, net.HostPort) for v in value):
+            return value
+        items = value if isinstance(value, list) else str(value).split(",")
+        return tuple(HOSTPORT.convert(item.strip(), param, ctx) for item in items if item.strip())
+
+
 class ListType(click.ParamType):  # type: ignore[type-arg]
     """A comma-separated list (TOML lists are accepted too)."""
 
@@ -56,6 +70,7 @@ class ListType(click.ParamType):  # type: ignore[type-arg]
 
 
 HOSTPORT = HostPortType()
+HOSTPORT_LIST = HostPortListType()
 LIST = ListType()
 SECONDS = click.FloatRange(min=0, min_open=True)
 

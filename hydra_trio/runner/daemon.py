@@ -342,11 +342,14 @@ async def serve_runner(
     *,
     farm: Farm | None = None,
     dispatcher: Dispatcher | None = None,
+    graceful_stop: trio.Event | None = None,
     task_status: trio.TaskStatus[RunnerAddresses] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the queue runner until cancelled.  Reports where it listens once it does: with
-    SQLite once it serves the queue, with PostgreSQL once it stands by (it leads when it
-    takes the lease, see ``runner.leadership``).
+    """Run the queue runner until ``graceful_stop`` is set (SIGTERM: running builds get
+    ``stop_grace`` to finish, then return) or until cancelled (SIGINT: the same steps
+    without the grace).  Either way no build uses a try and no builder counts as lost.
+    Reports where it listens once it does: with SQLite once it serves the queue, with
+    PostgreSQL once it stands by (it leads when it takes the lease, ``runner.leadership``).
 
     ``farm``/``dispatcher`` may be given by embedders and tests (``make_farm``) for the first
     term; otherwise (and for later terms, after losing and retaking the lease) they are
@@ -389,14 +392,15 @@ async def serve_runner(
         )
         runner.front.unavailable = runner.unavailable
         runner.front.standby = runner.standby_info
-        stop = trio.Event()
+        stop = _Stop()
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(_run, runner, farm, dispatcher, stop)
             task_status.started(addresses)
             try:
-                await trio.sleep_forever()
+                await (graceful_stop if graceful_stop is not None else trio.Event()).wait()
+                stop.grace = config.stop_grace
             finally:
-                stop.set()  # the graceful stop in ``_run``: the caller cancelled us
+                stop.event.set()  # the ordered stop in ``_run`` (the caller may cancel us)
     finally:
         lock.close()
         if db_lock is not None:
@@ -411,24 +415,32 @@ async def _say_goodbye(session: BuilderSession, goodbye: Goodbye) -> None:
     session.close("the runner stopped")
 
 
+@attrs.define(eq=False)
+class _Stop:
+    """The request to stop: set ``event``; ``grace`` is what running builds get."""
+
+    event: trio.Event = attrs.field(factory=trio.Event)
+    grace: float = 0.0
+
+
 async def _run(
     runner: Runner,
     farm: Farm,
     dispatcher: Dispatcher,
-    stop: trio.Event,
+    stop: _Stop,
     *,
     task_status: trio.TaskStatus[RunnerAddresses],
 ) -> None:
     """Serve until ``stop``, then stop in order: stop accepting (builder port, HTTP), let
-    running builds finish for ``stop_grace``, tell the builders the runner is going
+    running builds finish for ``stop.grace``, tell the builders the runner is going
     (``Goodbye`` ``runner-stopping``) and put what they still run back in the queue without
     using a try, write the last changes, let the lease go.
 
-    Shielded: the caller's cancellation reaches this only through ``stop``, so the steps run
-    in that order; the stop as a whole is bounded by ``stop_grace`` plus a few seconds."""
-    config = runner.config
+    Shielded once started: the caller's cancellation reaches this only through ``stop``, so
+    the steps run in that order; the stop as a whole is bounded by the grace plus a few
+    seconds."""
     leadership = runner.leadership
-    with trio.CancelScope(shield=True):
+    with trio.CancelScope() as shield:
         async with trio.open_nursery() as core:  # terms and builder connections
             listening = trio.CancelScope()
             if leadership is None:
@@ -439,11 +451,12 @@ async def _run(
                 leadership.http = addresses.http[0] if addresses.http else ""
                 core.start_soon(_lead_when_elected, runner, leadership, farm, dispatcher)
             task_status.started(addresses)
-            await stop.wait()
-            log.info("stopping: no new connections; running builds have %g s", config.stop_grace)
+            shield.shield = True
+            await stop.event.wait()
+            log.info("stopping: no new connections; running builds have %g s", stop.grace)
             listening.cancel()
-            with trio.move_on_after(config.stop_grace + 5):
-                await runner.stop(config.stop_grace)
+            with trio.move_on_after(stop.grace + 5):
+                await runner.stop(stop.grace)
             core.cancel_scope.cancel()  # the term writes its last changes on the way out
 
 
