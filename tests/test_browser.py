@@ -132,7 +132,7 @@ async def open_browser(executable: str) -> AsyncIterator[Browser]:
 # -- what the page shows, as bounded DOM waits (each runs on the browser's thread) ----------
 
 
-def machine_badge(hostname: str, state: str) -> Callable[[Any], None]:
+def machine_badge(hostname: str, state: str | re.Pattern[str]) -> Callable[[Any], None]:
     """The machines table lists ``hostname`` with the state badge ``state``."""
 
     def check(page: Any) -> None:
@@ -167,6 +167,39 @@ def no_build_row(section: str, build_id: str) -> Callable[[Any], None]:
 def text_of(selector: str, text: str | re.Pattern[str]) -> Callable[[Any], None]:
     def check(page: Any) -> None:
         expect(page.locator(selector)).to_have_text(text, timeout=WAIT_MS)
+
+    return check
+
+
+def no_escapes(page: Any) -> None:
+    """The rendered text holds no ``\\uXXXX`` sequence (an escape written where HTML, not
+    JavaScript, reads it shows up literally, as ``\\u2190 All builds`` once did)."""
+    text = page.locator("body").inner_text() + page.title()
+    assert re.search(r"\\u[0-9a-fA-F]{4}", text) is None, text
+
+
+def click(selector: str) -> Callable[[Any], None]:
+    def act(page: Any) -> None:
+        page.locator(selector).click(timeout=WAIT_MS)
+
+    return act
+
+
+def twice(selector: str) -> Callable[[Any], None]:
+    """Click a button that asks for a second click to confirm, and confirm."""
+
+    def act(page: Any) -> None:
+        button = page.locator(selector)
+        button.click(timeout=WAIT_MS)
+        expect(button).to_have_text(re.compile("Click again"), timeout=WAIT_MS)
+        button.click(timeout=WAIT_MS)
+
+    return act
+
+
+def rows(section: str, count: int) -> Callable[[Any], None]:
+    def check(page: Any) -> None:
+        expect(page.locator(f"#{section} li")).to_have_count(count, timeout=WAIT_MS)
 
     return check
 
@@ -216,6 +249,8 @@ async def test_the_dashboard_shows_builds_run_and_a_killed_builder_live(tmp_path
             for name in builders:
                 await browser(machine_badge(name, "connected"))
             await browser(text_of("#n-machines", "(2 connected)"))
+            await browser(text_of("#machines tr:first-child td:nth-child(7)", re.compile("^load ")))
+            await browser(no_escapes)
 
             # A build appears, runs (held on a gate file until the page has seen it running)
             # and succeeds.
@@ -252,6 +287,21 @@ async def test_the_dashboard_shows_builds_run_and_a_killed_builder_live(tmp_path
             )
             await browser(text_of("#n-recent", "(4)"))
 
+            # The build page, reached and left without a reload, shows what it must.
+            await browser(click(f'#recent a[href="#build/{tests}"]'))
+            await browser(text_of("#b-title", re.compile("unit-tests")))
+            await browser(no_escapes)
+            await browser(text_of("#buildview p a", "\u2190 All builds"))
+            await browser(click("#buildview p a"))
+            await browser(text_of("#n-recent", "(4)"))
+
+            # The state filter keeps the failed build only.
+            await browser(lambda page: page.select_option("#f-state", "failed"))
+            await browser(rows("recent", 1))
+            await browser(build_row("recent", tests, "build-failed", re.compile("exit")))
+            await browser(lambda page: page.select_option("#f-state", "succeeded,failed,cancelled"))
+            await browser(rows("recent", 4))
+
             # A killed builder turns disconnected on the page.
             builders["bB"].signal(signal.SIGKILL)
             await browser(machine_badge("bB", "disconnected"))
@@ -279,5 +329,25 @@ async def test_the_dashboard_shows_builds_run_and_a_killed_builder_live(tmp_path
             release_gate.touch()
             await browser(build_row("recent", release, "success", "on bA"))
             await browser(build_row("recent", publish, "success", "on bA"))
+
+            # Cancel from the build's page: a queued build (no machine has its system).
+            stuck = await farm.client.post(
+                f"{farm.url}/builds",
+                json={"name": "stuck", "command": ["true"], "system": "pdp11-unix"},
+            )
+            stuck_id = stuck.json()["id"]
+            await browser(lambda page: page.evaluate(f"location.hash = '#build/{stuck_id}'"))
+            await browser(text_of("#b-title", re.compile("stuck")))
+            await browser(twice("#b-cancel"))
+            await browser(text_of("#b-title .badge", "cancelled"))
+            assert (await farm.client.get(f"{farm.url}/builds/{stuck_id}")).json()[
+                "state"
+            ] == "cancelled"
+            await browser(click("#buildview p a"))
+
+            # Drain from the machines table: bA takes no more builds.
+            await browser(twice("#machines tr:has-text('bA') button"))
+            await browser(machine_badge("bA", re.compile("draining|disconnected")))
+
             assert await browser(lambda page: page.evaluate("window.__loadedOnce === true"))
             assert browser.problems == []

@@ -115,3 +115,11 @@ async def test_dashboard_policy_allows_its_own_script_and_style() -> None:
         (source,) = re.findall(rf"<{tag}>(.*?)</{tag}>", response.text, re.DOTALL)
         digest = base64.b64encode(hashlib.sha256(source.encode()).digest()).decode()
         assert f"{tag}-src 'sha256-{digest}'" in policy
+
+
+async def test_dashboard_markup_has_no_javascript_escapes() -> None:
+    """Outside its script, the page has no ``\\uXXXX`` (HTML shows such an escape literally:
+    the build page once read ``\\u2190 All builds``); characters are written as entities."""
+    markup = re.sub(r"<script>.*?</script>", "", DASHBOARD_HTML, flags=re.DOTALL)
+    assert re.search(r"\\u[0-9a-fA-F]{4}", markup) is None
+    assert "&larr; All builds" in markup

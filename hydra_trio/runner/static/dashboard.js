@@ -42,6 +42,16 @@
   }
   const shq = (a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : "'" + a.replace(/'/g, "'\\''") + "'");
   const shell = (argv) => (argv || []).map(String).map(shq).join(" ");
+  // What a list shows of a command: the script itself for `sh -c SCRIPT` (the shell quoting
+  // around it only gets in the way of reading it), the quoted argv otherwise.
+  const SHELLS = /^(\/usr)?(\/bin\/)?(ba|da|z)?sh$/;
+  function display(argv) {
+    argv = (argv || []).map(String);
+    if (argv.length >= 3 && SHELLS.test(argv[0]) && argv[1] === "-c") {
+      return argv[2] + (argv.length > 3 ? "  \u00b7 " + shell(argv.slice(3)) : "");
+    }
+    return shell(argv);
+  }
   const buildHref = (id) => "#build/" + encodeURIComponent(id);
   const apiBuild = (id) => "builds/" + encodeURIComponent(id);
 
@@ -158,6 +168,47 @@
     } catch (e) { /* not JSON */ }
     return r.status + " " + r.statusText;
   }
+  // A state-changing call (cancel, drain, undrain), with the token when there is one.  Its
+  // error goes to the banner; a 403 asks for the token.
+  async function post(url, what) {
+    try {
+      const r = await fetch(url, {method: "POST", cache: "no-store",
+        headers: authHeaders({Accept: "application/json"})});
+      if (!r.ok) {
+        const message = await errorText(r);
+        if (r.status === 403) askForToken(message);
+        throw new Error(message);
+      }
+      $("notice").hidden = true;
+      return true;
+    } catch (e) {
+      $("notice").hidden = false;
+      $("notice").textContent = "Cannot " + what + ": " + e.message;
+      return false;
+    } finally {
+      schedule(0);
+    }
+  }
+  // A button that acts on a second click within 4 s of the first (which says what it will
+  // do); it stays disabled while the call runs, and comes back if the call failed.
+  function arm(button, label, ask, act) {
+    let armedAt = -Infinity;
+    button.addEventListener("click", async (ev) => {
+      ev.preventDefault();
+      if (performance.now() - armedAt > 4000) {
+        armedAt = performance.now();
+        button.textContent = ask;
+        setTimeout(() => { if (!button.disabled) button.textContent = label; }, 4000);
+        return;
+      }
+      armedAt = -Infinity;
+      button.disabled = true;
+      button.textContent = label + "\u2026";
+      if (!(await act())) { button.disabled = false; button.textContent = label; }
+    });
+    return button;
+  }
+
   async function getJSON(url) {
     const r = await fetch(url, {headers: authHeaders({Accept: "application/json"}),
       cache: "no-store"});
@@ -204,10 +255,31 @@
         "  ",
         h("span", {class: m.lostBuilds ? "lost" : "sub", title: "builds lost with the machine"},
           "lost " + m.lostBuilds)),
-      h("td", {class: "num"}, down ? "\u2013" : Number(m.load || 0).toFixed(2),
-        m.diskFree && !down ? h("div", {class: "sub"}, size(m.diskFree) + " free") : null));
+      h("td", {class: "num", title: "load average (1 min) and free disk in the work dir"},
+        down ? "\u2013" : "load " + Number(m.load || 0).toFixed(2),
+        m.diskFree && !down ? h("div", {class: "sub"}, size(m.diskFree) + " disk free") : null),
+      h("td", {class: "act"}, machineAction(m)));
     row._ping = ping;
     return row;
+  }
+
+  // Drain (no new builds; a connected builder leaves once its builds are done) and undrain
+  // (the runner gives it builds again), each on the machine's id.
+  function machineAction(m) {
+    const path = "machines/" + encodeURIComponent(m.machineId);
+    if (m.drainRequested) {
+      const b = h("button", {type: "button", class: "small",
+        title: "give this machine builds again"}, "Undrain");
+      b.addEventListener("click", async () => {
+        b.disabled = true;
+        if (!(await post(path + "/undrain", "undrain " + m.hostname))) b.disabled = false;
+      });
+      return b;
+    }
+    if (m.state === "disconnected") return null;
+    return arm(h("button", {type: "button", class: "small",
+      title: "no new builds; a connected builder leaves once its builds are done"}, "Drain"),
+    "Drain", "Drain? Click again", () => post(path + "/drain", "drain " + m.hostname));
   }
 
   function buildRow(b) {
@@ -231,25 +303,61 @@
       h("span", null, stateBadge(b)),
       h("code", {class: "c-id"}, b.id),
       h("span", {class: "c-what"}, b.name ? [h("strong", null, b.name), "  "] : null,
-        h("code", null, shell(b.command))),
+        h("code", null, display(b.command))),
       h("span", {class: "c-detail"}, detail),
       h("span", {class: "c-time"}, time)));
   }
 
-  function renderList(name, data) {
+  function renderList(name, data, skipped) {
     const builds = data.builds || [];
     reconcile($(name), builds, (b) => b.id, (b) => JSON.stringify(b), buildRow);
     const total = typeof data.total === "number" ? data.total : builds.length;
-    $("n-" + name).textContent = total > builds.length
-      ? "(newest " + builds.length + " of " + total + ")" : "(" + builds.length + ")";
+    skipped = skipped || 0;
+    $("n-" + name).textContent = skipped
+      ? "(" + (skipped + 1) + "\u2013" + (skipped + builds.length) + " of " + total + ")"
+      : total > builds.length ? "(newest " + builds.length + " of " + total + ")"
+      : "(" + builds.length + ")";
   }
+
+  // -- the builds list: a state filter, a text search and pages of PAGE builds --------------
+  // A page is asked for with the cursor the previous one answered (``next``); going back pops
+  // the cursors.  Changing the filter or the search starts again from the newest build.
+  const PAGE = 50;
+  const list = {state: "succeeded,failed,cancelled", text: "", cursors: [], next: null};
+  function listURL() {
+    const q = new URLSearchParams({limit: String(PAGE)});
+    if (list.state) q.set("state", list.state);
+    if (list.text) q.set("q", list.text);
+    const cursor = list.cursors[list.cursors.length - 1];
+    if (cursor) q.set("cursor", cursor);
+    return "builds?" + q.toString();
+  }
+  function listChanged() {
+    list.cursors = []; list.next = null;
+    schedule(0);
+  }
+  $("f-state").addEventListener("change", () => { list.state = $("f-state").value; listChanged(); });
+  let typing = 0;
+  $("f-text").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => { list.text = $("f-text").value.trim(); listChanged(); }, 250);
+  });
+  $("page-older").addEventListener("click", () => {
+    if (!list.next) return;
+    list.cursors.push(list.next);
+    schedule(0);
+  });
+  $("page-newer").addEventListener("click", () => {
+    list.cursors.pop();
+    schedule(0);
+  });
 
   async function pollOverview() {
     const [st, running, queued, recent] = await Promise.all([
       getJSON("status"),
       getJSON("builds?state=running&limit=500"),
       getJSON("builds?state=queued&limit=50"),
-      getJSON("builds?state=succeeded,failed,cancelled&limit=50"),
+      getJSON(listURL()),
     ]);
     if (current) return; // the page switched to a build meanwhile
     const q = st.queue || {};
@@ -276,7 +384,10 @@
 
     renderList("running", running);
     renderList("queued", queued);
-    renderList("recent", recent);
+    list.next = recent.next || null;
+    renderList("recent", recent, list.cursors.length * PAGE);
+    $("page-older").disabled = !list.next;
+    $("page-newer").disabled = list.cursors.length === 0;
   }
 
   // -- one build -----------------------------------------------------------------------
@@ -330,6 +441,7 @@
     const timings = Object.entries(b.timings || {});
     if (timings.length) add("Timings", timings.map(([k, v]) => k + " " + dur(v)).join(" \u00b7 "));
     $("b-fields").replaceChildren(...rows);
+    $("b-cancel").hidden = FINISHED.has(b.state);
 
     const outputs = [...(b.outputs || [])].sort((x, y) => x.path.localeCompare(y.path));
     const base = apiBuild(b.id) + "/outputs/";
@@ -443,6 +555,13 @@
     }
   }
 
+  // Cancelling cannot be undone: the first click asks, a second one within 4 s cancels.
+  arm($("b-cancel"), "Cancel build", "Cancel? Click again", () => {
+    if (!current) return Promise.resolve(false);
+    current.sig = null; // repaint the page (and hide the button) with the answer
+    return post(apiBuild(current.id) + "/cancel", "cancel " + current.id);
+  });
+
   // -- routing and polling -------------------------------------------------------------
   function navigate() {
     takeTokenFromHash();
@@ -457,6 +576,7 @@
       current = newView(id);
       $("b-title").replaceChildren(h("span", null, id));
       $("b-fields").replaceChildren();
+      $("b-cancel").hidden = true;
       $("b-outputs").replaceChildren();
       $("b-outputs-empty").hidden = true;
       $("log").textContent = "";
