@@ -6,6 +6,7 @@ the build), so the HTTP layer can answer 422 with it and the CLI can print it as
 
 from __future__ import annotations
 
+import difflib
 import heapq
 import math
 from typing import Any
@@ -14,7 +15,7 @@ import attrs
 
 from hydra_trio.nixstore import is_store_path
 from hydra_trio.protocol.messages import Assign
-from hydra_trio.protocol.validators import MAX_STRING, encodable
+from hydra_trio.protocol.validators import MAX_LIST, MAX_STRING, encodable
 from hydra_trio.runner.model import BuildSpec
 
 #: Builds one graph submission may hold: a limit against abuse that still admits very large
@@ -26,16 +27,86 @@ class SpecError(ValueError):
     """A build spec from a client is invalid; the message names the field."""
 
 
+#: The fields of one build in ``POST /builds`` (and in each entry of a graph's ``builds``).
+SPEC_FIELDS = (
+    "command",
+    "name",
+    "system",
+    "requiredFeatures",
+    "after",
+    "priority",
+    "timeout",
+    "maxSilent",
+    "env",
+)
+#: The fields of a ``{"drv": ...}`` body.
+DRV_FIELDS = ("drv", "priority", "timeout", "maxSilent")
+#: The fields of a graph body.
+GRAPH_FIELDS = ("builds",)
+#: What a misspelt field may have meant: each kind of body names the others' keys too.
+_ALL_FIELDS = (*SPEC_FIELDS, "drv", "builds")
+
+
+def check_fields(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """Refuse a key that is not in ``allowed``, naming the nearest valid one: a misspelt
+    optional field (``"timout"``) would otherwise be dropped silently, and its limit with it."""
+    for key in body:
+        if key in allowed:
+            continue
+        shown = str(key)[:100]
+        near = nearest(shown, _ALL_FIELDS)
+        hint = f"did you mean {near!r}?" if near else f"the fields are {', '.join(allowed)}"
+        raise SpecError(f"{shown}: unknown field ({hint})")
+
+
+def nearest(word: str, choices: tuple[str, ...]) -> str | None:
+    """The choice ``word`` most likely misspells, if any: the same but for case, ``-`` and
+    ``_`` (``max_silent``), a part of it (``features``), or a close spelling (``timout``)."""
+
+    def norm(text: str) -> str:
+        return text.lower().replace("_", "").replace("-", "")
+
+    normal = {norm(c): c for c in choices}
+    key = norm(word)
+    if key in normal:
+        return normal[key]
+    if len(key) >= 4:
+        for form, choice in normal.items():
+            if key in form:
+                return choice
+    close = difflib.get_close_matches(key, list(normal), n=1, cutoff=0.6)
+    return normal[close[0]] if close else None
+
+
+def _check_strings(field: str, texts: list[str]) -> None:
+    """Each string at most MAX_STRING characters, and at most MAX_LIST of them: the limits of
+    the wire protocol the build is sent over, said as such (not as a type mismatch)."""
+    if len(texts) > MAX_LIST:
+        raise SpecError(f"{field}: {len(texts)} items, more than the limit of {MAX_LIST}")
+    for index, text in enumerate(texts):
+        if len(text) > MAX_STRING:
+            raise SpecError(
+                f"{field}[{index}]: {len(text)} characters, more than the limit of "
+                f"{MAX_STRING} per string"
+            )
+        if not text.isascii() and not encodable(text):
+            raise SpecError(f"{field}[{index}]: not valid Unicode text (a lone surrogate)")
+
+
 def parse_spec(body: Any, default_system: str) -> BuildSpec:
     """Validate a ``POST /builds`` body into a ``BuildSpec``."""
     if not isinstance(body, dict):
         raise SpecError("the body must be a JSON object")
+    check_fields(body, SPEC_FIELDS)
     command = body.get("command")
     if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
         raise SpecError("command: must be a non-empty list of strings")
+    _check_strings("command", command)
     name = body.get("name") or ""
     if not isinstance(name, str):
         raise SpecError("name: must be a string")
+    if len(name) > MAX_STRING:
+        raise SpecError(f"name: {len(name)} characters, more than the limit of {MAX_STRING}")
     if "/" in name or "\0" in name or name in (".", ".."):
         # The name becomes $IN/<name> on the builders of its dependents.
         raise SpecError(f"name: {name!r} must be a single path component (no '/', not . or ..)")
@@ -56,6 +127,7 @@ def parse_spec(body: Any, default_system: str) -> BuildSpec:
         isinstance(k, str) and isinstance(v, str) for k, v in env.items()
     ):
         raise SpecError("env: must be an object of strings")
+    _check_strings("env", [*env, *env.values()])
     spec = BuildSpec(
         command=tuple(command),
         name=name,
@@ -68,8 +140,7 @@ def parse_spec(body: Any, default_system: str) -> BuildSpec:
         env=tuple(sorted(env.items())),
     )
     for field, texts in (("system", [system]), ("requiredFeatures", features), ("after", after)):
-        if not all(encodable(t) and len(t) <= MAX_STRING for t in texts):
-            raise SpecError(f"{field}: not valid Unicode text, or too long")
+        _check_strings(field, texts)
     try:  # what will be sent to a builder passes the protocol's own validators
         Assign(build_id="check", attempt=1, name=name, command=spec.command, env=dict(spec.env))
     except ValueError as exc:
@@ -103,6 +174,7 @@ def parse_drv_request(body: Any) -> DrvRequest:
     clash = [key for key in _NOT_WITH_DRV if body.get(key)]
     if clash:
         raise SpecError(f"{clash[0]}: not allowed with drv (the derivation says it)")
+    check_fields(body, DRV_FIELDS)
     priority = body.get("priority", 0)
     if type(priority) is not int:
         raise SpecError("priority: must be an integer")
@@ -134,6 +206,7 @@ def parse_graph(body: Any, default_system: str) -> tuple[list[BuildSpec], list[s
     """
     if not isinstance(body, dict) or not isinstance(body.get("builds"), list):
         raise SpecError("builds: must be a list of build specs")
+    check_fields(body, GRAPH_FIELDS)
     entries = body["builds"]
     if not entries:
         raise SpecError("builds: the graph is empty")
