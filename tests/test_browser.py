@@ -197,6 +197,14 @@ def twice(selector: str) -> Callable[[Any], None]:
     return act
 
 
+def no_undrain_button(hostname: str) -> Callable[[Any], None]:
+    def check(page: Any) -> None:
+        row = page.locator("#machines tr").filter(has=page.get_by_text(hostname, exact=True))
+        expect(row.get_by_role("button", name="Undrain")).to_have_count(0, timeout=WAIT_MS)
+
+    return check
+
+
 def rows(section: str, count: int) -> Callable[[Any], None]:
     def check(page: Any) -> None:
         expect(page.locator(f"#{section} li")).to_have_count(count, timeout=WAIT_MS)
@@ -345,9 +353,40 @@ async def test_the_dashboard_shows_builds_run_and_a_killed_builder_live(tmp_path
             ] == "cancelled"
             await browser(click("#buildview p a"))
 
-            # Drain from the machines table: bA takes no more builds.
+            # The search box finds a build by its name.
+            await browser(lambda page: page.fill("#f-text", "checksums"))
+            await browser(rows("recent", 1))
+            await browser(build_row("recent", sums, "success", re.compile("^on b[AB]$")))
+            await browser(lambda page: page.fill("#f-text", ""))
+            await browser(rows("recent", 7))  # the cancelled build is finished too
+
+            # Pages of 50: 55 builds no machine can run, newest first.
+            for i in range(55):
+                response = await farm.client.post(
+                    f"{farm.url}/builds",
+                    json={"name": f"bulk-{i}", "command": ["true"], "system": "pdp11-unix"},
+                )
+                assert response.status_code == 201
+            await browser(lambda page: page.select_option("#f-state", "queued"))
+            await browser(rows("recent", 50))
+            await browser(text_of("#n-recent", "(newest 50 of 55)"))
+            await browser(text_of("#recent li:first-child .c-what", re.compile("^bulk-54")))
+            await browser(click("#page-older"))
+            await browser(rows("recent", 5))
+            await browser(text_of("#n-recent", "(51\u201355 of 55)"))
+            await browser(text_of("#recent li:last-child .c-what", re.compile("^bulk-0")))
+            await browser(click("#page-newer"))
+            await browser(rows("recent", 50))
+
+            # Drain from the machines table: bA leaves once idle, and the runner remembers
+            # the drain until the Undrain button is pressed.
             await browser(twice("#machines tr:has-text('bA') button"))
             await browser(machine_badge("bA", re.compile("draining|disconnected")))
+            await browser(text_of("#machines tr:has-text('bA') button", "Undrain"))
+            await browser(click("#machines tr:has-text('bA') button"))
+            await browser(no_undrain_button("bA"))
+            status = (await farm.client.get(f"{farm.url}/status")).json()
+            assert not any(m["drainRequested"] for m in status["machines"])
 
             assert await browser(lambda page: page.evaluate("window.__loadedOnce === true"))
             assert browser.problems == []

@@ -145,6 +145,43 @@ async def test_a_drained_builder_finishes_its_build_keeps_pinging_and_leaves_cle
         nursery.cancel_scope.cancel()
 
 
+async def test_a_drain_is_remembered_by_the_runner_and_undone_by_undrain(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """After a drain the builder leaves; started again, it is not told to drain again (it
+    stays connected, gets no builds, never exits); undrain gives it the waiting build."""
+    seen: list[tuple[str, int, str]] = []
+    async with trio.open_nursery() as nursery:
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
+        config = builder_config(tmp_path, "a")
+        first = await farm.add_builder("a", config, execute=scripted_executor({}, seen))
+        machine = farm.machine("a")
+        farm.farm.drain("a")
+        await wait_until(lambda: machine.state is MachineState.DISCONNECTED)
+        assert first.draining
+        assert machine.drain_requested
+
+        # The same machine (same id), started again: the runner keeps it idle, it stays.
+        again = await farm.add_builder("a", config, execute=scripted_executor({}, seen))
+        waiting = farm.farm.submit(spec("waiting"), trio.current_time())
+        await trio.sleep(300)
+        assert machine.state is MachineState.DRAINING
+        assert machine.session is not None
+        assert not again.draining
+        assert again.sessions == 1
+        assert waiting.state is BuildState.QUEUED
+        assert "draining" in (farm.farm.waiting_reason(waiting, trio.current_time()) or "")
+        assert machine.to_json(trio.current_time())["drainRequested"] is True
+
+        farm.farm.undrain("a")
+        assert machine.state is MachineState.CONNECTED
+        assert not machine.drain_requested
+        await wait_until(lambda: waiting.state is BuildState.SUCCEEDED)
+        assert [build_id for build_id, _, _ in seen] == [waiting.id]
+        assert machine.to_json(trio.current_time())["drainRequested"] is False
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_build_no_machine_can_run_stays_queued_and_says_why(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:

@@ -123,3 +123,79 @@ async def test_dashboard_markup_has_no_javascript_escapes() -> None:
     markup = re.sub(r"<script>.*?</script>", "", DASHBOARD_HTML, flags=re.DOTALL)
     assert re.search(r"\\u[0-9a-fA-F]{4}", markup) is None
     assert "&larr; All builds" in markup
+
+
+async def test_builds_are_paged_with_a_cursor() -> None:
+    """``next`` asks for the following, older page; the last page has ``next: null``; builds
+    submitted meanwhile do not shift the pages."""
+    farm = Farm()
+    builds = submit(farm, 7)
+    newest_first = [b.id for b in reversed(builds)]
+    async with client_for(farm) as client:
+        first = (await client.get("/builds?limit=3")).json()
+        submit(farm, 2)  # newer builds: the next pages stay where they were
+        second = (await client.get(f"/builds?limit=3&cursor={first['next']}")).json()
+        third = (await client.get(f"/builds?limit=3&cursor={second['next']}")).json()
+        bad = await client.get("/builds?cursor=abc")
+    assert [b["id"] for b in first["builds"]] == newest_first[:3]
+    assert [b["id"] for b in second["builds"]] == newest_first[3:6]
+    assert [b["id"] for b in third["builds"]] == newest_first[6:]
+    assert first["total"] == 7 and third["total"] == 9
+    assert third["next"] is None
+    assert bad.status_code == 400 and "cursor" in bad.json()["error"]
+
+
+async def test_builds_by_name_machine_and_text() -> None:
+    """``name`` is exact, ``q`` finds text in the id, name or command (any case), ``machine``
+    keeps the builds of a machine."""
+    farm = Farm()
+    docs = farm.submit(BuildSpec(command=("make", "Docs"), name="docs", system=SYSTEM), 0.0)
+    farm.submit(BuildSpec(command=("make", "all"), name="docs-extra", system=SYSTEM), 0.0)
+    farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)
+    async with client_for(farm) as client:
+        by_name = (await client.get("/builds?name=docs")).json()
+        by_text = (await client.get("/builds?q=DOCS")).json()
+        by_command = (await client.get("/builds", params={"q": "make docs"})).json()
+        by_id = (await client.get(f"/builds?q={docs.id[:6]}")).json()
+        by_machine = (await client.get("/builds?machine=nowhere")).json()
+    assert [b["id"] for b in by_name["builds"]] == [docs.id]
+    assert len(by_text["builds"]) == 2
+    assert [b["id"] for b in by_command["builds"]] == [docs.id]
+    assert docs.id in [b["id"] for b in by_id["builds"]]
+    assert by_machine == {"builds": [], "total": 0, "next": None}
+
+
+async def test_every_caller_mistake_is_a_json_4xx() -> None:
+    """A body nested too deeply is a 400 (not a 500 RecursionError), an unknown field a 422
+    naming the nearest valid one, a string over the limit a 422 saying so, an unknown path
+    a JSON 404, a wrong method a JSON 405."""
+    async with client_for(Farm()) as client:
+        deep = await client.post(
+            "/builds", content=b"[" * 100_000 + b"]" * 100_000, headers=JSON_TYPE
+        )
+        nested = await client.post("/builds", json={"command": ["true"], "env": nest(40)})
+        typo = await client.post("/builds", json={"command": ["true"], "timout": 5})
+        huge = await client.post("/builds", json={"command": ["echo", "x" * 100_000]})
+        nowhere = await client.get("/nowhere")
+        method = await client.delete("/builds")
+    for response, status, text in [
+        (deep, 400, "more than 32 levels deep"),
+        (nested, 400, "more than 32 levels deep"),
+        (typo, 422, "timout: unknown field (did you mean 'timeout'?)"),
+        (huge, 422, "command[1]: 100000 characters, more than the limit of 65536"),
+        (nowhere, 404, ""),
+        (method, 405, ""),
+    ]:
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"] == "application/json"
+        assert text in response.json()["error"]
+
+
+JSON_TYPE = {"content-type": "application/json"}
+
+
+def nest(depth: int) -> object:
+    value: object = "leaf"
+    for _ in range(depth):
+        value = {"k": value}
+    return value

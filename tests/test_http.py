@@ -32,6 +32,7 @@ MACHINE_FIELDS = {
     "sinceLastPing",
     "connected",
     "state",
+    "drainRequested",
     "succeededBuilds",
     "failedBuilds",
     "lostBuilds",
@@ -273,6 +274,47 @@ async def test_drain_of_an_unknown_machine_is_a_404(runner: Runner) -> None:
         response = await runner.client.post("/machines/nope/drain")
         assert response.status_code == 404
         assert "nope" in response.json()["error"]
+
+
+async def test_drain_of_a_hostname_two_live_builders_share_is_a_409_naming_both(
+    runner: Runner,
+) -> None:
+    """Two builders on one host (two work dirs): drain by hostname is a 409 naming both machine
+    ids, and changes nothing; by machine id it drains that one only."""
+    with trio.fail_after(LIMIT):
+        await runner.start_builder("twin", work="twin-1")
+        await runner.start_builder("twin", work="twin-2")
+        ids = sorted(m.machine_id for m in runner.farm.machines.values())
+        assert len(ids) == 2
+        response = await runner.client.post("/machines/twin/drain")
+        assert response.status_code == 409
+        error = response.json()["error"]
+        assert all(machine_id in error for machine_id in ids)
+        assert not any(m.drain_requested for m in runner.farm.machines.values())
+        response = await runner.client.post(f"/machines/{ids[0]}/drain")
+        assert response.status_code == 200
+        assert response.json()["drainRequested"] is True
+        assert [m.machine_id for m in runner.farm.machines.values() if m.drain_requested] == [
+            ids[0]
+        ]
+
+
+async def test_undrain_gives_a_drained_machine_builds_again(runner: Runner) -> None:
+    """POST /machines/{id}/undrain clears the drain /status shows; unknown: 404."""
+    with trio.fail_after(LIMIT):
+        await runner.start_builder("b1")
+        drained = await runner.client.post("/machines/b1/drain")
+        assert drained.json()["drainRequested"] is True
+        status = (await runner.client.get("/status")).json()
+        assert [m["drainRequested"] for m in status["machines"]] == [True]
+        undrained = await runner.client.post("/machines/b1/undrain")
+        assert undrained.status_code == 200
+        assert undrained.json()["drainRequested"] is False
+        status = (await runner.client.get("/status")).json()
+        assert [m["drainRequested"] for m in status["machines"]] == [False]
+        missing = await runner.client.post("/machines/nope/undrain")
+        assert missing.status_code == 404
+        assert "nope" in missing.json()["error"]
 
 
 async def test_metrics_are_prometheus_text_named_hydra_trio(runner: Runner) -> None:

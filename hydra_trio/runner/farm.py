@@ -347,6 +347,13 @@ class Farm:
         self.journal.touch_machine(machine)
         return machine
 
+    def undrain(self, machine_key: str) -> Machine:
+        """Give a drained machine builds again (``Registry.undrain``).  Key: id or hostname."""
+        machine = self.registry.undrain(machine_key)
+        self.journal.touch_machine(machine)
+        self.on_change()
+        return machine
+
     def find_machine(self, key: str) -> Machine:
         return self.registry.find(key)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import heapq
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -32,17 +31,20 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from hydra_trio.nixstore import NixError
-from hydra_trio.runner import nix
+from hydra_trio.runner import nix, openapi
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.dashboard import dashboard
 from hydra_trio.runner.farm import Farm, InvalidGraphError, UnknownBuildError
 from hydra_trio.runner.front import unavailable_response
 from hydra_trio.runner.httpauth import RequireToken
 from hydra_trio.runner.metrics import collect_metrics, format_metrics, health_family
-from hydra_trio.runner.model import Build, BuildState
+from hydra_trio.runner.model import Build, BuildState, Machine
+from hydra_trio.runner.registry import AmbiguousMachineError
 from hydra_trio.runner.specs import (
+    BodyError,
     DrvRequest,
     SpecError,
+    decode_json,
     parse_drv_request,
     parse_graph,
     parse_spec,
@@ -101,10 +103,10 @@ async def _json_body(request: Request) -> Any:
                 raise HTTPException(413, f"request body larger than {MAX_BODY} bytes")
     try:
         if len(body) < _THREAD_JSON:
-            return json.loads(body or b"null")
-        return await trio.to_thread.run_sync(json.loads, body)
-    except ValueError as exc:
-        raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+            return decode_json(body)
+        return await trio.to_thread.run_sync(decode_json, body)
+    except BodyError as exc:
+        raise HTTPException(400, str(exc)) from None
 
 
 def _limit(request: Request) -> int:
@@ -156,7 +158,9 @@ class RunnerApi:
             Route("/builds/{build_id}/outputs/{path:path}", self.output),
             Route("/builds/{build_id}/cancel", self.cancel, methods=["POST"]),
             Route("/machines/{machine_id}/drain", self.drain, methods=["POST"]),
+            Route("/machines/{machine_id}/undrain", self.undrain, methods=["POST"]),
             Route("/metrics", self.metrics),
+            Route("/openapi.json", self.openapi_json),
         ]
 
     # -- reads ------------------------------------------------------------------------------
@@ -175,18 +179,70 @@ class RunnerApi:
         )
 
     async def list_builds(self, request: Request) -> Response:
-        """``GET /builds?limit=N&state=S``: the newest builds first (by submission order).
+        """``GET /builds?state=&name=&machine=&q=&limit=&cursor=``: the newest builds first
+        (by submission order), a page at a time.
 
         ``limit`` is 1..MAX_LIMIT (default DEFAULT_LIMIT).  ``state`` keeps only builds in
-        that state; it may be repeated or comma-separated (``state=succeeded,failed``).  The
-        answer is ``{"builds": [Build.to_json(), ...], "total": <builds matching>}``.
+        that state; it may be repeated or comma-separated (``state=succeeded,failed``).
+        ``name`` keeps builds of that name, ``machine`` those run (last) on that machine (id
+        or hostname), ``q`` those whose id, name or command contains the text (any case).  The
+        answer is ``{"builds": [Build.to_json(), ...], "total": <builds matching>, "next":
+        <cursor of the next, older page, or null>}``; ``cursor`` asks for that page.  A cursor
+        is a position in the submission order, so builds submitted meanwhile do not shift the
+        pages.
         """
         limit, states = _limit(request), _states(request)
-        matching = [b for b in self.farm.builds.values() if states is None or b.state in states]
-        newest = heapq.nlargest(limit, matching, key=lambda b: b.seq)
+        params = request.query_params
+        raw_cursor = params.get("cursor", "").strip()
+        if raw_cursor and not (raw_cursor.isascii() and raw_cursor.isdigit()):
+            return _error(400, f"cursor must be the 'next' of a previous page, not {raw_cursor!r}")
+        before = int(raw_cursor) if raw_cursor else None
+        build_name = params.get("name")
+        machine = params.get("machine")
+        text = params.get("q", "").strip().lower()
+
+        def wanted(b: Build) -> bool:
+            return (
+                (states is None or b.state in states)
+                and (build_name is None or b.spec.name == build_name)
+                and (machine is None or machine in (b.machine_id, b.hostname))
+                and (
+                    not text
+                    or text in b.id
+                    or text in b.spec.name.lower()
+                    or text in " ".join(b.spec.command).lower()
+                )
+            )
+
+        # The farm's builds are in submission (seq) order: a page is the first matches walking
+        # back from the cursor, so the dashboard's polls of 100,000 builds do not each sort
+        # them all.  The total of a state filter comes from the farm's counters; only a name,
+        # machine or text filter counts by walking every build.
+        page: list[Build] = []
+        for build in reversed(self.farm.builds.values()):
+            if before is not None and build.seq >= before:
+                continue
+            if wanted(build):
+                page.append(build)
+                if len(page) > limit:
+                    break
+        if build_name is None and machine is None and not text:
+            counts = self.farm.queue_counts()
+            total = sum(counts.get(s.value, 0) for s in states or BuildState)
+        else:
+            total = sum(1 for b in self.farm.builds.values() if wanted(b))
+        more = len(page) > limit
+        page = page[:limit]
         return JSONResponse(
-            {"builds": [self._build_json(b) for b in newest], "total": len(matching)}
+            {
+                "builds": [self._build_json(b) for b in page],
+                "total": total,
+                "next": str(page[-1].seq) if more else None,
+            }
         )
+
+    async def openapi_json(self, request: Request) -> Response:
+        return JSONResponse(openapi.document())
 
     async def show(self, request: Request) -> Response:
         return JSONResponse(self._build_json(self._build(request)))
@@ -309,10 +365,19 @@ class RunnerApi:
         return JSONResponse(self._build_json(build))
 
     async def drain(self, request: Request) -> Response:
+        return await self._machine_call(request, self.farm.drain)
+
+    async def undrain(self, request: Request) -> Response:
+        return await self._machine_call(request, self.farm.undrain)
+
+    async def _machine_call(self, request: Request, call: Callable[[str], Machine]) -> Response:
+        key = request.path_params["machine_id"]
         try:
-            machine = self.farm.drain(request.path_params["machine_id"])
+            machine = call(key)
+        except AmbiguousMachineError as exc:
+            return _error(409, str(exc))
         except KeyError:
-            return _error(404, f"no machine {request.path_params['machine_id']!r}")
+            return _error(404, f"no machine {key!r}")
         await self.persist()
         return JSONResponse(machine.to_json(trio.current_time()))
 

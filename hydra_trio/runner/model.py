@@ -204,6 +204,8 @@ class Machine:
     drain_requested: bool = False
     #: the builder said it is shutting down (only for this session).
     draining_itself: bool = False
+    #: this session's builder was sent the operator's Drain (it leaves after its builds).
+    told_to_drain: bool = False
     succeeded_builds: int = 0
     failed_builds: int = 0
     lost_builds: int = 0
@@ -266,6 +268,7 @@ class Machine:
             "sinceLastPing": round(max(0.0, now - self.last_ping_at), 3),
             "connected": connected,
             "state": self.state.value,
+            "drainRequested": self.drain_requested,
             "succeededBuilds": self.succeeded_builds,
             "failedBuilds": self.failed_builds,
             "lostBuilds": self.lost_builds,

@@ -25,6 +25,21 @@ from hydra_trio.runner.model import Build, Machine, MachineState, Session
 log = logging.getLogger("hydra_trio.runner")
 
 
+class AmbiguousMachineError(KeyError):
+    """A hostname that names several machines; ``machine_ids`` are theirs."""
+
+    def __init__(self, hostname: str, machine_ids: list[str]) -> None:
+        super().__init__(hostname)
+        self.hostname = hostname
+        self.machine_ids = machine_ids
+
+    def __str__(self) -> str:
+        return (
+            f"{len(self.machine_ids)} machines are called {self.hostname!r}: "
+            f"{', '.join(self.machine_ids)}; name one by its machine id"
+        )
+
+
 @attrs.define(eq=False)
 class Registry:
     #: the farm's builds (read only: for the reason a frame is rejected).
@@ -35,11 +50,18 @@ class Registry:
     _last_rejected: dict[str, tuple[str, str, int]] = attrs.field(factory=dict, init=False)
 
     def find(self, key: str) -> Machine:
-        """A machine by id or (if unique) hostname; KeyError otherwise."""
+        """A machine by id, or by hostname: the one machine of that name, or the one connected
+        machine of that name.  ``KeyError`` when none has it; ``AmbiguousMachineError`` naming
+        their ids when several do (two live builders on one host, each with its work dir)."""
         if key in self.machines:
             return self.machines[key]
         matches = [m for m in self.machines.values() if m.hostname == key]
-        if len(matches) != 1:
+        if len(matches) > 1:
+            live = [m for m in matches if m.session is not None]
+            if len(live) == 1:
+                return live[0]
+            raise AmbiguousMachineError(key, sorted(m.machine_id for m in live or matches))
+        if not matches:
             raise KeyError(key)
         return matches[0]
 
@@ -71,6 +93,7 @@ class Registry:
         machine.session = session
         machine.state = MachineState.DRAINING if machine.drain_requested else MachineState.CONNECTED
         machine.draining_itself = False
+        machine.told_to_drain = False
         machine.connected_at = machine.last_ping_at = now
         machine.disconnected_at = None
         machine.disconnect_reason = ""
@@ -109,13 +132,31 @@ class Registry:
         return requeue
 
     def drain(self, key: str) -> Machine:
-        """Stop giving a machine new builds; what it runs finishes.  Key: id or hostname."""
+        """Stop giving a machine new builds; what it runs finishes.  Key: id or hostname.
+
+        The runner remembers the drain (``drain_requested``, stored) until ``undrain``.  The
+        builder connected now is told (it leaves once its builds are done, as on SIGTERM);
+        a builder that connects later is not: it stays connected and idle, so one restarted
+        by its service manager does not exit again because of an old drain."""
         machine = self.find(key)
         machine.drain_requested = True
         if machine.state is MachineState.CONNECTED:
             machine.state = MachineState.DRAINING
-        if machine.session is not None:
+        if machine.session is not None and not machine.told_to_drain:
+            machine.told_to_drain = True
             machine.session.post(Drain(reason="drain requested by an operator"))
+        return machine
+
+    def undrain(self, key: str) -> Machine:
+        """Give a drained machine builds again.  A builder that was already told to drain
+        still leaves after its builds (the protocol has no message to call a drain back);
+        when it connects again it gets builds."""
+        machine = self.find(key)
+        machine.drain_requested = False
+        if machine.told_to_drain:
+            machine.draining_itself = True  # on its way out, as after a SIGTERM
+        if machine.state is MachineState.DRAINING and not machine.draining_itself:
+            machine.state = MachineState.CONNECTED
         return machine
 
     def restore(self, machines: list[Machine], now: float) -> None:

@@ -35,7 +35,6 @@ from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import ProtocolError
 from hydra_trio.protocol.messages import (
     PROTOCOL_VERSION,
-    Drain,
     Goodbye,
     Hello,
     Message,
@@ -237,7 +236,14 @@ def _welcome(farm: Farm, session: BuilderSession, hello: Hello, config: SessionC
         )
     )
     if machine.drain_requested:
-        session.post(Drain(reason="drain requested by an operator"))
+        # Not sent again: the runner keeps it from getting builds until undrain, and a
+        # builder restarted after a drain must not exit because of it.
+        log.info(
+            "builder %s (%s) is drained by an operator: no builds until hydra-trio undrain %s",
+            machine.hostname,
+            machine.machine_id,
+            machine.machine_id,
+        )
     return machine
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import heapq
+import json
 import math
 from typing import Any
 
@@ -25,6 +26,35 @@ MAX_GRAPH_BUILDS = 100_000
 
 class SpecError(ValueError):
     """A build spec from a client is invalid; the message names the field."""
+
+
+class BodyError(ValueError):
+    """A request body is not JSON this API reads (HTTP 400)."""
+
+
+#: How deep a JSON body may nest arrays and objects.  A graph needs 4 levels; the limit keeps
+#: a body of 10,000 ``[`` from reaching the parser's recursion limit (a RecursionError, which
+#: was a 500) or any code that walks the value.
+MAX_JSON_DEPTH = 32
+
+
+def decode_json(data: bytes | bytearray) -> Any:
+    """The JSON value of a request body (empty: null); ``BodyError`` saying why not."""
+    too_deep = f"the body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+    try:
+        value = json.loads(data or b"null")
+    except RecursionError:
+        raise BodyError(too_deep) from None
+    except ValueError as exc:
+        raise BodyError(f"the body is not valid JSON: {exc}") from None
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BodyError(too_deep)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return value
 
 
 #: The fields of one build in ``POST /builds`` (and in each entry of a graph's ``builds``).

@@ -35,21 +35,27 @@ class Runner:
     nursery: trio.Nursery
     tmp_path: Path
 
-    async def start_builder(self, name: str, max_jobs: int = 1) -> None:
-        """A real builder over TCP; returns once the runner lists it as connected."""
+    async def start_builder(self, name: str, max_jobs: int = 1, work: str = "") -> None:
+        """A real builder over TCP (work dir: ``work``, or ``name``); returns once the runner
+        lists one more connected machine of that hostname."""
         config = BuilderConfig(
             server=self.addresses.builders[0],
             systems=(SYSTEM,),
-            work_dir=self.tmp_path / name,
+            work_dir=self.tmp_path / (work or name),
             hostname=name,
             ping_interval=1,
             max_jobs=max_jobs,
         )
+
+        def connected() -> int:
+            return sum(
+                m.hostname == name and m.state is MachineState.CONNECTED
+                for m in self.farm.machines.values()
+            )
+
+        before = connected()
         await self.nursery.start(functools.partial(run_builder, config))
-        while not any(
-            m.hostname == name and m.state is MachineState.CONNECTED
-            for m in self.farm.machines.values()
-        ):
+        while connected() <= before:
             await trio.sleep(0.01)
 
     async def post(self, *command: str) -> httpx.Response:
