@@ -16,10 +16,10 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
 
 import attrs
 
+from hydra_trio.diskio import HashingFile, HashMismatch, fsync_dir
 from hydra_trio.nixstore import NixStore
 from hydra_trio.protocol.messages import FileInfo
 from hydra_trio.runner.health import Health
@@ -40,10 +40,8 @@ class PendingUpload:
 
     #: the builder's name for it: for messages only, never part of a file name.
     path: str
-    tmp: Path
-    file: BinaryIO
-    size: int = 0
-    hasher: hashlib._Hash = attrs.field(factory=hashlib.sha256)
+    #: the temporary file it is written and hashed into.
+    file: HashingFile
     #: its last chunk arrived: ``file`` is closed (so a finished upload holds no descriptor
     #: while it waits for the build's result) and nothing more may be appended.
     complete: bool = False
@@ -52,16 +50,12 @@ class PendingUpload:
     #: chunks staged (``BlobStore.stage``) and not yet written, and their total size.
     staged: list[bytes] = attrs.field(factory=list)
     staged_size: int = 0
-    #: bytes taken by ``stage`` so far (``size`` counts those written, which lag behind).
+    #: bytes taken by ``stage`` so far (``file.size`` counts those written, which lag behind).
     received: int = 0
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    @property
+    def tmp(self) -> Path:
+        return self.file.tmp
 
 
 @attrs.define(eq=False)
@@ -96,10 +90,9 @@ class BlobStore:
         except OSError as exc:
             self.failed(exc)
             # Nothing on disk: ``tmp`` names no file (discarding it unlinks nothing).
-            return PendingUpload(
-                path=path, tmp=self.root / "tmp" / "refused", file=io.BytesIO(), done=True
-            )
-        return PendingUpload(path=path, tmp=Path(name), file=os.fdopen(fd, "wb"))
+            refused = HashingFile(self.root / "tmp" / "refused", io.BytesIO())
+            return PendingUpload(path=path, file=refused, done=True)
+        return PendingUpload(path=path, file=HashingFile(Path(name), os.fdopen(fd, "wb")))
 
     def failed(self, exc: OSError) -> None:
         """An upload could not be written or kept (reported, the upload fails alone)."""
@@ -139,17 +132,12 @@ class BlobStore:
     def write_unhashed(self, upload: PendingUpload, chunks: list[bytes], last: bool) -> None:
         """``write_chunks`` less the hashing, which ``hash_chunks`` does (in another thread at
         the same time: one write and one hash of an upload at a time, each in order)."""
-        write = upload.file.write
-        for chunk in chunks:
-            write(chunk)
-            upload.size += len(chunk)
+        upload.file.write_unhashed(chunks)
         if last:
             upload.file.close()
 
     def hash_chunks(self, upload: PendingUpload, chunks: list[bytes]) -> None:
-        update = upload.hasher.update
-        for chunk in chunks:
-            update(chunk)
+        upload.file.hash_chunks(chunks)
 
     def write_staged(self, upload: PendingUpload) -> None:
         """Write and hash what is staged; close the file after the last chunk."""
@@ -167,25 +155,19 @@ class BlobStore:
             raise BlobError(f"{upload.path}: its upload was refused")
         try:
             upload.file.close()
-            if upload.size != size or upload.hasher.hexdigest() != sha256:
+            try:
+                upload.file.verify(size, sha256)
+            except HashMismatch as exc:
                 raise BlobError(
-                    f"{upload.path}: received {upload.size} bytes with sha256 "
-                    f"{upload.hasher.hexdigest()}, declared {size} bytes with {sha256}"
-                )
+                    f"{upload.path}: received {exc.size} bytes with sha256 {exc.sha256}, "
+                    f"declared {size} bytes with {sha256}"
+                ) from None
             target = self.path_of(sha256)
             if target.exists():
                 return
-            new_dir = not target.parent.exists()
-            target.parent.mkdir(exist_ok=True)
-            with upload.tmp.open("rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(upload.tmp, 0o444)
-            os.replace(upload.tmp, target)
-            # The rename is durable only once the directory is: the database may say the
-            # build succeeded right after this, so a power loss must not lose the file.
-            _fsync_dir(target.parent)
-            if new_dir:
-                _fsync_dir(self.root)
+            # Durable: the database may say the build succeeded right after this, so a power
+            # loss must not lose the file (fsync of the file, then of the directories).
+            upload.file.move_to(target, durable=True)
         except OSError as exc:  # the disk is full, or failing: this output cannot be kept
             self.failed(exc)
             raise BlobError(f"{upload.path}: the runner cannot keep it: {exc}") from None
@@ -218,16 +200,15 @@ class BlobStore:
                 target.parent.mkdir(exist_ok=True)
                 os.chmod(tmp, 0o444)
                 os.replace(tmp, target)
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
         finally:
             tmp.unlink(missing_ok=True)
         return size, sha256
 
     def discard(self, upload: PendingUpload) -> None:
         upload.staged.clear()
-        upload.file.close()
         upload.done = True
-        upload.tmp.unlink(missing_ok=True)
+        upload.file.discard()
 
     def read(self, sha256: str, offset: int, length: int) -> tuple[bytes, bool]:
         """``length`` bytes at ``offset``, and whether they reach the end of the blob."""
