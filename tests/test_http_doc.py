@@ -4,6 +4,7 @@ run in order against the real application, gets the status and answer shown."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -56,8 +57,13 @@ def the_farm() -> Farm:
         ("m-twin-2", "twin"),
         ("m-0001", "builder-1"),
     ]:
-        farm.machines[machine_id] = machine(machine_id, hostname)
+        farm.registry.machines[machine_id] = machine(machine_id, hostname)
     return farm
+
+
+def _named_id(ids: dict[str, str], match: re.Match[str]) -> str:
+    """An example's ``<name>``: the id of the build of that name."""
+    return ids[match[1]]
 
 
 def app_for(farm: Farm, tmp_path: Path) -> Any:
@@ -155,7 +161,7 @@ async def test_every_example_gets_the_answer_shown(tmp_path: Path) -> None:
     ) as client:
         for method, path, body, status, expected in EXAMPLES:
             ids = {b.spec.name: b.id for b in farm.builds.values() if b.spec.name}
-            url = re.sub(r"<(\w+)>", lambda m, ids=ids: ids[m[1]], path)
+            url = re.sub(r"<(\w+)>", functools.partial(_named_id, ids), path)
             response = await client.request(method, url, json=body)
             where = f"{method} {path}: {response.text[:500]}"
             assert response.status_code == status, where
