@@ -345,7 +345,8 @@ def test_submit_without_a_command_is_a_usage_error() -> None:
 
 
 def test_commands_are_the_contracts() -> None:
-    """The console script has exactly the commands CONTRACT.md names."""
+    """The console script has exactly the commands CONTRACT.md names, and those added since
+    (builds, undrain: issue 20)."""
     assert set(COMMANDS) == {
         "queue-runner",
         "builder",
@@ -356,6 +357,8 @@ def test_commands_are_the_contracts() -> None:
         "log",
         "cancel",
         "drain",
+        "builds",
+        "undrain",
     }
     assert isinstance(cli.main, click.Group)
 

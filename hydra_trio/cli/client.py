@@ -67,6 +67,13 @@ class RunnerClient:
     def drain(self, machine: str) -> dict[str, Any]:
         return self._object("POST", f"/machines/{machine}/drain")
 
+    def undrain(self, machine: str) -> dict[str, Any]:
+        return self._object("POST", f"/machines/{machine}/undrain")
+
+    def builds(self, params: dict[str, str]) -> dict[str, Any]:
+        """``GET /builds``: ``{"builds", "total", "next"}`` (a page, newest first)."""
+        return self._object("GET", "/builds", params=params)
+
     def log(self, build_id: str, tail: int | None = None) -> str:
         """A build's log (of its current attempt), or its last ``tail`` bytes."""
         query = f"?tail={tail}" if tail is not None else ""

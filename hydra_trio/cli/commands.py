@@ -227,7 +227,12 @@ def _submit_graph(client: RunnerClient, graph: dict[str, Any], wait: bool) -> No
     for build_name, build_id in ids.items():
         click.echo(f"{build_name} {build_id}")
     if wait:
-        sys.exit(max((_wait(client, build_id) for build_id in ids.values()), default=0))
+        sys.exit(
+            max(
+                (_wait(client, build_id, label=name) for name, build_id in ids.items()),
+                default=0,
+            )
+        )
 
 
 def _submit_drv(client: RunnerClient, drv: str, body: dict[str, Any], wait: bool) -> None:
@@ -254,16 +259,17 @@ def _call(method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         fail(str(exc))
 
 
-def _wait(client: RunnerClient, build_id: str) -> int:
+def _wait(client: RunnerClient, build_id: str, label: str = "") -> int:
     """Follow a build until it ends; 0 if it succeeded, else 1.  On a terminal, one line
     rewritten in place (state, phase, machine, elapsed, the log's last line); otherwise a
-    plain line per change of state, phase, machine or attempt."""
+    plain line per change of state, phase, machine or attempt.  ``label`` (a graph build's
+    name) starts each line."""
     live = sys.stderr.isatty()
     last = None
     started = time.monotonic()
     while True:
         build = _call(client.build, build_id)
-        summary = render.progress_line(build, time.monotonic() - started)
+        summary = render.progress_line(build, time.monotonic() - started, label)
         finished = build["state"] in render.FINISHED
         if live:
             tail = render.last_line(_call(client.log, build_id, 2048))
@@ -307,24 +313,106 @@ def show(url: str, token_file: Path | None, build_id: str, as_json: bool) -> Non
         click.echo(line)
 
 
+@main.command("builds")
+@client_options
+@option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
+    help="Only builds in this state (repeatable).",
+)
+@option("--name", help="Only builds of this name.")
+@option("--machine", help="Only builds that ran (last) on this machine (hostname or id).")
+@option(
+    "--limit",
+    type=click.IntRange(1, 500),
+    default=50,
+    show_default=True,
+    help="At most this many, the newest first.",
+)
+@option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def builds(
+    url: str,
+    token_file: Path | None,
+    states: tuple[str, ...],
+    name: str | None,
+    machine: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List builds, the newest first."""
+    params = {"limit": str(limit)}
+    if states:
+        params["state"] = ",".join(states)
+    if name is not None:
+        params["name"] = name
+    if machine is not None:
+        params["machine"] = machine
+    data = _call(_client(url, token_file).builds, params)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for line in render.builds_lines(data["builds"], time.time()):
+        click.echo(line)
+    shown, total = len(data["builds"]), data.get("total", 0)
+    if total > shown:
+        click.echo(f"({shown} of {total}: --limit, --state or --name to see others)", err=True)
+
+
 @main.command("log")
 @client_options
 @click.argument("build_id")
 @option("--follow", "-f", is_flag=True, help="Keep printing until the build ends.")
-def log_command(url: str, token_file: Path | None, build_id: str, follow: bool) -> None:
+@option(
+    "--tail",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Only the last N lines (with --follow: then the rest as it comes).",
+)
+def log_command(
+    url: str, token_file: Path | None, build_id: str, follow: bool, tail: int | None
+) -> None:
     """A build's log (of its current attempt)."""
     client = _client(url, token_file)
+    if tail is not None and not follow:
+        click.echo(_tail(client, build_id, tail), nl=False)
+        return
     if not follow:
         click.echo(_call(client.log, build_id), nl=False)
         return
     _call(client.build, build_id)  # a clear error for an unknown id
     out = sys.stdout.buffer
+    skip = 0
+    if tail is not None:
+        # The stream starts at the beginning: leave out all but the last N lines so far.
+        full = _call(client.log, build_id).encode()
+        kept = _tail_text(full.decode(errors="replace"), tail).encode()
+        skip = len(full) - len(kept)
     try:
         for chunk in client.follow_log(build_id):
+            if skip:
+                dropped = min(skip, len(chunk))
+                chunk, skip = chunk[dropped:], skip - dropped
             out.write(chunk)
             out.flush()
     except RunnerClientError as exc:
         fail(str(exc))
+
+
+def _tail_text(text: str, lines: int) -> str:
+    """The last ``lines`` lines of ``text`` (a last line without a newline counts)."""
+    parts = text.splitlines(keepends=True)
+    return "".join(parts[-lines:])
+
+
+def _tail(client: RunnerClient, build_id: str, lines: int) -> str:
+    """The last ``lines`` lines of a build's log: from the end the API serves (64 KiB) when
+    that holds them, else from the whole log."""
+    end = _call(client.log, build_id, 64 * 1024)
+    if end.count("\n") > lines or len(end.encode()) < 64 * 1024:
+        return _tail_text(end, lines)
+    return _tail_text(_call(client.log, build_id), lines)
 
 
 @main.command("cancel")
@@ -342,4 +430,13 @@ def cancel(url: str, token_file: Path | None, build_id: str) -> None:
 def drain(url: str, token_file: Path | None, machine: str) -> None:
     """Stop giving a machine (hostname or machine id) new builds."""
     data = _call(_client(url, token_file).drain, machine)
+    click.echo(f"{data['hostname']}: {data['state']}")
+
+
+@main.command("undrain")
+@client_options
+@click.argument("machine")
+def undrain(url: str, token_file: Path | None, machine: str) -> None:
+    """Give a drained machine (hostname or machine id) builds again."""
+    data = _call(_client(url, token_file).undrain, machine)
     click.echo(f"{data['hostname']}: {data['state']}")

@@ -330,7 +330,13 @@ builder_options = options_record(
     ),
     option("--max-jobs", type=click.IntRange(min=1), default=1, help="Job slots."),
     option("--speed-factor", type=SECONDS, default=1.0, help="Preference among machines."),
-    option("--ping-interval", type=SECONDS, default=10.0, help="Seconds between pings."),
+    option(
+        "--ping-interval",
+        type=SECONDS,
+        default=10.0,
+        help="Seconds between pings (at most a third of the runner's --builder-timeout, "
+        "which the runner tells the builder).",
+    ),
     option(
         "--ping-timeout",
         type=SECONDS,
