@@ -404,7 +404,7 @@ def big_farm() -> Any:
 
     farm = Farm()
     for i in range(BIG_MACHINES):
-        farm.machines[f"m-{i:05}"] = Machine(
+        farm.registry.machines[f"m-{i:05}"] = Machine(
             machine_id=f"m-{i:05}",
             hostname=f"builder-{i:05}",
             systems=("x86_64-linux",),
