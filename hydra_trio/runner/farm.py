@@ -31,8 +31,8 @@ timestamps a build shows are ``epoch + now``, with ``epoch`` given at constructi
 Whenever something happens that could make a dispatch possible, ``on_change`` is called; the
 daemon's dispatcher task then calls ``dispatch(now)``.
 
-This module is longer than most (about 550 lines) on purpose: it is every transition of a
-build, and the invariants above can only be checked by reading them side by side.
+This module is longer than the others (past 600 lines) on purpose: it is every transition of
+a build, and the invariants above can only be checked by reading them side by side.
 """
 
 from __future__ import annotations
