@@ -36,6 +36,7 @@ BENCHMARKS: tuple[tuple[str, int, tuple[str, ...], tuple[str, ...]], ...] = (
     ("transfer_bench.py", 1800, (), ("--quick",)),
     ("scale_bench.py", 900, (), ("--quick",)),
     ("failover_bench.py", 600, (), ("--quick",)),
+    ("runner_failover_bench.py", 900, (), ("--quick",)),
     ("dispatch_bench.py", 600, (), ("--quick",)),
     # SQLite only: the PostgreSQL figures need a throwaway cluster (run queue_bench.py alone)
     (
