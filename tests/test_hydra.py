@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import psycopg
 import pytest
 import trio
@@ -426,6 +427,7 @@ class HydraSetup:
     drvs: dict[str, Drv]
     notes: Notifications
     farm: Farm | None = None
+    http: str = ""
 
     def queue(self, name: str, *, job: str | None = None) -> int:
         drv = self.drvs[name]
@@ -509,7 +511,7 @@ async def runner(hydra: HydraSetup, tmp_path: Path) -> AsyncIterator[HydraSetup]
     """An in-process runner in Hydra mode with two Nix builders."""
     config = RunnerConfig(
         listen=attrs.evolve(RunnerConfig().listen, port=0),
-        http=None,
+        http=attrs.evolve(RunnerConfig().listen, port=0),
         state_dir=tmp_path / "state",
         default_system=SYSTEM,
         nix_store=hydra.store,
@@ -521,6 +523,7 @@ async def runner(hydra: HydraSetup, tmp_path: Path) -> AsyncIterator[HydraSetup]
         addresses: RunnerAddresses = await nursery.start(
             functools.partial(serve_runner, config, farm=farm, dispatcher=dispatcher)
         )
+        hydra.http = addresses.http[0]
         await start_builders(nursery, addresses.builders[0], tmp_path)
         with trio.fail_after(LIMIT):
             while sum(m.state is MachineState.CONNECTED for m in farm.machines.values()) < 2:
@@ -635,6 +638,22 @@ async def test_cancel_and_restart_take_effect(runner: HydraSetup, tmp_path: Path
     with trio.fail_after(LIMIT):
         while not processes_with(marker(tmp_path)):
             await trio.sleep(0.05)
+    async with httpx.AsyncClient(base_url=h.http) as http:
+        machines = (await http.get("/status/machines")).json()
+        builds = (await http.get("/status/builds")).json()
+        steps = (await http.get("/status/steps")).json()
+        active = (await http.get(f"/status/build/{sleeper}/active")).json()
+    assert machines["machinesCount"] == 2 and set(machines["machines"]) == {"one", "two"}
+    running = [m for m in machines["machines"].values() if m["jobs"]]
+    assert [m["jobs"] for m in running] == [[h.drvs["sleeper"].path]]
+    assert running[0]["connected"] and running[0]["stats"]["currentJobs"] == 1
+    assert [(b["id"], b["drvPath"]) for b in builds["builds"]] == [
+        (sleeper, h.drvs["sleeper"].path)
+    ]
+    assert [(s["drvPath"], s["lowestBuildId"]) for s in steps["steps"]] == [
+        (h.drvs["sleeper"].path, sleeper)
+    ]
+    assert active == {"active": True}
     now = int(time.time())
     # what the web UI's cancel does (Hydra::Helper::Nix::cancelBuilds); the trigger notifies
     await trio.to_thread.run_sync(
@@ -650,6 +669,8 @@ async def test_cancel_and_restart_take_effect(runner: HydraSetup, tmp_path: Path
         while processes_with(f"sleeping {marker(tmp_path)}"):
             await trio.sleep(0.05)
     assert [(r[3], r[4]) for r in await h.steps(sleeper)] == [(0, 4)]
+    async with httpx.AsyncClient(base_url=h.http) as http:
+        assert (await http.get(f"/status/build/{sleeper}/active")).json() == {"active": False}
 
     broken = h.queue("broken")
     assert (await h.finished(broken))[0] == 1

@@ -23,6 +23,7 @@ import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+from starlette.routing import BaseRoute
 
 from hydra_trio import net, sdnotify
 from hydra_trio.hydra.config import HydraConfig
@@ -307,10 +308,14 @@ class Runner:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(persister.run)
                 nursery.start_soon(dispatch)
+                extra_routes: list[BaseRoute] = []
                 if config.hydra is not None:
+                    from hydra_trio.hydra import status
                     from hydra_trio.hydra.queue import HydraQueue
 
-                    await nursery.start(HydraQueue(config.hydra, farm, self.storage).run)
+                    queue = HydraQueue(config.hydra, farm, self.storage)
+                    await nursery.start(queue.run)
+                    extra_routes = status.routes(queue)
                 self.front.app = create_app(
                     farm,
                     self.storage,
@@ -318,6 +323,7 @@ class Runner:
                     persist=persister.flush,
                     token=config.token,
                     token_for_reads=config.http_token_for_reads,
+                    extra_routes=extra_routes,
                 )
                 self.term = term = Term(farm=farm, persister=persister, dispatching=dispatching)
                 task_status.started()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -28,7 +28,7 @@ from starlette.responses import (
     Response,
     StreamingResponse,
 )
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from hydra_trio.nixstore import NixError
 from hydra_trio.runner import nix, openapi
@@ -411,6 +411,7 @@ def create_app(
     persist: Callable[[], Awaitable[None]] = _no_persistence,
     token: bytes | None = None,
     token_for_reads: bool = False,
+    extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
     """The Starlette application over ``farm`` (``RunnerApi``'s routes).  ``persist`` returns
     once every change made so far is durable; calls that change state await it before they
@@ -430,7 +431,7 @@ def create_app(
         raise ValueError("an empty token would let every caller in")  # load_token refuses one
     api = RunnerApi(farm, storage, default_system, persist)
     return Starlette(
-        routes=api.routes(),
+        routes=[*extra_routes, *api.routes()],  # extra: Hydra mode\'s /status/*
         exception_handlers={HTTPException: _http_error, StoreUnavailable: _store_unavailable},
         middleware=(
             []
