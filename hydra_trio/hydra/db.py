@@ -44,7 +44,11 @@ TX_RETRIES = 10
 
 
 class HydraDBError(HydraTrioError):
-    """Hydra's database cannot be reached or refused a statement."""
+    """Hydra's database cannot be reached (``transient``) or refused a statement."""
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @attrs.frozen(kw_only=True)
@@ -127,7 +131,9 @@ class HydraDB:
                 self.close()
                 raise HydraDBError(f"Hydra's database: {_one_line(exc)}") from None
             except psycopg.Error as exc:
-                raise HydraDBError(f"Hydra's database refused a write: {_one_line(exc)}") from exc
+                raise HydraDBError(
+                    f"Hydra's database refused a statement: {_one_line(exc)}", transient=False
+                ) from exc
         raise AssertionError("unreachable")
 
     # -- startup and queue (sections 3.1, 1.1) ------------------------------------------------

@@ -59,6 +59,8 @@ T = TypeVar("T")
 
 #: Seconds between retries of a database write or read that failed (capped backoff).
 RETRY_MIN, RETRY_MAX = 1.0, 30.0
+#: Tries of an event whose write the database refuses (not: cannot be reached).
+REFUSALS = 3
 
 
 @attrs.frozen(kw_only=True)
@@ -172,6 +174,12 @@ class HydraQueue:
         self._finished_recently: set[int] = set()
         self._reread_wanted = trio.Event()
         self.rereads = 0
+        #: unfinished Nix builds the farm restored from a previous runner: they become ours
+        #: (cancellable) when a Hydra build turns out to need them.
+        self._restored = {b.id for b in farm.builds.values() if b.spec.drv and not b.state.finished}
+        #: during a re-read: the unfinished farm build of each derivation (made once per
+        #: re-read, not once per build: a first read of a big queue would be quadratic).
+        self._unfinished_by_drv: dict[str, str] = {}
         farm.observers.append(self.observe)
 
     # -- farm side ----------------------------------------------------------------------------
@@ -273,6 +281,11 @@ class HydraQueue:
         if gone:
             self._cancel_unneeded()
         added = 0
+        self._unfinished_by_drv = {
+            b.spec.drv: b.id
+            for b in self.farm.builds.values()
+            if b.spec.drv and not b.state.finished
+        }
         for row in rows:
             known = self.builds.get(row.id)
             if known is not None:
@@ -303,14 +316,13 @@ class HydraQueue:
             timeout=float(row.timeout or self.config.default_timeout),
             max_silent=float(row.maxsilent or self.config.default_max_silent),
         )
-        unfinished = {
-            b.spec.drv: b.id
-            for b in self.farm.builds.values()
-            if b.spec.drv and not b.state.finished
-        }
         try:
             plan = await nix.plan(
-                store, self.storage.blobs, request, unfinished.get, self.storage.nix_exports
+                store,
+                self.storage.blobs,
+                request,
+                self._unfinished_by_drv.get,
+                self.storage.nix_exports,
             )
         except (SpecError, NixError) as exc:
             log.warning("Hydra build %d: %s: aborted", row.id, exc)
@@ -325,6 +337,7 @@ class HydraQueue:
             index = {name: i for i, name in enumerate(plan.names)}
             created = self.farm.submit_graph(plan.specs, trio.current_time(), index.get)
             self._ours.update(b.id for b in created)
+            self._unfinished_by_drv.update((b.spec.drv, b.id) for b in created)
             top = created[-1].id  # the plan lists every step after its inputs
         else:
             assert plan.existing is not None
@@ -333,6 +346,8 @@ class HydraQueue:
         self.builds[row.id] = row
         self.top[row.id] = top
         self._by_top[top].add(row.id)
+        if self._restored:
+            self._adopt(top)
         top_build = self.farm.builds[top]
         if top_build.state.finished:  # it ended while this build was being planned
             self.observe(top_build)
@@ -388,6 +403,18 @@ class HydraQueue:
                 self._ours.discard(farm_id)
                 self.farm.cancel(farm_id, now)
 
+    def _adopt(self, top: str) -> None:
+        """Restored farm builds a Hydra build needs are this runner's to cancel."""
+        todo = [top]
+        while todo:
+            farm_id = todo.pop()
+            if farm_id in self._restored:
+                self._restored.discard(farm_id)
+                self._ours.add(farm_id)
+            build = self.farm.builds.get(farm_id)
+            if build is not None:
+                todo.extend(d for d in build.spec.after if d in self._restored)
+
     def _raise(self, top: str, priority: int) -> None:
         """Raise the priority of a step and every unfinished step it needs."""
         seen = {top}
@@ -428,9 +455,9 @@ class HydraQueue:
     # -- writing ------------------------------------------------------------------------------
 
     async def _write(self) -> None:
-        """Apply the farm's events in order; a failed write is retried (the database being
-        away delays Hydra's view, it loses nothing this runner still knows)."""
+        """Apply the farm's events in order, each once it could be written."""
         delay = RETRY_MIN
+        refused = 0
         while True:
             while not self._events:
                 self._events_changed = trio.Event()
@@ -439,6 +466,15 @@ class HydraQueue:
             try:
                 await self.apply(event)
             except (HydraDBError, NixError) as exc:
+                # The database being away delays Hydra's view and is retried until it is
+                # back; a statement it refuses (or a store path Nix cannot read) would be
+                # refused forever, so that one event is given up after a few tries.
+                refused += not (isinstance(exc, HydraDBError) and exc.transient)
+                if refused >= REFUSALS:
+                    log.error("gave up writing %s of step %s: %s", event.kind, event.farm_id, exc)
+                    self._events.popleft()
+                    refused = 0
+                    continue
                 log.warning(
                     "writing %s of step %s to Hydra's database: %s; retrying in %.0f s",
                     event.kind,
@@ -450,6 +486,7 @@ class HydraQueue:
                 delay = min(RETRY_MAX, delay * 2)
                 continue
             delay = RETRY_MIN
+            refused = 0
             self._events.popleft()
 
     async def apply(self, event: Event) -> None:
