@@ -355,9 +355,10 @@ let
   x1 = mk "x1" [s] "cat ${s} > $out; echo 1 >> $out";
   x2 = mk "x2" [s] "cat ${s} > $out; echo 2 >> $out";
   sleeper = mk "sleeper" [] "echo sleeping @MARKER@; sleep 120; echo > $out";
-in { inherit a b c broken after-broken s x1 x2 sleeper; }
+  slow = mk "slow" [] "echo slow @MARKER@; sleep 4; echo > $out";
+in { inherit a b c broken after-broken s x1 x2 sleeper slow; }
 """
-NAMES = ("a", "b", "c", "broken", "after-broken", "s", "x1", "x2", "sleeper")
+NAMES = ("a", "b", "c", "broken", "after-broken", "s", "x1", "x2", "sleeper", "slow")
 
 
 def _nix_env() -> dict[str, str]:
@@ -754,3 +755,49 @@ async def test_a_runner_killed_mid_build_leaves_no_busy_rows(
         second.send_signal(signal.SIGINT)
         nursery.cancel_scope.cancel()
     log.close()
+
+
+@pytest.mark.realnet
+@pytest.mark.linux
+@needs_nix
+async def test_a_blackholed_builder_loses_its_step_to_another(
+    hydra: HydraSetup, tmp_path: Path
+) -> None:
+    """A builder whose link goes silent mid-step: the runner drops it after its builder
+    timeout, the step's row ends aborted (status 3) and the step is built on another builder
+    under a new step number; the Hydra build succeeds."""
+    from hydra_trio.hydra.queue import HydraQueue
+
+    from .sim import Farmlet
+
+    h = hydra
+    config = RunnerConfig(
+        builder_timeout=2.0,
+        http=None,
+        default_system=SYSTEM,
+        nix_store=h.store,
+        hydra=HydraConfig(db=h.url, data=h.data),
+    )
+    builder = functools.partial(
+        BuilderConfig, systems=(SYSTEM,), ping_interval=0.5, ping_timeout=2.0, executors=("nix",)
+    )
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            farmlet = Farmlet(nursery, config, tmp_path / "state")
+            assert config.hydra is not None
+            await nursery.start(HydraQueue(config.hydra, farmlet.farm, farmlet.storage).run)
+            await farmlet.add_builder(
+                "a", builder(work_dir=tmp_path / "a", nix_store=tmp_path / "store-a")
+            )
+            slow = h.queue("slow")
+            row = await h.busy_step(slow)
+            assert row[7] == "a"
+            farmlet.network.current("a").blackhole()
+            await farmlet.add_builder(
+                "b", builder(work_dir=tmp_path / "b", nix_store=tmp_path / "store-b")
+            )
+            assert (await h.finished(slow))[0] == 0
+            steps = await h.steps(slow)
+            assert [(r[0], r[3], r[4], r[7]) for r in steps] == [(1, 0, 3, "a"), (2, 0, 0, "b")]
+            assert farmlet.machine("a").lost_builds == 1
+            nursery.cancel_scope.cancel()
