@@ -34,6 +34,7 @@ from hydra_trio.builder.daemon import BuilderConfig, run_builder
 from hydra_trio.hydra import codes, nixsupport
 from hydra_trio.hydra.config import HydraConfig
 from hydra_trio.hydra.db import HydraDB, QueuedBuild, StepRow, Success
+from hydra_trio.hydra.queue import gc_roots_dir
 from hydra_trio.nixstore import NixError, NixStore
 from hydra_trio.protocol.messages import BuildStatus, Phase
 from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
@@ -569,6 +570,10 @@ async def test_hydra_builds_its_queue(runner: HydraSetup) -> None:
         assert propagated is None
     out = h.drvs["c"].outputs["out"]
     assert await NixStore(h.store).is_valid(out)
+    roots = gc_roots_dir(NixStore(h.store))
+    for name in ("a", "b", "c"):  # GC roots where Hydra's runner keeps them
+        path = h.drvs[name].outputs["out"]
+        assert os.readlink(roots / path.rsplit("/", 1)[-1]) == path
     row = await trio.to_thread.run_sync(
         sql, h.url, "SELECT starttime, stoptime, size, closuresize FROM builds WHERE id = %s", c
     )

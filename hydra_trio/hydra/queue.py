@@ -29,6 +29,7 @@ queue, and planning reuses its unfinished steps by derivation.
 from __future__ import annotations
 
 import collections
+import getpass
 import logging
 import os
 import shutil
@@ -44,7 +45,7 @@ from hydra_trio.hydra.codes import HydraStatus, busy_of, log_path, step_status
 from hydra_trio.hydra.config import HydraConfig
 from hydra_trio.hydra.db import HydraDB, HydraDBError, Listener, QueuedBuild, StepRow, Success
 from hydra_trio.hydra.nixsupport import read_outputs
-from hydra_trio.nixstore import NixError
+from hydra_trio.nixstore import NixError, NixStore
 from hydra_trio.protocol.messages import BuildStatus, Phase
 from hydra_trio.runner import nix
 from hydra_trio.runner.blobs import Storage
@@ -143,6 +144,22 @@ def _copy_log(source: Path, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def gc_roots_dir(store: NixStore) -> Path:
+    """Where Hydra's runner keeps its GC roots: ``<nix state dir>/gcroots/per-user/<user>/
+    hydra-roots`` (the state dir of a chroot store is under its root)."""
+    state = Path("/nix/var/nix") if store.root is None else store.root / "nix/var/nix"
+    return state / "gcroots" / "per-user" / getpass.getuser() / "hydra-roots"
+
+
+def _add_roots(roots: Path, paths: list[str]) -> None:
+    """One symbolic link per store path, named after it (as Hydra's runner makes them)."""
+    roots.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        link = roots / path.rsplit("/", 1)[-1]
+        if not link.is_symlink():
+            link.symlink_to(path)
+
+
 def farm_priority(build: QueuedBuild) -> int:
     """Hydra's order as one farm priority: global priority (a bump is ``time()``) first,
     then the build's own priority (clamped to 0..999)."""
@@ -180,6 +197,7 @@ class HydraQueue:
         #: during a re-read: the unfinished farm build of each derivation (made once per
         #: re-read, not once per build: a first read of a big queue would be quadratic).
         self._unfinished_by_drv: dict[str, str] = {}
+        self._roots = gc_roots_dir(storage.nix)
         farm.observers.append(self.observe)
 
     # -- farm side ----------------------------------------------------------------------------
@@ -551,6 +569,13 @@ class HydraQueue:
         )
 
     async def _succeeded(self, event: Event, step: OpenStep | None) -> None:
+        if step is not None:  # a step built for Hydra: its outputs are GC roots, as in Hydra
+            try:
+                await trio.to_thread.run_sync(
+                    _add_roots, self._roots, [path for _, path in event.outputs]
+                )
+            except OSError as exc:
+                log.warning("cannot add GC roots for %s in %s: %s", event.drv, self._roots, exc)
         direct = sorted(self._by_top.get(event.farm_id, ()))
         if not direct:
             return
