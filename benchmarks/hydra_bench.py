@@ -1,8 +1,8 @@
 """Hydra mode against native submission: the same Nix graph built through a Hydra database
 and through ``POST /builds``, wall time of each.
 
-One process, real Nix (chroot stores) and a throwaway PostgreSQL (``tests/pg.py``) with the
-part of Hydra's schema the runner uses (``tests/hydra_schema.sql``).  The graph: ``--drvs``
+One process, real Nix (chroot stores) and a throwaway PostgreSQL (``tests/helpers/pg.py``)
+with the part of Hydra's schema the runner uses (``tests/hydra_schema.sql``).  The graph: ``--drvs``
 derivations (rounded up to whole layers: 500 -> 501) with ``/bin/sh`` builders in layers of
 20, each depending on two of the layer below, and one ``all`` on top of the last layer.
 Each run gets fresh stores (the runner's, with the graph instantiated, and one per builder)
@@ -235,7 +235,7 @@ def main() -> None:
         print("Nix is not installed: skipped the Hydra-mode benchmark")
         figures.write(args.figures, [])
         return
-    from tests.pg import Cluster, find_bindir
+    from tests.helpers.pg import Cluster, find_bindir
 
     bindir = find_bindir()
     if bindir is None:

@@ -773,7 +773,7 @@ async def test_a_blackholed_builder_loses_its_step_to_another(
     under a new step number; the Hydra build succeeds."""
     from hydra_trio.hydra.queue import HydraQueue
 
-    from .sim import Farmlet
+    from .helpers.sim import Farmlet
 
     h = hydra
     config = RunnerConfig(
