@@ -806,3 +806,48 @@ async def test_a_blackholed_builder_loses_its_step_to_another(
             assert [(r[0], r[3], r[4], r[7]) for r in steps] == [(1, 0, 3, "a"), (2, 0, 0, "b")]
             assert farmlet.machine("a").lost_builds == 1
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.realnet
+@pytest.mark.linux
+@needs_nix
+async def test_a_stopping_runner_aborts_only_its_own_busy_rows(
+    hydra: HydraSetup, tmp_path: Path
+) -> None:
+    """At its stop the runner aborts the rows it has busy (status 3, a stop time) and leaves
+    a busy row it did not open alone (a hot standby's new leader may own it)."""
+    h = hydra
+    config = RunnerConfig(
+        listen=attrs.evolve(RunnerConfig().listen, port=0),
+        http=None,
+        state_dir=tmp_path / "state",
+        default_system=SYSTEM,
+        nix_store=h.store,
+        hydra=HydraConfig(db=h.url, data=h.data),
+    )
+    farm, dispatcher = make_farm(config)
+    h.farm = farm
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            addresses: RunnerAddresses = await nursery.start(
+                functools.partial(serve_runner, config, farm=farm, dispatcher=dispatcher)
+            )
+            await start_builders(nursery, addresses.builders[0], tmp_path)
+            sleeper = h.queue("sleeper")
+            await h.busy_step(sleeper)
+            other = h.queue("x1", job="elsewhere")  # waits for s: no row of ours
+            await trio.to_thread.run_sync(
+                sql,
+                h.url,
+                "INSERT INTO buildsteps (build, stepnr, type, drvpath, busy, starttime, machine)"
+                " VALUES (%s, 99, 0, %s, 30, 1, 'another-runner')",
+                other,
+                h.drvs["x1"].path,
+            )
+            nursery.cancel_scope.cancel()
+    rows = await trio.to_thread.run_sync(
+        sql, h.url, "SELECT build, busy, status, stoptime FROM buildsteps ORDER BY build, stepnr"
+    )
+    mine = [r for r in rows if r[0] == sleeper]
+    assert [(r[1], r[2]) for r in mine] == [(0, 3)] and mine[0][3] > 0
+    assert (other, 30, None, None) in rows

@@ -152,6 +152,19 @@ class HydraDB:
 
         return self.transaction(body)
 
+    def abort_steps(self, steps: Sequence[tuple[int, int]], now: int) -> int:
+        """Abort the given (build, stepnr) rows if still busy (this runner's, at its stop)."""
+
+        def body(cur: psycopg.Cursor[Any]) -> int:
+            cur.executemany(
+                "UPDATE buildsteps SET busy = 0, status = %s, stoptime = %s"
+                " WHERE build = %s AND stepnr = %s AND busy != 0",
+                [(int(HydraStatus.ABORTED), now, build, stepnr) for build, stepnr in steps],
+            )
+            return len(steps)
+
+        return self.transaction(body)
+
     def unfinished(self) -> list[QueuedBuild]:
         def body(cur: psycopg.Cursor[Any]) -> list[QueuedBuild]:
             cur.execute(

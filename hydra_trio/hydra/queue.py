@@ -216,8 +216,9 @@ class HydraQueue:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Take Hydra's runner lock, abort the steps a previous runner left busy, then serve
-        the queue until cancelled; on the way out, busy steps are aborted again (as Hydra's
-        runner does on SIGTERM).  Raises ``HydraDBError`` if the database is unreachable at
+        the queue until cancelled; on the way out, the steps it has busy are aborted (Hydra's
+        runner aborts every busy row on SIGTERM; with hot standbys that could be the new
+        leader's).  Raises ``HydraDBError`` if the database is unreachable at
         start, or another runner holds the lock."""
         lock = await trio.to_thread.run_sync(self._lock)
         try:
@@ -232,9 +233,13 @@ class HydraQueue:
                 nursery.start_soon(self._listen)
                 nursery.start_soon(self._rereads)
         finally:
+            # Only this runner's own busy rows: with hot standbys a deposed leader stops
+            # while the new leader's steps are busy, and must not abort those.
             with trio.move_on_after(10, shield=True):
+                mine = [(step.build, step.stepnr) for step in self._open.values()]
                 try:
-                    await self._call(self.db.clear_busy, int(time.time()))
+                    if mine:
+                        await self._call(self.db.abort_steps, mine, int(time.time()))
                 except HydraDBError as exc:
                     log.warning("could not abort the busy steps at shutdown: %s", exc)
                 await trio.to_thread.run_sync(self.listener.close)
