@@ -851,3 +851,40 @@ async def test_a_stopping_runner_aborts_only_its_own_busy_rows(
     mine = [r for r in rows if r[0] == sleeper]
     assert [(r[1], r[2]) for r in mine] == [(0, 3)] and mine[0][3] > 0
     assert (other, 30, None, None) in rows
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hydra-db", "postgresql:///hydra"], "--hydra-db and --hydra-data go together"),
+        (["--hydra-db", "mysql://x", "--hydra-data", "/tmp"], "must be a postgresql:// URL"),
+    ],
+)
+def test_hydra_options_are_checked(args: list[str], message: str, tmp_path: Path) -> None:
+    """A Hydra-mode option without its pair, or a database that is not PostgreSQL, is a
+    usage error of one line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "hydra_trio", "queue-runner", "--state-dir", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_unreachable_hydra_database_is_one_line(tmp_path: Path) -> None:
+    """Hydra mode with a database that cannot be reached: the runner exits 1 with one line."""
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "hydra_trio", "queue-runner", "--state-dir", str(tmp_path),
+            "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0",
+            "--hydra-db", f"postgresql://nobody@/hydra?host={tmp_path}&port=1",
+            "--hydra-data", str(tmp_path / "hydra"),
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "cannot connect to Hydra's database" in done.stderr
+    assert "Traceback" not in done.stderr
