@@ -100,17 +100,36 @@ async def reconnect(config: BuilderConfig, state: BuilderState, connect: Connect
     log.info("drained while disconnected: exiting")
 
 
+#: After a runner's ``Goodbye`` ``runner-stopping``, connection failures count as its restart
+#: (short pauses, no growing backoff) for this many ping timeouts.
+STOPPING_WINDOW = 10
+
+
 def _next_delay(
     config: BuilderConfig, state: BuilderState, ended: Ended, established: bool, backoff: Backoff
 ) -> float:
     """Move on to the next runner of the list, and how long to wait before trying it: at
     once while some runner of the list was not tried this round; a short pause, without
     growing the backoff, after a standby or a runner stopping on purpose (its successor is
-    due within about a lease timeout); else the backoff."""
+    due within about a lease timeout); else the backoff.
+
+    A runner that said it is stopping is usually restarted (a deploy): until one of the list
+    answers again, for at most ``STOPPING_WINDOW`` ping timeouts, a refused connection is
+    that restart, not a fault, and does not grow the backoff either."""
     servers = state.servers
+    now = trio.current_time()
+    if ended.end is SessionEnd.RUNNER_STOPPING:
+        state.runner_stopped_at = now
+    elif established:
+        state.runner_stopped_at = None
     if established:
         servers.connected()
-    redirected = ended.end in (SessionEnd.STANDBY, SessionEnd.RUNNER_STOPPING)
+    restarting = (
+        ended.end is SessionEnd.CONNECT_FAILED
+        and state.runner_stopped_at is not None
+        and now - state.runner_stopped_at < STOPPING_WINDOW * config.effective_ping_timeout
+    )
+    redirected = restarting or ended.end in (SessionEnd.STANDBY, SessionEnd.RUNNER_STOPPING)
     round_failed = servers.failed(ended.leader)
     if not round_failed:
         return 0.0

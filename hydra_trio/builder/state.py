@@ -125,6 +125,9 @@ class BuilderState:
     execute_nix: NixExecutor = execute_nix
     #: the store the ``nix`` executor builds in; None: from ``config.nix_store``.
     nix_store: NixStore | None = None
+    #: when (``trio.current_time()``) a runner last said it is stopping, until a session is
+    #: established again (see ``session._next_delay``).
+    runner_stopped_at: float | None = None
     #: the runners to connect to (``config.addresses``), and the one tried next.
     servers: ServerList = attrs.field(init=False)
 
