@@ -388,6 +388,35 @@ async def test_the_dashboard_shows_builds_run_and_a_killed_builder_live(tmp_path
             status = (await farm.client.get(f"{farm.url}/status")).json()
             assert not any(m["drainRequested"] for m in status["machines"])
 
+            # A graph's builds are shown as a group (queued: no machine has their system).
+            graph = await farm.client.post(
+                f"{farm.url}/builds",
+                json={
+                    "builds": [
+                        {"name": "g-compile", "command": ["true"], "system": "pdp11-unix"},
+                        {
+                            "name": "g-test",
+                            "command": ["true"],
+                            "system": "pdp11-unix",
+                            "after": ["g-compile"],
+                        },
+                    ]
+                },
+            )
+            assert graph.status_code == 201, graph.text
+            await browser(
+                text_of(
+                    "#recent li.group",
+                    re.compile("^graph of 2 builds: g-compile, g-test +2 queued$"),
+                )
+            )
+            await browser(rows("recent", 51))  # the header, then the page's 50 builds
+            await browser(
+                lambda page: expect(page.locator("#recent li.in-group")).to_have_count(
+                    2, timeout=WAIT_MS
+                )
+            )
+
             assert await browser(lambda page: page.evaluate("window.__loadedOnce === true"))
             assert browser.problems == []
 

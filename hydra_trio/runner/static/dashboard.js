@@ -308,9 +308,58 @@
       h("span", {class: "c-time"}, time)));
   }
 
+  // Builds of one graph (linked by `after` within the list) are shown as a group: a header
+  // row naming them and what became of them, then the builds, indented.  A graph's builds
+  // were submitted together, so they are next to each other in the list.
+  function withGroups(builds) {
+    const parent = new Map(builds.map((b) => [b.id, b.id]));
+    const root = (id) => {
+      while (parent.get(id) !== id) id = parent.get(id);
+      return id;
+    };
+    for (const b of builds) {
+      for (const dep of b.after || []) if (parent.has(dep)) parent.set(root(dep), root(b.id));
+    }
+    const members = new Map();
+    for (const b of builds) {
+      const r = root(b.id);
+      if (!members.has(r)) members.set(r, []);
+      members.get(r).push(b);
+    }
+    const items = [], headed = new Set();
+    for (const b of builds) {
+      const group = members.get(root(b.id));
+      if (group.length > 1 && !headed.has(group)) {
+        headed.add(group);
+        items.push({group});
+      }
+      items.push(group.length > 1 ? Object.assign({inGroup: true}, b) : b);
+    }
+    return items;
+  }
+  function groupRow(item) {
+    const counts = {};
+    for (const b of item.group) {
+      const what = b.state === "failed" ? b.status || "failed" : b.state;
+      counts[what] = (counts[what] || 0) + 1;
+    }
+    const names = item.group.map((b) => b.name || b.id).reverse().join(", ");
+    return h("li", {class: "group"},
+      h("span", {class: "g-title"}, "graph of " + item.group.length + " builds: ", names),
+      h("span", {class: "sub"}, "  " + Object.entries(counts).map(([k, n]) => n + " " + k)
+        .join(", ")));
+  }
+  const itemKey = (item) => (item.group ? "g:" + item.group.map((b) => b.id).join(",") : item.id);
+  const itemRow = (item) => {
+    if (item.group) return groupRow(item);
+    const row = buildRow(item);
+    if (item.inGroup) row.classList.add("in-group");
+    return row;
+  };
+
   function renderList(name, data, skipped) {
     const builds = data.builds || [];
-    reconcile($(name), builds, (b) => b.id, (b) => JSON.stringify(b), buildRow);
+    reconcile($(name), withGroups(builds), itemKey, (item) => JSON.stringify(item), itemRow);
     const total = typeof data.total === "number" ? data.total : builds.length;
     skipped = skipped || 0;
     $("n-" + name).textContent = skipped
