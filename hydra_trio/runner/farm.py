@@ -195,6 +195,8 @@ class Farm:
         entropy = os.urandom(8 * len(specs)).hex()
         ids = [entropy[i : i + 16] for i in range(0, len(entropy), 16)]
         resolved = [self._resolve(spec, index, ids, local) for index, spec in enumerate(specs)]
+        for spec, deps in zip(specs, resolved, strict=True):
+            self._check_inputs(spec, deps, ids, specs)
         # Runnable builds enter the queue once the whole graph is in, with their dependents
         # counted: the heap orders builds that unblock more of them first.  A queued build
         # outside this graph that gains dependents goes in again with its new count (the old
@@ -249,6 +251,30 @@ class Farm:
             else:
                 raise InvalidGraphError(f"unknown build {ref!r} in 'after'")
         return deps
+
+    def _check_inputs(
+        self, spec: BuildSpec, deps: list[str], ids: list[str], specs: list[BuildSpec]
+    ) -> None:
+        """Refuse a build whose inputs could never be placed: two of them under the same
+        ``$IN/<name>`` (a build named twice in ``after``, or two dependencies of one name)."""
+        if spec.drv:
+            return  # a Nix build's inputs are store paths, not $IN entries
+        local = dict(zip(ids, specs, strict=True))
+        placed: dict[str, str] = {}
+        for dep_id in deps:
+            # a build of this graph by its name (its id is not known yet), another by its id
+            ref = local[dep_id].name if dep_id in local else dep_id
+            name = (local[dep_id] if dep_id in local else self.builds[dep_id].spec).name or dep_id
+            if name in placed:
+                who = f"build {spec.name!r}: " if spec.name else ""
+                if placed[name] == ref:
+                    what = f"{ref!r} is named twice"
+                else:
+                    what = f"{placed[name]!r} and {ref!r} would both be"
+                raise InvalidGraphError(
+                    f"{who}after: {what} placed at $IN/{name}; each input needs a name of its own"
+                )
+            placed[name] = ref
 
     def _create(self, build_id: str, spec: BuildSpec, deps: list[str], now: float) -> Build:
         self._seq += 1

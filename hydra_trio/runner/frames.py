@@ -35,8 +35,9 @@ from hydra_trio.runner.outbox import Outbox
 from hydra_trio.runner.results import ResultCommitter
 from hydra_trio.runner.uploads import UploadReceiver
 
-#: The most bytes one FetchRequest is answered with, whatever the builder asks: read in one
-#: thread hop, sent in frames of ``TRANSFER_FRAME`` bytes.
+#: The most bytes one FetchRequest may ask for (docs/protocol.md): read in one thread hop, sent
+#: in frames of ``TRANSFER_FRAME`` bytes.  A request for more is answered with ``error``, so
+#: every answer ends: with ``eof``, ``error``, or after exactly ``length`` bytes.
 MAX_FETCH_CHUNK = 1024 * 1024
 
 
@@ -125,6 +126,8 @@ class FrameHandler:
         )
         if build is None:
             error = "not an input of a build you run under this attempt"
+        elif msg.length > MAX_FETCH_CHUNK:
+            error = f"length {msg.length} is above the maximum of {MAX_FETCH_CHUNK} bytes"
         elif not self.farm.is_input(build, msg.sha256):
             error = f"{msg.sha256} is not an input of build {msg.build_id}"
         else:
@@ -133,7 +136,7 @@ class FrameHandler:
                     self.storage.blobs.read_pieces,
                     msg.sha256,
                     msg.offset,
-                    min(msg.length, MAX_FETCH_CHUNK),
+                    msg.length,
                     TRANSFER_FRAME,
                 )
             except BlobError as exc:

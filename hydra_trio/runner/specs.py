@@ -22,6 +22,9 @@ from hydra_trio.runner.model import BuildSpec
 #: Builds one graph submission may hold: a limit against abuse that still admits very large
 #: evaluations (Hydra jobsets of tens of thousands of steps).
 MAX_GRAPH_BUILDS = 100_000
+#: The longest build name: it becomes a file name under $IN on the builders of its
+#: dependents, and file systems allow 255 bytes.
+MAX_NAME_BYTES = 255
 
 
 class SpecError(ValueError):
@@ -140,6 +143,11 @@ def parse_spec(body: Any, default_system: str) -> BuildSpec:
     if "/" in name or "\0" in name or name in (".", ".."):
         # The name becomes $IN/<name> on the builders of its dependents.
         raise SpecError(f"name: {name!r} must be a single path component (no '/', not . or ..)")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise SpecError(
+            f"name: {name[:40]!r}... is longer than {MAX_NAME_BYTES} bytes (UTF-8), the longest "
+            "file name $IN/<name> can have"
+        )
     system = body.get("system") or default_system
     if not isinstance(system, str):
         raise SpecError("system: must be a string")

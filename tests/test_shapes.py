@@ -1,0 +1,217 @@
+"""Builds of any shape (issue 18): every fetch answer ends, and what can never run is refused
+at submission with a 422 naming the field."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from hydra_trio.protocol.codec import TRANSFER_FRAME
+from hydra_trio.protocol.messages import (
+    Assign,
+    BuildStatus,
+    FetchData,
+    FetchRequest,
+    FileInfo,
+    Result,
+    UploadData,
+)
+from hydra_trio.runner.frames import MAX_FETCH_CHUNK
+from hydra_trio.runner.model import BuildSpec
+
+from .helpers.common import RUNNER, SYSTEM
+from .helpers.fake_builder import FakeBuilder
+from .helpers.runner import LIMIT, Runner
+from .helpers.sim import Farmlet
+
+#: 2.5 MiB + 3 bytes: whole chunks, a partial chunk and a partial frame.
+CONTENT = bytes(range(256)) * (10 * 1024) + b"end"
+INFO = FileInfo(path="big", size=len(CONTENT), sha256=hashlib.sha256(CONTENT).hexdigest())
+
+
+async def assigned(builder: FakeBuilder) -> Assign:
+    message = await builder.receive()
+    assert isinstance(message, Assign), message
+    return message
+
+
+async def answer(builder: FakeBuilder, request: FetchRequest) -> list[FetchData]:
+    """The frames of one answer, read the way docs/protocol.md says an answer ends."""
+    await builder.send(request)
+    frames: list[FetchData] = []
+    carried = 0
+    while True:
+        frame = await builder.receive()
+        assert isinstance(frame, FetchData), frame
+        assert frame.request_id == request.request_id
+        frames.append(frame)
+        carried += len(frame.data)
+        assert carried <= request.length
+        if frame.eof or frame.error or carried == request.length:
+            return frames
+
+
+async def test_every_fetch_answer_ends(tmp_path: Path) -> None:
+    """Any length, at any offset: the answer ends with ``eof``, ``error`` or exactly
+    ``length`` bytes, in frames of at most TRANSFER_FRAME bytes; a length above the maximum
+    is one ``error`` frame; a Pong after each answer shows nothing more was sent.  (Real
+    clock: an answer that never ends fails the test instead of hanging it.)"""
+    with trio.fail_after(60):
+        await _fetch_answers_end(tmp_path)
+
+
+async def _fetch_answers_end(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        runner = Farmlet(nursery, RUNNER, tmp_path)
+        farm = runner.farm
+        dep = farm.submit(BuildSpec(command=("true",), system=SYSTEM), trio.current_time())
+        builder = runner.connect()
+        await builder.handshake("m1")
+        await assigned(builder)
+        for offset in range(0, INFO.size, TRANSFER_FRAME):
+            data = CONTENT[offset : offset + TRANSFER_FRAME]
+            eof = offset + TRANSFER_FRAME >= INFO.size
+            await builder.send(
+                UploadData(
+                    build_id=dep.id, attempt=1, path="big", offset=offset, data=data, eof=eof
+                )
+            )
+        await builder.send(
+            Result(build_id=dep.id, attempt=1, status=BuildStatus.SUCCESS, outputs=(INFO,))
+        )
+        await builder.ping()
+        consumer = farm.submit(
+            BuildSpec(command=("true",), system=SYSTEM, after=(dep.id,)), trio.current_time()
+        )
+        assign = await assigned(builder)
+        assert assign.build_id == consumer.id
+        request_id = 0
+        lengths = [1, 1000, TRANSFER_FRAME, 256 * 1024, MAX_FETCH_CHUNK]
+        offsets = [
+            0,
+            1,
+            TRANSFER_FRAME - 1,
+            MAX_FETCH_CHUNK,
+            INFO.size - 5,
+            INFO.size,
+            INFO.size + 7,
+        ]
+        for offset in offsets:
+            for length in lengths:
+                request_id += 1
+                request = FetchRequest(
+                    request_id=request_id,
+                    build_id=consumer.id,
+                    attempt=1,
+                    sha256=INFO.sha256,
+                    offset=offset,
+                    length=length,
+                )
+                frames = await answer(builder, request)
+                data = b"".join(f.data for f in frames)
+                assert data == CONTENT[offset : offset + length]
+                assert all(len(f.data) <= TRANSFER_FRAME for f in frames)
+                assert len(frames) == max(1, math.ceil(len(data) / TRANSFER_FRAME))
+                assert frames[-1].eof == (offset + length >= INFO.size)
+                assert not any(f.error for f in frames)
+                await builder.ping()  # nothing else of this answer is left behind the pong
+        for length in (MAX_FETCH_CHUNK + 1, 4 * MAX_FETCH_CHUNK):
+            request_id += 1
+            request = FetchRequest(
+                request_id=request_id,
+                build_id=consumer.id,
+                attempt=1,
+                sha256=INFO.sha256,
+                length=length,
+            )
+            (frame,) = await answer(builder, request)
+            assert not frame.data
+            assert f"above the maximum of {MAX_FETCH_CHUNK} bytes" in frame.error
+            await builder.ping()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.realnet
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "nul\0byte", "x" * 256, "é" * 128, "/leading"])
+async def test_a_name_that_cannot_be_a_file_name_is_a_422(runner: Runner, name: str) -> None:
+    """A build's name becomes $IN/<name> on its dependents' builders: a name no file system
+    takes (a '/', NUL, . or .., over 255 bytes of UTF-8) is refused at submission."""
+    with trio.fail_after(LIMIT):
+        response = await runner.client.post("/builds", json={"command": ["true"], "name": name})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"].startswith("name: ")
+        graph = {"builds": [{"name": name, "command": ["true"]}]}
+        response = await runner.client.post("/builds", json=graph)
+        assert response.status_code == 422, response.text
+        assert "name: " in response.json()["error"]
+        assert runner.farm.builds == {}
+
+
+@pytest.mark.realnet
+async def test_a_name_of_255_bytes_is_accepted(runner: Runner) -> None:
+    """The longest name accepted is placed as it is: 255 bytes of UTF-8 (127 two-byte letters
+    and one byte more)."""
+    name = "é" * 127 + "x"
+    with trio.fail_after(LIMIT):
+        response = await runner.client.post(
+            "/builds",
+            json={
+                "builds": [
+                    {"name": name, "command": ["sh", "-c", "echo hi > $OUT/f"]},
+                    {
+                        "name": "use",
+                        "command": ["sh", "-c", f'cat "$IN/{name}/f"'],
+                        "after": [name],
+                    },
+                ]
+            },
+        )
+        assert response.status_code == 201, response.text
+        assert len(response.json()["ids"]) == 2
+
+
+@pytest.mark.realnet
+async def test_colliding_inputs_are_a_422_naming_after(runner: Runner) -> None:
+    """Two inputs at one $IN/<name> are refused at submission, nothing queued: a build named
+    twice in ``after`` (by id, or by name in a graph), and two dependencies of one name."""
+    client = runner.client
+    with trio.fail_after(LIMIT):
+        lib1 = (await client.post("/builds", json={"command": ["true"], "name": "lib"})).json()[
+            "id"
+        ]
+        lib2 = (await client.post("/builds", json={"command": ["true"], "name": "lib"})).json()[
+            "id"
+        ]
+        anon = (await client.post("/builds", json={"command": ["true"]})).json()["id"]
+        before = set(runner.farm.builds)
+        bodies = [
+            {"command": ["true"], "after": [anon, anon]},
+            {"command": ["true"], "after": [lib1, lib2]},
+            {"command": ["true"], "after": [lib1, anon, lib1]},
+            {
+                "builds": [
+                    {"name": "p", "command": ["true"]},
+                    {"name": "c", "command": ["true"], "after": ["p", "p"]},
+                ]
+            },
+            {
+                "builds": [
+                    {"name": "lib", "command": ["true"]},
+                    {"name": "c", "command": ["true"], "after": ["lib", lib1]},
+                ]
+            },
+        ]
+        for body in bodies:
+            response = await client.post("/builds", json=body)
+            assert response.status_code == 422, (body, response.text)
+            error = response.json()["error"]
+            assert "after: " in error and "$IN/" in error, error
+        assert set(runner.farm.builds) == before
+        # Distinct names (or an unnamed build by its id beside a named one) are fine.
+        response = await client.post("/builds", json={"command": ["true"], "after": [lib1, anon]})
+        assert response.status_code == 201, response.text
