@@ -158,10 +158,19 @@ class HashingFile:
         self.move_to(target, durable=durable)
 
     def discard(self) -> None:
-        """Close and remove the file, unless ``move_to`` moved it (then nothing happens)."""
-        self.file.close()
-        if not self.kept:
-            self.tmp.unlink(missing_ok=True)
+        """Close and remove the file, unless ``move_to`` moved it (then nothing happens).
+        The removal does not depend on the close: closing flushes what is buffered, which
+        fails on a full disk (ENOSPC), and a partial file left behind would keep it full."""
+        try:
+            self.file.close()
+        except OSError:
+            if self.kept:
+                raise
+            with contextlib.suppress(OSError):  # closed now, whatever the flush said
+                self.file.close()
+        finally:
+            if not self.kept:
+                self.tmp.unlink(missing_ok=True)
 
 
 @contextlib.asynccontextmanager

@@ -132,3 +132,17 @@ async def test_beside_raises_a_main_failure_as_it_is() -> None:
 
     with pytest.raises(ValueError, match="bad"):
         await beside(main, trio.sleep_forever)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_still_removes_the_partial_file(tmp_path: Path) -> None:
+    """Closing flushes the buffered data, which fails with ENOSPC on a full disk
+    (``/dev/full``); the partial file is removed all the same and the error does not
+    escape ``discard``, so a transfer's own error is the one reported."""
+    partial = tmp_path / "partial"
+    partial.write_bytes(b"what was written before the disk filled")
+    file = HashingFile(partial, Path("/dev/full").open("wb"))  # noqa: SIM115 (discard closes it)
+    file.write_chunks([b"x" * 100])  # buffered: the flush at close fails
+    file.discard()
+    assert not partial.exists()
+    assert file.file.closed
