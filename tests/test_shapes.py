@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+from hydra_trio.builder import jobs as jobs_module
+from hydra_trio.builder.session import Session
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
     Assign,
@@ -18,9 +21,13 @@ from hydra_trio.protocol.messages import (
     FetchData,
     FetchRequest,
     FileInfo,
+    ListRequest,
+    OutputList,
     Result,
     UploadData,
 )
+from hydra_trio.runner import farm as farm_module
+from hydra_trio.runner import frames as frames_module
 from hydra_trio.runner.frames import MAX_FETCH_CHUNK
 from hydra_trio.runner.model import BuildSpec
 
@@ -215,3 +222,66 @@ async def test_colliding_inputs_are_a_422_naming_after(runner: Runner) -> None:
         # Distinct names (or an unnamed build by its id beside a named one) are fine.
         response = await client.post("/builds", json={"command": ["true"], "after": [lib1, anon]})
         assert response.status_code == 201, response.text
+
+
+async def _wait_done(runner: Runner, build_id: str) -> dict[str, Any]:
+    while True:
+        data: dict[str, Any] = (await runner.client.get(f"/builds/{build_id}")).json()
+        if data["state"] not in ("queued", "running"):
+            return data
+        await trio.sleep(0.05)
+
+
+@pytest.mark.realnet
+async def test_listings_travel_in_pieces_both_ways(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the pieces made small (the real ones hold thousands of files), an output
+    listing goes to the runner in several ``OutputList`` frames before its Result, and a
+    dependent's Assign lists no files: the builder asks for each input's listing in several
+    ``ListRequest``s.  The consumer sees every file of both inputs, links included."""
+    monkeypatch.setattr(farm_module, "INLINE_LISTING", 1000)
+    monkeypatch.setattr(frames_module, "LIST_PIECE_FILES", 7)
+    monkeypatch.setattr(jobs_module, "OUTPUT_PIECE_BYTES", 2000)
+    sent: list[type[Any]] = []
+    real_send = Session.send
+
+    async def spy(self: Session, message: Any) -> None:
+        sent.append(type(message))
+        await real_send(self, message)
+
+    monkeypatch.setattr(Session, "send", spy)
+    make = (
+        "mkdir -p $OUT/d; for i in $(seq 1 60); do echo $i > $OUT/d/f$i; done; ln -s d/f1 $OUT/link"
+    )
+    with trio.fail_after(LIMIT):
+        await runner.start_builder("b1")
+        graph = {
+            "builds": [
+                {"name": "one", "command": ["sh", "-c", make]},
+                {"name": "two", "command": ["sh", "-c", make]},
+                {
+                    "name": "use",
+                    "command": [
+                        "sh",
+                        "-c",
+                        'find "$IN" | sort > $OUT/seen; cat "$IN/two/link" > $OUT/via-link',
+                    ],
+                    "after": ["one", "two"],
+                },
+            ]
+        }
+        response = await runner.client.post("/builds", json=graph)
+        assert response.status_code == 201, response.text
+        ids = response.json()["ids"]
+        for name in ("one", "two", "use"):
+            data = await _wait_done(runner, ids[name])
+            assert data["status"] == "success", data
+        one = (await runner.client.get(f"/builds/{ids['one']}")).json()
+        assert len(one["outputs"]) == 61
+        seen = (await runner.client.get(f"/builds/{ids['use']}/outputs/seen")).text.split()
+        assert len([p for p in seen if "/d/f" in p]) == 120
+        via = await runner.client.get(f"/builds/{ids['use']}/outputs/via-link")
+        assert via.text == "1\n"
+    assert sent.count(OutputList) >= 3 * 2  # 61 listings of ~125 bytes, 2000 a piece
+    assert sent.count(ListRequest) >= 2 * 9  # 61 files, 7 a piece, per input

@@ -24,7 +24,16 @@ import trio
 from hydra_trio.builder.attempt import Send
 from hydra_trio.builder.inputs import FetchError
 from hydra_trio.diskio import HashingFile, HashMismatch, beside, receiving
-from hydra_trio.protocol.messages import Assign, FetchData, FetchRequest, FileInfo
+from hydra_trio.protocol.messages import (
+    Assign,
+    FetchData,
+    FetchRequest,
+    FileInfo,
+    InputSpec,
+    ListData,
+    ListRequest,
+)
+from hydra_trio.protocol.validators import MAX_LIST
 
 #: Input bytes asked for per FetchRequest (what the runner reads in one thread hop; it answers
 #: in frames of ``codec.TRANSFER_FRAME``), and requests in flight: enough to keep a loopback or
@@ -42,6 +51,57 @@ class InputFetcher:
     fetch_timeout: float
     _transfers: dict[int, _Transfer] = attrs.field(factory=dict, init=False)
     _next_request: int = attrs.field(default=0, init=False)
+    #: (1.3) the listing requests waiting for their one ``ListData``.
+    _listings: dict[int, trio.MemorySendChannel[ListData]] = attrs.field(factory=dict, init=False)
+
+    def deliver_listing(self, message: ListData) -> bool:
+        """Hand a ``ListData`` frame to its request (that of a request that is over is
+        dropped).  False: a second answer to one request, a protocol violation."""
+        waiting = self._listings.get(message.request_id)
+        if waiting is None:
+            return True
+        try:
+            waiting.send_nowait(message)
+        except trio.WouldBlock:
+            return False
+        return True
+
+    async def listing(self, assign: Assign, spec: InputSpec) -> tuple[FileInfo, ...]:
+        """(1.3) The output listing of the input ``spec`` (sent with ``listed``), asked for
+        piece by piece (``ListRequest``, one in flight); a runner error, nothing arriving for
+        ``fetch_timeout`` or a listing longer than a result can hold raises ``FetchError``."""
+        files: list[FileInfo] = []
+        while True:
+            request_id = self._next_request
+            self._next_request += 1
+            send, receive = trio.open_memory_channel[ListData](1)
+            self._listings[request_id] = send
+            try:
+                await self.send(
+                    ListRequest(
+                        request_id=request_id,
+                        build_id=assign.build_id,
+                        attempt=assign.attempt,
+                        of=spec.build_id,
+                        start=len(files),
+                    )
+                )
+                with trio.move_on_after(self.fetch_timeout) as stall:
+                    answer = await receive.receive()
+            finally:
+                del self._listings[request_id]
+            where = f"listing $IN/{spec.name}"
+            if stall.cancelled_caught:
+                raise FetchError(f"{where}: nothing received for {self.fetch_timeout:g} s")
+            if answer.error:
+                raise FetchError(f"{where}: {answer.error}")
+            if not answer.files and not answer.end:
+                raise FetchError(f"{where}: the runner sent an empty piece before the end")
+            files.extend(answer.files)
+            if len(files) > MAX_LIST:
+                raise FetchError(f"{where}: more than {MAX_LIST} files")
+            if answer.end:
+                return tuple(files)
 
     def deliver(self, message: FetchData) -> bool:
         """Hand a ``FetchData`` frame to its fetch (the frame of a fetch that is over is

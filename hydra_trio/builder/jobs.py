@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
@@ -20,12 +21,29 @@ import trio
 from hydra_trio import net
 from hydra_trio.builder.attempt import Send
 from hydra_trio.builder.config import BuilderConfig
-from hydra_trio.builder.inputs import Fetch
+from hydra_trio.builder.inputs import Fetch, FetchError
 from hydra_trio.builder.state import BuilderState
 from hydra_trio.builder.workdir import build_dir_name
 from hydra_trio.nixstore import NixStore
-from hydra_trio.protocol.errors import ProtocolError
-from hydra_trio.protocol.messages import Assign, BuildRef, BuildStatus, ExecutorKind, Result
+from hydra_trio.protocol import codec
+from hydra_trio.protocol.errors import LocalProtocolError, ProtocolError
+from hydra_trio.protocol.messages import (
+    Assign,
+    BuildRef,
+    BuildStatus,
+    ExecutorKind,
+    FileInfo,
+    InputSpec,
+    OutputList,
+    Result,
+)
+
+#: Fetches the listing of an input sent with ``listed`` (``InputFetcher.listing``).
+Listing = Callable[[Assign, InputSpec], Awaitable[tuple[FileInfo, ...]]]
+#: A Result lists its outputs itself up to this many bytes (about); beyond, to a 1.3 runner,
+#: they go first in ``OutputList`` frames of about this size each.
+OUTPUT_PIECE_BYTES = 256 * 1024
+_FILE_INFO_BYTES = 120
 
 log = logging.getLogger("hydra_trio.builder")
 
@@ -45,6 +63,10 @@ class Jobs:
     send: Send
     fetch: Fetch
     nursery: trio.Nursery
+    #: (1.3) fetches a listed input's files; None: the runner sends them in the Assign.
+    listing: Listing | None = None
+    #: (1.3) the runner takes output listings in pieces (``OutputList``).
+    pieces: bool = False
     _running: dict[str, _RunningBuild] = attrs.field(factory=dict, init=False)
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
 
@@ -85,7 +107,7 @@ class Jobs:
         try:
             with running.scope:
                 result = await self._result(assign, build_dir)
-                await self.send(result)
+                await self._send_result(result)
                 status = result.status.value
                 log.info("build %s attempt %d: %s", assign.build_id, assign.attempt, status)
         except (net.ConnectionLost, ProtocolError):
@@ -94,9 +116,52 @@ class Jobs:
             del self._running[assign.build_id]
             self._changed.set()
 
+    async def _send_result(self, result: Result) -> None:
+        """Send ``result``; a long output listing goes first in ``OutputList`` pieces (to a
+        1.3 runner), so no frame grows with the number of outputs."""
+        outputs = result.outputs
+        if not self.pieces and len(outputs) > _CHECK_FIT:
+            result = _fitting(result)
+        if not self.pieces or _piece_end(outputs, 0) == len(outputs):
+            await self.send(result)
+            return
+        start = 0
+        while start < len(outputs):
+            stop = _piece_end(outputs, start)
+            await self.send(
+                OutputList(
+                    build_id=result.build_id, attempt=result.attempt, files=outputs[start:stop]
+                )
+            )
+            start = stop
+        await self.send(attrs.evolve(result, outputs=(), listed_outputs=len(outputs)))
+
+    async def _listed(self, assign: Assign) -> Assign:
+        """``assign`` with the files of its inputs sent with ``listed`` asked for."""
+        if not any(spec.listed for spec in assign.inputs):
+            return assign
+        if self.listing is None:
+            raise FetchError("this builder cannot ask for input listings")
+        inputs = []
+        for spec in assign.inputs:
+            if spec.listed:
+                files = await self.listing(assign, spec)
+                spec = attrs.evolve(spec, files=files, listed=False)
+            inputs.append(spec)
+        return attrs.evolve(assign, inputs=tuple(inputs))
+
     async def _result(self, assign: Assign, build_dir: Path) -> Result:
         """Run the build; an internal error (a bug, an OS failure) is its result."""
         try:
+            try:
+                assign = await self._listed(assign)
+            except FetchError as exc:
+                return Result(
+                    build_id=assign.build_id,
+                    attempt=assign.attempt,
+                    status=BuildStatus.FETCH_FAILED,
+                    error=str(exc),
+                )
             return await self._execute(assign, build_dir)
         except (net.ConnectionLost, ProtocolError):
             raise
@@ -121,6 +186,38 @@ class Jobs:
             return self.state.nix_store
         features = (*self.config.supported_features, *self.config.mandatory_features)
         return NixStore(self.config.nix_store, system_features=tuple(sorted(set(features))))
+
+
+#: Results with more outputs than this are checked against the frame limit before they go to a
+#: runner older than 1.3 (which takes the whole listing in the Result).
+_CHECK_FIT = 1000
+
+
+def _fitting(result: Result) -> Result:
+    """``result``, or if it is too large for one frame, a ``build-failed`` saying why (a
+    frame over the limit would end the connection instead)."""
+    try:
+        codec.encode(result)
+    except LocalProtocolError:
+        error = (
+            f"{len(result.outputs)} outputs: their listing does not fit in one frame, and "
+            "the runner (protocol older than 1.3) cannot take it in pieces"
+        )
+        return attrs.evolve(result, status=BuildStatus.BUILD_FAILED, outputs=(), error=error)
+    return result
+
+
+def _piece_end(files: tuple[FileInfo, ...], start: int) -> int:
+    """Where a piece of ``files`` from ``start`` ends: at most about OUTPUT_PIECE_BYTES on
+    the wire (one file at least, while there are any)."""
+    stop, budget = start, OUTPUT_PIECE_BYTES
+    while stop < len(files):
+        cost = len(files[stop].path) + len(files[stop].link) + _FILE_INFO_BYTES
+        if cost > budget and stop > start:
+            break
+        budget -= cost
+        stop += 1
+    return stop
 
 
 def _internal_error(assign: Assign, error: str) -> Result:

@@ -45,9 +45,11 @@ class BadOutput(Exception):
 
 
 #: The most bytes the listing of a build's outputs may take (paths and link targets, plus
-#: ~100 bytes of hash and framing per file), so its ``Result`` fits in a frame under the
-#: default 8 MiB limit.  A bigger ``$OUT`` fails its build instead of the connection.
-MAX_OUTPUT_LISTING = 4 * 1024 * 1024
+#: ~100 bytes of hash and framing per file): a bound on the builder's memory, as the listing
+#: travels in pieces (``OutputList``, 1.3) of about 256 KiB.  (A runner older than 1.3 takes
+#: it in the ``Result`` alone: one that does not fit a frame fails the build, ``jobs``.)
+#: A bigger ``$OUT`` fails its build instead of the connection.
+MAX_OUTPUT_LISTING = 64 * 1024 * 1024
 
 _KIND = {
     stat.S_IFIFO: "a fifo",

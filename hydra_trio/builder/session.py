@@ -40,6 +40,7 @@ from hydra_trio.builder.state import BuilderState, Ended, EventKind, SessionEnd
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import HydraTrioError, IncompatibleVersionError, ProtocolError
 from hydra_trio.protocol.messages import (
+    LISTING_MINOR,
     PROTOCOL_VERSION,
     RUNNER_STOPPING,
     Abort,
@@ -49,11 +50,13 @@ from hydra_trio.protocol.messages import (
     FetchData,
     Goodbye,
     Hello,
+    ListData,
     Message,
     Reject,
     RejectCode,
     Role,
     Welcome,
+    speaks,
 )
 
 log = logging.getLogger("hydra_trio.builder")
@@ -297,7 +300,16 @@ class Session:
     async def run(self) -> Ended:
         with self.scope:
             async with trio.open_nursery() as nursery:
-                jobs = Jobs(self.config, self.state, self.send, self.fetcher.fetch, nursery)
+                welcome = self.channel.connection.welcome
+                jobs = Jobs(
+                    self.config,
+                    self.state,
+                    self.send,
+                    self.fetcher.fetch,
+                    nursery,
+                    listing=self.fetcher.listing,
+                    pieces=welcome is not None and speaks(welcome.protocol_version, LISTING_MINOR),
+                )
                 nursery.start_soon(self._pinger, jobs)
                 nursery.start_soon(self._disk_watcher)
                 nursery.start_soon(self._drainer, jobs)
@@ -327,6 +339,11 @@ class Session:
                 jobs.start(message)
             case Abort():
                 jobs.abort(message.build_id, message.attempt, message.reason)
+            case ListData():
+                if not self.fetcher.deliver_listing(message):
+                    reason = "the runner answered a listing request twice"
+                    self.close(SessionEnd.PROTOCOL_ERROR, reason)
+                    return False
             case FetchData():
                 if not self.fetcher.deliver(message):
                     reason = "the runner sent more fetch data than requested"

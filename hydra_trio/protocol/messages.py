@@ -35,7 +35,10 @@ from hydra_trio.protocol import validators as v
 from hydra_trio.protocol.errors import RemoteProtocolError
 
 #: The protocol version this code speaks.  Same major = compatible.
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
+#: The minor version that added listings in pieces (``InputSpec.listed``, ``ListRequest``,
+#: ``ListData``, ``OutputList``, ``Result.listed_outputs``): sent only to peers speaking it.
+LISTING_MINOR = 3
 
 
 class Role(enum.Enum):
@@ -151,6 +154,9 @@ class InputSpec:
     files: tuple[FileInfo, ...] = attrs.field(
         default=(), converter=v.as_tuple, validator=v.records_of(FileInfo)
     )
+    #: (1.3) true: ``files`` is empty and the builder asks for the listing in pieces
+    #: (``ListRequest``), so an ``Assign`` stays small whatever its inputs hold.
+    listed: bool = attrs.field(default=False, validator=v.check_bool)
 
 
 @attrs.frozen(kw_only=True)
@@ -372,6 +378,9 @@ class Result:
         default=(), converter=v.as_tuple, validator=v.records_of(FileInfo)
     )
     error: str = attrs.field(default="", validator=v.check_str)
+    #: (1.3) how many files ``OutputList`` frames of this attempt listed before this Result;
+    #: they come before ``outputs`` in the attempt's output listing.
+    listed_outputs: int = attrs.field(default=0, validator=v.check_count)
 
 
 @attrs.frozen(kw_only=True)
@@ -432,6 +441,54 @@ class FetchData:
 
 
 @attrs.frozen(kw_only=True)
+class ListRequest:
+    """(1.3) Builder -> runner: send me the output listing of the input ``of`` (an
+    ``InputSpec.build_id`` of a build this builder runs under ``attempt``, with ``listed``
+    set), from its file number ``start`` on.  Answered by exactly one ``ListData``."""
+
+    TAG: ClassVar[str] = "list"
+    SENDERS: ClassVar[frozenset[Role]] = _B
+
+    request_id: int = attrs.field(validator=v.check_count)
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    attempt: int = attrs.field(validator=v.check_count)
+    of: str = attrs.field(validator=v.check_nonempty_str)
+    start: int = attrs.field(default=0, validator=v.check_count)
+
+
+@attrs.frozen(kw_only=True)
+class ListData:
+    """(1.3) Runner -> builder: the answer to one ``ListRequest``: the next files of the
+    listing (at least one unless it has no more), ``end`` when they reach its end; ``error``
+    set means the request failed."""
+
+    TAG: ClassVar[str] = "list-data"
+    SENDERS: ClassVar[frozenset[Role]] = _R
+
+    request_id: int = attrs.field(validator=v.check_count)
+    files: tuple[FileInfo, ...] = attrs.field(
+        default=(), converter=v.as_tuple, validator=v.records_of(FileInfo)
+    )
+    end: bool = attrs.field(default=False, validator=v.check_bool)
+    error: str = attrs.field(default="", validator=v.check_str)
+
+
+@attrs.frozen(kw_only=True)
+class OutputList:
+    """(1.3) Builder -> runner: the next files of an attempt's output listing, sent before
+    its ``Result`` (whose ``listed_outputs`` counts them), so no frame holds all of them."""
+
+    TAG: ClassVar[str] = "outputs"
+    SENDERS: ClassVar[frozenset[Role]] = _B
+
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    attempt: int = attrs.field(validator=v.check_count)
+    files: tuple[FileInfo, ...] = attrs.field(
+        default=(), converter=v.as_tuple, validator=v.records_of(FileInfo)
+    )
+
+
+@attrs.frozen(kw_only=True)
 class UploadData:
     """Builder -> runner: the next chunk of one output file of an attempt.
 
@@ -467,6 +524,9 @@ Message = (
     | FetchRequest
     | FetchData
     | UploadData
+    | ListRequest
+    | ListData
+    | OutputList
 )
 
 MESSAGE_TYPES: tuple[type[Message], ...] = typing.get_args(Message)
@@ -632,6 +692,13 @@ def parse_version(version: str) -> tuple[int, int] | None:
 
 def _is_ascii_number(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 9
+
+
+def speaks(version: str, minor: int) -> bool:
+    """Whether a peer of ``version`` (compatible with ours) has minor version ``minor`` or
+    later, and so knows what that version added."""
+    parsed = parse_version(version)
+    return parsed is not None and parsed[1] >= minor
 
 
 def compatible(ours: str, theirs: str) -> bool:

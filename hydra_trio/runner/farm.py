@@ -37,14 +37,16 @@ a build, and the invariants above can only be checked by reading them side by si
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 
 from hydra_trio.protocol.messages import (
+    LISTING_MINOR,
     Abort,
     Assign,
     BuildRef,
@@ -57,6 +59,7 @@ from hydra_trio.protocol.messages import (
     Ping,
     Progress,
     Result,
+    speaks,
 )
 from hydra_trio.runner.journal import Journal
 from hydra_trio.runner.logs import Followers
@@ -74,6 +77,9 @@ from hydra_trio.runner.scheduler import Scheduler, retry_delay
 from hydra_trio.runner.store import Snapshot
 
 log = logging.getLogger("hydra_trio.runner")
+
+#: Builds whose input hashes ``Farm.is_input`` keeps (the ones fetching at once, and more).
+_INPUT_HASH_CACHE = 256
 
 
 def nix_store_paths(spec: BuildSpec, deps: list[Build]) -> tuple[FileInfo, ...]:
@@ -110,9 +116,39 @@ class FarmConfig:
     default_max_silent: float | None = None
 
 
-def _assignment(build: Build, deps: list[Build], config: FarmConfig) -> Assign:
-    """The Assign of ``build``'s current attempt; ``deps``: the builds it names in ``after``."""
+#: An ``Assign`` lists its inputs' files itself while they take at most this many bytes (about:
+#: ``_listing_bytes``); beyond, to a 1.3 builder, it lists none and the builder asks for each
+#: input's listing in pieces (``ListRequest``), so no Assign grows with its inputs.
+INLINE_LISTING = 256 * 1024
+#: What one ``FileInfo`` costs on the wire besides its path and link (keys, hash, size, flags).
+_FILE_INFO_BYTES = 120
+
+
+def _listing_bytes(files: Sequence[FileInfo]) -> int:
+    """About how many bytes ``files`` take on the wire (at least that many)."""
+    return sum(len(f.path) + len(f.link) + _FILE_INFO_BYTES for f in files)
+
+
+def _inline_listing(deps: list[Build]) -> bool:
+    """Whether ``deps``' files fit in an Assign (INLINE_LISTING), looking at no more of them
+    than that takes: a dispatch costs no pass over 100,000 files."""
+    budget = INLINE_LISTING
+    for dep in deps:
+        if len(dep.outputs) * _FILE_INFO_BYTES > budget:
+            return False
+        budget -= _listing_bytes(dep.outputs)
+        if budget < 0:
+            return False
+    return True
+
+
+def _assignment(
+    build: Build, deps: list[Build], config: FarmConfig, *, pieces: bool = False
+) -> Assign:
+    """The Assign of ``build``'s current attempt; ``deps``: the builds it names in ``after``.
+    ``pieces``: the builder takes listings in pieces (1.3), so large ones are left out."""
     spec = build.spec
+    listed = pieces and not _inline_listing(deps)
     timeout = spec.timeout if spec.timeout is not None else config.default_timeout
     max_silent = spec.max_silent if spec.max_silent is not None else config.default_max_silent
     return Assign(
@@ -124,7 +160,13 @@ def _assignment(build: Build, deps: list[Build], config: FarmConfig) -> Assign:
         inputs=()
         if spec.drv
         else tuple(
-            InputSpec(name=dep.name or dep.id, build_id=dep.id, files=dep.outputs) for dep in deps
+            InputSpec(
+                name=dep.name or dep.id,
+                build_id=dep.id,
+                files=() if listed else dep.outputs,
+                listed=listed,
+            )
+            for dep in deps
         ),
         drv=spec.drv,
         store_paths=nix_store_paths(spec, deps) if spec.drv else (),
@@ -163,6 +205,8 @@ class Farm:
     registry: Registry = attrs.field(init=False)
     scheduler: Scheduler = attrs.field(init=False)
     _seq: int = attrs.field(default=0, init=False)
+    #: per build (the last ``_INPUT_HASH_CACHE`` asked about): its inputs' hashes.
+    _input_hashes: dict[str, frozenset[str]] = attrs.field(factory=dict, init=False)
     #: builds per state, kept by ``Build.state`` itself (``Build.count_in``): /status and
     #: /metrics read it without a pass over the queue.
     _state_counts: dict[BuildState, int] = attrs.field(
@@ -472,7 +516,9 @@ class Farm:
         build.log_size = 0
         machine.running[build.id] = build
         deps = [self.builds[dep_id] for dep_id in build.spec.after]
-        assign = _assignment(build, deps, self.config)
+        assign = _assignment(
+            build, deps, self.config, pieces=speaks(machine.protocol_version, LISTING_MINOR)
+        )
         if not self.journal.hold(session, assign):
             session.post(assign)
         log.info("build %s attempt %d assigned to %s", build.id, build.attempts, machine.hostname)
@@ -499,14 +545,29 @@ class Farm:
 
     def is_input(self, build: Build, sha256: str) -> bool:
         """Whether a file with this hash is one a builder running ``build`` may fetch: an
-        output of a build it depends on, or (a Nix build) an export the runner made for it."""
-        if any(f.sha256 == sha256 and not f.link for f in build.spec.nix_inputs):
-            return True
-        return any(
-            f.sha256 == sha256 and not f.link
-            for dep_id in build.spec.after
-            for f in self.builds[dep_id].outputs
-        )
+        output of a build it depends on, or (a Nix build) an export the runner made for it.
+        The hashes of a build's inputs are gathered once (the outputs of a succeeded build
+        never change), so a fetch of 100,000 files is not 100,000 passes over them."""
+        known = self._input_hashes.get(build.id)
+        if known is None:
+            known = frozenset(
+                f.sha256
+                for f in itertools.chain(
+                    build.spec.nix_inputs,
+                    *(self.builds[dep_id].outputs for dep_id in build.spec.after),
+                )
+                if not f.link
+            )
+            if len(self._input_hashes) >= _INPUT_HASH_CACHE:
+                del self._input_hashes[next(iter(self._input_hashes))]
+            self._input_hashes[build.id] = known
+        return sha256 in known
+
+    def listing(self, build: Build, of: str) -> tuple[FileInfo, ...] | None:
+        """The output listing of ``of`` if it is one of ``build``'s inputs, else None."""
+        if of not in build.spec.after:
+            return None
+        return self.builds[of].outputs
 
     # -- transitions ------------------------------------------------------------------------
 

@@ -20,8 +20,11 @@ from hydra_trio.protocol.messages import (
     Drain,
     FetchData,
     FetchRequest,
+    ListData,
+    ListRequest,
     LogChunk,
     Message,
+    OutputList,
     Ping,
     Pong,
     Progress,
@@ -39,6 +42,10 @@ from hydra_trio.runner.uploads import UploadReceiver
 #: in frames of ``TRANSFER_FRAME`` bytes.  A request for more is answered with ``error``, so
 #: every answer ends: with ``eof``, ``error``, or after exactly ``length`` bytes.
 MAX_FETCH_CHUNK = 1024 * 1024
+#: One ``ListData`` carries at most this many files, and stops once they take about this many
+#: bytes (a path is at most 64 Ki characters: the frame stays far below the frame limit).
+LIST_PIECE_FILES = 10_000
+LIST_PIECE_BYTES = 1024 * 1024
 
 
 class BuilderEnd(Protocol):
@@ -76,6 +83,8 @@ class FrameHandler:
             Result: self.result,
             Progress: self.progress,
             Drain: self.drain,
+            ListRequest: self.list_files,
+            OutputList: self.outputs,
         }
 
     async def handle(self, message: Message) -> None:
@@ -114,6 +123,39 @@ class FrameHandler:
     async def progress(self, msg: Progress) -> None:
         await self.results.settled(msg.build_id, msg.attempt)
         self.farm.on_progress(self.session, self.machine, msg)
+
+    async def outputs(self, msg: OutputList) -> None:
+        await self.results.settled(msg.build_id, msg.attempt)
+        current = self.farm.current(
+            self.session, self.machine, msg.build_id, msg.attempt, kind="outputs"
+        )
+        if current is not None:
+            self.uploads.listed(msg)
+
+    async def list_files(self, msg: ListRequest) -> None:
+        """Answer with the next piece of an input's listing: files from ``start`` on, at most
+        ``LIST_PIECE_FILES`` of them and about ``LIST_PIECE_BYTES`` (at least one, while there
+        are any)."""
+        await self.results.settled(msg.build_id, msg.attempt)
+        build = self.farm.current(
+            self.session, self.machine, msg.build_id, msg.attempt, kind="list"
+        )
+        listing = None if build is None else self.farm.listing(build, msg.of)
+        if listing is None:
+            error = f"{msg.of} is not an input of a build you run under this attempt"
+            self.session.post(ListData(request_id=msg.request_id, error=error))
+            return
+        end = min(len(listing), msg.start + LIST_PIECE_FILES)
+        budget = LIST_PIECE_BYTES
+        stop = msg.start
+        while stop < end and (budget > 0 or stop == msg.start):
+            info = listing[stop]
+            budget -= len(info.path) + len(info.link) + 120
+            stop += 1
+        files = listing[msg.start : stop]
+        self.session.post(
+            ListData(request_id=msg.request_id, files=files, end=stop >= len(listing))
+        )
 
     async def drain(self, msg: Drain) -> None:
         self.farm.on_builder_drain(self.session, self.machine)

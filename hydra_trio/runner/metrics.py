@@ -101,7 +101,7 @@ _KIND_PATTERNS = (
 
 #: The label values ``FarmMetrics.frames_rejected`` and ``.handshakes_rejected`` use, listed at 0
 #: before they first happen.
-_FRAME_KINDS = ("progress", "log", "result", "upload", "fetch")
+_FRAME_KINDS = ("progress", "log", "result", "upload", "fetch", "list", "outputs")
 _HANDSHAKE_REJECTIONS = tuple(sorted(code.value for code in RejectCode))
 
 

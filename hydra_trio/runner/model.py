@@ -191,6 +191,8 @@ class Machine:
     speed_factor: float
     #: what it can run: ``command`` and/or ``nix`` (``Hello.executors``).
     executors: frozenset[str] = frozenset({"command"})
+    #: what its last hello said (a 1.3 builder takes input listings in pieces).
+    protocol_version: str = "1.0"
     state: MachineState = MachineState.DISCONNECTED
     session: Session | None = None
     #: builds it runs now, by id.

@@ -86,6 +86,7 @@ class Registry:
                 max_jobs=hello.max_jobs,
                 speed_factor=hello.speed_factor,
                 executors=frozenset(hello.executors),
+                protocol_version=hello.protocol_version,
             )
             self.machines[hello.machine_id] = machine
         else:
@@ -243,3 +244,4 @@ def _update(machine: Machine, hello: Hello) -> None:
     machine.max_jobs = hello.max_jobs
     machine.speed_factor = hello.speed_factor
     machine.executors = frozenset(hello.executors)
+    machine.protocol_version = hello.protocol_version

@@ -89,6 +89,8 @@ class ResultCommitter:
         # Only a current result has its uploads checked and kept: one from another machine's
         # build or an old attempt is counted and dropped.
         uploads = self.uploads.take(*ref) if build is not None else {}
+        if build is not None:
+            result = self.uploads.full_listing(result)
         self._pending[ref] = self._pending.get(ref, 0) + 1
         await self._send.send(_Settle(result, build, uploads))
 

@@ -24,7 +24,7 @@ import trio
 
 from hydra_trio.diskio import write_and_hash
 from hydra_trio.protocol.errors import RemoteProtocolError
-from hydra_trio.protocol.messages import BuildStatus, Result, UploadData
+from hydra_trio.protocol.messages import BuildStatus, FileInfo, OutputList, Result, UploadData
 from hydra_trio.protocol.validators import MAX_LIST, tree_conflict
 from hydra_trio.runner.blobs import BlobError, BlobStore, PendingUpload
 from hydra_trio.runner.metrics import FarmMetrics
@@ -70,6 +70,47 @@ class UploadReceiver:
     writes: dict[PendingUpload, trio.Event] = attrs.field(factory=dict, init=False)
     #: what ``take`` handed to results not settled yet (``check``, ``discard``).
     _settling: list[dict[str, PendingUpload]] = attrs.field(factory=list, init=False)
+    #: (1.3) the output files each attempt listed in ``OutputList`` frames so far.
+    listings: dict[_Attempt, list[FileInfo]] = attrs.field(factory=dict, init=False)
+
+    def listed(self, msg: OutputList) -> None:
+        """The next files of a current attempt's output listing (``OutputList``); more than a
+        result can list is a protocol violation."""
+        listing = self.listings.setdefault((msg.build_id, msg.attempt), [])
+        if len(listing) + len(msg.files) > MAX_LIST:
+            raise RemoteProtocolError(
+                f"build {msg.build_id} attempt {msg.attempt}: listed more than {MAX_LIST} outputs"
+            )
+        listing.extend(msg.files)
+
+    def full_listing(self, result: Result) -> Result:
+        """``result`` with the files its attempt listed in ``OutputList`` frames before its
+        own ``outputs`` (taken: a later listing starts afresh).  A count that does not match
+        ``listed_outputs`` is a success that cannot be kept: ``upload-failed``."""
+        listing = self.listings.pop((result.build_id, result.attempt), [])
+        if not listing and not result.listed_outputs:
+            return result
+        if len(listing) != result.listed_outputs:
+            error = (
+                f"the result says {result.listed_outputs} outputs were listed before it, "
+                f"{len(listing)} were"
+            )
+            status = (
+                BuildStatus.UPLOAD_FAILED if result.status is BuildStatus.SUCCESS else result.status
+            )
+            return attrs.evolve(
+                result, status=status, error=result.error or error, outputs=(), listed_outputs=0
+            )
+        if len(listing) + len(result.outputs) > MAX_LIST:
+            error = f"more than {MAX_LIST} outputs"
+            status = (
+                BuildStatus.UPLOAD_FAILED if result.status is BuildStatus.SUCCESS else result.status
+            )
+            return attrs.evolve(
+                result, status=status, error=result.error or error, outputs=(), listed_outputs=0
+            )
+        listing.extend(result.outputs)
+        return attrs.evolve(result, outputs=tuple(listing), listed_outputs=0)
 
     async def receive(self, msg: UploadData) -> None:
         """Append one chunk of a current attempt's output file (see the module)."""
@@ -226,6 +267,10 @@ class UploadReceiver:
             build = machine.running.get(ref[0])
             if build is None or build.attempts != ref[1]:
                 del self.totals[ref]
+        for ref in list(self.listings):
+            build = machine.running.get(ref[0])
+            if build is None or build.attempts != ref[1]:
+                del self.listings[ref]
 
     async def discard_all(self) -> None:
         """At the end of the session: remove every file still arriving or waiting for its

@@ -51,7 +51,11 @@ file_infos = st.builds(
     link=text,
 )
 input_specs = st.builds(
-    m.InputSpec, name=nonempty, build_id=nonempty, files=st.lists(file_infos, max_size=2)
+    m.InputSpec,
+    name=nonempty,
+    build_id=nonempty,
+    files=st.lists(file_infos, max_size=2),
+    listed=st.booleans(),
 )
 limits = st.builds(
     m.Limits,
@@ -124,6 +128,7 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
         timings=float_maps,
         outputs=st.lists(file_infos, max_size=2),
         error=text,
+        listed_outputs=counts,
     ),
     m.Drain: st.builds(m.Drain, reason=text),
     m.Goodbye: st.builds(m.Goodbye, reason=text),
@@ -147,6 +152,24 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
         offset=counts,
         data=data,
         eof=st.booleans(),
+    ),
+    m.ListRequest: st.builds(
+        m.ListRequest,
+        request_id=counts,
+        build_id=nonempty,
+        attempt=counts,
+        of=nonempty,
+        start=counts,
+    ),
+    m.ListData: st.builds(
+        m.ListData,
+        request_id=counts,
+        files=st.lists(file_infos, max_size=2),
+        end=st.booleans(),
+        error=text,
+    ),
+    m.OutputList: st.builds(
+        m.OutputList, build_id=nonempty, attempt=counts, files=st.lists(file_infos, max_size=2)
     ),
 }
 
@@ -217,5 +240,12 @@ EXAMPLES: dict[type[Any], Any] = {
     m.FetchData: m.FetchData(request_id=1, data=b"abc", eof=True, error=""),
     m.UploadData: m.UploadData(
         build_id="b1", attempt=2, path="bin/x", offset=0, data=b"abc", eof=True
+    ),
+    m.ListRequest: m.ListRequest(request_id=3, build_id="b1", attempt=2, of="b0", start=1000),
+    m.ListData: m.ListData(
+        request_id=3, files=(m.FileInfo(path="x", size=0, sha256=SHA_EMPTY),), end=True
+    ),
+    m.OutputList: m.OutputList(
+        build_id="b1", attempt=2, files=(m.FileInfo(path="y", size=0, sha256=SHA_EMPTY),)
     ),
 }
