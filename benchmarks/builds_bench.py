@@ -8,11 +8,13 @@ builders (default 4) with ``--max-jobs 2 --ping-interval 1``.
    ``["true", "<n>"]``) in one ``POST /builds {"builds": [...]}``; timed from sending the POST
    until ``GET /status`` (polled every 50 ms) counts all of them succeeded.  Baseline, in the
    same run and interleaved with it: this script running ``trio.run_process(["true"])`` the same
-   number of times with ``builders x max-jobs`` (8) in flight.  Repeated ``--repeat`` times
-   (bare, farm, bare, farm, ...); medians and the median of the per-repetition ratios.  Around
-   each timed phase the CPU time of the runner and of the builders (utime + stime of the
-   processes themselves, from ``/proc/<pid>/stat``; their children not included) and of the
-   whole machine (``/proc/stat``) are read.
+   number of times with ``builders x max-jobs`` (8) in flight; and a second baseline, the
+   builder's unavoidable work done by a plain trio loop (a fresh directory per build, the child
+   with its output on a pipe copied into a log file there, the directory removed).  Repeated
+   ``--repeat`` times (bare, work, farm, bare, work, farm, ...); medians and the median of the
+   per-repetition ratios.  Around each timed phase the CPU time of the runner and of the
+   builders (utime + stime of the processes themselves, from ``/proc/<pid>/stat``; their
+   children not included) and of the whole machine (``/proc/stat``) are read.
 2. **latency**: ``--latency`` single builds (default 200, after 10 warm-up), one at a time so a
    builder is always free, each ``POST /builds {"command": ["date", "+%s.%N"]}``.  ``date``
    reads the clock as soon as it runs and prints it to its log; latency = that time minus the
@@ -166,6 +168,55 @@ def bare_throughput(count: int, parallel: int) -> float:
     return time.monotonic() - start
 
 
+async def _work_batch(count: int, parallel: int, root: Path) -> None:
+    """What any builder must do per build besides the farm's own bookkeeping: a fresh directory,
+    the child with its output on a pipe, the pipe copied into a log file there, the directory
+    removed.  Written as plainly as a script would (one thread hop for the directory, one for
+    its removal), no protocol, no database."""
+    limiter = trio.CapacityLimiter(parallel)
+
+    def prepare(path: str) -> int:
+        os.mkdir(path)
+        return os.open(os.path.join(path, "log"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def remove(path: str) -> None:
+        os.unlink(os.path.join(path, "log"))
+        os.rmdir(path)
+
+    async def one(index: int) -> None:
+        async with limiter:
+            path = os.path.join(root, str(index))
+            log = await trio.to_thread.run_sync(prepare, path)
+            try:
+                process = await trio.lowlevel.open_process(
+                    ["true", str(index)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    cwd=path,
+                )
+                assert process.stdout is not None
+                async with process.stdout:
+                    while data := await process.stdout.receive_some(65536):
+                        os.write(log, data)
+                await process.wait()
+            finally:
+                os.close(log)
+            await trio.to_thread.run_sync(remove, path)
+
+    with trio.fail_after(PHASE_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for index in range(count):
+                nursery.start_soon(one, index)
+
+
+def work_throughput(count: int, parallel: int, root: Path) -> float:
+    """Seconds for ``count`` builds of `_work_batch` (``root`` must exist and is left empty)."""
+    start = time.monotonic()
+    trio.run(_work_batch, count, parallel, root)
+    return time.monotonic() - start
+
+
 async def _exec_floor(count: int) -> list[float]:
     """Seconds from just before ``trio.run_process(["date", "+%s.%N"])`` to the time it prints."""
     samples = []
@@ -274,18 +325,26 @@ def main() -> int:
         farm.start_builders(args.builders, args.max_jobs)
         farm_throughput(farm, min(100, args.count), "warmup")
         bare_throughput(min(100, args.count), parallel)
+        work_root = tmp / "work"
+        work_root.mkdir()
+        work_throughput(min(100, args.count), parallel, work_root)
         for index in range(args.repeat):
             busy0 = machine_busy()
             bare = bare_throughput(args.count, parallel)
             busy1 = machine_busy()
+            work = work_throughput(args.count, parallel, work_root)
             result = farm_throughput(farm, args.count, f"r{index}")
             result["bare"] = bare
+            result["work"] = work
             result["bare_busy"] = (busy1[0] - busy0[0]) / bare
             runs.append(result)
             print(
-                f"run {index + 1}: bare {args.count / bare:,.0f} builds/s, farm "
+                f"run {index + 1}: bare {args.count / bare:,.0f} builds/s, builder's work "
+                f"{args.count / work:,.0f} builds/s, farm "
                 f"{args.count / result['seconds']:,.0f} builds/s "
-                f"(ratio {bare / result['seconds']:.2f}); runner CPU {result['runner_cpu']:.1f} s,"
+                f"(ratio {bare / result['seconds']:.2f} of bare, "
+                f"{work / result['seconds']:.2f} of the work); runner CPU "
+                f"{result['runner_cpu']:.1f} s,"
                 f" builders CPU {result['builders_cpu']:.1f} s, machine busy "
                 f"{result['machine_busy']:.2f} CPUs",
                 flush=True,
@@ -302,6 +361,8 @@ def main() -> int:
     farm_rates = [args.count / r["seconds"] for r in runs]
     bare_rates = [args.count / r["bare"] for r in runs]
     ratios = [r["bare"] / r["seconds"] for r in runs]
+    work_rates = [args.count / r["work"] for r in runs]
+    work_ratios = [r["work"] / r["seconds"] for r in runs]
     ms = 1000.0
     print()
     print(
@@ -319,6 +380,12 @@ def main() -> int:
         f"({' / '.join(f'{r:,.0f}' for r in bare_rates)})"
     )
     ratio = statistics.median(ratios)
+    work_ratio = statistics.median(work_ratios)
+    print(
+        f"builder's unavoidable work (dir, child, log pipe) x{parallel}: "
+        f"{statistics.median(work_rates):,.0f} builds/s; farm/work {work_ratio:.2f} "
+        f"({' / '.join(f'{r:.2f}' for r in work_ratios)})"
+    )
     print(
         f"ratio farm/bare: {ratio:.2f} ({' / '.join(f'{r:.2f}' for r in ratios)}); goal >= "
         f"{GOAL_RATIO:.0%}: {'met' if ratio >= GOAL_RATIO else 'NOT met'}"
@@ -354,6 +421,14 @@ def main() -> int:
             f"trio.run_process x{parallel}",
             Goal(">=", GOAL_RATIO, of_baseline=True),
             paired_ratio=ratio,
+        ),
+        Figure(
+            f"no-op builds/s vs the builder's unavoidable work x{parallel}",
+            statistics.median(farm_rates),
+            "builds/s",
+            statistics.median(work_rates),
+            "dir + child + log pipe",
+            paired_ratio=work_ratio,
         ),
         Figure(
             "POST /builds -> child running, p50",

@@ -26,11 +26,18 @@ Measured:
   (fetch, build).  With ``--ping-interval 1`` it should stay below about 2 s.  Also the time
   from A's phase leaving ``uploading`` to A ``succeeded`` (the runner's commit: hash check,
   fsync of the file, rename; 100 ms resolution).
-- **baseline** in the same repetition: a raw trio socket copy of the same number of bytes over
-  loopback between two processes (this script in ``--source`` / ``--sink`` mode:
-  ``send_all`` of 256 KiB ``bytes`` / ``receive_some(256 KiB)`` discarded; no disk, no framing).
+- **baselines** in the same repetition, each between two fresh processes over loopback:
+  a raw trio socket copy of the same number of bytes (this script in ``--source`` / ``--sink``
+  mode: ``send_all`` of 256 KiB ``bytes`` / ``receive_some(256 KiB)`` discarded; no disk, no
+  framing); the **naive receive-write-hash loop** (``--naive-sink``: plain blocking Python,
+  ``recv_into`` a reused 1 MiB buffer, write to a new file and SHA-256 in the same thread;
+  the source sends from memory), the work of an upload's receiving end; and the **naive
+  read-hash-send -> receive-write-hash** pair (the source reads a file of the same bytes in
+  1 MiB pieces and hashes them before sending), the work of a fetch end to end.
 
-Goals: upload and fetch >= 60 % of raw; runner and builder RSS < 150 MiB.
+Goals: upload >= 1.0x the naive receive-write-hash loop, fetch >= 1.0x the naive
+read-hash-send -> receive-write-hash pair (the ratios to the raw copy are reported too);
+runner and builder RSS < 150 MiB.
 
     .venv/bin/python benchmarks/transfer_bench.py                  # 3 repetitions of 1 GiB
     .venv/bin/python benchmarks/transfer_bench.py --quick          # 1 x 128 MiB
@@ -68,7 +75,8 @@ from figures import Figure, Goal
 PING_INTERVAL = 1.0
 SAMPLE = 0.1
 CHUNK = 256 * 1024
-GOAL_RATIO = 0.6
+#: goal: upload and fetch at least as fast as the naive single-thread loops doing the same work.
+GOAL_NAIVE = 1.0
 GOAL_RSS_MIB = 150
 #: the longest one repetition's transfer may take before the script gives up.
 RUN_TIMEOUT = 600.0
@@ -177,6 +185,119 @@ def raw_copy(size: int) -> float:
                 process.wait(10)
                 if process.stdout is not None:
                     process.stdout.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The naive baselines: plain blocking Python that does a transfer's work, one thread per side.
+#
+# --naive-sink: accept one connection, `recv_into` a reused 1 MiB buffer, write each piece to
+#   a new file and feed it to SHA-256 in the same thread, then answer the digest (no fsync,
+#   as the builders' `timings.upload` does not include the runner's).
+# --naive-source: connect, then either send ``--size`` bytes of a 1 MiB block from memory, or
+#   (``--from FILE``) read the file in 1 MiB pieces, hash each and send it.
+NAIVE_CHUNK = 1 << 20
+
+
+def naive_sink(lifetime: float, target: str) -> None:
+    import hashlib
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(lifetime)
+        print(f"PORT {server.getsockname()[1]}", flush=True)
+        conn, _ = server.accept()
+        with conn, open(target, "xb", buffering=0) as out:
+            conn.settimeout(lifetime)
+            digest = hashlib.sha256()
+            buffer = bytearray(NAIVE_CHUNK)
+            view = memoryview(buffer)
+            while got := conn.recv_into(buffer):
+                out.write(view[:got])
+                digest.update(view[:got])
+            conn.sendall(digest.digest())
+        os.unlink(target)
+
+
+def naive_source(port: int, size: int, lifetime: float, source: str | None) -> None:
+    import hashlib
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=lifetime) as conn:
+        digest = hashlib.sha256()
+        start = time.monotonic()
+        if source is None:
+            block = os.urandom(NAIVE_CHUNK)
+            sent = 0
+            while sent < size:
+                piece = block if size - sent >= len(block) else block[: size - sent]
+                conn.sendall(piece)
+                digest.update(piece)
+                sent += len(piece)
+        else:
+            with open(source, "rb", buffering=0) as f:
+                while piece := f.read(NAIVE_CHUNK):
+                    digest.update(piece)
+                    conn.sendall(piece)
+        conn.shutdown(socket.SHUT_WR)
+        reply = b""
+        while len(reply) < 32 and (data := conn.recv(32)):
+            reply += data
+        elapsed = time.monotonic() - start
+    assert reply == digest.digest(), "the sink's hash differs"
+    print(f"ELAPSED {elapsed:.6f}", flush=True)
+
+
+def pair(sink_args: list[str], source_args: list[str], lifetime: float = 300.0) -> float:
+    """Start this script as ``--<sink>`` then ``--<source>``; the seconds the source reports."""
+    life = f"{lifetime:g}"
+    sink = subprocess.Popen(
+        [sys.executable, __file__, *sink_args, "--lifetime", f"{lifetime:g}"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    source: subprocess.Popen[str] | None = None
+    try:
+        assert sink.stdout is not None
+        line = sink.stdout.readline().strip()  # the sink exits after `lifetime` in any case
+        assert line.startswith("PORT "), line
+        source = subprocess.Popen(
+            [*[sys.executable, __file__, *source_args], line.split()[1], "--lifetime", life],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        out, _ = source.communicate(timeout=lifetime + 10)
+        assert out.startswith("ELAPSED "), out
+        sink.wait(30)
+        return float(out.split()[1])
+    finally:
+        for process in (source, sink):
+            if process is not None and process.poll() is None:
+                process.kill()
+            if process is not None:
+                process.wait(10)
+                if process.stdout is not None:
+                    process.stdout.close()
+
+
+def naive_receive(size: int, target: Path) -> float:
+    """Seconds for memory -> socket -> new file + SHA-256 (the upload's runner side)."""
+    return pair(["--naive-sink", str(target)], ["--size", str(size), "--naive-source"])
+
+
+def naive_file_to_file(source: Path, target: Path) -> float:
+    """Seconds for file read + SHA-256 -> socket -> new file + SHA-256 (a fetch's whole work)."""
+    return pair(["--naive-sink", str(target)], ["--from", str(source), "--naive-source"])
+
+
+def make_source(path: Path, size: int) -> None:
+    block = os.urandom(1 << 20)
+    with path.open("wb") as f:
+        left = size
+        while left > 0:
+            f.write(block[: min(left, len(block))])
+            left -= len(block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,10 +442,19 @@ def main() -> int:
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--source", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--lifetime", type=float, default=120.0, help=argparse.SUPPRESS)
+    parser.add_argument("--naive-sink", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--naive-source", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--from", dest="source_file", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # run_all.py stops an overrunning benchmark with SIGTERM: exit through the `finally`
     # blocks, which stop the daemons this script started and remove its work dir.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.naive_sink is not None:
+        naive_sink(args.lifetime, args.naive_sink)
+        return 0
+    if args.naive_source is not None:
+        naive_source(args.naive_source, args.size, args.lifetime, args.source_file)
+        return 0
     if args.sink or args.source is not None:
         import trio
 
@@ -342,8 +472,12 @@ def main() -> int:
     runs = []
     tmp = Path(tempfile.mkdtemp(prefix="transfer-bench-"))
     try:
+        source_file = tmp / "source"
+        make_source(source_file, args.size)
         for index in range(args.repeat):
             raw = raw_copy(args.size)
+            naive_in = naive_receive(args.size, tmp / "naive-in")
+            naive_ff = naive_file_to_file(source_file, tmp / "naive-ff")
             workdir = tmp / f"run{index + 1}"
             workdir.mkdir()
             try:
@@ -352,9 +486,13 @@ def main() -> int:
                 if not args.keep:
                     shutil.rmtree(workdir, ignore_errors=True)
             result["raw"] = raw
+            result["naive_in"] = naive_in
+            result["naive_ff"] = naive_ff
             runs.append(result)
             print(
-                f"run {index + 1}: raw {mb / raw:,.0f} MB/s, upload {mb / result['upload']:,.0f}"
+                f"run {index + 1}: raw {mb / raw:,.0f} MB/s, naive receive-write-hash "
+                f"{mb / naive_in:,.0f} MB/s, naive read-hash-send -> receive-write-hash "
+                f"{mb / naive_ff:,.0f} MB/s, upload {mb / result['upload']:,.0f}"
                 f" MB/s, fetch {mb / result['fetch']:,.0f} MB/s; VmHWM "
                 + ", ".join(f"{k} {v:.0f} MiB" for k, v in result["hwm_mib"].items())
                 + "; max sinceLastPing "
@@ -378,8 +516,12 @@ def main() -> int:
     raw_rates = [mb / r["raw"] for r in runs]
     up_rates = [mb / r["upload"] for r in runs]
     fetch_rates = [mb / r["fetch"] for r in runs]
+    naive_in_rates = [mb / r["naive_in"] for r in runs]
+    naive_ff_rates = [mb / r["naive_ff"] for r in runs]
     up_ratio = med([r["raw"] / r["upload"] for r in runs])
     fetch_ratio = med([r["raw"] / r["fetch"] for r in runs])
+    up_naive = med([r["naive_in"] / r["upload"] for r in runs])
+    fetch_naive = med([r["naive_ff"] / r["fetch"] for r in runs])
     print()
     print(
         f"machine: nproc {os.cpu_count()} ({cpu_model()}), Python {platform.python_version()}, "
@@ -387,8 +529,16 @@ def main() -> int:
     )
     print(f"{args.repeat} repetitions of {args.size:,} bytes ({args.size / (1 << 20):,.0f} MiB)")
     print(f"raw trio socket copy: {med(raw_rates):,.0f} MB/s")
-    print(f"upload:  {med(up_rates):,.0f} MB/s, {up_ratio:.2f} of raw")
-    print(f"fetch:   {med(fetch_rates):,.0f} MB/s, {fetch_ratio:.2f} of raw")
+    print(f"naive receive-write-hash: {med(naive_in_rates):,.0f} MB/s")
+    print(f"naive read-hash-send -> receive-write-hash: {med(naive_ff_rates):,.0f} MB/s")
+    print(
+        f"upload:  {med(up_rates):,.0f} MB/s, {up_ratio:.2f} of raw, "
+        f"{up_naive:.2f} of naive receive-write-hash"
+    )
+    print(
+        f"fetch:   {med(fetch_rates):,.0f} MB/s, {fetch_ratio:.2f} of raw, "
+        f"{fetch_naive:.2f} of naive read-hash-send -> receive-write-hash"
+    )
     for name in runs[0]["hwm_mib"]:
         print(
             f"{name}: VmHWM {med([r['hwm_mib'][name] for r in runs]):.0f} MiB, sampled VmRSS "
@@ -402,9 +552,9 @@ def main() -> int:
         f"(while fetching {max(r['since_fetching'] for r in runs):.2f} s)"
     )
     rss_ok = all(v < GOAL_RSS_MIB for r in runs for v in r["hwm_mib"].values())
-    speed_ok = up_ratio >= GOAL_RATIO and fetch_ratio >= GOAL_RATIO
+    speed_ok = up_naive >= GOAL_NAIVE and fetch_naive >= GOAL_NAIVE
     print(
-        f"goal >= {GOAL_RATIO:.0%} of raw: {'met' if speed_ok else 'NOT met'}; "
+        f"goal >= {GOAL_NAIVE:g}x the naive loops: {'met' if speed_ok else 'NOT met'}; "
         f"RSS < {GOAL_RSS_MIB} MiB: {'met' if rss_ok else 'NOT met'}"
     )
     size = f"{args.size / (1 << 20):,.0f} MiB"
@@ -413,18 +563,34 @@ def main() -> int:
             f"upload {size} output, builder -> runner",
             med(up_rates),
             "MB/s",
-            med(raw_rates),
-            "raw trio socket copy",
-            Goal(">=", GOAL_RATIO, of_baseline=True),
-            paired_ratio=up_ratio,
+            med(naive_in_rates),
+            "naive receive-write-hash",
+            Goal(">=", GOAL_NAIVE, of_baseline=True),
+            paired_ratio=up_naive,
         ),
         Figure(
             f"fetch {size} input, runner -> builder",
             med(fetch_rates),
             "MB/s",
+            med(naive_ff_rates),
+            "naive read-hash-send -> receive-write-hash",
+            Goal(">=", GOAL_NAIVE, of_baseline=True),
+            paired_ratio=fetch_naive,
+        ),
+        Figure(
+            f"upload {size} vs a raw socket copy",
+            med(up_rates),
+            "MB/s",
             med(raw_rates),
             "raw trio socket copy",
-            Goal(">=", GOAL_RATIO, of_baseline=True),
+            paired_ratio=up_ratio,
+        ),
+        Figure(
+            f"fetch {size} vs a raw socket copy",
+            med(fetch_rates),
+            "MB/s",
+            med(raw_rates),
+            "raw trio socket copy",
             paired_ratio=fetch_ratio,
         ),
     ] + [
