@@ -234,6 +234,33 @@ async def test_a_silent_builder_is_disconnected_at_exactly_its_last_frame_plus_t
         nursery.cancel_scope.cancel()
 
 
+async def test_a_frame_arriving_slowly_keeps_the_builder_alive_until_its_bytes_stop(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A frame that takes longer than the timeout to arrive (a very slow link) keeps the
+    builder alive while its bytes come in; once they stop, the watchdog fires at the last
+    progress + 30 s exactly, not at the last whole frame's."""
+    async with trio.open_nursery() as nursery:
+        runner = Farmlet(nursery, RUNNER, tmp_path)
+        builder = runner.connect()
+        await builder.handshake("m1")
+        build = runner.farm.submit(spec(), trio.current_time())
+        assert isinstance(await builder.receive(), Assign)
+        frame = builder.conn.send(LogChunk(build_id=build.id, attempt=1, data=b"x" * 16384))
+        machine = runner.farm.machines["m1"]
+        piece = 2048  # each piece is more than PROGRESS_BYTES
+        for start in range(0, 4 * piece, piece):  # 4 pieces 20 s apart: 80 s for the frame
+            await builder.stream.send_all(frame[start : start + piece])
+            last_progress = trio.current_time()
+            await trio.sleep(20)
+            assert state_of(machine) is MachineState.CONNECTED
+        await builder.closed()
+        assert trio.current_time() == pytest.approx(last_progress + 30.0, abs=1e-9)
+        assert machine.disconnected_at == pytest.approx(last_progress + 30.0, abs=1e-9)
+        assert "silent for 30 s" in machine.disconnect_reason
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_result_for_an_attempt_that_is_not_current_is_counted_and_ignored(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
