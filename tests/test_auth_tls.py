@@ -394,6 +394,50 @@ async def test_the_handshake_gate_closes_connections_past_its_limit(
         nursery.cancel_scope.cancel()
 
 
+async def test_hellos_are_admitted_through_the_gate_s_limiter_which_slow_peers_cannot_hold(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A builder whose hello has arrived is attached only with a slot of ``admitting``; peers
+    that connect and send nothing, or half a hello, hold no slot: with one slot and such peers
+    waiting, a builder is still admitted at once."""
+    async with trio.open_nursery() as nursery:
+        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
+        gate = HandshakeGate(8, admitting=trio.CapacityLimiter(1))
+        farm.network.handler = functools.partial(
+            serve_builder, farm.farm, RUNNER.session_config(), farm.storage, gate=gate
+        )
+        silent = await farm.network.connector("idle")()
+        halfway = await farm.network.connector("half")()
+        assert await halfway.receive_some()  # the challenge
+        frame = codec.encode(
+            Hello(
+                protocol_version=PROTOCOL_VERSION,
+                machine_id="half",
+                hostname="half",
+                systems=(SYSTEM,),
+                max_jobs=1,
+            )
+        )
+        await halfway.send_all(frame[: len(frame) // 2])
+        await trio.sleep(1)
+        assert gate.pending == 2
+        assert gate.admitting.borrowed_tokens == 0
+
+        holder = object()
+        await gate.admitting.acquire_on_behalf_of(holder)  # every slot taken
+        await start_builder(farm, nursery, "a", builder_config(tmp_path, "a", token=TOKEN))
+        await trio.sleep(1)
+        assert not connected(farm, "a")()  # its hello is in, waiting for a slot
+        assert gate.pending == 2  # it left the handshake count: it is past its hello
+        gate.admitting.release_on_behalf_of(holder)
+        await wait_until(connected(farm, "a"))
+        assert trio.current_time() < 3  # not after the silent peers' handshake timeout
+        assert gate.admitting.borrowed_tokens == 0
+        for stream in (silent, halfway):
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
 def test_token_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     good = tmp_path / "token"
     good.write_bytes(b"  s3cret \n")

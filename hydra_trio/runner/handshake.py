@@ -32,6 +32,10 @@ from hydra_trio.runner.metrics import FarmMetrics
 log = logging.getLogger("hydra_trio.runner")
 
 
+#: Hellos admitted (checked, attached to the farm, welcomed) in one scheduler pass at most.
+ADMITTING = 16
+
+
 @attrs.define
 class HandshakeGate:
     """Bounds the connections that have not completed their handshake.
@@ -39,11 +43,19 @@ class HandshakeGate:
     Each costs a task and buffers until it is accepted or times out; without a bound, a
     client opening connections and sending nothing (slowloris) could hold any number of
     them.  Past the limit a new connection is closed at once, without a byte sent.
+
+    ``admitting`` bounds, separately, the connections whose hello has arrived and is being
+    admitted (attached to the farm, welcomed): after a runner restart 2,000 hellos can arrive
+    in one read of the event loop, and admitting them all in one scheduler pass holds up
+    every other task (``/status``, pings) for that whole pass.  A slot is taken only once the
+    hello is in, and given back before anything waits on the peer, so slow peers cannot hold
+    one.
     """
 
     limit: int
     pending: int = 0
     refused: int = 0
+    admitting: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(ADMITTING))
 
     def enter(self) -> bool:
         if self.pending >= self.limit:

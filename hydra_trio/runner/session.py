@@ -177,12 +177,15 @@ async def serve_builder(
             if conn.hello is None:
                 log.info("connection closed: no hello within %g s", config.handshake_timeout)
             return
-        if gate is not None:
-            gate.leave()
-            in_gate = False
         session = BuilderSession(channel)
         conn.set_peer_timeout(config.builder_timeout)
-        machine = _welcome(farm, session, hello, config)
+        if gate is None:
+            machine = _welcome(farm, session, hello, config)
+        else:
+            gate.leave()
+            in_gate = False
+            async with gate.admitting:  # no wait on the peer inside (see HandshakeGate)
+                machine = _welcome(farm, session, hello, config)
         async with trio.open_nursery() as background:
             uploads = UploadReceiver(
                 storage.blobs, farm.metrics, farm.config.max_output_bytes, background
