@@ -6,11 +6,13 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 import trio
 
+from hydra_trio.builder import builddir, executor, outputs
 from hydra_trio.builder.executor import execute
 from hydra_trio.protocol.messages import (
     Assign,
@@ -355,6 +357,43 @@ async def test_a_finished_build_dir_is_emptied_and_reused_by_the_next_build(
     assert "secret" not in listing and "h" not in listing.split()  # nothing of build 1
     assert int(reused) == inode  # the same directory, renamed into place
     assert [p.stat().st_ino for p in spares(builds)] == [inode]
+    assert not (builds / "b1-1").exists() and not (builds / "b2-1").exists()
+
+
+async def test_a_no_op_build_takes_a_thread_only_for_what_its_directory_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a spare at hand and nothing left in its directory, a build's directory is prepared
+    and recycled, and its empty $OUT found empty, on the event loop (no thread, none of the
+    blocking functions called); a build that leaves files gets them (in threads) as before."""
+    builds = tmp_path / "builds"
+    called: list[str] = []
+
+    def recording(name: str, function: Any) -> Any:
+        def call(*args: Any) -> Any:
+            called.append(name)
+            return function(*args)
+
+        return call
+
+    monkeypatch.setattr(builddir, "prepare", recording("prepare", builddir.prepare))
+    monkeypatch.setattr(builddir, "remove", recording("remove", builddir.remove))
+    monkeypatch.setattr(executor, "scan_outputs", recording("scan", outputs.scan_outputs))
+    with trio.fail_after(LIMIT):
+        await execute(assign("true"), builds / "b0-1", Recorder(), {})
+        assert called == ["prepare"]  # no spare yet: made in a thread
+        [spare] = spares(builds)
+        called.clear()
+        r1 = await execute(assign("true"), builds / "b1-1", Recorder(), {})
+        assert r1.status is BuildStatus.SUCCESS and r1.outputs == ()
+        assert called == []
+        assert len(spares(builds)) == 1 and not spare.exists()  # taken, then given back
+        script = 'echo o > "$OUT/o"; echo h > "$HOME/h"'
+        r2 = await execute(assign("sh", "-c", script), builds / "b2-1", Recorder(), {})
+    assert called == ["scan", "remove"]  # outputs to hash, a file to delete: threads
+    assert [f.path for f in r2.outputs] == ["o"]
+    [kept] = spares(builds)
+    assert not any(any(p.iterdir()) for p in kept.iterdir())  # emptied all the same
     assert not (builds / "b1-1").exists() and not (builds / "b2-1").exists()
 
 

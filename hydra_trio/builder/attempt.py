@@ -1,7 +1,8 @@
 """The skeleton every executor's attempt shares: directory, phases, timings, result.
 
-``async with attempt(assign, path, send) as phases:`` prepares the build directory (in a
-thread) and removes or recycles it afterwards, however the block ends: cancelled (an
+``async with attempt(assign, path, send) as phases:`` prepares the build directory (a spare
+renamed into place on the event loop, else in a thread) and removes or recycles it afterwards
+(likewise: on the loop when its subdirectories are empty), however the block ends: cancelled (an
 ``Abort``, the connection dying), raising, or returning.  Inside, each phase is
 ``async with phases.timed(Phase.X):``, which reports it to the runner (``Progress``) and
 records its duration in the result's ``timings`` if it ends without raising; the block ends
@@ -85,8 +86,11 @@ async def attempt(assign: Assign, path: Path, send: Send) -> AsyncIterator[Phase
     block, removed (or kept as a spare) after it, within ``REMOVE_GRACE`` seconds."""
     prepared: BuildDir | None = None
     try:
-        prepared = await trio.to_thread.run_sync(builddir.prepare, path)
+        prepared = builddir.prepare_quick(path)
+        if prepared is None:
+            prepared = await trio.to_thread.run_sync(builddir.prepare, path)
         yield Phases(assign=assign, dir=prepared, send=send)
     finally:
-        with trio.move_on_after(REMOVE_GRACE, shield=True):
-            await trio.to_thread.run_sync(builddir.remove, prepared or path)
+        if prepared is None or not builddir.remove_quick(prepared):
+            with trio.move_on_after(REMOVE_GRACE, shield=True):
+                await trio.to_thread.run_sync(builddir.remove, prepared or path)

@@ -17,7 +17,7 @@ import trio
 from hydra_trio.builder.attempt import Send, attempt
 from hydra_trio.builder.builddir import BUILD_DIR_VARIABLE, BuildDir
 from hydra_trio.builder.inputs import Fetch, FetchError, place_inputs
-from hydra_trio.builder.outputs import BadOutput, OutputTooLarge, scan_outputs, upload
+from hydra_trio.builder.outputs import BadOutput, OutputTooLarge, nothing_in, scan_outputs, upload
 from hydra_trio.builder.process import run_command
 from hydra_trio.protocol.messages import Assign, BuildStatus, FileInfo, Phase, Result
 
@@ -48,9 +48,10 @@ async def execute(
         outputs: list[FileInfo] = []
         if status is BuildStatus.SUCCESS:
             try:
-                outputs = await trio.to_thread.run_sync(
-                    scan_outputs, phases.dir.out, assign.limits.max_output_bytes
-                )
+                if not nothing_in(phases.dir.out):  # else no thread hop to find nothing
+                    outputs = await trio.to_thread.run_sync(
+                        scan_outputs, phases.dir.out, assign.limits.max_output_bytes
+                    )
             except OutputTooLarge as exc:
                 status, error = BuildStatus.OUTPUT_LIMIT_EXCEEDED, str(exc)
             except BadOutput as exc:

@@ -135,6 +135,23 @@ def _entries(out_dir: Path) -> list[tuple[str, os.stat_result, str]]:
     return found
 
 
+def nothing_in(out_dir: Path) -> bool:
+    """True if ``out_dir`` is a directory (not a link to one) holding nothing: then
+    ``scan_outputs`` would find nothing.  Three system calls, for the event loop; False also
+    when it cannot tell (``scan_outputs``, in a thread, says why)."""
+    try:
+        fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        with os.scandir(fd) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def scan_outputs(out_dir: Path, max_bytes: int | None = None) -> list[FileInfo]:
     """Every file under ``out_dir`` with size and hash.  Symbolic links are listed as links
     (their target as text) and never followed; devices, fifos and sockets are refused
