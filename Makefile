@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean system-deps fuzz chaos
+.PHONY: run test lint typecheck unit bench profile clean system-deps fuzz chaos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ $(VENV)/.bench-installed: $(STAMP)
 
 bench: $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/run_all.py
+
+# Flame graphs (py-spy) of the benchmarks' processes at smoke sizes, into docs/profiles/
+# (benchmarks/profile_all.py; about 5 minutes; not part of make test).
+profile: $(VENV)/.bench-installed
+	$(BIN)/python benchmarks/profile_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
