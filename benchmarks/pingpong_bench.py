@@ -57,7 +57,7 @@ CONTESTANTS = ("hydra", "bare", "grpc")
 HEADER = struct.Struct(">I")
 RECEIVE_SIZE = 256 * 1024
 GRPC_METHOD = "/hydra.bench.PingPong/Stream"
-TARGET_RATIO = 1.6
+TARGET_RATIO = 1.8
 TARGET_CPU_RATIO = 0.6
 
 REPO = Path(__file__).resolve().parent.parent
