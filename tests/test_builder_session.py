@@ -12,7 +12,7 @@ import trio.testing
 
 from hydra_trio.builder.config import BuilderConfig
 from hydra_trio.builder.jobs import Jobs
-from hydra_trio.builder.session import Rejected, handshake
+from hydra_trio.builder.session import Rejected, _connection, handshake
 from hydra_trio.builder.state import (
     MAX_EVENTS,
     BuilderState,
@@ -157,3 +157,22 @@ async def test_the_event_record_is_typed_and_bounded(tmp_path: Path) -> None:
         state.record(EventKind.WATCHDOG)
     assert len(state.events) == MAX_EVENTS
     assert all(event.kind is EventKind.WATCHDOG for event in state.events)
+
+
+async def test_a_server_that_closes_before_any_challenge_is_named_as_maybe_the_http_port(
+    tmp_path: Path,
+) -> None:
+    """A builder pointed at the runner's HTTP port (or anything that is not its builder port)
+    hears no challenge; the reason says which address and that it may be the wrong port."""
+    config = BuilderConfig(systems=("x86_64-linux",), work_dir=tmp_path / "w")
+    state = BuilderState(config=config, machine_id="m1")
+
+    async def connect() -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+        await theirs.aclose()  # an HTTP server waiting for a request, then giving up
+        return ours
+
+    ended = await _connection(config, state, connect)
+    assert ended.end is SessionEnd.HANDSHAKE_FAILED
+    assert "connection closed by peer before any challenge came" in ended.reason
+    assert f"is {config.server} the runner's builder port" in ended.reason

@@ -288,7 +288,7 @@ def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
         held.listen()
         port = held.getsockname()[1]
         process = _start_runner(tmp_path / "state", f"127.0.0.1:{port}")
-    assert_one_error_line(process, "cannot listen")
+    assert_one_error_line(process, f"cannot listen for builders (--listen) on 127.0.0.1:{port}")
 
 
 def test_a_state_dir_in_use_is_one_line(tmp_path: Path) -> None:

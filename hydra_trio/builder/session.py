@@ -185,6 +185,11 @@ async def _session(config: BuilderConfig, state: BuilderState, stream: trio.abc.
         welcome = await handshake(config, state, channel)
     except (net.ConnectionLost, ProtocolError, trio.TooSlowError) as exc:
         reason = f"handshake failed: {str(exc) or type(exc).__name__}"
+        if conn.frames_received == 0:
+            reason += (
+                f" before any challenge came (is {state.servers.current} the runner's builder"
+                " port, its --listen (7420 by default), and not its HTTP port?)"
+            )
         return Ended(SessionEnd.HANDSHAKE_FAILED, reason)
     except Rejected as exc:
         if exc.code == "standby":

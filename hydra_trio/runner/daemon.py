@@ -11,6 +11,7 @@ again with a fresh farm: a deposed leader's memory of the queue is never trusted
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import math
@@ -28,7 +29,7 @@ from starlette.routing import BaseRoute
 from hydra_trio import net, sdnotify
 from hydra_trio.hydra.config import HydraConfig
 from hydra_trio.net import ConnectionLost
-from hydra_trio.protocol.errors import ProtocolError
+from hydra_trio.protocol.errors import HydraTrioError, ProtocolError
 from hydra_trio.protocol.messages import RUNNER_STOPPING, Goodbye
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm, FarmConfig
@@ -523,15 +524,14 @@ async def _open_listeners(
     runner: Runner, nursery: trio.Nursery, connections: trio.Nursery
 ) -> RunnerAddresses:
     config = runner.config
-    builders = await nursery.start(
-        functools.partial(
-            net.serve_tcp,
-            runner.handle_builder,
-            config.listen,
-            keepalive_timeout=config.builder_timeout,
-            handler_nursery=connections,
-        )
+    serve_builders = functools.partial(
+        net.serve_tcp,
+        runner.handle_builder,
+        config.listen,
+        keepalive_timeout=config.builder_timeout,
+        handler_nursery=connections,
     )
+    builders = await _start_listener(nursery, serve_builders, "builders (--listen)", config.listen)
     http: list[str] = []
     if config.http is not None:
         hc = HypercornConfig()
@@ -540,7 +540,7 @@ async def _open_listeners(
         hc.errorlog = logging.getLogger("hydra_trio.http")
         hc.graceful_timeout = 1.0
         serve_http = functools.partial(hypercorn_serve, runner.front, hc)  # type: ignore[arg-type]
-        http = await nursery.start(serve_http)
+        http = await _start_listener(nursery, serve_http, "HTTP (--http)", config.http)
     log.info(
         "queue runner listening for builders on %s, HTTP on %s",
         ", ".join(map(str, builders)),
@@ -549,3 +549,22 @@ async def _open_listeners(
     where = f"builders on {builders[0]}, HTTP on {http[0] if http else 'off'}"
     sdnotify.notify(f"READY=1\nSTATUS={where}")
     return RunnerAddresses(builders=builders, http=http)
+
+
+class ListenError(HydraTrioError):
+    """A port the runner was told to listen on cannot be bound."""
+
+
+async def _start_listener(
+    nursery: trio.Nursery, serve: Any, what: str, address: net.HostPort
+) -> list[Any]:
+    """``nursery.start(serve)``, where a bind error becomes one line naming the port and the
+    option that set it (the kernel's ``Address already in use`` names neither)."""
+    try:
+        started: list[Any] = await nursery.start(serve)
+    except OSError as exc:
+        hint = " (is another runner using the port?)" if exc.errno == errno.EADDRINUSE else ""
+        raise ListenError(
+            f"cannot listen for {what} on {address}: {exc.strerror or exc}{hint}"
+        ) from None
+    return started
