@@ -73,6 +73,10 @@ async def _stop_with_builds(tmp_path: Path, *, graceful: bool) -> tuple[Any, Any
             else:
                 runner_scope.cancel()
             await stopped.wait()
+            # The runner is done when it has said goodbye and closed; the builder records
+            # the session's end when it reads that, a moment later (under load, later still).
+            while not any(event.end is not None for event in state.events):
+                await trio.sleep(0.01)
             ends = [event.end for event in state.events]
             nursery.cancel_scope.cancel()
     store = open_store(None, config.state_dir)
