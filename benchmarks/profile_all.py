@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_all.py                      # every benchmark below
     .venv/bin/python benchmarks/profile_all.py --only builds_bench.py
+    .venv/bin/python benchmarks/profile_all.py --full --only transfer_bench.py  # full size
 
 Each benchmark runs at its smoke size (``--quick``) under ``py-spy record --subprocesses``,
 which samples the script and every process it starts (the runner, the builders, the
@@ -42,6 +43,9 @@ def main() -> int:
     parser.add_argument("--only", action="append", metavar="SCRIPT", help="repeatable")
     parser.add_argument("--out", type=Path, default=OUT, help="where the SVGs go")
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
+    parser.add_argument(
+        "--full", action="store_true", help="the scripts' full sizes (each up to 30 min)"
+    )
     args = parser.parse_args()
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
@@ -52,6 +56,8 @@ def main() -> int:
         if args.only and script not in args.only:
             continue
         svg = args.out / f"{script.removesuffix('.py')}.svg"
+        if args.full:
+            extra, limit = (), 1800
         command = [
             spy,
             "record",
