@@ -322,6 +322,14 @@ class HydraQueue:
             log.info("%d new Hydra builds read (%d unfinished)", added, len(self.builds))
 
     async def _add(self, row: QueuedBuild) -> None:
+        existing = self._unfinished_by_drv.get(row.drv)
+        if existing is not None:
+            # Its top-level drv is a step already queued (for another build, or natively):
+            # nothing to plan, and no Nix process to run (an evaluation's jobs are mostly
+            # steps of one another).
+            self._raise(existing, farm_priority(row))
+            self._register(row, existing)
+            return
         now = int(time.time())
         store = self.storage.nix
         try:
@@ -366,6 +374,9 @@ class HydraQueue:
             assert plan.existing is not None
             top = plan.existing
             self._raise(top, request.priority)
+        self._register(row, top)
+
+    def _register(self, row: QueuedBuild, top: str) -> None:
         self.builds[row.id] = row
         self.top[row.id] = top
         self._by_top[top].add(row.id)
