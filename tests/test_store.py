@@ -13,11 +13,11 @@ from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.journal import Journal
 from hydra_trio.runner.model import BuildSpec, BuildState, MachineState
 from hydra_trio.runner.persister import Persister, take_rows
+from hydra_trio.runner.rows import build_row
 from hydra_trio.runner.store import (
     SCHEMA_VERSION,
     Store,
     StoreError,
-    build_row,
     open_store,
 )
 

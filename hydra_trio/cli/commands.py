@@ -3,6 +3,7 @@
 Each command parses its options (``configs``, ``options``), then hands over: the daemons to
 ``daemons``, the client commands to a ``RunnerClient`` and ``render``.  A command function reads
 as what the command does; option declarations, HTTP and formatting live in those modules.
+Its length is the number of commands (each with its option decorators), not any one of them.
 """
 
 from __future__ import annotations

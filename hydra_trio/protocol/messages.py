@@ -19,6 +19,10 @@ Compatibility rules (see docs/protocol.md):
   message about a build only for the attempt it currently has assigned to that machine.
 - Each message may travel in one direction only (``SENDERS``); a frame in the wrong direction
   is a protocol error.
+
+The module is the protocol's catalogue (every message and record with its validators, in the
+order of docs/protocol.md): long because the protocol has that many messages, declarative
+throughout, and kept in one file so the doc and the code can be read side by side.
 """
 
 from __future__ import annotations

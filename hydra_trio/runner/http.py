@@ -5,6 +5,9 @@ wraps them in a Starlette application with the error handlers and, with a token,
 ``httpauth.RequireToken`` middleware.  Handlers only read the farm or call one of its
 transitions; none of them blocks.  Every caller mistake is a JSON ``{"error": ...}`` with a
 4xx status.
+
+Longer than most modules on purpose: it is the routing table and its handlers, one short method
+per endpoint of docs/http.md, read side by side like a declarative table.
 """
 
 from __future__ import annotations

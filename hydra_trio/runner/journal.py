@@ -2,7 +2,7 @@
 
 The farm marks every build and machine it changes (``touch``, ``touch_machine``) and every
 dependency edge it creates (``add_edges``); the persister takes them all at once (``take``),
-turns them into rows (``store.build_row``/``store.machine_row``) and commits them as one
+turns them into rows (``rows.build_row``/``rows.machine_row``) and commits them as one
 transaction.  Marking sets ``changed``, the trio event the persister waits on: the farm stays
 synchronous and never calls the persister.
 

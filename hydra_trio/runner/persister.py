@@ -3,7 +3,7 @@
 It waits for the farm's journal to change, lets the tasks woken with it run first (so a new
 build and the dispatcher's Assign of it share one commit), takes the changes and the Assigns
 held meanwhile (``Journal.take``), turns the changes into rows on the trio thread
-(``store.rows``), commits them in a worker thread, and then releases the held Assigns
+(``rows.rows``), commits them in a worker thread, and then releases the held Assigns
 (``Farm.release_assigns``): an Assign reaches a builder only once its attempt is durable.
 Whatever changes while a batch is written goes into the next (group commit).
 
@@ -28,14 +28,13 @@ from hydra_trio.protocol.messages import Assign
 from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.health import Health, is_disk_full
 from hydra_trio.runner.model import Session
+from hydra_trio.runner.rows import Rows, rows
 from hydra_trio.runner.store import (
     Deposed,
-    Rows,
     Store,
     StoreError,
     StoreUnavailable,
     is_transient,
-    rows,
 )
 
 log = logging.getLogger("hydra_trio.runner")
