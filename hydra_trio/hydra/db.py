@@ -8,6 +8,9 @@ serialization failure or deadlock retries the whole transaction, as Hydra's runn
 
 ``Listener`` is a second connection, in autocommit mode, that LISTENs on the channels Hydra's
 evaluator and web UI notify.
+
+Long because it is the whole SQL contract with Hydra in one place, one method per transaction
+in the order of the contract document, so a reviewer can check it against that document.
 """
 
 from __future__ import annotations

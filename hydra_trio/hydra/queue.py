@@ -24,6 +24,10 @@ depends on it.
 *Restarts.*  Hydra's rows are the durable state: at start the runner aborts the busy steps a
 previous runner left (as Hydra's does) and re-reads the queue; the farm restores its own
 queue, and planning reuses its unfinished steps by derivation.
+
+Past 400 lines because reading, writing and restarts share ``HydraQueue``'s one map of Hydra
+builds to farm steps; splitting them would pass that map between three modules.  The SQL is in
+``db``, the ``nix-support`` files in ``nixsupport``.
 """
 
 from __future__ import annotations
