@@ -433,3 +433,22 @@ def test_several_runners_options_reach_the_configs(started: list[Any], tmp_path:
     result = invoke(["queue-runner", "--lease-timeout", "5"])
     assert result.exit_code == 0, result.output
     assert runner_config(started).effective_lease_timeout == 5.0
+
+
+def test_the_commands_up_suggests_name_the_program_as_the_shell_can_run_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make run`` starts .venv/bin/hydra-trio, which is not on PATH: the commands printed
+    to try name that path; where PATH finds the same program, its bare name."""
+    from hydra_trio.cli.daemons import program
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "hydra-trio"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert program(".venv/bin/hydra-trio") == ".venv/bin/hydra-trio"
+    assert program("/usr/lib/python3/hydra_trio/__main__.py").endswith(" -m hydra_trio")
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert program(str(exe)) == "hydra-trio"

@@ -155,11 +155,19 @@ BAD_CONFIGS = [
     ("missing.toml", ["cannot read missing.toml"]),
     ("a-dir", ["a-dir"]),
     ("not-toml.toml", ["not-toml.toml is not valid TOML"]),
-    ("typo.toml", ["typo.toml", "lisen is not an option"]),
+    ("typo.toml", ["typo.toml", "lisen is not an option", "did you mean 'listen'?"]),
     ("other-command.toml", ["[queue-runner] systems is not an option of queue-runner"]),
     ("bad-table.toml", ["[queue-runer] is not a command"]),
-    ("bad-value.toml", ["--max-tries", "'many'"]),
+    ("bad-value.toml", ["bad-value.toml: max-tries = 'many'"]),
 ]
+
+
+def test_a_bad_value_in_the_file_is_blamed_on_the_file_not_the_environment() -> None:
+    """The file's key and value are named, and not the option's environment variable (which
+    is not set): an operator looks where the message points."""
+    result = invoke(["queue-runner", "--config", "bad-value.toml"])
+    assert_one_line(result, "bad-value.toml: max-tries = 'many'")
+    assert "HYDRA_TRIO_MAX_TRIES" not in result.output
 
 
 @pytest.mark.parametrize(("path", "named"), BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
@@ -174,7 +182,7 @@ def test_a_config_key_of_another_command_at_top_level_is_fine(tmp_path: Path) ->
     is not an error (``systems`` is the builder's; queue-runner ignores it)."""
     (tmp_path / "shared.toml").write_text('systems = "x86_64-linux"\nmax-tries = 0\n')
     line = assert_one_line(invoke(["queue-runner", "--config", "shared.toml"]))
-    assert "--max-tries" in line  # got past the keys to the values
+    assert "shared.toml: max-tries = 0" in line  # got past the keys to the values
 
 
 CLIENT_COMMANDS = [

@@ -13,6 +13,8 @@ import errno
 import functools
 import json
 import logging
+import os
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -236,11 +238,12 @@ async def _start_local_farm(farm: LocalFarm, nursery: trio.Nursery, locks: list[
         )
         nursery.start_soon(functools.partial(run_builder, builder))
     if url:
+        me = program()
         click.echo(
             f"\nhydra-trio is up: {farm.builders} builders x {farm.max_jobs} slots.\n"
             f"  dashboard and API: {url}/\n"
-            f"  try:  hydra-trio submit --url {url} --wait -- sh -c 'echo hello > $OUT/x'\n"
-            f"        hydra-trio status --url {url}\n"
+            f"  try:  {me} submit --url {url} --wait -- sh -c 'echo hello > $OUT/x'\n"
+            f"        {me} status --url {url}\n"
             "  stop with Ctrl-C\n",
             err=True,
         )
@@ -256,3 +259,16 @@ async def _submit_graph(client: RunnerClient, graph: dict[str, Any]) -> None:
         return
     for name, build_id in ids.items():
         click.echo(f"submitted {name} {build_id}", err=True)
+
+
+def program(argv0: str | None = None) -> str:
+    """How to run this hydra-trio again from the user's shell: ``hydra-trio`` where PATH finds
+    this very program, else the path it was started by (``make run`` starts
+    ``.venv/bin/hydra-trio``, which is not on PATH), else ``python -m hydra_trio``."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    found = shutil.which("hydra-trio")
+    if found is not None and os.path.realpath(found) == os.path.realpath(argv0):
+        return "hydra-trio"
+    if os.path.basename(argv0) == "hydra-trio":
+        return argv0
+    return f"{sys.executable} -m hydra_trio"

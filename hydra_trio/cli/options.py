@@ -13,6 +13,7 @@ command functions take ``RunnerOptions`` instead of ``**kw: Any`` and mypy check
 
 from __future__ import annotations
 
+import difflib
 import functools
 import tomllib
 from collections.abc import Callable, Mapping
@@ -121,6 +122,21 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     if isinstance(section, dict):
         merged.update(section)
     ctx.default_map = {key.replace("-", "_"): v for key, v in merged.items()}
+    _check_config_values(ctx, value, ctx.default_map)
+
+
+def _check_config_values(ctx: click.Context, path: str, values: Mapping[str, Any]) -> None:
+    """Convert each of this command's values from the file as its option would, so a bad one
+    is blamed on the file and its key (click would blame the option's environment variable)."""
+    for param in ctx.command.params:
+        if param.name not in values or not isinstance(param, click.Option):
+            continue
+        raw = values[param.name]
+        try:
+            param.type_cast_value(ctx, raw)
+        except click.BadParameter as exc:
+            key = param.name.replace("_", "-")
+            raise click.UsageError(f"{path}: {key} = {raw!r}: {exc.message}", ctx) from None
 
 
 def _check_config_keys(
@@ -140,9 +156,18 @@ def _check_config_keys(
                     if inner.replace("-", "_") not in own:
                         raise click.BadParameter(
                             f"{path}: [{key}] {inner} is not an option of {key}"
+                            + _nearest(inner, own)
                         )
         elif key.replace("-", "_") not in every:
-            raise click.BadParameter(f"{path}: {key} is not an option of any command")
+            raise click.BadParameter(
+                f"{path}: {key} is not an option of any command{_nearest(key, every)}"
+            )
+
+
+def _nearest(key: str, names: set[str]) -> str:
+    """`` (did you mean 'builder-timeout'?)`` for the valid name closest to ``key``, if any."""
+    close = difflib.get_close_matches(key.replace("-", "_"), sorted(names), n=1, cutoff=0.75)
+    return f" (did you mean '{close[0].replace('_', '-')}'?)" if close else ""
 
 
 def config_option(f: F) -> F:
