@@ -311,3 +311,13 @@ def test_a_state_dir_in_use_is_one_line(tmp_path: Path) -> None:
     finally:
         lock.close()
     assert_one_error_line(process, str(state_dir), "--state-dir")
+
+
+def test_a_command_with_options_but_without_double_dash_says_where_they_go() -> None:
+    """``submit sh -c 'echo'``: click stops at ``-c``; the line says the COMMAND goes after
+    ``--`` and shows the corrected call."""
+    assert_one_line(
+        invoke(["submit", "sh", "-c", "echo hi"]),
+        "No such option '-c'",
+        "the COMMAND goes after --: hydra-trio submit -- sh -c echo hi",
+    )

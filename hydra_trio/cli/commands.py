@@ -141,7 +141,22 @@ def _client(url: str, token_file: Path | None) -> RunnerClient:
     return RunnerClient(url, load_token(token_file))
 
 
-@main.command("submit")
+class _SubmitCommand(click.Command):
+    """``submit``, whose COMMAND's own options (``sh -c ...``) need a ``--`` before them: an
+    option click does not know, given without ``--``, says so instead of only naming it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        given = list(args)  # click consumes ``args``
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            if "--" in given:
+                raise
+            hint = f"(the COMMAND goes after --: hydra-trio submit -- {' '.join(given)})"
+            raise click.UsageError(f"{exc.format_message()} {hint}", ctx) from None
+
+
+@main.command("submit", cls=_SubmitCommand)
 @client_options
 @option("--name", default="", help="A name for the build (its input dir for dependents).")
 @option("--system", default=None, help="Required system [default: the runner's].")
