@@ -117,6 +117,13 @@ class FramedChannel:
         for an invalid frame."""
         received = self._received
         data: bytes | bytearray
+        if received and self.watchdog is not None:
+            # Working through frames read earlier (one read can bring thousands of small
+            # ones): the peer sent them all, and the time it takes to apply them is ours, not
+            # its silence.  Its deadline counts from now while the backlog lasts.
+            self.watchdog.deadline = max(
+                self.watchdog.deadline, trio.current_time() + self.connection.peer_timeout
+            )
         while not received:
             if self._eof:
                 raise ConnectionLost("connection closed by peer")

@@ -3,6 +3,7 @@ at submission with a 422 naming the field."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ import trio
 import trio.testing
 
 from hydra_trio.builder import jobs as jobs_module
+from hydra_trio.builder.daemon import BuilderState, run_builder
 from hydra_trio.builder.session import Session
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
@@ -23,16 +25,19 @@ from hydra_trio.protocol.messages import (
     FileInfo,
     ListRequest,
     OutputList,
+    Ping,
+    Pong,
     Result,
     UploadData,
 )
 from hydra_trio.runner import farm as farm_module
 from hydra_trio.runner import frames as frames_module
 from hydra_trio.runner.frames import MAX_FETCH_CHUNK
-from hydra_trio.runner.model import BuildSpec
+from hydra_trio.runner.model import BuildSpec, BuildState
 
-from .helpers.common import RUNNER, SYSTEM
+from .helpers.common import RUNNER, SYSTEM, builder_config
 from .helpers.fake_builder import FakeBuilder
+from .helpers.fake_runner import FakeRunner
 from .helpers.runner import LIMIT, Runner
 from .helpers.sim import Farmlet
 
@@ -285,3 +290,45 @@ async def test_listings_travel_in_pieces_both_ways(
         assert via.text == "1\n"
     assert sent.count(OutputList) >= 3 * 2  # 61 listings of ~125 bytes, 2000 a piece
     assert sent.count(ListRequest) >= 2 * 9  # 61 files, 7 a piece, per input
+
+
+async def test_a_builder_low_on_disk_gets_no_new_build_until_it_has_room(
+    mock_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A ping with ``low_disk`` keeps new builds away from its builder (the queued build
+    waits, /status says ``lowDisk``); the next ping without it brings the build."""
+    async with trio.open_nursery() as nursery:
+        runner = Farmlet(nursery, RUNNER, tmp_path)
+        farm = runner.farm
+        builder = runner.connect()
+        await builder.handshake("m1")
+        await builder.send(builder.conn.make_ping(trio.current_time(), low_disk=True))
+        assert isinstance(await builder.receive(), Pong)
+        build = farm.submit(BuildSpec(command=("true",), system=SYSTEM), trio.current_time())
+        await trio.testing.wait_all_tasks_blocked()
+        machine = farm.machines["m1"]
+        assert machine.low_disk and machine.free_slots == 0
+        assert machine.to_json(trio.current_time())["lowDisk"] is True
+        assert build.state is BuildState.QUEUED
+        await builder.send(builder.conn.make_ping(trio.current_time(), low_disk=False))
+        assert isinstance(await builder.receive(), Pong)
+        assign = await assigned(builder)
+        assert assign.build_id == build.id
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_builder_says_low_disk_in_its_pings(tmp_path: Path) -> None:
+    """A builder whose work dir has less free space than ``min_free_disk`` says so in its
+    pings (a real builder against a scripted runner; the disk is measured every ping)."""
+    config = builder_config(tmp_path, "b", min_free_disk=2**62, ping_interval=0.05)
+    config.work_dir.mkdir()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            runner = FakeRunner(nursery, builder_timeout=3.0, connections=1)
+            state = BuilderState(config=config, machine_id="m")
+            nursery.start_soon(
+                functools.partial(run_builder, config, connect=runner.connect, state=state)
+            )
+            while not any(isinstance(m, Ping) and m.low_disk for m in runner.received):
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()

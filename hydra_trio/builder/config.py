@@ -44,6 +44,9 @@ class BuilderConfig:
     max_frame_size: int = 8 * 1024 * 1024
     #: an input fetch that receives nothing for this long fails the attempt (retried).
     fetch_timeout: float = 120.0
+    #: below this many free bytes in the work dir, the builder's pings say ``low_disk`` and
+    #: the runner sends it no new build until there is room again.
+    min_free_disk: int = 256 * 1024 * 1024
     #: the shared secret (``--token-file``), proven in the hello, never sent.
     token: bytes | None = attrs.field(default=None, repr=False)
     #: TLS to the runner (client side: verifies the runner's certificate against ``--tls-ca``

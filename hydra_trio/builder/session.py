@@ -284,6 +284,8 @@ class Session:
             fetch_timeout=config.fetch_timeout,
         )
         self.disk_free = 0
+        #: the last measure of the work dir found less than ``min_free_disk`` free.
+        self.low_disk = False
 
     def close(self, end: SessionEnd, reason: str) -> None:
         """End the session (the first reason given is the one kept)."""
@@ -369,7 +371,13 @@ class Session:
         while True:
             await trio.sleep_until(conn.next_ping_at)
             now = trio.current_time()
-            ping = conn.make_ping(now, load=_load(), disk_free=self.disk_free, running=jobs.refs())
+            ping = conn.make_ping(
+                now,
+                load=_load(),
+                disk_free=self.disk_free,
+                running=jobs.refs(),
+                low_disk=self.low_disk,
+            )
             try:
                 await self.send(ping)
             except (net.ConnectionLost, ProtocolError):
@@ -379,9 +387,18 @@ class Session:
         # statvfs can hang on a sick file system: it runs in a thread, in its own task, so a
         # ping never waits for it (pings carry the last value measured).
         while True:
-            self.disk_free = await trio.to_thread.run_sync(
+            free = await trio.to_thread.run_sync(
                 _disk_free, self.config.work_dir, abandon_on_cancel=True
             )
+            self.disk_free = free or 0
+            low = free is not None and free < self.config.min_free_disk
+            if low != self.low_disk:
+                free, least = self.disk_free >> 20, self.config.min_free_disk >> 20
+                if low:
+                    log.warning("low disk: %d MiB free, under %d MiB: no new builds", free, least)
+                else:
+                    log.info("disk space back: %d MiB free: taking builds again", free)
+                self.low_disk = low
             await trio.sleep(self.config.ping_interval)
 
     async def _drainer(self, jobs: Jobs) -> None:
@@ -402,8 +419,9 @@ def _load() -> float:
         return 0.0
 
 
-def _disk_free(path: Path) -> int:
+def _disk_free(path: Path) -> int | None:
+    """Free bytes where ``path`` is; None if it cannot be measured (not there yet)."""
     try:
         return shutil.disk_usage(path).free
     except OSError:
-        return 0
+        return None

@@ -159,6 +159,7 @@ class Connection:
         load: float = 0.0,
         disk_free: int = 0,
         running: tuple[BuildRef, ...] = (),
+        low_disk: bool = False,
     ) -> Ping:
         """The next ``Ping``: allocates its sequence number and schedules the one after."""
         if self.role is not Role.BUILDER:
@@ -171,7 +172,7 @@ class Connection:
         # Schedule from `now`, not from the previous due time: a late ping must not be followed
         # by a burst of catch-up pings.
         self._next_ping_at = now + self.ping_interval
-        return Ping(seq=seq, load=load, disk_free=disk_free, running=running)
+        return Ping(seq=seq, load=load, disk_free=disk_free, running=running, low_disk=low_disk)
 
     # -- sending ----------------------------------------------------------------------------
 

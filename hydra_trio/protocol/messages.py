@@ -280,6 +280,9 @@ class Ping:
     running: tuple[BuildRef, ...] = attrs.field(
         default=(), converter=v.as_tuple, validator=v.records_of(BuildRef)
     )
+    #: (1.3) its free disk is below its minimum: send it no new build until a ping says
+    #: otherwise (what it runs goes on).
+    low_disk: bool = attrs.field(default=False, validator=v.check_bool)
 
 
 @attrs.frozen(kw_only=True)

@@ -430,7 +430,8 @@ class Farm:
     # -- frames from builders ---------------------------------------------------------------
 
     def on_ping(self, session: Session, machine: Machine, ping: Ping, now: float) -> None:
-        self.registry.on_ping(session, machine, ping, now)
+        if self.registry.on_ping(session, machine, ping, now):
+            self.on_change()  # a builder with room again may take a build
 
     def on_builder_drain(self, session: Session, machine: Machine) -> None:
         self.registry.on_builder_drain(session, machine)

@@ -214,6 +214,8 @@ class Machine:
     sessions: int = 0
     load: float = 0.0
     disk_free: int = 0
+    #: (1.3) its last ping said its disk is low: it gets no new build meanwhile.
+    low_disk: bool = False
     #: `to_json`'s fields that change only when the builder says Hello again, with the values
     #: they were made from (a 2,000-machine ``/status`` builds them once, not every time).
     _static_json: tuple[tuple[Any, ...], dict[str, Any]] | None = attrs.field(
@@ -222,7 +224,7 @@ class Machine:
 
     @property
     def free_slots(self) -> int:
-        if self.state is not MachineState.CONNECTED:
+        if self.state is not MachineState.CONNECTED or self.low_disk:
             return 0
         return max(0, self.max_jobs - len(self.running))
 
@@ -277,4 +279,5 @@ class Machine:
             "disconnectReason": self.disconnect_reason or None,
             "load": self.load,
             "diskFree": self.disk_free,
+            "lowDisk": self.low_disk,
         }

@@ -167,14 +167,24 @@ class Registry:
             machine.last_ping_at = machine.disconnected_at = now
             self.machines[machine.machine_id] = machine
 
-    def on_ping(self, session: Session, machine: Machine, ping: Ping, now: float) -> None:
+    def on_ping(self, session: Session, machine: Machine, ping: Ping, now: float) -> bool:
         """Record liveness and reconcile: a build the builder runs that is not its current
-        assignment is aborted (it may be a stale attempt from before a partition)."""
+        assignment is aborted (it may be a stale attempt from before a partition).  True when
+        the machine's room for new builds changed (its disk became low, or has room again)."""
         if machine.session is not session:
-            return
+            return False
         machine.last_ping_at = now
         machine.load = ping.load
         machine.disk_free = ping.disk_free
+        changed = ping.low_disk != machine.low_disk
+        if changed:
+            machine.low_disk = ping.low_disk
+            if ping.low_disk:
+                log.warning(
+                    "builder %s: low disk, no new builds until it has room", machine.hostname
+                )
+            else:
+                log.info("builder %s: disk space back, taking builds again", machine.hostname)
         for ref in ping.running:
             build = machine.running.get(ref.build_id)
             if build is None or build.attempts != ref.attempt:
@@ -185,6 +195,7 @@ class Registry:
                         reason="not assigned to this machine under this attempt",
                     )
                 )
+        return changed
 
     def on_builder_drain(self, session: Session, machine: Machine) -> None:
         """The builder announced it is shutting down after its running builds."""
