@@ -37,6 +37,8 @@ log = logging.getLogger("hydra_trio.runner")
 MAX_UPLOADS = MAX_LIST
 #: Results listing more outputs than this are checked in a worker thread (~5 us an output).
 _CHECK_INLINE = 1000
+#: Output files checked and committed per thread hop.
+_COMMIT_BATCH = 256
 
 #: (build id, attempt) of an upload, and with the builder's path of one file.
 _Attempt = tuple[str, int]
@@ -221,20 +223,22 @@ class UploadReceiver:
             problem = await trio.to_thread.run_sync(_listing_problem, result)
         else:
             problem = _listing_problem(result)
+        # Checked and committed _COMMIT_BATCH files a thread hop: one hop a file made
+        # 100,000 small outputs take longer than the commits themselves.
+        batch: list[tuple[FileInfo, PendingUpload | None]] = []
         for info in () if problem else result.outputs:
             if info.link:
                 continue
             upload = uploads.pop(info.path, None)
-            if upload is None:
-                if await trio.to_thread.run_sync(self.blobs.has, info.sha256):
-                    continue
-                problem = problem or f"output {info.path} was not uploaded"
-                continue
-            await self._settled(upload)
-            try:
-                await trio.to_thread.run_sync(self.blobs.commit, upload, info.size, info.sha256)
-            except BlobError as exc:
-                problem = problem or str(exc)
+            if upload is not None:
+                await self._settled(upload)
+            batch.append((info, upload))
+            if len(batch) >= _COMMIT_BATCH:
+                found = await trio.to_thread.run_sync(self._commit_batch, batch)
+                problem, batch = problem or found, []
+        if batch:
+            found = await trio.to_thread.run_sync(self._commit_batch, batch)
+            problem = problem or found
         for upload in uploads.values():  # uploaded but not listed: not an output
             await self._discard(upload)
         if not problem:
@@ -243,6 +247,21 @@ class UploadReceiver:
             log.warning("build %s attempt %d: %s", result.build_id, result.attempt, problem)
             return attrs.evolve(result, status=BuildStatus.UPLOAD_FAILED, error=problem, outputs=())
         return attrs.evolve(result, outputs=())
+
+    def _commit_batch(self, batch: list[tuple[FileInfo, PendingUpload | None]]) -> str:
+        """Keep each upload of ``batch`` whose size and hash match its listing (a file not
+        uploaded must be in the store already); the first problem, or "".  Blocking."""
+        problem = ""
+        for info, upload in batch:
+            if upload is None:
+                if not self.blobs.has(info.sha256):
+                    problem = problem or f"output {info.path} was not uploaded"
+                continue
+            try:
+                self.blobs.commit(upload, info.size, info.sha256)
+            except BlobError as exc:
+                problem = problem or str(exc)
+        return problem
 
     async def discard(self, uploads: dict[str, PendingUpload]) -> None:
         """Throw away uploads ``take`` gave a result that will not be checked."""
