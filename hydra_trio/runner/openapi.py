@@ -134,6 +134,10 @@ _MACHINE_JSON = {
         "disconnectReason": {"type": ["string", "null"]},
         "load": {"type": "number", "description": "load average (1 min) of the builder"},
         "diskFree": {"type": "integer", "description": "free bytes in its work dir"},
+        "lowDisk": {
+            "type": "boolean",
+            "description": "its free disk is below its minimum: no new build until it has room",
+        },
     },
 }
 
