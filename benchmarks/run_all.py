@@ -39,6 +39,7 @@ BENCHMARKS: tuple[tuple[str, int, tuple[str, ...], tuple[str, ...]], ...] = (
     ("runner_failover_bench.py", 900, (), ("--quick",)),
     ("dispatch_bench.py", 600, (), ("--quick",)),
     ("hydra_bench.py", 1500, (), ("--quick",)),
+    ("shapes_bench.py", 2400, (), ("--quick",)),
     # SQLite only: the PostgreSQL figures need a throwaway cluster (run queue_bench.py alone)
     (
         "queue_bench.py",

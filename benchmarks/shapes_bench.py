@@ -1,0 +1,314 @@
+"""Builds of real shapes (issue 18): 100,000 small files as outputs, then as inputs.
+
+Setup per repetition (fresh processes, state and work dirs each time; all loopback): one queue
+runner (``--builder-timeout 3``, SQLite) and two builders, ``bA`` and ``bB``, each
+``--max-jobs 1 --ping-interval 1 --ping-timeout 3`` with a mandatory feature of its own, so
+that build A runs on bA and build B on bB and the files cross the network.  One graph:
+
+- **A** writes ``--files`` files (default 100,000) of ~10 bytes each, 1,000 a directory, into
+  ``$OUT``;
+- **B** (``after: [A]``) runs ``true``: its inputs are all of A's files under ``$IN/A``.
+
+Measured (seconds; the median of ``--repeat`` runs, and the median of the per-run ratios):
+
+- **commit of N outputs** = A's ``finishedAt - startedAt`` less its ``timings.build`` (and
+  ``timings.fetch``): the builder's scan and hash of ``$OUT``, the uploads, the listing in
+  pieces, the runner's check and commit of every file, the result in the database.
+- **dispatch + fetch of N inputs** = B's ``startedAt`` after A's ``finishedAt`` (dispatch) plus
+  B's ``timings.fetch`` (the listing in pieces, every file fetched, verified, cached and placed
+  under ``$IN``).
+- **baseline** in the same repetition: ``tar c`` of the same tree (written by the same
+  script) piped over a loopback TCP socket into ``tar x`` in a fresh directory (each tar's
+  stdin/stdout is the socket itself), start to both exited.  Goal: within 2x of it.
+- **longest gap between two pongs**: a probe (this script with ``--probe``) connects to the
+  runner as a builder of a system nothing is built for and pings every 10 ms for the whole
+  run; the longest time between two pongs it receives is the longest the runner's event loop
+  was kept from answering.  Goal: < 100 ms.
+
+    .venv/bin/python benchmarks/shapes_bench.py                 # 3 repetitions of 100,000
+    .venv/bin/python benchmarks/shapes_bench.py --quick         # 1 x 10,000
+
+Only the processes this script starts are ever signalled, through their ``Popen`` handles;
+every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import figures
+from daemons import Daemons
+from figures import Figure, Goal
+
+HERE = Path(__file__).resolve().parent
+
+MAKE_FILES = (
+    "import os, sys\n"
+    "out, n = sys.argv[1], int(sys.argv[2])\n"
+    "for i in range(n):\n"
+    "    d = os.path.join(out, f'd{i // 1000}')\n"
+    "    if i % 1000 == 0: os.mkdir(d)\n"
+    "    with open(os.path.join(d, f'file-{i}'), 'w') as f: f.write(f'x {i}\\n')\n"
+)
+
+
+def stamp(text: str) -> float:
+    return datetime.datetime.fromisoformat(text).timestamp() if isinstance(text, str) else text
+
+
+def wait_done(farm: Daemons, build_id: str, limit: float) -> dict[str, Any]:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        build: dict[str, Any] = farm.client.get(f"{farm.url}/builds/{build_id}").json()
+        if build["state"] not in ("queued", "running"):
+            return build
+        time.sleep(0.2)
+    raise RuntimeError(f"build {build_id} not finished after {limit:g} s")
+
+
+def tar_over_socket(src: Path, dst: Path) -> float:
+    """Seconds for ``tar c -C src . | <loopback TCP> | tar x -C dst``."""
+    dst.mkdir()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        accepted: list[socket.socket] = []
+        thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]))
+        start = time.monotonic()
+        thread.start()
+        sender = socket.create_connection(listener.getsockname())
+        thread.join(10)
+        receiver = accepted[0]
+        with sender, receiver:
+            untar = subprocess.Popen(["tar", "x", "-C", str(dst)], stdin=receiver.fileno())
+            tar = subprocess.Popen(["tar", "c", "-C", str(src), "."], stdout=sender.fileno())
+            tar.wait(600)
+            sender.shutdown(socket.SHUT_WR)
+            sender.close()
+            untar.wait(600)
+        elapsed = time.monotonic() - start
+    if tar.returncode or untar.returncode:
+        raise RuntimeError("tar failed")
+    return elapsed
+
+
+def one_run(tmp: Path, files: int, index: int) -> dict[str, float]:
+    work = tmp / f"r{index}"
+    work.mkdir()
+    farm = Daemons(work, client_timeout=60.0)
+    probe: subprocess.Popen[Any] | None = None
+    try:
+        farm.start_runner("--builder-timeout", "3")
+        for name in ("bA", "bB"):
+            farm.daemon(
+                name,
+                "builder",
+                "--server",
+                f"127.0.0.1:{farm.port}",
+                "--mandatory-features",
+                f"side-{name[1].lower()}",
+                "--features",
+                f"side-{name[1].lower()}",
+                "--ping-interval",
+                "1",
+                "--ping-timeout",
+                "3",
+                "--work-dir",
+                str(work / name),
+                "--hostname",
+                name,
+            )
+        gaps = work / "gaps.json"
+        probe = farm.spawn("probe", str(Path(__file__)), "--probe", str(farm.port), str(gaps))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            machines = farm.client.get(f"{farm.url}/status").json()["machines"]
+            if sum(m["state"] == "connected" for m in machines) == 3:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the builders and the probe did not connect")
+        graph = {
+            "builds": [
+                {
+                    "name": "A",
+                    # $OUT is expanded by a shell; the script is its $1
+                    "command": [
+                        "sh",
+                        "-c",
+                        f'exec "$0" -c "$1" "$OUT" {files}',
+                        sys.executable,
+                        MAKE_FILES,
+                    ],
+                    "requiredFeatures": ["side-a"],
+                },
+                {
+                    "name": "B",
+                    "command": ["true"],
+                    "after": ["A"],
+                    "requiredFeatures": ["side-b"],
+                },
+            ]
+        }
+        response = farm.client.post(f"{farm.url}/builds", json=graph)
+        response.raise_for_status()
+        ids = response.json()["ids"]
+        a = wait_done(farm, ids["A"], 1200)
+        b = wait_done(farm, ids["B"], 1200)
+        if a["status"] != "success" or b["status"] != "success":
+            raise RuntimeError(f"A {a['status']}, B {b['status']}; see {work}")
+        a_timings, b_timings = a.get("timings") or {}, b.get("timings") or {}
+        commit = (
+            stamp(a["finishedAt"])
+            - stamp(a["startedAt"])
+            - a_timings.get("build", 0.0)
+            - a_timings.get("fetch", 0.0)
+        )
+        fetch = (stamp(b["startedAt"]) - stamp(a["finishedAt"])) + b_timings.get("fetch", 0.0)
+        probe.send_signal(signal.SIGINT)
+        probe.wait(30)
+        gap = json.loads(gaps.read_text())["longest_gap"]
+        src = work / "tree"
+        src.mkdir()
+        subprocess.run([sys.executable, "-c", MAKE_FILES, str(src), str(files)], check=True)
+        baseline = tar_over_socket(src, work / "untarred")
+        return {"commit": commit, "fetch": fetch, "tar": baseline, "gap": gap}
+    finally:
+        farm.close()
+
+
+async def _probe(port: int, out: Path) -> None:
+    import trio
+
+    from hydra_trio.protocol import codec
+    from hydra_trio.protocol.messages import (
+        PROTOCOL_VERSION,
+        Challenge,
+        Hello,
+        Ping,
+        Pong,
+        Welcome,
+    )
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    decoder = codec.FrameDecoder()
+    inbox: list[Any] = []
+
+    async def receive() -> Any:
+        while not inbox:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise EOFError
+            inbox.extend(decoder.feed(data))
+        return inbox.pop(0)
+
+    assert isinstance(await receive(), Challenge)
+    hello = Hello(
+        protocol_version=PROTOCOL_VERSION,
+        machine_id="probe",
+        hostname="probe",
+        systems=("probe-nothing",),
+        ping_interval=1.0,
+    )
+    await stream.send_all(codec.encode(hello))
+    assert isinstance(await receive(), Welcome)
+    longest, last, pongs = 0.0, time.monotonic(), 0
+
+    async def pinger() -> None:
+        seq = 0
+        while True:
+            await stream.send_all(codec.encode(Ping(seq=seq)))
+            seq += 1
+            await trio.sleep(0.01)
+
+    record = trio.Path(out)
+    await record.write_text(json.dumps({"longest_gap": 0.0, "pongs": 0}))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pinger)
+        while True:
+            message = await receive()
+            if isinstance(message, Pong):
+                now = time.monotonic()
+                gap, last, pongs = now - last, now, pongs + 1
+                if gap > longest or pongs % 1000 == 0:
+                    # the file always holds the longest so far: the probe ends by SIGINT
+                    longest = max(longest, gap)
+                    await record.write_text(json.dumps({"longest_gap": longest, "pongs": pongs}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 x 10,000 files")
+    parser.add_argument("--figures", type=Path, help="write the summary figures here (run_all)")
+    parser.add_argument("--probe", nargs=2, metavar=("PORT", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        import trio
+
+        with contextlib.suppress(KeyboardInterrupt, EOFError):
+            trio.run(_probe, int(args.probe[0]), Path(args.probe[1]))
+        return 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.quick:
+        args.files, args.repeat = 10_000, 1
+    tmp = Path(tempfile.mkdtemp(prefix="shapes-bench-"))
+    runs = []
+    try:
+        for index in range(args.repeat):
+            run = one_run(tmp, args.files, index)
+            runs.append(run)
+            print(
+                f"run {index + 1}: {args.files:,} files: commit {run['commit']:.1f} s, "
+                f"dispatch+fetch {run['fetch']:.1f} s, tar c | tar x {run['tar']:.1f} s, "
+                f"longest pong gap {run['gap'] * 1000:.0f} ms",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    summary = [
+        Figure(
+            f"commit of {args.files:,} outputs",
+            med["commit"],
+            "s",
+            baseline=med["tar"],
+            baseline_name="tar c | tar x over loopback",
+            goal=Goal("<=", 2.0, of_baseline=True),
+            paired_ratio=statistics.median(r["commit"] / r["tar"] for r in runs),
+        ),
+        Figure(
+            f"dispatch + fetch of {args.files:,} inputs",
+            med["fetch"],
+            "s",
+            baseline=med["tar"],
+            baseline_name="tar c | tar x over loopback",
+            goal=Goal("<=", 2.0, of_baseline=True),
+            paired_ratio=statistics.median(r["fetch"] / r["tar"] for r in runs),
+        ),
+        Figure(
+            "runner: longest gap between two pongs", med["gap"] * 1000, "ms", goal=Goal("<", 100)
+        ),
+    ]
+    figures.print_table(summary)
+    figures.write(args.figures, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
