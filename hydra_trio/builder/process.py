@@ -2,16 +2,21 @@
 
 ``run_command`` starts ``assign.command``, forwards its merged stdout and stderr as
 ``LogChunk``s, and enforces ``timeout`` (wall clock), ``max_silent`` (no output) and
-``max_log_bytes``.  Each limit stops the process with its own status.  When the command
-exits, whatever it left in its process group is killed, so a background child can neither
-hold the log pipe open nor outlive its build.  How the process is stopped is the caller's:
-SIGKILL of the group by default, an interrupt for ``nix-store`` (see ``nixexec``).
+``max_log_bytes``.  Each limit stops the process with its own status.  Everything the command
+starts is in the build's ``Containment`` (its own cgroup, else the subreaper's tree, see
+``contain``): when the command exits, what it left running has ``LINGER`` seconds to end by
+itself and is then killed, and the log is read for at most ``LINGER`` more, so a background
+child (in the process group or out of it with ``setsid``) can neither hold the log pipe open
+nor outlive its build.  A timeout, a cancel (an ``Abort``, the connection lost) and the end
+of the build kill the whole containment.  How the command itself is stopped first is the
+caller's: SIGKILL of the group by default, an interrupt for ``nix-store`` (see ``nixexec``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import os
 import signal
@@ -22,11 +27,17 @@ from pathlib import Path
 import attrs
 import trio
 
+from hydra_trio.builder import contain
 from hydra_trio.builder.attempt import Send
+from hydra_trio.builder.contain import MARKER_VARIABLE, Containment
 from hydra_trio.protocol.messages import Assign, BuildStatus, LogChunk
 
 #: Log bytes per LogChunk frame at most (a read returns what the pipe has, up to this).
 LOG_CHUNK = 64 * 1024
+
+#: Seconds what a command left running has to end by itself after it exited (then it is
+#: killed), and then the most the log is still read.
+LINGER = 1.0
 
 #: Stops a process when its build is cancelled or its wall-clock limit passes.
 DeliverCancel = Callable[[trio.Process], Awaitable[object]]
@@ -64,34 +75,73 @@ async def run_command(
 ) -> Outcome:
     """Run ``assign.command`` in ``cwd`` under its limits.  ``deliver_cancel`` stops it when
     the build is cancelled or the wall-clock limit passes, ``stop(pid)`` when the log or
-    silence limit does (by default both SIGKILL its process group)."""
+    silence limit does (by default both SIGKILL its process group); then, and whenever the
+    command ends, everything it started is killed."""
+    marker = env.get(MARKER_VARIABLE) or str(cwd.parent)
+    env = {**env, MARKER_VARIABLE: marker}
+    containment = await trio.to_thread.run_sync(Containment.create, marker, cwd.parent.name)
+    try:
+        return await _run_contained(assign, cwd, env, send, deliver_cancel, stop, containment)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(containment.close)
+
+
+async def _run_contained(
+    assign: Assign,
+    cwd: Path,
+    env: dict[str, str],
+    send: Send,
+    deliver_cancel: DeliverCancel,
+    stop: Stop,
+    containment: Containment,
+) -> Outcome:
     timeout = assign.limits.timeout if assign.limits.timeout is not None else math.inf
     limited: Outcome | None = None
     process: trio.Process | None = None
     start_error: OSError | None = None
+
+    async def cancel(process: trio.Process) -> None:
+        try:
+            await deliver_cancel(process)
+        finally:
+            containment.kill()
+
+    def stop_all(pid: int) -> None:
+        stop(pid)
+        containment.kill()
+
     with trio.move_on_after(timeout) as wall:
         async with trio.open_nursery() as nursery:
             try:
-                process = await nursery.start(
-                    functools.partial(
-                        trio.run_process,
-                        list(assign.command),
-                        cwd=str(cwd),
-                        env=env,
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        check=False,
-                        deliver_cancel=deliver_cancel,
+                with contain.spawning():
+                    process = await nursery.start(
+                        functools.partial(
+                            trio.run_process,
+                            list(assign.command),
+                            cwd=str(cwd),
+                            env=env,
+                            stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                            preexec_fn=containment.enter,
+                            check=False,
+                            deliver_cancel=cancel,
+                        )
                     )
-                )
-            except OSError as exc:  # the command could not be started
-                start_error = exc
+                    assert process is not None
+                    contain.track_main(process.pid)
+                    containment.started(process.pid)
+            except (OSError, subprocess.SubprocessError) as exc:  # could not be started
+                start_error = exc if isinstance(exc, OSError) else OSError(str(exc))
             else:
                 assert process is not None
-                nursery.start_soon(_reap_group, process)
-                limited = await _stream_log(process, assign, send, stop)
+                reading = trio.CancelScope()
+                nursery.start_soon(_end_with_main, process, containment, reading)
+                limited = await _stream_log(process, assign, send, stop_all, reading)
+    if process is not None:
+        contain.untrack_main(process.pid)
     if start_error is not None:
         return await _not_started(assign, send, start_error)
     if wall.cancelled_caught:
@@ -113,15 +163,31 @@ async def _not_started(assign: Assign, send: Send, exc: OSError) -> Outcome:
     return Outcome(BuildStatus.BUILD_FAILED, 127, message.strip())
 
 
-async def _reap_group(process: trio.Process) -> None:
-    """When the command exits, whatever it left behind in its process group dies too, so a
-    background child cannot hold the log pipe open (or outlive its build)."""
+async def _end_with_main(
+    process: trio.Process, containment: Containment, reading: trio.CancelScope
+) -> None:
+    """When the command exits, what it left running has ``LINGER`` seconds to end by itself,
+    then it is killed; the log is read for ``LINGER`` more at most, so a descendant that
+    escaped even the kill cannot hold the log pipe open (the build never hangs on it)."""
     await process.wait()
-    kill_group(process.pid)
+    containment.main_exited()
+    with trio.move_on_after(LINGER):
+        await _until_empty(containment)
+    containment.kill()
+    reading.deadline = trio.current_time() + LINGER
+
+
+async def _until_empty(containment: Containment) -> None:
+    """Return once none of the build's processes runs (polled: a cgroup's ``populated`` is a
+    small file read, the fallback's a walk of the builder's children)."""
+    for _ in itertools.count():
+        if not containment.populated():
+            return
+        await trio.sleep(0.02)
 
 
 async def _stream_log(
-    process: trio.Process, assign: Assign, send: Send, stop: Stop
+    process: trio.Process, assign: Assign, send: Send, stop: Stop, reading: trio.CancelScope
 ) -> Outcome | None:
     """Forward the merged stdout/stderr as LogChunks until EOF, enforcing ``max_silent`` and
     ``max_log_bytes``.  Returns how the build ended if a limit was hit (its exit status yet
@@ -132,21 +198,24 @@ async def _stream_log(
     max_log = limits.max_log_bytes
     log_bytes = 0
     with trio.CancelScope(deadline=trio.current_time() + max_silent) as silence:
-        while data := await process.stdout.receive_some(LOG_CHUNK):
-            silence.deadline = trio.current_time() + max_silent
-            over = max_log is not None and log_bytes + len(data) > max_log
-            if over:
-                assert max_log is not None
-                data = data[: max_log - log_bytes]
-            log_bytes += len(data)
-            if data:
-                chunk = LogChunk(build_id=assign.build_id, attempt=assign.attempt, data=bytes(data))
-                await send(chunk)
-            if over:
-                stop(process.pid)
-                return Outcome(
-                    BuildStatus.LOG_LIMIT_EXCEEDED, None, f"log exceeded {max_log} bytes"
-                )
+        with reading:
+            while data := await process.stdout.receive_some(LOG_CHUNK):
+                silence.deadline = trio.current_time() + max_silent
+                over = max_log is not None and log_bytes + len(data) > max_log
+                if over:
+                    assert max_log is not None
+                    data = data[: max_log - log_bytes]
+                log_bytes += len(data)
+                if data:
+                    chunk = LogChunk(
+                        build_id=assign.build_id, attempt=assign.attempt, data=bytes(data)
+                    )
+                    await send(chunk)
+                if over:
+                    stop(process.pid)
+                    return Outcome(
+                        BuildStatus.LOG_LIMIT_EXCEEDED, None, f"log exceeded {max_log} bytes"
+                    )
         # Closing stdout and stderr does not escape max_silent: a command that does and then
         # hangs is still silent.
         await process.wait()

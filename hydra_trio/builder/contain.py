@@ -1,0 +1,269 @@
+"""Everything a build starts, contained, so every descendant dies with its build.
+
+A build's command runs in its own process group, but a child can leave it (``setsid``, a
+double fork) and keep running, or keep the log pipe open.  So each build gets a
+``Containment``:
+
+- **cgroup v2** (Linux, where the builder can make cgroups under its own: the builder runs as
+  root on a cgroup2 mount, or under systemd with ``Delegate=yes``).  The command is moved
+  into ``<the builder's cgroup>/hydra-trio-<build>`` before it executes, so everything it
+  starts is in that cgroup whatever it does with sessions or forks; ``cgroup.kill`` kills
+  them all at once and ``cgroup.events`` says when they are gone.
+- **Otherwise** (macOS, a container without a delegated cgroup, systemd without delegation):
+  the builder is a child subreaper (``PR_SET_CHILD_SUBREAPER`` on Linux), so an orphaned
+  descendant is re-parented to the builder instead of init, and the kill walks the tree: the
+  build's process group, the descendants of its main process, and every descendant of the
+  builder whose environment names the build's directory (``HYDRA_TRIO_BUILD_DIR``).  A
+  descendant that both left the group and scrubbed its environment is not found here (nor,
+  on macOS, one that a double fork re-parented to launchd): docs/security.md says so.
+
+Everything here is a few small reads and writes under ``/proc`` or ``/sys``; ``kill`` and
+``close`` may be called from a worker thread or from the loop (they are short).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger("hydra_trio.builder")
+
+#: The environment variable every build's processes inherit: its build directory.
+MARKER_VARIABLE = "HYDRA_TRIO_BUILD_DIR"
+CGROUP_PREFIX = "hydra-trio-"
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def cgroup_mount() -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup``, or
+    ``/sys/fs/cgroup/unified`` on a hybrid set-up), or None."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split(" - ", 1)
+        if len(fields) == 2 and fields[1].split(" ", 1)[0] == "cgroup2":
+            return Path(fields[0].split()[4])
+    return None
+
+
+def own_cgroup() -> Path | None:
+    """This process's cgroup v2 directory, or None where there is none."""
+    mount = cgroup_mount()
+    if mount is None:
+        return None
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("0::"):
+            return mount / line[3:].lstrip("/")
+    return None
+
+
+@functools.cache
+def cgroup_parent() -> Path | None:
+    """The cgroup under which builds get their own, if the builder may make cgroups there
+    (checked by making and removing one), else None.  Cached: the answer does not change."""
+    parent = own_cgroup()
+    if parent is None or not (parent / "cgroup.procs").exists():
+        return None
+    probe = parent / f"{CGROUP_PREFIX}probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.mkdir()
+    except OSError as exc:
+        log.info("builds run without their own cgroup (%s: %s)", parent, exc.strerror)
+        return None
+    try:
+        writable = os.access(probe / "cgroup.procs", os.W_OK)
+    finally:
+        with contextlib.suppress(OSError):
+            probe.rmdir()
+    return parent if writable else None
+
+
+@functools.cache
+def become_subreaper() -> bool:
+    """Make this process the child subreaper of its descendants (Linux), so a build's orphans
+    are re-parented to it and found by ``kill``.  True if it is one."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+class Containment:
+    """One build's processes: a cgroup of its own, or the fallback's tree.  ``enter`` runs in
+    the child before it executes the command; ``kill`` kills everything that is still there;
+    ``close`` kills, waits briefly for them to be gone and removes the cgroup."""
+
+    def __init__(self, marker: str, cgroup: Path | None) -> None:
+        self.marker = marker
+        self.cgroup = cgroup
+        self.pid: int | None = None
+        self.main_gone = False
+
+    @classmethod
+    def create(cls, marker: str, name: str) -> Containment:
+        """A containment for a build whose processes carry ``MARKER_VARIABLE=marker``;
+        ``name`` names its cgroup (a plain file name)."""
+        parent = cgroup_parent()
+        cgroup: Path | None = None
+        if parent is not None:
+            cgroup = parent / f"{CGROUP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+            try:
+                cgroup.mkdir()
+            except OSError as exc:
+                log.warning("cannot make the cgroup %s: %s", cgroup, exc.strerror)
+                cgroup = None
+        if cgroup is None:
+            become_subreaper()
+        return cls(marker, cgroup)
+
+    def enter(self) -> None:
+        """Move the calling process into the cgroup (as ``preexec_fn``, in the child)."""
+        if self.cgroup is not None:
+            with open(self.cgroup / "cgroup.procs", "w") as procs:
+                procs.write("0")
+
+    def started(self, pid: int) -> None:
+        self.pid = pid
+
+    def main_exited(self) -> None:
+        """The main process was reaped: its pid may be reused, so only its process group
+        (which keeps the pid while it has members) and the markers find the rest."""
+        self.main_gone = True
+
+    def populated(self) -> bool:
+        """Whether any of the build's processes (other than its reaped main process) runs."""
+        if self.cgroup is not None:
+            with contextlib.suppress(OSError):
+                events = (self.cgroup / "cgroup.events").read_text()
+                return "populated 1" in events
+            return False
+        return bool(self._tree())
+
+    def kill(self) -> None:
+        """SIGKILL every process of the build that can be found."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        if self.cgroup is not None:
+            try:
+                (self.cgroup / "cgroup.kill").write_text("1")
+            except OSError:  # before Linux 5.14: one by one
+                self._kill_pids(self._cgroup_pids())
+        self._kill_pids(self._tree())
+        _reap_adopted()
+
+    def close(self, wait: float = 1.0) -> None:
+        """Kill what is left, wait up to ``wait`` seconds for it to be gone (blocking: call
+        from a thread), and remove the cgroup."""
+        self.kill()
+        if self.cgroup is None:
+            return
+        for _ in range(max(1, int(wait / 0.01))):
+            if not self.populated():
+                break
+            psutil.wait_procs([], timeout=0.01)  # a short sleep
+            self.kill()
+        try:
+            self.cgroup.rmdir()
+        except OSError as exc:
+            log.warning("cannot remove the cgroup %s: %s", self.cgroup, exc.strerror)
+
+    def _cgroup_pids(self) -> list[int]:
+        assert self.cgroup is not None
+        with contextlib.suppress(OSError, ValueError):
+            return [int(p) for p in (self.cgroup / "cgroup.procs").read_text().split()]
+        return []
+
+    def _tree(self) -> list[int]:
+        """The build's processes the fallback can find: the main process's descendants and
+        the builder's descendants carrying the build's marker."""
+        found: set[int] = set()
+        if self.pid is not None and not self.main_gone:
+            with contextlib.suppress(psutil.Error):
+                main = psutil.Process(self.pid)
+                if main.status() != psutil.STATUS_ZOMBIE:
+                    found.add(main.pid)
+                found.update(child.pid for child in main.children(recursive=True))
+        try:
+            descendants = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            descendants = []
+        for process in descendants:
+            if process.pid in found:
+                continue
+            with contextlib.suppress(psutil.Error, OSError):
+                if process.environ().get(MARKER_VARIABLE) == self.marker:
+                    found.add(process.pid)
+        found.discard(os.getpid())
+        return sorted(found)
+
+    @staticmethod
+    def _kill_pids(pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+#: Main processes of running builds: trio reaps those itself.
+_main_pids: set[int] = set()
+#: Main processes being started (not yet in ``_main_pids``).
+_spawning = 0
+
+
+def _reap_adopted() -> None:
+    """Reap the zombies of build descendants re-parented to this (subreaper) process.  A
+    zombie child is a build's adopted descendant when it is in another process group than
+    the builder (a build's group, or one it made with ``setsid``) and is not a build's main
+    process, which trio reaps; the builder's other children (``nix-store``) share its group."""
+    if _spawning:  # a main process may be a zombie before it is tracked
+        return
+    own_group = os.getpgid(0)
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return
+    for child in children:
+        with contextlib.suppress(psutil.Error, OSError):
+            if child.pid in _main_pids or child.status() != psutil.STATUS_ZOMBIE:
+                continue
+            if os.getpgid(child.pid) == own_group:
+                continue
+            os.waitpid(child.pid, os.WNOHANG)
+
+
+@contextlib.contextmanager
+def spawning() -> Iterator[None]:
+    """Around starting a build's main process: no zombie is reaped meanwhile."""
+    global _spawning
+    _spawning += 1
+    try:
+        yield
+    finally:
+        _spawning -= 1
+
+
+def track_main(pid: int) -> None:
+    _main_pids.add(pid)
+
+
+def untrack_main(pid: int) -> None:
+    _main_pids.discard(pid)

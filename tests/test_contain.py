@@ -1,0 +1,132 @@
+"""Every descendant dies with its build (builder/contain.py), with real processes, in both
+ways a build can be contained: its own cgroup v2 (where this machine lets the test make one)
+and the fallback (the builder as subreaper and a process-tree kill)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from hydra_trio.builder import contain
+from hydra_trio.builder.executor import execute
+from hydra_trio.protocol.messages import BuildStatus
+
+from .helpers.executor import LIMIT, Recorder, assign, run
+from .test_executor import alive, gone, pids_in
+
+pytestmark = pytest.mark.realnet
+
+
+@pytest.fixture(params=["cgroup", "tree"])
+def containment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each test runs with a cgroup per build (skipped where the machine does not let this
+    process make cgroups) and with the fallback."""
+    if request.param == "cgroup":
+        if contain.cgroup_parent() is None:
+            pytest.skip("no writable cgroup v2 hierarchy for this process")
+    else:
+        monkeypatch.setattr(contain, "cgroup_parent", lambda: None)
+    yield request.param
+
+
+#: A daemon that leaves the build's session and process group (its output elsewhere), and a
+#: grandchild orphaned by a double fork; both write their pids to ``pids``.
+def escapees(pids: Path) -> str:
+    return (
+        f"setsid -f sh -c 'echo $$ >> {pids}; exec sleep 100' </dev/null >/dev/null 2>&1; "
+        f"(sh -c 'echo $$ >> {pids}; exec sleep 100' </dev/null >/dev/null 2>&1 &) ; "
+        f'while [ "$(wc -l < {pids})" -lt 2 ]; do sleep 0.01; done'
+    )
+
+
+async def all_gone(pids: list[int]) -> bool:
+    return all([await gone(pid) for pid in pids])
+
+
+async def test_a_setsid_daemon_and_a_double_forked_grandchild_die_when_the_build_ends(
+    tmp_path: Path, containment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[contain.Containment] = []
+    create = contain.Containment.create
+
+    def recording(marker: str, name: str) -> contain.Containment:
+        made.append(create(marker, name))
+        return made[-1]
+
+    monkeypatch.setattr(contain.Containment, "create", recording)
+    pids = tmp_path / "pids"
+    result, _, _ = await run(tmp_path, "sh", "-c", escapees(pids))
+    assert result.status is BuildStatus.SUCCESS
+    escaped = pids_in(pids)
+    assert len(escaped) == 2
+    assert await all_gone(escaped)
+    [used] = made
+    assert (used.cgroup is not None) == (containment == "cgroup")
+    assert used.cgroup is None or not used.cgroup.exists()  # removed with its build
+
+
+async def test_they_die_when_the_build_times_out(tmp_path: Path, containment: str) -> None:
+    pids = tmp_path / "pids"
+    result, _, _ = await run(tmp_path, "sh", "-c", escapees(pids) + "; sleep 100", timeout=2.0)
+    assert result.status is BuildStatus.TIMED_OUT
+    escaped = pids_in(pids)
+    assert len(escaped) == 2
+    assert await all_gone(escaped)
+
+
+async def test_they_die_when_the_build_is_cancelled(tmp_path: Path, containment: str) -> None:
+    pids = tmp_path / "pids"
+    script = escapees(pids) + f"; echo ready >> {pids}.ready; sleep 100"
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+
+            async def build() -> None:
+                await execute(
+                    assign("sh", "-c", script),
+                    tmp_path / "build",
+                    Recorder(),
+                    {"PATH": os.environ["PATH"]},
+                )
+
+            nursery.start_soon(build)
+            while not await trio.Path(f"{pids}.ready").exists():
+                await trio.sleep(0.01)
+            escaped = pids_in(pids)
+            assert all(alive(pid) for pid in escaped)
+            nursery.cancel_scope.cancel()
+    assert len(escaped) == 2
+    assert await all_gone(escaped)
+
+
+async def test_a_descendant_holding_stdout_open_does_not_hang_the_build(
+    tmp_path: Path, containment: str
+) -> None:
+    """The command exits at once; a setsid daemon it started keeps the log pipe open.  The
+    build ends (not after the daemon's 100 s, not at a timeout) and the daemon is gone."""
+    pid_file = tmp_path / "pid"
+    started = time.monotonic()
+    result, send, _ = await run(
+        tmp_path, "sh", "-c", f"setsid -f sh -c 'echo $$ > {pid_file}; exec sleep 100'; echo done"
+    )
+    assert result.status is BuildStatus.SUCCESS
+    assert time.monotonic() - started < 10
+    assert b"done\n" in send.log()
+    while not pids_in(pid_file):  # written before the daemon's exec, so already there
+        await trio.sleep(0.01)
+    assert await gone(pids_in(pid_file)[0])
+
+
+async def test_a_descendant_that_ends_by_itself_soon_after_is_not_killed(
+    tmp_path: Path, containment: str
+) -> None:
+    """What the command left gets a short grace: a background writer that finishes within
+    it completes its output."""
+    out = tmp_path / "late"
+    result, _, _ = await run(tmp_path, "sh", "-c", f"(sleep 0.2; echo late > {out}) & exit 0")
+    assert result.status is BuildStatus.SUCCESS
+    assert out.read_text() == "late\n"
