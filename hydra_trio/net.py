@@ -286,6 +286,21 @@ def keepalive_settings(stream: trio.abc.Stream) -> dict[str, int]:
     return settings
 
 
+def peer_address(stream: trio.abc.Stream) -> str:
+    """The other end of a TCP stream (through TLS) as ``HOST:PORT``; ``"?"`` for a stream
+    that has no socket (an in-memory one in tests) or a closed one."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    sock = getattr(stream, "socket", None)
+    try:
+        peer = sock.getpeername() if sock is not None else None
+    except OSError:
+        peer = None
+    if not isinstance(peer, tuple) or len(peer) < 2:
+        return "?"
+    return str(HostPort(str(peer[0]), int(peer[1])))
+
+
 async def open_tcp(address: HostPort, *, keepalive_timeout: float) -> trio.SocketStream:
     """Connect to ``address`` with keepalive set.  Callers bound it with ``fail_after``."""
     stream = await trio.open_tcp_stream(address.host, address.port)

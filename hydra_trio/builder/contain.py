@@ -163,11 +163,12 @@ class Containment:
         if self.pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
-        if self.cgroup is not None:
+        if self.cgroup is not None:  # holds every descendant: no need to walk the tree
             try:
                 (self.cgroup / "cgroup.kill").write_text("1")
             except OSError:  # before Linux 5.14: one by one
                 self._kill_pids(self._cgroup_pids())
+            return
         self._kill_pids(self._tree())
         _reap_adopted()
 

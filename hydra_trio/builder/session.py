@@ -194,6 +194,8 @@ async def _session(config: BuilderConfig, state: BuilderState, stream: trio.abc.
     except Rejected as exc:
         if exc.code == "standby":
             return Ended(SessionEnd.STANDBY, str(exc), exc.leader)
+        if exc.code == RejectCode.DUPLICATE_MACHINE.value:
+            log.error("%s", exc)  # an operator's mistake: two builders share one work dir
         return Ended(SessionEnd.REJECTED, str(exc))
     _follow_runner_timeout(config, state, channel.connection, welcome)
     state.sessions += 1
@@ -264,6 +266,7 @@ def _hello(config: BuilderConfig, state: BuilderState, challenge: Challenge) -> 
         ping_interval=config.ping_interval,
         credentials=credentials,
         executors=tuple(kind.value for kind in config.executors),
+        instance=state.instance,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import random
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -110,6 +111,9 @@ class BuilderState:
 
     config: BuilderConfig
     machine_id: str
+    #: this process's ``Hello.instance``: the runner tells it from another builder that has
+    #: the same machine id (a copied work dir).
+    instance: str = attrs.field(factory=lambda: uuid.uuid4().hex)
     rng: random.Random = attrs.field(factory=random.Random)
     #: set by SIGTERM or an operator's drain: finish running builds, then say goodbye.
     draining: bool = False

@@ -39,7 +39,7 @@ from hydra_trio.protocol import validators as v
 from hydra_trio.protocol.errors import RemoteProtocolError
 
 #: The protocol version this code speaks.  Same major = compatible.
-PROTOCOL_VERSION = "1.3"
+PROTOCOL_VERSION = "1.4"
 #: The minor version that added listings in pieces (``InputSpec.listed``, ``ListRequest``,
 #: ``ListData``, ``OutputList``, ``Result.listed_outputs``): sent only to peers speaking it.
 LISTING_MINOR = 3
@@ -224,6 +224,10 @@ class Hello:
     executors: tuple[str, ...] = attrs.field(
         default=(ExecutorKind.COMMAND.value,), converter=v.as_tuple, validator=v.check_str_tuple
     )
+    #: (1.4) a random word the builder process picks once at start: a hello with the machine id
+    #: of a live session but another instance is a second builder (a copied work dir), refused
+    #: with ``duplicate-machine``; the same instance is the same process reconnecting.
+    instance: str = attrs.field(default="", validator=v.check_str)
 
 
 @attrs.frozen(kw_only=True)
@@ -248,6 +252,8 @@ class RejectCode(enum.Enum):
     AUTH_FAILED = "auth-failed"
     #: (1.2) this runner is a hot standby: ``Reject.leader`` names the leading runner.
     STANDBY = "standby"
+    #: (1.4) another builder process (``Hello.instance``) is connected with this machine id.
+    DUPLICATE_MACHINE = "duplicate-machine"
 
 
 @attrs.frozen(kw_only=True)

@@ -360,15 +360,25 @@ class Farm:
 
     # -- machines ---------------------------------------------------------------------------
 
-    def attach(self, session: Session, hello: Hello, now: float) -> Machine:
-        """A builder completed its hello.  A previous session of the same machine is
+    def duplicate_of(self, hello: Hello) -> Machine | None:
+        """The machine whose live session is another builder process with ``hello``'s machine
+        id (``Hello.instance`` differs; both 1.4), or None.  Such a hello is refused: letting
+        it supersede would make two builders knock each other off for ever."""
+        known = self.machines.get(hello.machine_id)
+        if known is None or known.session is None or not (known.instance and hello.instance):
+            return None
+        return known if known.instance != hello.instance else None
+
+    def attach(self, session: Session, hello: Hello, now: float, address: str = "") -> Machine:
+        """A builder completed its hello (from ``address``).  A previous session of the same
+        machine (the same builder process reconnecting, the old connection half-open) is
         superseded: detached (its builds requeued) and closed before this one gets work."""
         known = self.machines.get(hello.machine_id)
         if known is not None and known.session is not None:
             old = known.session
             self.detach(old, "superseded by a new connection from the same machine", now)
             old.close("superseded by a new connection from the same machine")
-        machine = self.registry.connect(session, hello, now)
+        machine = self.registry.connect(session, hello, now, address)
         self.journal.touch_machine(machine)
         self.on_change()
         return machine

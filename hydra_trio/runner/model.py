@@ -193,6 +193,10 @@ class Machine:
     executors: frozenset[str] = frozenset({"command"})
     #: what its last hello said (a 1.3 builder takes input listings in pieces).
     protocol_version: str = "1.0"
+    #: the connected builder process (``Hello.instance``, "" from a builder before 1.4) and
+    #: where it connected from (``HOST:PORT``).
+    instance: str = ""
+    address: str = ""
     state: MachineState = MachineState.DISCONNECTED
     session: Session | None = None
     #: builds it runs now, by id.

@@ -72,9 +72,9 @@ class Registry:
                 return machine
         return None
 
-    def connect(self, session: Session, hello: Hello, now: float) -> Machine:
-        """Attach ``session`` to its machine, made or updated from ``hello``.  The caller has
-        detached the machine's previous session, if any."""
+    def connect(self, session: Session, hello: Hello, now: float, address: str = "") -> Machine:
+        """Attach ``session`` (from ``address``) to its machine, made or updated from
+        ``hello``.  The caller has detached the machine's previous session, if any."""
         machine = self.machines.get(hello.machine_id)
         if machine is None:
             machine = Machine(
@@ -92,6 +92,7 @@ class Registry:
         else:
             _update(machine, hello)
         machine.session = session
+        machine.instance, machine.address = hello.instance, address
         machine.state = MachineState.DRAINING if machine.drain_requested else MachineState.CONNECTED
         machine.draining_itself = False
         machine.told_to_drain = False

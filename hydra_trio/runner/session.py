@@ -23,6 +23,7 @@ Task layout::
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import ssl
@@ -31,6 +32,7 @@ import uuid
 import attrs
 import trio
 
+from hydra_trio import net
 from hydra_trio.net import ConnectionLost, FramedChannel
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import ProtocolError
@@ -39,6 +41,8 @@ from hydra_trio.protocol.messages import (
     Goodbye,
     Hello,
     Message,
+    Reject,
+    RejectCode,
     Role,
     Welcome,
 )
@@ -177,15 +181,23 @@ async def serve_builder(
             if conn.hello is None:
                 log.info("connection closed: no hello within %g s", config.handshake_timeout)
             return
-        session = BuilderSession(channel)
-        conn.set_peer_timeout(config.builder_timeout)
-        if gate is None:
-            machine = _welcome(farm, session, hello, config)
-        else:
+        address = net.peer_address(stream)
+        if gate is not None:
             gate.leave()
             in_gate = False
-            async with gate.admitting:  # no wait on the peer inside (see HandshakeGate)
-                machine = _welcome(farm, session, hello, config)
+        refusal: str | None = None
+        machine: Machine | None = None
+        # no wait on the peer inside the admitting slot (see HandshakeGate)
+        async with gate.admitting if gate is not None else contextlib.nullcontext():
+            refusal = _duplicate_refusal(farm, hello, address)
+            if refusal is None:
+                session = BuilderSession(channel)
+                conn.set_peer_timeout(config.builder_timeout)
+                machine = _welcome(farm, session, hello, config, address)
+        if refusal is not None:
+            await _refuse_duplicate(farm, channel, refusal)
+            return
+        assert session is not None and machine is not None
         async with trio.open_nursery() as background:
             uploads = UploadReceiver(
                 storage.blobs, farm.metrics, farm.config.max_output_bytes, background
@@ -231,9 +243,32 @@ async def serve_builder(
             await stream.aclose()
 
 
-def _welcome(farm: Farm, session: BuilderSession, hello: Hello, config: SessionConfig) -> Machine:
+def _duplicate_refusal(farm: Farm, hello: Hello, address: str) -> str | None:
+    """Why ``hello`` is refused as a second builder process with a live machine's id
+    (logged as an error), or None."""
+    other = farm.duplicate_of(hello)
+    if other is None:
+        return None
+    why = (
+        f"machine id {hello.machine_id} is already connected from {other.address} by another "
+        f"builder process; refused the one from {address}: each builder needs its own "
+        "--work-dir (a copied work dir or VM image shares its machine-id file)"
+    )
+    log.error("refused builder %s from %s: %s", hello.hostname, address, why)
+    return why
+
+
+async def _refuse_duplicate(farm: Farm, channel: FramedChannel, why: str) -> None:
+    """Answer with ``Reject`` code ``duplicate-machine``, counted."""
+    farm.metrics.handshake_rejected(RejectCode.DUPLICATE_MACHINE.value)
+    await channel.send(Reject(code=RejectCode.DUPLICATE_MACHINE.value, reason=why))
+
+
+def _welcome(
+    farm: Farm, session: BuilderSession, hello: Hello, config: SessionConfig, address: str = ""
+) -> Machine:
     """Attach the admitted builder's session to the farm and greet it."""
-    machine = farm.attach(session, hello, trio.current_time())
+    machine = farm.attach(session, hello, trio.current_time(), address)
     session.post(
         Welcome(
             protocol_version=PROTOCOL_VERSION,

@@ -117,8 +117,8 @@ class JournalingFarm(Farm):
     sim_journal: Journal = attrs.field(kw_only=True, factory=Journal)
     generation: int = attrs.field(kw_only=True, default=1)
 
-    def attach(self, session: Session, hello: Any, now: float) -> Machine:
-        machine = super().attach(session, hello, now)
+    def attach(self, session: Session, hello: Any, now: float, address: str = "") -> Machine:
+        machine = super().attach(session, hello, now, address)
         self.sim_journal.attaches.setdefault(machine.hostname, []).append(now)
         self.sim_journal.log(f"runner {self.generation} attached {machine.hostname}")
         return machine
