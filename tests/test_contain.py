@@ -40,7 +40,7 @@ def escapees(pids: Path) -> str:
     return (
         f"setsid -f sh -c 'echo $$ >> {pids}; exec sleep 100' </dev/null >/dev/null 2>&1; "
         f"(sh -c 'echo $$ >> {pids}; exec sleep 100' </dev/null >/dev/null 2>&1 &) ; "
-        f'while [ "$(wc -l < {pids})" -lt 2 ]; do sleep 0.01; done'
+        f'while [ "$(cat {pids} 2>/dev/null | wc -l)" -lt 2 ]; do sleep 0.01; done'
     )
 
 

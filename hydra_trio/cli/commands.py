@@ -78,7 +78,10 @@ def queue_runner(
 def builder(options: BuilderOptions, log_options: LoggingOptions) -> None:
     """Run a builder: connect to the queue runner and run what it assigns."""
     daemons.setup_logging(log_options.log_level, log_options.log_format)
-    daemons.run_builder_daemon(options.builder_config())
+    config = options.builder_config()
+    if config.token is not None and options.token_fd is None:
+        daemons.reexec_hiding_token_file(config.token)
+    daemons.run_builder_daemon(config)
 
 
 @main.command("up")

@@ -10,6 +10,7 @@ into one-line usage errors.  The conversion lives here and not as a classmethod 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ import attrs
 import click
 
 from hydra_trio import net
+from hydra_trio.auth import MAX_TOKEN_BYTES
 from hydra_trio.cli.options import (
     HOSTPORT,
     HOSTPORT_LIST,
@@ -255,6 +257,7 @@ class BuilderOptions:
     work_dir: Path
     hostname: str
     token_file: Path | None
+    token_fd: int | None
     tls_ca: Path | None
     tls_cert: Path | None
     tls_key: Path | None
@@ -282,11 +285,22 @@ class BuilderOptions:
             work_dir=self.work_dir,
             hostname=self.hostname,
             reconnect_max=self.reconnect_max,
-            token=load_token(self.token_file),
+            token=self.token(),
             ssl_context=self.ssl_context(),
             executors=self.executors(),
             nix_store=self.nix_store,
         )
+
+    def token(self) -> bytes | None:
+        """The token: from ``--token-fd`` (a pipe the builder re-executing itself left open,
+        read and closed here) before ``--token-file``."""
+        if self.token_fd is None:
+            return load_token(self.token_file)
+        with os.fdopen(self.token_fd, "rb") as pipe:
+            token = pipe.read(MAX_TOKEN_BYTES + 1).strip()
+        if not token:
+            raise click.BadParameter("no token on this descriptor", param_hint="--token-fd")
+        return token
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The builder's TLS context: with any TLS option (``--tls`` alone uses the system
@@ -352,6 +366,13 @@ builder_options = options_record(
     ),
     option("--hostname", default=default_hostname(), help="Shown in /status."),
     token_file_option("The runner's shared secret (proven, never sent)."),
+    option(
+        "--token-fd",
+        type=click.IntRange(min=3),
+        default=None,
+        hidden=True,
+        help="Read the token from this open descriptor (how the builder re-executes itself).",
+    ),
     path_option("--tls-ca", "Connect with TLS; verify the runner against this CA."),
     path_option("--tls-cert", "Connect with TLS; present this client certificate (PEM)."),
     path_option("--tls-key", "The client certificate's private key (PEM)."),

@@ -9,6 +9,7 @@ status 1.  Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -150,6 +151,44 @@ async def _serve_runner(config: RunnerConfig, stops: list[trio.Event]) -> None:
 # A builder.
 
 
+#: The variable naming the token file, which a re-executed builder's environment leaves out.
+TOKEN_FILE_VARIABLE = "HYDRA_TRIO_TOKEN_FILE"
+
+
+def reexec_hiding_token_file(token: bytes) -> None:
+    """Execute this builder again with the token on a pipe (``--token-fd``, read once and
+    closed) instead of ``--token-file`` in its argv or environment, so a build cannot find
+    the file through ``/proc/<builder>/cmdline`` or ``environ``.  Returns (doing nothing)
+    when nothing there names it (a ``--config`` file does) or when this process is not the
+    ``hydra-trio`` command itself (an embedder, a test's ``CliRunner``)."""
+    if Path(sys.argv[0]).name not in ("hydra-trio", "__main__.py"):
+        return
+    argv = without_token_file(sys.argv[1:])
+    env = {name: value for name, value in os.environ.items() if name != TOKEN_FILE_VARIABLE}
+    if argv == sys.argv[1:] and len(env) == len(os.environ):
+        return
+    read, write = os.pipe()
+    os.write(write, token + b"\n")  # a token is far smaller than a pipe's buffer
+    os.close(write)
+    os.set_inheritable(read, True)
+    command = [sys.executable, "-m", "hydra_trio", *argv, "--token-fd", str(read)]
+    os.execve(sys.executable, command, env)
+
+
+def without_token_file(args: list[str]) -> list[str]:
+    """``args`` without ``--token-file FILE`` or ``--token-file=FILE``."""
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--token-file":
+            skip = True
+        elif not arg.startswith("--token-file="):
+            kept.append(arg)
+    return kept
+
+
 def run_builder_daemon(config: BuilderConfig) -> None:
     """Run a builder on its work dir; SIGTERM drains it (finish the running builds, then stop)."""
     drains: list[Callable[[], None]] = []
@@ -158,7 +197,20 @@ def run_builder_daemon(config: BuilderConfig) -> None:
         for request_drain in drains:
             request_drain()
 
+    _not_dumpable()
     run_daemon(functools.partial(_serve_builder, config, drains), on_sigterm)
+
+
+def _not_dumpable() -> None:
+    """Linux: no core dumps, and a process of the same (non-root) user, a build's, cannot
+    read this one's memory, ``environ`` or descriptors through ``/proc``, nor trace it: the
+    token is in its memory."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_dumpable = 4
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
 
 
 async def _serve_builder(config: BuilderConfig, drains: list[Callable[[], None]]) -> None:
