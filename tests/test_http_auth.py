@@ -157,10 +157,31 @@ async def test_writes_with_the_right_token_work(tmp_path: Path) -> None:
     assert farm.machines[MACHINE].drain_requested
 
 
-async def test_reads_stay_open_by_default_with_a_token(tmp_path: Path) -> None:
-    """A token alone protects writes only: every read and the dashboard answer 200."""
+async def test_reads_but_logs_and_outputs_stay_open_by_default_with_a_token(
+    tmp_path: Path,
+) -> None:
+    """A token alone protects writes and what builds print and leave (issue 19: a log may
+    hold a secret a build printed): the log and outputs are 403 without the token, 200 with
+    it; every other read and the dashboard answer 200."""
     farm = farm_with_a_build_and_a_machine()
+    build_id = the_build(farm)
+    private = [f"/builds/{build_id}/log", f"/builds/{build_id}/outputs/x"]
     async with client_for(app_for(farm, tmp_path, token=TOKEN)) as client:
+        for path in [*reads(build_id), "/"]:
+            response = await client.get(path)
+            if path in private:
+                assert_refused(response, "reads the farm")
+            else:
+                assert response.status_code == 200, (path, response.text)
+        for path in private:
+            response = await client.get(path, headers={"Authorization": f"Bearer {TOKEN.decode()}"})
+            assert response.status_code != 403, (path, response.text)
+
+
+async def test_http_public_logs_opens_logs_and_outputs_again(tmp_path: Path) -> None:
+    farm = farm_with_a_build_and_a_machine()
+    app = app_for(farm, tmp_path, token=TOKEN, public_logs=True)
+    async with client_for(app) as client:
         for path in [*reads(the_build(farm)), "/"]:
             response = await client.get(path)
             assert response.status_code == 200, (path, response.text)

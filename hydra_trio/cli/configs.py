@@ -90,6 +90,7 @@ class RunnerOptions:
     max_tries: int
     token_file: Path | None
     http_token_for_reads: bool
+    http_public_logs: bool
     max_unauthenticated: int
     nix_store: Path | None
     hydra_db: str | None
@@ -115,6 +116,7 @@ class RunnerOptions:
                 max_tries=self.max_tries,
                 token=load_token(self.token_file),
                 http_token_for_reads=self.http_token_for_reads,
+                http_public_logs=self.http_public_logs,
                 tls_cert=tls.tls_cert,
                 tls_key=tls.tls_key,
                 tls_ca=tls.tls_ca,
@@ -188,6 +190,12 @@ runner_options = options_record(
         is_flag=True,
         default=False,
         help="With --token-file, HTTP reads need the token too.",
+    ),
+    option(
+        "--http-public-logs",
+        is_flag=True,
+        default=False,
+        help="With --token-file, builds' logs and outputs are readable without the token.",
     ),
     option(
         "--max-unauthenticated",

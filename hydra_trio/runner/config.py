@@ -34,6 +34,8 @@ class RunnerConfig:
     token: bytes | None = attrs.field(default=None, repr=False)
     #: with a token, HTTP reads need it too (``--http-token-for-reads``).
     http_token_for_reads: bool = False
+    #: with a token, builds' logs and outputs are readable without it (``--http-public-logs``).
+    http_public_logs: bool = False
     #: TLS on the builder port (``--tls-cert``/``--tls-key``); with ``tls_ca``, builders must
     #: present a client certificate signed by it.
     tls_cert: Path | None = None

@@ -248,6 +248,7 @@ class Runner:
                     token=config.token,
                     token_for_reads=config.http_token_for_reads,
                     extra_routes=extra_routes,
+                    public_logs=config.http_public_logs,
                 )
                 self.term = term = Term(farm=farm, persister=persister, dispatching=dispatching)
                 task_status.started()

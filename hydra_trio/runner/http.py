@@ -415,14 +415,16 @@ def create_app(
     token: bytes | None = None,
     token_for_reads: bool = False,
     extra_routes: Sequence[BaseRoute] = (),
+    public_logs: bool = False,
 ) -> Starlette:
     """The Starlette application over ``farm`` (``RunnerApi``'s routes).  ``persist`` returns
     once every change made so far is durable; calls that change state await it before they
     answer.
 
     With ``token``, every call but GET and HEAD needs ``Authorization: Bearer <token>`` and
-    gets a JSON 403 (with ``WWW-Authenticate: Bearer``) without it; with ``token_for_reads``
-    as well, so does every read except the dashboard page ``GET /``.  The page is open because
+    gets a JSON 403 (with ``WWW-Authenticate: Bearer``) without it; so do a build's log and
+    outputs unless ``public_logs``; with ``token_for_reads`` as well, so does every read
+    except the dashboard page ``GET /``.  The page is open because
     it is the same fixed HTML for everyone; each of its requests (the JSON API, logs, output
     downloads) carries the token.  The operator gives it the token once per browser tab: by
     opening ``http://runner:7421/#token=<token>`` (the page moves it to ``sessionStorage`` and
@@ -439,6 +441,13 @@ def create_app(
         middleware=(
             []
             if token is None
-            else [Middleware(RequireToken, token=token, token_for_reads=token_for_reads)]
+            else [
+                Middleware(
+                    RequireToken,
+                    token=token,
+                    token_for_reads=token_for_reads,
+                    public_logs=public_logs,
+                )
+            ]
         ),
     )
