@@ -360,12 +360,16 @@ class Farm:
 
     # -- machines ---------------------------------------------------------------------------
 
-    def duplicate_of(self, hello: Hello) -> Machine | None:
+    def duplicate_of(self, hello: Hello, now: float, quiet: float) -> Machine | None:
         """The machine whose live session is another builder process with ``hello``'s machine
         id (``Hello.instance`` differs; both 1.4), or None.  Such a hello is refused: letting
-        it supersede would make two builders knock each other off for ever."""
+        it supersede would make two builders knock each other off for ever.  A session that
+        has not pinged for ``quiet`` seconds is not live (its builder crashed, the connection
+        is half-open): a restarted builder supersedes it as before."""
         known = self.machines.get(hello.machine_id)
         if known is None or known.session is None or not (known.instance and hello.instance):
+            return None
+        if now - known.last_ping_at > quiet:
             return None
         return known if known.instance != hello.instance else None
 

@@ -189,7 +189,7 @@ async def serve_builder(
         machine: Machine | None = None
         # no wait on the peer inside the admitting slot (see HandshakeGate)
         async with gate.admitting if gate is not None else contextlib.nullcontext():
-            refusal = _duplicate_refusal(farm, hello, address)
+            refusal = _duplicate_refusal(farm, hello, address, config.builder_timeout / 2)
             if refusal is None:
                 session = BuilderSession(channel)
                 conn.set_peer_timeout(config.builder_timeout)
@@ -243,10 +243,11 @@ async def serve_builder(
             await stream.aclose()
 
 
-def _duplicate_refusal(farm: Farm, hello: Hello, address: str) -> str | None:
-    """Why ``hello`` is refused as a second builder process with a live machine's id
-    (logged as an error), or None."""
-    other = farm.duplicate_of(hello)
+def _duplicate_refusal(farm: Farm, hello: Hello, address: str, quiet: float) -> str | None:
+    """Why ``hello`` is refused as a second builder process with a live machine's id (one
+    that pinged within ``quiet`` seconds: a builder pings three times per builder timeout),
+    logged as an error; or None."""
+    other = farm.duplicate_of(hello, trio.current_time(), quiet)
     if other is None:
         return None
     why = (
