@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,13 +23,34 @@ SCRIPT = "echo first; sleep 1; echo 'second line'; sleep 1; echo last >&2"
 
 
 class _Terminal(io.StringIO):
+    """A terminal that creates ``shown`` once it has been shown ``| second line``: the build
+    waits for that file, so the live line is seen however slowly the machine polls."""
+
+    def __init__(self, shown: Path | None = None) -> None:
+        super().__init__()
+        self.shown = shown
+
     def isatty(self) -> bool:
         return True
 
+    def write(self, text: str) -> int:
+        if self.shown is not None and "| second line" in text:
+            self.shown.touch()
+        return super().write(text)
 
-def _submit_and_wait(url: str, tty: bool, *command: str) -> tuple[int, str]:
+
+def waits_until_shown(shown: Path) -> str:
+    """SCRIPT, but between its second line and its last it waits (at most 30 s) until the
+    terminal has shown the second line as the log's tail."""
+    wait = f"i=0; while [ ! -e {shown} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"
+    return f"echo first; echo 'second line'; {wait}; echo last >&2"
+
+
+def _submit_and_wait(
+    url: str, tty: bool, *command: str, shown: Path | None = None
+) -> tuple[int, str]:
     """Run ``submit --wait`` in this worker thread; returns (exit status, stderr)."""
-    stderr = _Terminal() if tty else io.StringIO()
+    stderr = _Terminal(shown) if tty else io.StringIO()
     saved = sys.stderr
     sys.stderr = stderr
     try:
@@ -41,9 +63,9 @@ def _submit_and_wait(url: str, tty: bool, *command: str) -> tuple[int, str]:
     return status, stderr.getvalue()
 
 
-async def run(url: str, tty: bool, *command: str) -> tuple[int, str]:
-    call = functools.partial(_submit_and_wait, url, tty, *command)
-    with trio.fail_after(30):
+async def run(url: str, tty: bool, *command: str, shown: Path | None = None) -> tuple[int, str]:
+    call = functools.partial(_submit_and_wait, url, tty, *command, shown=shown)
+    with trio.fail_after(60):
         return await trio.to_thread.run_sync(call)
 
 
@@ -57,9 +79,13 @@ async def test_plain_lines_without_a_terminal(runner: Runner) -> None:
     assert any("running (building) on b1 attempt 1" in line for line in lines)
 
 
-async def test_one_live_line_with_the_log_tail_on_a_terminal(runner: Runner) -> None:
+async def test_one_live_line_with_the_log_tail_on_a_terminal(
+    runner: Runner, tmp_path: Path
+) -> None:
     await runner.start_builder("b1")
-    status, err = await run(runner.addresses.http[0], True, "sh", "-c", SCRIPT + "; exit 3")
+    shown = tmp_path / "shown"
+    script = waits_until_shown(shown) + "; exit 3"
+    status, err = await run(runner.addresses.http[0], True, "sh", "-c", script, shown=shown)
     assert status == 1
     frames = [frame for frame in err.split("\r\x1b[K") if frame]
     assert any("running (building) on b1" in f and "| second line" in f for f in frames), frames
