@@ -123,6 +123,18 @@ class Farm:
             for _ in range(BUILDS)
         ]
 
+    def leader_with_builds_running(self, seconds: float) -> tuple[str, str, list[str]]:
+        """runnerA leading, runnerB standing by, the builders on A, and BUILDS builds of
+        ``sleep seconds`` all running on them: (A's URL, B's URL, the build ids)."""
+        a = self.runner("runnerA")
+        self.role(a, "leader")
+        b = self.runner("runnerB")
+        self.role(b, "standby")
+        self.builders(a)
+        ids = self.submit(a, seconds)
+        wait(f"{BUILDS} running", lambda: all(x["state"] == "running" for x in self.builds(a, ids)))
+        return a, b, ids
+
     def builds(self, url: str, ids: list[str]) -> list[dict[str, Any]]:
         return [self.d.client.get(f"{url}/builds/{i}").json() for i in ids]
 
@@ -144,13 +156,7 @@ def _pg_rows(db: str) -> dict[str, tuple[Any, ...]]:
 def kill(workdir: Path, db: str) -> dict[str, float]:
     farm = Farm(workdir, db)
     try:
-        a = farm.runner("runnerA")
-        farm.role(a, "leader")
-        b = farm.runner("runnerB")
-        farm.role(b, "standby")
-        farm.builders(a)
-        ids = farm.submit(a, 8)
-        wait("30 running", lambda: all(x["state"] == "running" for x in farm.builds(a, ids)))
+        _, b, ids = farm.leader_with_builds_running(8)
         killed = time.monotonic()
         farm.d.processes["runnerA"].kill()
         farm.role(b, "leader")
@@ -176,13 +182,7 @@ def kill(workdir: Path, db: str) -> dict[str, float]:
 def freeze(workdir: Path, db: str) -> dict[str, float]:
     farm = Farm(workdir, db)
     try:
-        a = farm.runner("runnerA")
-        farm.role(a, "leader")
-        b = farm.runner("runnerB")
-        farm.role(b, "standby")
-        farm.builders(a)
-        ids = farm.submit(a, 2)
-        wait("30 running", lambda: all(x["state"] == "running" for x in farm.builds(a, ids)))
+        a, b, ids = farm.leader_with_builds_running(2)
         runner_a = farm.d.processes["runnerA"]
         runner_a.send_signal(signal.SIGSTOP)
         frozen = time.monotonic()

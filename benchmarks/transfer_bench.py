@@ -147,44 +147,7 @@ async def source_main(port: int, size: int, lifetime: float) -> None:
 
 def raw_copy(size: int) -> float:
     """Seconds to copy ``size`` bytes over loopback between two fresh processes."""
-    lifetime = "120"
-    sink = subprocess.Popen(
-        [sys.executable, __file__, "--sink", "--lifetime", lifetime],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    source: subprocess.Popen[str] | None = None
-    try:
-        assert sink.stdout is not None
-        line = sink.stdout.readline().strip()  # the sink exits after `lifetime` in any case
-        assert line.startswith("PORT "), line
-        source = subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--source",
-                line.split()[1],
-                "--size",
-                str(size),
-                "--lifetime",
-                lifetime,
-            ],
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        out, _ = source.communicate(timeout=float(lifetime) + 10)
-        assert out.startswith("ELAPSED "), out
-        return float(out.split()[1])
-    finally:
-        for process in (source, sink):
-            if process is not None and process.poll() is None:
-                process.kill()
-            if process is not None:
-                process.wait(10)
-                if process.stdout is not None:
-                    process.stdout.close()
+    return pair(["--sink"], ["--size", str(size), "--source"], lifetime=120.0)
 
 
 # ---------------------------------------------------------------------------------------------
