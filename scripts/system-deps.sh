@@ -4,6 +4,7 @@
 #   iproute2, iptables: the chaos suite (`make chaos`: network namespaces, veth pairs, tc,
 #   iptables rules inside the namespaces).
 #   promtool (Debian's prometheus package): checks the /metrics output (tests/test_metrics.py).
+#   bubblewrap: `builder --sandbox` and its tests (tests/test_sandbox.py).
 #   Chromium: the headless-browser test of the dashboard (tests/test_browser.py).
 #   Nix (Debian's nix-bin, Nix 2.8): the Nix build tests (tests/test_nix.py), with chroot
 #   stores under the test's temporary directory; the suite sets `build-users-group =` for
@@ -20,6 +21,7 @@ command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || missing+=(ipro
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 command -v nix-store >/dev/null 2>&1 || missing+=(nix-bin)
 getent group nixbld >/dev/null 2>&1 || missing+=(nix-setup-systemd)
 [ ${#missing[@]} -eq 0 ] && exit 0

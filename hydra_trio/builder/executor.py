@@ -19,6 +19,7 @@ from hydra_trio.builder.builddir import BUILD_DIR_VARIABLE, BuildDir
 from hydra_trio.builder.inputs import Fetch, FetchError, place_inputs
 from hydra_trio.builder.outputs import BadOutput, OutputTooLarge, nothing_in, scan_outputs, upload
 from hydra_trio.builder.process import run_command
+from hydra_trio.builder.sandbox import Sandbox
 from hydra_trio.protocol.messages import Assign, BuildStatus, FileInfo, Phase, Result
 
 
@@ -28,9 +29,12 @@ async def execute(
     send: Send,
     base_env: dict[str, str],
     fetch: Fetch | None = None,
+    *,
+    sandbox: Sandbox | None = None,
 ) -> Result:
     """Run ``assign`` in ``build_dir`` (created fresh, removed afterwards): fetch its inputs
-    into ``$IN``, run the command, upload what it left in ``$OUT``."""
+    into ``$IN``, run the command (in ``sandbox``, if given), upload what it left in
+    ``$OUT``."""
     async with attempt(assign, build_dir, send) as phases:
         if assign.inputs:
             try:
@@ -41,8 +45,11 @@ async def execute(
             except FetchError as exc:
                 return phases.result(BuildStatus.FETCH_FAILED, error=str(exc))
         async with phases.timed(Phase.BUILDING):
+            argv = None
+            if sandbox is not None:
+                argv = sandbox.argv(assign.command, phases.dir, phases.dir.work)
             ended = await run_command(
-                assign, phases.dir.work, build_env(assign, phases.dir, base_env), send
+                assign, phases.dir.work, build_env(assign, phases.dir, base_env), send, argv=argv
             )
         status, error = ended.status, ended.error
         outputs: list[FileInfo] = []

@@ -21,7 +21,7 @@ import math
 import os
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -72,16 +72,20 @@ async def run_command(
     send: Send,
     deliver_cancel: DeliverCancel = kill_on_cancel,
     stop: Stop = kill_group,
+    *,
+    argv: Sequence[str] | None = None,
 ) -> Outcome:
     """Run ``assign.command`` in ``cwd`` under its limits.  ``deliver_cancel`` stops it when
     the build is cancelled or the wall-clock limit passes, ``stop(pid)`` when the log or
     silence limit does (by default both SIGKILL its process group); then, and whenever the
-    command ends, everything it started is killed."""
+    command ends, everything it started is killed.  ``argv``: what to execute instead of the
+    bare command (the command wrapped in its sandbox, ``sandbox.Sandbox.argv``)."""
     marker = env.get(MARKER_VARIABLE) or str(cwd.parent)
     env = {**env, MARKER_VARIABLE: marker}
+    argv = list(assign.command if argv is None else argv)
     containment = await trio.to_thread.run_sync(Containment.create, marker, cwd.parent.name)
     try:
-        return await _run_contained(assign, cwd, env, send, deliver_cancel, stop, containment)
+        return await _run_contained(assign, argv, cwd, env, send, deliver_cancel, stop, containment)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(containment.close)
@@ -89,6 +93,7 @@ async def run_command(
 
 async def _run_contained(
     assign: Assign,
+    argv: list[str],
     cwd: Path,
     env: dict[str, str],
     send: Send,
@@ -118,7 +123,7 @@ async def _run_contained(
                     process = await nursery.start(
                         functools.partial(
                             trio.run_process,
-                            list(assign.command),
+                            argv,
                             cwd=str(cwd),
                             env=env,
                             stdin=subprocess.DEVNULL,

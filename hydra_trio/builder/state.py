@@ -9,6 +9,7 @@ session ended is an ``Ended``: a ``SessionEnd`` to act on and the words that are
 from __future__ import annotations
 
 import enum
+import functools
 import random
 import uuid
 from collections.abc import Awaitable, Callable
@@ -137,6 +138,8 @@ class BuilderState:
 
     def __attrs_post_init__(self) -> None:
         self.servers = ServerList(self.config.addresses)
+        if self.config.sandbox is not None and self.execute is execute:
+            self.execute = functools.partial(execute, sandbox=self.config.sandbox)
 
     def record(self, kind: EventKind, ended: Ended | None = None) -> None:
         self.events.append(BuilderEvent(trio.current_time(), kind, ended))

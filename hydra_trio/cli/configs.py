@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import ssl
 
     from hydra_trio.builder.daemon import BuilderConfig
+    from hydra_trio.builder.sandbox import Sandbox
     from hydra_trio.hydra.config import HydraConfig
     from hydra_trio.runner.daemon import RunnerConfig
 
@@ -272,6 +273,8 @@ class BuilderOptions:
     tls: bool
     executor: tuple[str, ...]
     nix_store: Path | None
+    sandbox: bool
+    sandbox_path: tuple[str, ...]
 
     def builder_config(self) -> BuilderConfig:
         from hydra_trio.builder.daemon import BuilderConfig
@@ -297,7 +300,22 @@ class BuilderOptions:
             ssl_context=self.ssl_context(),
             executors=self.executors(),
             nix_store=self.nix_store,
+            sandbox=self.sandboxing(),
         )
+
+    def sandboxing(self) -> Sandbox | None:
+        """``--sandbox`` and its options (checked to work at start, ``Sandbox.check``)."""
+        from hydra_trio.builder.sandbox import Sandbox, SandboxPath
+
+        if not self.sandbox:
+            if self.sandbox_path:
+                raise click.UsageError("--sandbox-path needs --sandbox")
+            return None
+        try:
+            paths = tuple(SandboxPath.parse(text) for text in self.sandbox_path)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--sandbox-path") from None
+        return Sandbox(paths=paths)
 
     def token(self) -> bytes | None:
         """The token: from ``--token-fd`` (a pipe the builder re-executing itself left open,
@@ -397,5 +415,19 @@ builder_options = options_record(
         "--nix-store",
         "A local chroot Nix store (DIR/nix/store) for the nix executor.  [default: this machine's]",
         directory=True,
+    ),
+    option(
+        "--sandbox",
+        is_flag=True,
+        default=False,
+        help="Linux: run each command build in its own namespaces (bubblewrap): it sees only "
+        "its build dir, $IN read-only, the system's programs and the --sandbox-path paths, "
+        "and has no network (docs/security.md).",
+    ),
+    option(
+        "--sandbox-path",
+        multiple=True,
+        metavar="PATH[=INSIDE]",
+        help="With --sandbox: also let builds read PATH, at INSIDE (repeatable).",
     ),
 )

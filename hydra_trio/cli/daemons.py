@@ -218,6 +218,10 @@ async def _serve_builder(config: BuilderConfig, drains: list[Callable[[], None]]
 
     if ExecutorKind.NIX in config.executors:
         await _check_nix(config.nix_store)
+    if config.sandbox is not None:
+        # as the nix executor checks its store: refuse to start (one line, SandboxError)
+        # rather than fail every build it is given
+        await trio.to_thread.run_sync(config.sandbox.check)
     lock = await trio.to_thread.run_sync(claim_work_dir, config.work_dir)
     try:
         async with trio.open_nursery() as nursery:

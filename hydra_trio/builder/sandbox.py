@@ -1,0 +1,199 @@
+"""``--sandbox``: each build in its own namespaces, through bubblewrap (``bwrap``).
+
+A sandboxed build's command runs as ``bwrap <mounts> -- COMMAND``: in new mount, PID, IPC,
+UTS, cgroup and network namespaces (and a user namespace where the kernel allows one), with
+a root file system that holds only
+
+- the system's programs, libraries and the few ``/etc`` files they need (``DEFAULT_PATHS``),
+  read-only, and the operator's ``--sandbox-path PATH[=INSIDE]`` (read-only too);
+- the build's own directory (``work``, ``out``, ``tmp`` writable, ``in`` read-only) at the
+  same path as outside, so ``HOME``, ``TMPDIR``, ``OUT`` and ``IN`` mean the same inside;
+- a fresh ``/proc`` (its own PID namespace: it sees its own processes only), a minimal
+  ``/dev`` and an empty ``/tmp``.
+
+So a build sees neither the builder's work dir (the input cache, other builds, the machine
+id) nor the token file, nor other processes.  Its network namespace has only a loopback
+interface of its own, unless the build asks for the network (``Assign.network``) and the
+builder allows it (``--sandbox-allow-network``): then it shares the builder's.
+
+Containment is unchanged: ``bwrap`` is the build's main process, in the build's cgroup;
+``--die-with-parent`` and the PID namespace (its init dies, the kernel kills the rest) end
+everything inside when ``bwrap`` is killed.  Linux only; ``Sandbox.check`` runs a trivial
+sandboxed command at start, so a builder that cannot sandbox refuses to start (one line)
+instead of failing every build.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from hydra_trio.builder.builddir import BuildDir
+from hydra_trio.protocol.errors import HydraTrioError
+
+#: What every sandbox holds, read-only, where it exists on the machine: programs, libraries
+#: and the ``/etc`` files that name services, the dynamic linker, ``/etc/alternatives``
+#: programs, time zones and TLS need.  No user data, no ``/etc/shadow``, no ``/home``,
+#: ``/root``, ``/var`` or ``/run``.  A top-level link (``/bin -> usr/bin`` on a merged-usr
+#: system) is recreated as the same link.
+DEFAULT_PATHS = (
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc/alternatives",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/localtime",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/mime.types",
+)
+
+#: How long the start-up check may take (a loaded machine: generous).
+CHECK_TIMEOUT = 30.0
+
+
+class SandboxError(HydraTrioError):
+    """This machine cannot sandbox builds (one line saying why and what to do)."""
+
+
+@attrs.frozen
+class SandboxPath:
+    """A path the operator lets builds read (``--sandbox-path PATH[=INSIDE]``)."""
+
+    source: Path
+    inside: Path
+
+    @classmethod
+    def parse(cls, text: str) -> SandboxPath:
+        """``PATH`` or ``PATH=INSIDE``, both absolute; ValueError says what is wrong."""
+        source, _, inside = text.partition("=")
+        inside = inside or source
+        for each in (source, inside):
+            if not os.path.isabs(each):
+                raise ValueError(f"{text}: give absolute paths (PATH or PATH=INSIDE)")
+        return cls(Path(os.path.normpath(source)), Path(os.path.normpath(inside)))
+
+
+@attrs.frozen(kw_only=True)
+class Sandbox:
+    """How this builder sandboxes builds: ``argv`` wraps one build's command."""
+
+    #: the ``bwrap`` program.
+    bwrap: str = "bwrap"
+    #: the operator's paths, after ``DEFAULT_PATHS``.
+    paths: tuple[SandboxPath, ...] = ()
+    #: builds that ask for the network get it (``--sandbox-allow-network``).
+    allow_network: bool = False
+
+    def mounts(self) -> list[str]:
+        """The ``bwrap`` arguments that make a build's root file system, without its own
+        directory (the same for every build)."""
+        args = list(_default_mounts())
+        for extra in self.paths:
+            args += ["--ro-bind", str(extra.source), str(extra.inside)]
+        return args
+
+    def argv(
+        self, command: Sequence[str], build_dir: BuildDir, cwd: Path, *, network: bool = False
+    ) -> list[str]:
+        """``command`` run in the sandbox of ``build_dir``, starting in ``cwd``; with
+        ``network`` (only if allowed: the caller checks) in the builder's network namespace."""
+        path = str(build_dir.path)
+        return [
+            self.bwrap,
+            "--unshare-all",
+            *(["--share-net"] if network else []),
+            "--die-with-parent",
+            "--new-session",  # no ioctl(TIOCSTI) into a terminal outside
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/tmp",
+            *self.mounts(),
+            "--bind",
+            path,
+            path,
+            "--ro-bind",
+            str(build_dir.inputs),
+            str(build_dir.inputs),
+            "--chdir",
+            str(cwd),
+            "--",
+            *command,
+        ]
+
+    def check(self) -> None:
+        """Raise ``SandboxError`` unless a trivial command runs in a sandbox here (blocking:
+        call from a thread).  Checks each ``--sandbox-path`` exists first."""
+        if not sys.platform.startswith("linux"):
+            raise SandboxError(
+                f"--sandbox needs Linux namespaces; this is {sys.platform}: run without "
+                "--sandbox (docs/security.md says what a build can reach then)"
+            )
+        for extra in self.paths:
+            if not extra.source.exists():
+                raise SandboxError(f"--sandbox-path {extra.source}: no such file or directory")
+        program = shutil.which(self.bwrap)
+        if program is None:
+            raise SandboxError(
+                f"--sandbox needs bubblewrap ({self.bwrap!r} is not on PATH): install it "
+                "(Debian: apt-get install bubblewrap)"
+            )
+        with tempfile.TemporaryDirectory(prefix="hydra-trio-sandbox-check-") as tmp:
+            build_dir = BuildDir(Path(tmp), 0o755)
+            for sub in ("work", "out", "in", "tmp"):
+                (build_dir.path / sub).mkdir()
+            argv = self.argv(["sh", "-c", "exit 0"], build_dir, build_dir.work)
+            argv[0] = program
+            try:
+                ran = subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=CHECK_TIMEOUT,
+                    check=False,
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise SandboxError(f"--sandbox: cannot run {program}: {exc}") from None
+        if ran.returncode != 0:
+            lines = ran.stderr.decode(errors="replace").strip().splitlines()
+            why = lines[-1] if lines else f"exit status {ran.returncode}"
+            raise SandboxError(
+                f"--sandbox: {program} cannot create a sandbox here ({why}); are user "
+                "namespaces allowed (sysctl kernel.unprivileged_userns_clone=1), or run "
+                "without --sandbox"
+            )
+
+
+@functools.cache
+def _default_mounts() -> tuple[str, ...]:
+    """The ``bwrap`` arguments for ``DEFAULT_PATHS`` on this machine (looked up once: a few
+    ``stat`` calls that would otherwise be on the event loop for every build)."""
+    args: list[str] = []
+    for path in DEFAULT_PATHS:
+        if os.path.islink(path) and os.path.dirname(path) == "/":
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    return tuple(args)
