@@ -82,7 +82,7 @@ async def test_status_lists_machines_with_every_contract_field_and_queue_counts(
         assert set(machine) >= MACHINE_FIELDS
         assert machine["hostname"] == "b1"
         assert machine["systems"] == [SYSTEM]
-        assert machine["supportedFeatures"] == []
+        assert machine["supportedFeatures"] == ["network"]  # unsandboxed: builds have it
         assert machine["mandatoryFeatures"] == []
         assert machine["maxJobs"] == 1
         assert machine["speedFactor"] == 1.0

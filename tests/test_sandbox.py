@@ -15,17 +15,20 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import psutil
 import pytest
 import trio
 
 from hydra_trio.builder import contain
+from hydra_trio.builder.config import BuilderConfig
 from hydra_trio.builder.executor import execute
 from hydra_trio.builder.sandbox import Sandbox, SandboxError, SandboxPath
 from hydra_trio.net import HostPort
-from hydra_trio.protocol.messages import BuildStatus
+from hydra_trio.protocol.messages import NETWORK_FEATURE, BuildStatus
 from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
 from hydra_trio.runner.model import Build, BuildSpec, BuildState
+from hydra_trio.runner.specs import SpecError, parse_spec
 
 from .helpers.executor import LIMIT, Recorder, assign
 from .helpers.procs import daemon_env
@@ -85,10 +88,13 @@ async def wait_done(build: Build, builder: trio.Process) -> None:
         await trio.sleep(0.05)
 
 
-async def run_probe(tmp_path: Path, builder_options: list[str]) -> tuple[Build, str]:
+async def run_probe(
+    tmp_path: Path, builder_options: list[str], *, network: bool = False
+) -> tuple[Build, str]:
     """A runner in this process, a real ``hydra-trio builder`` with ``builder_options``, a
     build ``a`` writing ``$OUT/greeting`` with sh, and a python3 build after it running
-    ``PROBE`` against a loopback server of the test.  Returns the probe build and its log."""
+    ``PROBE`` against a loopback server of the test (asking for the network with
+    ``network``, as ``POST /builds`` does).  Returns the probe build and its log."""
     token_file = tmp_path / "token"
     token_file.write_bytes(TOKEN + b"\n")
     token_file.chmod(0o600)
@@ -129,15 +135,14 @@ async def run_probe(tmp_path: Path, builder_options: list[str]) -> tuple[Build, 
                     0.0,
                 )
                 env = {"WORK": str(work), "TOKEN": str(token_file), "PORT": str(port)}
-                probe = farm.submit(
-                    BuildSpec(
-                        command=("python3", "-c", PROBE),
-                        system=SYSTEM,
-                        after=(first.id,),
-                        env=tuple(env.items()),
-                    ),
-                    0.0,
-                )
+                body = {
+                    "command": ["python3", "-c", PROBE],
+                    "system": SYSTEM,
+                    "after": [first.id],
+                    "env": env,
+                    "network": network,
+                }
+                probe = farm.submit(parse_spec(body, SYSTEM), 0.0)
                 await wait_done(probe, builder)
             finally:
                 builder.terminate()
@@ -159,6 +164,28 @@ async def test_a_sandboxed_build_reaches_neither_the_work_dir_the_token_nor_the_
     for what in ("machine-id", "cache", "token", "write-in", "connect"):
         assert f"\n{what}: no (" in f"\n{log}", log
     assert TOKEN.decode() not in log
+
+
+@needs_sandbox
+async def test_a_build_that_asks_for_the_network_gets_it_where_the_sandbox_allows(
+    tmp_path: Path,
+) -> None:
+    """``network: true`` on a ``--sandbox-allow-network`` builder: the probe connects to the
+    test's loopback server, and still sees neither the work dir nor the token."""
+    probe, log = await run_probe(tmp_path, ["--sandbox", "--sandbox-allow-network"], network=True)
+    assert probe.status is BuildStatus.SUCCESS, log
+    assert "\nconnect: yes connected" in f"\n{log}", log
+    for what in ("machine-id", "cache", "token", "write-in"):
+        assert f"\n{what}: no (" in f"\n{log}", log
+
+
+@needs_sandbox
+async def test_a_build_that_does_not_ask_has_no_network_even_where_it_is_allowed(
+    tmp_path: Path,
+) -> None:
+    probe, log = await run_probe(tmp_path, ["--sandbox", "--sandbox-allow-network"])
+    assert probe.status is BuildStatus.SUCCESS, log
+    assert "\nconnect: no (" in f"\n{log}", log
 
 
 async def test_without_the_sandbox_the_same_build_reaches_them(tmp_path: Path) -> None:
@@ -255,6 +282,37 @@ async def test_a_sandboxed_build_that_times_out_takes_everything_it_started(
     assert await none_left(marker)
 
 
+@needs_sandbox
+async def test_a_build_asking_for_the_network_fails_at_once_where_the_sandbox_denies_it(
+    tmp_path: Path,
+) -> None:
+    """Only if the runner sent it anyway (the builder does not offer the feature): the
+    command never runs, and the error says why."""
+    ran = tmp_path / "ran"
+    command = attrs.evolve(assign("sh", "-c", f"touch {ran}"), network=True)
+    with trio.fail_after(LIMIT):
+        result = await execute(command, tmp_path / "build", Recorder(), _env(), sandbox=Sandbox())
+    assert result.status is BuildStatus.BUILD_FAILED
+    assert "asks for the network" in result.error
+    assert not ran.exists()
+
+
+def test_a_builder_offers_the_network_feature_exactly_where_builds_get_the_network() -> None:
+    assert NETWORK_FEATURE in BuilderConfig().advertised_features
+    sandboxed = BuilderConfig(supported_features=("kvm",), sandbox=Sandbox())
+    assert sandboxed.advertised_features == ("kvm",)
+    allowing = BuilderConfig(sandbox=Sandbox(allow_network=True))
+    assert allowing.advertised_features == (NETWORK_FEATURE,)
+
+
+def test_network_true_is_the_network_feature_and_must_be_a_boolean() -> None:
+    spec = parse_spec({"command": ["true"], "network": True}, SYSTEM)
+    assert spec.required_features == {NETWORK_FEATURE}
+    assert parse_spec({"command": ["true"]}, SYSTEM).required_features == frozenset()
+    with pytest.raises(SpecError, match="network: must be true or false"):
+        parse_spec({"command": ["true"], "network": "yes"}, SYSTEM)
+
+
 def _env() -> dict[str, str]:
     return {"PATH": os.environ["PATH"]}
 
@@ -304,7 +362,15 @@ def test_a_missing_sandbox_path_is_refused_at_start(tmp_path: Path) -> None:
 def test_sandbox_options_need_sandbox(tmp_path: Path) -> None:
     ran = start_builder(tmp_path, "--sandbox-path", "/opt")
     assert ran.returncode == 2
-    assert "needs --sandbox" in ran.stderr
+    assert "need --sandbox" in ran.stderr
+
+
+def test_a_sandboxed_builder_cannot_offer_the_network_without_allowing_it(
+    tmp_path: Path,
+) -> None:
+    ran = start_builder(tmp_path, "--sandbox", "--features", "network")
+    assert ran.returncode == 2
+    assert "--sandbox-allow-network" in ran.stderr
 
 
 def test_sandbox_paths_parse() -> None:

@@ -32,7 +32,7 @@ def spec(body: object) -> object:
         (
             "zzz",
             "zzz: unknown field (the fields are command, name, system, requiredFeatures, "
-            "after, priority, timeout, maxSilent, env)",
+            "after, priority, timeout, maxSilent, env, network)",
         ),
     ],
 )

@@ -10,7 +10,7 @@ import attrs
 
 from hydra_trio import net
 from hydra_trio.builder.sandbox import Sandbox
-from hydra_trio.protocol.messages import ExecutorKind
+from hydra_trio.protocol.messages import NETWORK_FEATURE, ExecutorKind
 from hydra_trio.system import default_hostname, default_system
 
 
@@ -64,6 +64,20 @@ class BuilderConfig:
     #: run each command build in its own namespaces (``--sandbox``, Linux: ``sandbox``);
     #: None: builds run unsandboxed, as the builder's user.
     sandbox: Sandbox | None = None
+
+    @property
+    def gives_network(self) -> bool:
+        """Whether a build that asks for the network gets it here: unsandboxed builds all
+        have it; sandboxed ones only with ``--sandbox-allow-network``."""
+        return self.sandbox is None or self.sandbox.allow_network
+
+    @property
+    def advertised_features(self) -> tuple[str, ...]:
+        """The features the hello offers: ``supported_features``, with ``NETWORK_FEATURE``
+        where builds can have the network (so the runner sends builds that ask for it only
+        here) and never where they cannot."""
+        features = tuple(f for f in self.supported_features if f != NETWORK_FEATURE)
+        return (*features, NETWORK_FEATURE) if self.gives_network else features
 
     @property
     def addresses(self) -> tuple[net.HostPort, ...]:

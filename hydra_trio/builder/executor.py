@@ -36,6 +36,11 @@ async def execute(
     into ``$IN``, run the command (in ``sandbox``, if given), upload what it left in
     ``$OUT``."""
     async with attempt(assign, build_dir, send) as phases:
+        if assign.network and sandbox is not None and not sandbox.allow_network:
+            # the runner sends such builds only to builders offering NETWORK_FEATURE; this
+            # one does not: fail at once, as the build would fail without its network
+            error = "the build asks for the network; this builder's sandbox gives builds none"
+            return phases.result(BuildStatus.BUILD_FAILED, error=error)
         if assign.inputs:
             try:
                 async with phases.timed(Phase.FETCHING):
@@ -47,7 +52,9 @@ async def execute(
         async with phases.timed(Phase.BUILDING):
             argv = None
             if sandbox is not None:
-                argv = sandbox.argv(assign.command, phases.dir, phases.dir.work)
+                argv = sandbox.argv(
+                    assign.command, phases.dir, phases.dir.work, network=assign.network
+                )
             ended = await run_command(
                 assign, phases.dir.work, build_env(assign, phases.dir, base_env), send, argv=argv
             )

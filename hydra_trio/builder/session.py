@@ -259,7 +259,7 @@ def _hello(config: BuilderConfig, state: BuilderState, challenge: Challenge) -> 
         machine_id=state.machine_id,
         hostname=config.hostname,
         systems=config.systems,
-        supported_features=config.supported_features,
+        supported_features=config.advertised_features,
         mandatory_features=config.mandatory_features,
         max_jobs=config.max_jobs,
         speed_factor=config.speed_factor,

@@ -169,6 +169,13 @@ class _SubmitCommand(click.Command):
 @option("--timeout", type=SECONDS, default=None, help="Wall-clock limit in seconds.")
 @option("--max-silent", type=SECONDS, default=None, help="Limit on seconds without output.")
 @option(
+    "--network",
+    is_flag=True,
+    default=False,
+    help="The build needs the network: it runs only on a builder that gives builds the "
+    "network (unsandboxed, or --sandbox-allow-network).",
+)
+@option(
     "--file",
     "graph_file",
     type=click.Path(dir_okay=False, exists=True),
@@ -192,6 +199,7 @@ def submit(
     priority: int,
     timeout: float | None,
     max_silent: float | None,
+    network: bool,
     graph_file: str | None,
     drv: str | None,
     wait: bool,
@@ -210,13 +218,17 @@ def submit(
     if drv is not None:
         if command or graph_file is not None:
             raise click.UsageError("give either --drv, --file or a COMMAND, not two of them")
-        if name or system or features or after:
-            raise click.UsageError("--name, --system, --feature and --after do not go with --drv")
+        if name or system or features or after or network:
+            raise click.UsageError(
+                "--name, --system, --feature, --after and --network do not go with --drv"
+            )
         _submit_drv(_client(url, token_file), drv, {"priority": priority, **limits}, wait)
         return
     if graph_file is not None:
         if command:
             raise click.UsageError("give either --file or a COMMAND, not both")
+        if network:
+            raise click.UsageError("--network does not go with --file (say network = true there)")
         try:
             graph = load_graph(graph_file)
         except GraphFileError as exc:
@@ -235,6 +247,8 @@ def submit(
     }
     if system:
         body["system"] = system
+    if network:
+        body["network"] = True
     build_id = _call(client.submit, body | limits)
     click.echo(build_id)
     if wait:

@@ -30,7 +30,7 @@ from hydra_trio.cli.options import (
     token_file_option,
 )
 from hydra_trio.protocol.errors import HydraTrioError
-from hydra_trio.protocol.messages import ExecutorKind
+from hydra_trio.protocol.messages import NETWORK_FEATURE, ExecutorKind
 from hydra_trio.system import default_hostname, default_system
 
 if TYPE_CHECKING:
@@ -275,6 +275,7 @@ class BuilderOptions:
     nix_store: Path | None
     sandbox: bool
     sandbox_path: tuple[str, ...]
+    sandbox_allow_network: bool
 
     def builder_config(self) -> BuilderConfig:
         from hydra_trio.builder.daemon import BuilderConfig
@@ -308,14 +309,20 @@ class BuilderOptions:
         from hydra_trio.builder.sandbox import Sandbox, SandboxPath
 
         if not self.sandbox:
-            if self.sandbox_path:
-                raise click.UsageError("--sandbox-path needs --sandbox")
+            if self.sandbox_path or self.sandbox_allow_network:
+                raise click.UsageError("--sandbox-path and --sandbox-allow-network need --sandbox")
             return None
         try:
             paths = tuple(SandboxPath.parse(text) for text in self.sandbox_path)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--sandbox-path") from None
-        return Sandbox(paths=paths)
+        if NETWORK_FEATURE in self.features and not self.sandbox_allow_network:
+            raise click.BadParameter(
+                f"{NETWORK_FEATURE}: a sandboxed builder gives builds the network only with "
+                "--sandbox-allow-network",
+                param_hint="--features",
+            )
+        return Sandbox(paths=paths, allow_network=self.sandbox_allow_network)
 
     def token(self) -> bytes | None:
         """The token: from ``--token-fd`` (a pipe the builder re-executing itself left open,
@@ -429,5 +436,12 @@ builder_options = options_record(
         multiple=True,
         metavar="PATH[=INSIDE]",
         help="With --sandbox: also let builds read PATH, at INSIDE (repeatable).",
+    ),
+    option(
+        "--sandbox-allow-network",
+        is_flag=True,
+        default=False,
+        help="With --sandbox: a build that asks for the network (submit --network) gets the "
+        "builder's; others still have none.",
     ),
 )

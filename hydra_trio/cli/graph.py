@@ -24,6 +24,7 @@ GRAPH_KEYS = {
     "max-silent": "maxSilent",
     "maxSilent": "maxSilent",
     "env": "env",
+    "network": "network",
 }
 
 
@@ -34,7 +35,7 @@ class GraphFileError(ValueError):
 def load_graph(path: str) -> dict[str, Any]:
     """Read a TOML graph: ``[build.NAME]`` tables (or ``[[build]]`` with ``name``), each with
     ``command`` and optionally ``after``, ``system``, ``features``, ``priority``, ``timeout``,
-    ``max-silent``, ``env``.  Returns the ``POST /builds`` body."""
+    ``max-silent``, ``env``, ``network``.  Returns the ``POST /builds`` body."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -39,10 +39,13 @@ from hydra_trio.protocol import validators as v
 from hydra_trio.protocol.errors import RemoteProtocolError
 
 #: The protocol version this code speaks.  Same major = compatible.
-PROTOCOL_VERSION = "1.4"
+PROTOCOL_VERSION = "1.5"
 #: The minor version that added listings in pieces (``InputSpec.listed``, ``ListRequest``,
 #: ``ListData``, ``OutputList``, ``Result.listed_outputs``): sent only to peers speaking it.
 LISTING_MINOR = 3
+#: The feature a build requires to be given the network (``Assign.network``, 1.5): a builder
+#: supports it when its builds have the network (unsandboxed, or ``--sandbox-allow-network``).
+NETWORK_FEATURE = "network"
 
 
 class Role(enum.Enum):
@@ -326,6 +329,9 @@ class Assign:
     store_paths: tuple[FileInfo, ...] = attrs.field(
         default=(), converter=v.as_tuple, validator=v.records_of(FileInfo)
     )
+    #: (1.5) the build asked for the network (it requires ``NETWORK_FEATURE``): a sandboxing
+    #: builder lets it share its network namespace; without it a sandboxed build has none.
+    network: bool = attrs.field(default=False, validator=v.check_bool)
 
     @command.validator
     def _command_not_empty(self, attr: attrs.Attribute[Any], value: tuple[str, ...]) -> None:

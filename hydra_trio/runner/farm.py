@@ -47,6 +47,7 @@ import attrs
 
 from hydra_trio.protocol.messages import (
     LISTING_MINOR,
+    NETWORK_FEATURE,
     Abort,
     Assign,
     BuildRef,
@@ -170,6 +171,7 @@ def _assignment(
         ),
         drv=spec.drv,
         store_paths=nix_store_paths(spec, deps) if spec.drv else (),
+        network=NETWORK_FEATURE in spec.required_features,
         limits=Limits(
             timeout=timeout,
             max_silent=max_silent,

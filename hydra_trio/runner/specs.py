@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 
 from hydra_trio.nixstore import is_store_path
-from hydra_trio.protocol.messages import Assign
+from hydra_trio.protocol.messages import NETWORK_FEATURE, Assign
 from hydra_trio.protocol.validators import MAX_LIST, MAX_STRING, encodable
 from hydra_trio.runner.model import BuildSpec
 
@@ -71,6 +71,7 @@ SPEC_FIELDS = (
     "timeout",
     "maxSilent",
     "env",
+    "network",
 )
 #: The fields of a ``{"drv": ...}`` body.
 DRV_FIELDS = ("drv", "priority", "timeout", "maxSilent")
@@ -154,6 +155,13 @@ def parse_spec(body: Any, default_system: str) -> BuildSpec:
     features = body.get("requiredFeatures") or []
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
         raise SpecError("requiredFeatures: must be a list of strings")
+    network = body.get("network", False)
+    if not isinstance(network, bool):
+        raise SpecError("network: must be true or false")
+    if network:
+        # as the feature: run only on a builder whose builds have the network (unsandboxed,
+        # or --sandbox-allow-network), which then gives this one its own (Assign.network)
+        features = [*features, NETWORK_FEATURE]
     after = body.get("after") or []
     if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
         raise SpecError("after: must be a list of build ids")
