@@ -1,27 +1,40 @@
-"""Fetching input files from the runner into the builder's verified cache.
+"""Fetching input files from the runner into the builder's verified cache, and into ``$IN``.
 
-An ``InputFetcher`` is the builder's end of one session's input transfers.  ``fetch`` returns
-the cached file at ``<work dir>/cache/<sha256[:2]>/<sha256>`` when it is there, else pulls
-the file with ``FetchRequest``s of ``FETCH_CHUNK`` bytes, ``FETCH_WINDOW`` of them in flight.
+An ``InputFetcher`` is the builder's end of one session's input transfers.  ``place`` puts a
+build's input files under ``$IN``: it checks which contents the cache (``cache.InputCache``)
+lacks, a batch of files per thread hop, fetches those, and links the cache entries into place
+(reflink, hard link, or copy as a fallback; read-only), again a batch per thread hop.
+
+Small files (up to ``SMALL_FILE`` bytes) are fetched pipelined: one ``FetchRequest`` each for
+the whole file, up to ``SMALL_WINDOW`` of them (and ``SMALL_WINDOW_BYTES``) in flight, sent
+several per write; what arrives is checked (size, sha256), written and kept in the cache by a
+writer task beside the receiving, as many files per thread hop as have arrived meanwhile.
+Larger files are pulled one at a time by ``fetch`` with ``FetchRequest``s of ``FETCH_CHUNK``
+bytes, ``FETCH_WINDOW`` of them in flight, written and hashed as they arrive
+(``diskio.HashingFile``, in worker threads beside the receiving).
+
 The session hands each ``FetchData`` frame to ``deliver``; a runner that sends more than was
 asked for is refused (``deliver`` returns False and the session ends), so it can never make
-the builder buffer more than the window.  The file is written and hashed as it arrives
-(``diskio.HashingFile``, in worker threads beside the receiving) and enters the cache,
-read-only, only if its size and hash are the ones the runner listed.  Nothing arriving for
-``fetch_timeout`` seconds, an error from the runner, or a mismatch raises ``FetchError``
+the builder buffer more than the window.  A file enters the cache, read-only, only if its size
+and hash are the ones the runner listed.  Nothing arriving for ``fetch_timeout`` seconds
+while requests are in flight, an error from the runner, or a mismatch raises ``FetchError``
 (the attempt fails as ``fetch-failed`` and is retried); a disk error raises ``OSError``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import attrs
 import trio
 
 from hydra_trio.builder.attempt import Send
+from hydra_trio.builder.cache import InputCache
 from hydra_trio.builder.inputs import FetchError
 from hydra_trio.diskio import HashingFile, HashMismatch, beside, receiving
 from hydra_trio.protocol.messages import (
@@ -32,6 +45,7 @@ from hydra_trio.protocol.messages import (
     InputSpec,
     ListData,
     ListRequest,
+    Message,
 )
 from hydra_trio.protocol.validators import MAX_LIST
 
@@ -40,6 +54,22 @@ from hydra_trio.protocol.validators import MAX_LIST
 #: LAN link busy, few enough that a fetch holds at most FETCH_WINDOW x FETCH_CHUNK in memory.
 FETCH_CHUNK = 1024 * 1024
 FETCH_WINDOW = 4
+#: Files up to this size are fetched pipelined, each with one request for all of it (answered
+#: in at most 4 frames); ``SMALL_WINDOW`` requests and ``SMALL_WINDOW_BYTES`` in flight bound
+#: what the builder holds (a file is kept in memory from its answer until its batch is written).
+SMALL_FILE = 256 * 1024
+SMALL_WINDOW = 64
+SMALL_WINDOW_BYTES = 8 * 1024 * 1024
+#: A writer's thread hop takes at most this many arrived files (or bytes), and a check or a
+#: placement in the cache this many files.
+SMALL_BATCH = 512
+SMALL_BATCH_BYTES = 4 * 1024 * 1024
+CACHE_BATCH = 1000
+
+#: Send several frames in one write (``net.FramedChannel.send_all``).
+SendAll = Callable[[list[Message]], Awaitable[None]]
+#: One file to put under ``$IN``: its listing entry and where it goes.
+Placement = tuple[FileInfo, Path]
 
 
 @attrs.define(eq=False)
@@ -49,10 +79,21 @@ class InputFetcher:
     cache: Path
     send: Send
     fetch_timeout: float
+    #: several frames in one write; None: one ``send`` each.
+    send_all: SendAll | None = None
+    entries: InputCache = attrs.field(init=False)
     _transfers: dict[int, _Transfer] = attrs.field(factory=dict, init=False)
+    _small: dict[int, _SmallFetch] = attrs.field(factory=dict, init=False)
     _next_request: int = attrs.field(default=0, init=False)
     #: (1.3) the listing requests waiting for their one ``ListData``.
     _listings: dict[int, trio.MemorySendChannel[ListData]] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.entries = InputCache(self.cache)
+
+    async def __call__(self, assign: Assign, info: FileInfo) -> Path:
+        """``fetch``: an ``InputFetcher`` is an ``inputs.Fetch``, and has ``place`` too."""
+        return await self.fetch(assign, info)
 
     def deliver_listing(self, message: ListData) -> bool:
         """Hand a ``ListData`` frame to its request (that of a request that is over is
@@ -107,15 +148,176 @@ class InputFetcher:
         """Hand a ``FetchData`` frame to its fetch (the frame of a fetch that is over is
         dropped).  False: it carries more than was asked for, a protocol violation."""
         transfer = self._transfers.get(message.request_id)
-        return transfer is None or transfer.deliver(message)
+        if transfer is not None:
+            return transfer.deliver(message)
+        small = self._small.get(message.request_id)
+        return small is None or small.deliver(message)
+
+    async def place(self, assign: Assign, files: Sequence[Placement]) -> None:
+        """Put each file at its target (whose directory exists, the file not): fetched into the
+        cache unless it is there, then linked from it, read-only (see the module docstring)."""
+        wanted: dict[str, FileInfo] = {}
+        for info, _ in files:
+            wanted.setdefault(info.sha256, info)
+        contents = list(wanted.values())
+        missing: list[FileInfo] = []
+        for start in range(0, len(contents), CACHE_BATCH):
+            batch = contents[start : start + CACHE_BATCH]
+            missing += await trio.to_thread.run_sync(self._lacking, batch)
+        small = [info for info in missing if info.size <= SMALL_FILE]
+        if small:
+            await self._fetch_small(assign, small)
+        for info in missing:
+            if info.size > SMALL_FILE:
+                await self.fetch(assign, info)
+        for start in range(0, len(files), CACHE_BATCH):
+            placing = files[start : start + CACHE_BATCH]
+            again = await trio.to_thread.run_sync(self._link, placing, False)
+            if again:  # changed in the cache since it was fetched or checked: fetch it anew
+                for info, _ in again:
+                    await self.fetch(assign, info)
+                await trio.to_thread.run_sync(self._link, again, True)
+
+    def _lacking(self, contents: list[FileInfo]) -> list[FileInfo]:
+        return [info for info in contents if not self.entries.has(info.sha256, info.size)]
+
+    def _link(self, files: Sequence[Placement], last: bool) -> list[Placement]:
+        """Link each file from the cache (in a thread); return those whose entry has gone
+        (tampered with, so removed), unless this is the ``last`` try."""
+        gone: list[Placement] = []
+        for info, target in files:
+            try:
+                self.entries.place(info.sha256, info.size, info.executable, target)
+            except FileNotFoundError:
+                if last:
+                    raise
+                gone.append((info, target))
+        return gone
+
+    async def _fetch_small(self, assign: Assign, infos: list[FileInfo]) -> None:
+        """Fetch the small files ``infos`` into the cache, pipelined (module docstring)."""
+        arrived_send, arrived = trio.open_memory_channel[_SmallFetch](math.inf)  # <= window
+        batches, taken = trio.open_memory_channel[list[_SmallFetch]](1)
+        tmp = self.entries.tmp_dir()
+        await trio.to_thread.run_sync(functools.partial(tmp.mkdir, parents=True, exist_ok=True))
+        started: list[_SmallFetch] = []
+
+        async def receive() -> None:
+            async with batches:
+                queue = iter(infos)
+                upcoming = next(queue, None)
+                in_flight = in_bytes = 0
+                pending: list[_SmallFetch] = []
+                pending_bytes = 0
+                while upcoming is not None or in_flight:
+                    requests: list[Message] = []
+                    while (
+                        upcoming is not None
+                        and in_flight < SMALL_WINDOW
+                        and in_bytes < SMALL_WINDOW_BYTES
+                    ):
+                        small = _SmallFetch(upcoming, self._next_request, arrived_send)
+                        self._next_request += 1
+                        self._small[small.request_id] = small
+                        started.append(small)
+                        requests.append(small.request(assign))
+                        in_flight += 1
+                        in_bytes += upcoming.size
+                        upcoming = next(queue, None)
+                    if requests:
+                        await self._send_many(requests)
+                    with trio.move_on_after(self.fetch_timeout) as stall:
+                        done = [await arrived.receive()]
+                    if stall.cancelled_caught:
+                        raise FetchError(
+                            f"fetching {in_flight} small files: "
+                            f"nothing received for {self.fetch_timeout:g} s"
+                        )
+                    while True:
+                        try:
+                            done.append(arrived.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                    for small in done:
+                        del self._small[small.request_id]
+                        in_flight -= 1
+                        in_bytes -= small.info.size
+                        if small.error:
+                            raise FetchError(f"fetching {small.info.path}: {small.error}")
+                        pending.append(small)
+                        pending_bytes += small.received
+                    if pending and (
+                        len(pending) >= SMALL_BATCH
+                        or pending_bytes >= SMALL_BATCH_BYTES
+                        or not in_flight
+                    ):
+                        await batches.send(pending)
+                        pending, pending_bytes = [], 0
+                    elif pending:
+                        try:  # the writer is idle: give it what there is
+                            batches.send_nowait(pending)
+                        except trio.WouldBlock:
+                            continue
+                        pending, pending_bytes = [], 0
+
+        async def write() -> None:
+            async for batch in taken:
+                await trio.to_thread.run_sync(self._keep_small, batch, tmp)
+
+        try:
+            await beside(receive, write)
+        finally:
+            for small in started:
+                self._small.pop(small.request_id, None)
+
+    def _keep_small(self, batch: list[_SmallFetch], tmp: Path) -> None:
+        """Check, write and keep each fetched small file in the cache (in a thread)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        for small in batch:
+            info, chunks = small.info, small.chunks
+            digest = hashlib.sha256()
+            for chunk in chunks:
+                digest.update(chunk)
+            sha256 = digest.hexdigest()
+            if small.received != info.size or sha256 != info.sha256:
+                raise FetchError(
+                    f"fetched {small.received} bytes with sha256 {sha256} for {info.path}, "
+                    f"expected {info.size} bytes with {info.sha256}"
+                )
+            path = self.entries.path_of(info.sha256)
+            if os.path.lexists(path):  # fetched twice (another build, at the same time)
+                continue
+            self.entries.parent_made(path)
+            partial = tmp / f"s{small.request_id}-{info.sha256}"
+            fd = os.open(partial, flags, 0o444)
+            try:
+                try:
+                    for chunk in chunks:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                finally:
+                    os.close(fd)
+                os.replace(partial, path)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            self.entries.kept(path)
+
+    async def _send_many(self, messages: list[Message]) -> None:
+        if self.send_all is not None:
+            await self.send_all(messages)
+            return
+        for message in messages:
+            await self.send(message)
 
     async def fetch(self, assign: Assign, info: FileInfo) -> Path:
         """Bring one input file into the cache (unless it is there) and return its path.
 
         Chunks are pulled FETCH_WINDOW at a time; nothing arriving for ``fetch_timeout``
         raises ``FetchError``, as does a size or hash that does not match."""
-        target = self.cache / info.sha256[:2] / info.sha256
-        if await trio.to_thread.run_sync(_cached, target, info.size):
+        target = self.entries.path_of(info.sha256)
+        if await trio.to_thread.run_sync(self.entries.has, info.sha256, info.size):
             return target
         request_id = self._next_request
         self._next_request += 1
@@ -134,6 +336,7 @@ class InputFetcher:
 
                 await beside(receive, functools.partial(_write_behind, file, taken))
                 await trio.to_thread.run_sync(_keep, file, target, info)
+                await trio.to_thread.run_sync(self.entries.kept, target)
         finally:
             del self._transfers[request_id]
         return target
@@ -235,6 +438,52 @@ class _Transfer:
         return self.received < self.info.size or (self.info.size == 0 and self.requested == 0)
 
 
+@attrs.define(eq=False)
+class _SmallFetch:
+    """One small file fetched with a single request for all of it: the frames received, and
+    where to report that its answer has ended (``arrived``)."""
+
+    info: FileInfo
+    request_id: int
+    arrived: trio.MemorySendChannel[_SmallFetch]
+    chunks: list[bytes] = attrs.field(factory=list)
+    received: int = 0
+    error: str = ""
+    ended: bool = False
+
+    @property
+    def length(self) -> int:
+        # at least 1 (a positive count): an empty file's answer is one empty frame with eof
+        return max(self.info.size, 1)
+
+    def request(self, assign: Assign) -> FetchRequest:
+        return FetchRequest(
+            request_id=self.request_id,
+            build_id=assign.build_id,
+            attempt=assign.attempt,
+            sha256=self.info.sha256,
+            offset=0,
+            length=self.length,
+        )
+
+    def deliver(self, message: FetchData) -> bool:
+        """Take a frame of the answer; False if it is more than was asked for (or an empty
+        frame that neither ends the file nor reports an error: the runner never sends that)."""
+        if self.ended:
+            return False
+        data = message.data
+        if self.received + len(data) > self.length or not (data or message.eof or message.error):
+            return False
+        if data:
+            self.chunks.append(data)
+            self.received += len(data)
+        self.error = message.error or ""
+        self.ended = bool(message.eof or message.error or self.received >= self.length)
+        if self.ended:
+            self.arrived.send_nowait(self)
+        return True
+
+
 async def _write_behind(file: HashingFile, batches: trio.MemoryReceiveChannel[list[bytes]]) -> None:
     """Write (and hash) the batches of a fetch in worker threads, one at a time, in order.  A
     failed write propagates and so cancels the receiving (``beside``); the channel is left
@@ -252,10 +501,3 @@ def _keep(file: HashingFile, target: Path, info: FileInfo) -> None:
             f"fetched {exc.size} bytes with sha256 {exc.sha256}, "
             f"expected {exc.expected_size} bytes with {exc.expected_sha256}"
         ) from None
-
-
-def _cached(target: Path, size: int) -> bool:
-    try:
-        return target.stat().st_size == size
-    except FileNotFoundError:
-        return False

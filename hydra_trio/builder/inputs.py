@@ -1,24 +1,22 @@
 """A build's inputs: the outputs of the builds it depends on, placed under ``$IN``.
 
 ``place_inputs`` checks the list the runner sent (``check_inputs``: nothing in it is trusted,
-it relays what other builders reported), then puts each file in place as a copy of the
-builder's verified cache entry (``Fetch``: see ``fetch.InputFetcher``) and recreates links as
-links.  Any failure is a ``FetchError``: an infrastructure failure, so the build is retried.
+it relays what other builders reported), then puts each file in place from the builder's
+verified cache: a reflink or hard link of the cache entry, read-only, a copy only as a
+fallback (``Fetch``: see ``fetch.InputFetcher`` and ``cache``), and recreates links as links.
+Any failure is a ``FetchError``: an infrastructure failure, so the build is retried.
 """
 
 from __future__ import annotations
 
-import fcntl
-import functools
 import os
-import shutil
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol, runtime_checkable
 
 import trio
 
+from hydra_trio.builder import cache
 from hydra_trio.protocol.messages import Assign, FileInfo, InputSpec
 from hydra_trio.protocol.validators import is_path_component, tree_conflict
 
@@ -30,44 +28,11 @@ class FetchError(Exception):
     """An input could not be fetched (an infrastructure failure: the build is retried)."""
 
 
-_COPY_BLOCK = 1024 * 1024
+@runtime_checkable
+class Placer(Protocol):
+    """A ``Fetch`` that also places many files at once (``fetch.InputFetcher``)."""
 
-
-#: ``ioctl(FICLONE)``: share the source's blocks copy-on-write (btrfs, XFS, bcachefs).
-_FICLONE = 0x40049409
-
-
-def _copy_from_cache(source: Path, target: Path, executable: bool) -> None:
-    """Place the cached ``source`` at ``target``, which must not exist yet, as a copy of its
-    own (never a hard link: builds run as the builder's user and could make a shared inode
-    writable and change it, poisoning the cache for every later build, and under a build
-    running at the same time).  A copy-on-write clone where the file system has them, else
-    an in-kernel copy.  Never follows a link at ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    with source.open("rb") as src, os.fdopen(os.open(target, flags, 0o600), "wb") as dst:
-        try:
-            if sys.platform != "linux":  # the number means FICLONE on Linux only
-                raise OSError("no FICLONE")
-            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
-        except OSError:
-            _copy_contents(src, dst)
-        os.fchmod(dst.fileno(), 0o555 if executable else 0o444)
-
-
-def _copy_contents(src: BinaryIO, dst: BinaryIO) -> None:
-    """An in-kernel copy where there is one (Linux's ``copy_file_range``), else through user
-    space (macOS and other Unixes, or files between which the kernel cannot copy)."""
-    if sys.platform == "linux":
-        try:
-            while os.copy_file_range(src.fileno(), dst.fileno(), _COPY_BLOCK * 16):
-                pass
-            return
-        except OSError:  # no copy_file_range between these files
-            src.seek(0)
-            dst.seek(0)
-            dst.truncate()
-    shutil.copyfileobj(src, dst, _COPY_BLOCK)
+    async def place(self, assign: Assign, files: Sequence[tuple[FileInfo, Path]]) -> None: ...
 
 
 #: Input lists longer than this are checked in a worker thread (~5 us a file).
@@ -92,28 +57,51 @@ def check_inputs(inputs: Sequence[InputSpec]) -> None:
 
 
 async def place_inputs(assign: Assign, in_dir: Path, fetch: Fetch) -> None:
-    """Put each dependency's outputs under ``$IN/<name>``; files come through ``fetch``
-    (the builder's verified cache), links are recreated as links (never followed)."""
+    """Put each dependency's outputs under ``$IN/<name>``: directories and links (recreated as
+    links, never followed) a batch per thread hop, then the files through ``fetch``: an
+    ``InputFetcher`` links them from its verified cache, read-only, many at a time; any
+    other ``Fetch`` (tests) has each file copied from where it returns it."""
     if sum(len(spec.files) for spec in assign.inputs) > _CHECK_INLINE:
         await trio.to_thread.run_sync(check_inputs, assign.inputs)
     else:
         check_inputs(assign.inputs)
-    for spec in assign.inputs:
-        base = in_dir / spec.name
-        await trio.to_thread.run_sync(functools.partial(base.mkdir, parents=True, exist_ok=True))
-        for info in spec.files:
-            target = base / info.path
-            try:
-                if info.link:
-                    await trio.to_thread.run_sync(_make_link, target, info.link)
-                    continue
-                cached = await fetch(assign, info)
-                await trio.to_thread.run_sync(_copy_from_cache, cached, target, info.executable)
-            except OSError as exc:
-                where = f"$IN/{spec.name}/{info.path}"
-                raise FetchError(f"cannot place {where}: {exc.strerror or exc}") from None
+    entries = [(spec.name, info) for spec in assign.inputs for info in spec.files]
+    names = [spec.name for spec in assign.inputs]
+    for start in range(0, max(len(entries), 1), _PLACE_BATCH):
+        batch = entries[start : start + _PLACE_BATCH]
+        await trio.to_thread.run_sync(_make_tree, in_dir, names if start == 0 else [], batch)
+    files = [(info, in_dir / name / info.path) for name, info in entries if not info.link]
+    try:
+        if isinstance(fetch, Placer):
+            await fetch.place(assign, files)
+            return
+        for info, target in files:
+            cached = await fetch(assign, info)
+            mode = 0o555 if info.executable else 0o444
+            await trio.to_thread.run_sync(cache.copy, cached, target, mode)
+    except OSError as exc:
+        where = f"{exc.filename}" if exc.filename else "$IN"
+        raise FetchError(f"cannot place {where}: {exc.strerror or exc}") from None
 
 
-def _make_link(target: Path, link: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.symlink(link, target)
+#: Directories and links made per thread hop.
+_PLACE_BATCH = 2000
+
+
+def _make_tree(in_dir: Path, names: list[str], entries: list[tuple[str, FileInfo]]) -> None:
+    """Make ``$IN/<name>`` for each of ``names``, and for each entry its directory and, for a
+    link, the link (in a thread).  A failure is a ``FetchError`` naming the entry."""
+    made: set[Path] = set()
+    for name in names:
+        (in_dir / name).mkdir(parents=True, exist_ok=True)
+    for name, info in entries:
+        target = in_dir / name / info.path
+        try:
+            if target.parent not in made:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                made.add(target.parent)
+            if info.link:
+                os.symlink(info.link, target)
+        except OSError as exc:
+            where = f"$IN/{name}/{info.path}"
+            raise FetchError(f"cannot place {where}: {exc.strerror or exc}") from None

@@ -285,6 +285,7 @@ class Session:
             cache=config.work_dir.absolute() / "cache",
             send=self.send,
             fetch_timeout=config.fetch_timeout,
+            send_all=self.send_all,
         )
         self.disk_free = 0
         #: the last measure of the work dir found less than ``min_free_disk`` free.
@@ -307,6 +308,14 @@ class Session:
             self._lost(exc)
             raise
 
+    async def send_all(self, messages: list[Message]) -> None:
+        """Several frames in one write (``send``'s errors)."""
+        try:
+            await self.channel.send_all(messages)
+        except (net.ConnectionLost, ProtocolError) as exc:
+            self._lost(exc)
+            raise
+
     async def run(self) -> Ended:
         with self.scope:
             async with trio.open_nursery() as nursery:
@@ -315,7 +324,7 @@ class Session:
                     self.config,
                     self.state,
                     self.send,
-                    self.fetcher.fetch,
+                    self.fetcher,
                     nursery,
                     listing=self.fetcher.listing,
                     pieces=welcome is not None and speaks(welcome.protocol_version, LISTING_MINOR),

@@ -1,0 +1,217 @@
+"""The builder's verified input cache, and placing its entries under a build's ``$IN``.
+
+Theory of operation.  A fetched input is written once: into the cache, as
+``<cache>/<sha256[:2]>/<sha256>`` (read-only, 0444; an executable input also gets a 0555
+sibling ``<sha256>.x``, a copy made once, since a hard link shares its mode).  ``$IN`` entries
+are then **reflinks** of the cache entry where the file system has them (btrfs, XFS: an inode
+of their own, copy-on-write), else **hard links** of it (ext4), and a copy only where neither
+works (another file system, EXDEV; too many links, EMLINK).  A hard link shares the inode, so
+a build running as the builder's user could ``chmod u+w`` its ``$IN`` file and write into the
+cache entry (poisoning every later build that gets it).  The guard: each entry's identity
+(``Identity``: inode, size, mtime, ctime, mode, owner) is recorded whenever this process
+verified it (wrote it after checking its hash, or rehashed it), and again after each link it
+makes (a link changes the inode's ctime).  Before an entry is linked again its ``lstat`` must
+match; otherwise (a build chmod-ed or wrote it: either changes ctime, which a user cannot set
+back; or the builder restarted and remembers nothing) it is rehashed, and discarded if it no
+longer matches (the caller fetches it again).  What remains (docs/security.md): a build of
+the same user running *at the same time* as another that has the same entry linked can change
+it under that other build.  With per-build users (``--build-users``) a build cannot write the
+builder's files at all.
+
+Every method blocks (system calls, hashing): call them through a thread, a batch at a time.
+A lock keeps one placement's check, link and record together across threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import stat
+import sys
+import threading
+from pathlib import Path
+
+import attrs
+
+#: ``ioctl(FICLONE)``: share the source's blocks copy-on-write (btrfs, XFS, bcachefs).
+_FICLONE = 0x40049409
+_BLOCK = 1024 * 1024
+#: errors of a reflink attempt that mean "not on this file system": stop trying.
+_NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EXDEV, errno.ENOSYS}
+#: errors of ``link`` after which a copy is made instead.
+_NO_LINK = {errno.EXDEV, errno.EMLINK, errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+@attrs.frozen
+class Identity:
+    """What ``lstat`` said of a cache entry when this process last verified or linked it."""
+
+    ino: int
+    dev: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    mode: int
+    uid: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        return cls(
+            st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_uid
+        )
+
+
+@attrs.define(eq=False)
+class InputCache:
+    """The cache directory ``root`` and the identities of the entries verified in it."""
+
+    root: Path
+    #: None: not tried yet; False: a reflink failed here (hard links from then on).
+    reflinks: bool | None = None
+    _known: dict[str, Identity] = attrs.field(factory=dict, init=False)
+    _dirs: set[str] = attrs.field(factory=set, init=False)
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    #: counts, for tests and benchmarks: entries rehashed, and discarded as tampered.
+    rehashed: int = attrs.field(default=0, init=False)
+    discarded: int = attrs.field(default=0, init=False)
+
+    def path_of(self, sha256: str, executable: bool = False) -> Path:
+        return self.root / sha256[:2] / (sha256 + (".x" if executable else ""))
+
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def parent_made(self, path: Path) -> None:
+        """Make ``path``'s directory once (remembered: one ``mkdir`` per directory)."""
+        parent = str(path.parent)
+        if parent not in self._dirs:
+            os.makedirs(parent, exist_ok=True)
+            self._dirs.add(parent)
+
+    def kept(self, path: Path) -> None:
+        """``path`` (a cache entry) was just written, its hash checked: remember its identity."""
+        with self._lock:
+            self._known[str(path)] = Identity.of(os.lstat(path))
+
+    def has(self, sha256: str, size: int) -> bool:
+        """Whether a verified entry with this content is in the cache (an entry changed since it
+        was verified is rehashed; one that no longer matches is removed: fetch it again)."""
+        with self._lock:
+            return self._verified(self.path_of(sha256), sha256, size, 0o444)
+
+    def place(self, sha256: str, size: int, executable: bool, target: Path) -> None:
+        """Put the verified entry at ``target`` (which must not exist; its directory must):
+        a reflink, else a hard link, else a copy; read-only.  Raises ``FileNotFoundError`` if
+        the entry is missing or no longer matches (the caller fetches it again)."""
+        with self._lock:
+            source = self.path_of(sha256)
+            if not self._verified(source, sha256, size, 0o444):
+                raise FileNotFoundError(errno.ENOENT, "not in the input cache", str(source))
+            if executable:
+                source = self._executable(source, sha256, size)
+            mode = 0o555 if executable else 0o444
+            if self.reflinks is not False and self._reflink(source, target, mode):
+                return
+            try:
+                os.link(source, target, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _NO_LINK:
+                    raise
+                copy(source, target, mode)
+                return
+            # The link changed the entry's ctime: what it is now is what we verified.
+            self._known[str(source)] = Identity.of(os.lstat(source))
+
+    def _verified(self, path: Path, sha256: str, size: int, mode: int) -> bool:
+        """Whether ``path`` holds the content ``sha256`` (see the module docstring)."""
+        key = str(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self._known.pop(key, None)
+            return False
+        if self._known.get(key) == Identity.of(st):
+            return True
+        self.rehashed += 1
+        if (
+            stat.S_ISREG(st.st_mode)
+            and st.st_uid == os.geteuid()
+            and st.st_size == size
+            and _sha256_of(path) == sha256
+        ):
+            if stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(path, mode, follow_symlinks=False)
+            self._known[key] = Identity.of(os.lstat(path))
+            return True
+        self.discarded += 1
+        self._known.pop(key, None)
+        os.unlink(path)
+        return False
+
+    def _executable(self, source: Path, sha256: str, size: int) -> Path:
+        """The 0555 sibling of the verified entry ``source``, made (by a copy) if missing."""
+        path = self.path_of(sha256, executable=True)
+        if self._verified(path, sha256, size, 0o555):
+            return path
+        tmp = self.tmp_dir() / f"x-{threading.get_ident()}-{sha256}"
+        tmp.unlink(missing_ok=True)
+        try:
+            copy(source, tmp, 0o555)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._known[str(path)] = Identity.of(os.lstat(path))
+        return path
+
+    def _reflink(self, source: Path, target: Path, mode: int) -> bool:
+        """Clone ``source`` to ``target``; False (and nothing at ``target``) if this file
+        system cannot (then ``reflinks`` is False, so it is tried once, not per file)."""
+        if sys.platform != "linux":  # the number means FICLONE on Linux only
+            self.reflinks = False
+            return False
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        dst = os.open(target, flags, 0o600)
+        try:
+            with source.open("rb") as src:
+                fcntl.ioctl(dst, _FICLONE, src.fileno())
+            os.fchmod(dst, mode)
+        except OSError as exc:
+            os.close(dst)
+            os.unlink(target)
+            if exc.errno in _NO_REFLINK:
+                self.reflinks = False
+                return False
+            raise
+        os.close(dst)
+        self.reflinks = True
+        return True
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as file:
+        while block := file.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def copy(source: Path, target: Path, mode: int) -> None:
+    """A copy of ``source`` at ``target`` (must not exist; never through a link), ``mode``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    with source.open("rb") as src, os.fdopen(os.open(target, flags, 0o600), "wb") as dst:
+        copied = False
+        if sys.platform == "linux":
+            try:
+                while os.copy_file_range(src.fileno(), dst.fileno(), _BLOCK * 16):
+                    pass
+                copied = True
+            except OSError:  # no copy_file_range between these files
+                src.seek(0)
+                dst.seek(0)
+                dst.truncate()
+        if not copied:
+            shutil.copyfileobj(src, dst, _BLOCK)
+        os.fchmod(dst.fileno(), mode)

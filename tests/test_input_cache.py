@@ -1,0 +1,188 @@
+"""Inputs are written once: ``$IN`` entries are read-only links of the verified cache, a
+tampered entry is found and fetched again, and many small files are fetched pipelined."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from hydra_trio.builder.fetch import SMALL_WINDOW, InputFetcher
+from hydra_trio.builder.inputs import FetchError, place_inputs
+from hydra_trio.protocol.codec import TRANSFER_FRAME
+from hydra_trio.protocol.messages import (
+    Assign,
+    FetchData,
+    FetchRequest,
+    FileInfo,
+    InputSpec,
+    Message,
+)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Runner:
+    """The runner's end of fetches, answering each request from ``blobs`` in its own task
+    (after a checkpoint, so requests sent together are in flight together)."""
+
+    def __init__(self, nursery: trio.Nursery, blobs: dict[str, bytes]) -> None:
+        self.nursery = nursery
+        self.blobs = blobs
+        self.fetcher: InputFetcher | None = None
+        self.requests: list[FetchRequest] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        #: sha256s never answered (a stalled runner), and when each was asked for.
+        self.silent_for: set[str] = set()
+        self.asked_at: dict[str, float] = {}
+
+    async def send(self, message: Message) -> None:
+        assert isinstance(message, FetchRequest)
+        self.requests.append(message)
+        self.asked_at[message.sha256] = trio.current_time()
+        if message.sha256 in self.silent_for:
+            return
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self.nursery.start_soon(self._answer, message)
+
+    async def send_all(self, messages: list[Message]) -> None:
+        for message in messages:
+            await self.send(message)
+
+    async def _answer(self, msg: FetchRequest) -> None:
+        await trio.lowlevel.checkpoint()
+        assert self.fetcher is not None
+        data = self.blobs[msg.sha256][msg.offset : msg.offset + msg.length]
+        eof = msg.offset + len(data) >= len(self.blobs[msg.sha256])
+        pieces = [data[i : i + TRANSFER_FRAME] for i in range(0, len(data), TRANSFER_FRAME)]
+        pieces = pieces or [b""]
+        self.in_flight -= 1
+        for index, piece in enumerate(pieces):
+            last = index == len(pieces) - 1
+            frame = FetchData(request_id=msg.request_id, data=piece, eof=eof and last)
+            assert self.fetcher.deliver(frame)
+
+
+def fetcher_for(runner: Runner, cache: Path, timeout: float = 600.0) -> InputFetcher:
+    fetcher = InputFetcher(
+        cache=cache, send=runner.send, fetch_timeout=timeout, send_all=runner.send_all
+    )
+    runner.fetcher = fetcher
+    return fetcher
+
+
+def assign_of(files: dict[str, bytes], executable: frozenset[str] = frozenset()) -> Assign:
+    infos = tuple(
+        FileInfo(path=path, size=len(data), sha256=sha(data), executable=path in executable)
+        for path, data in files.items()
+    )
+    return Assign(
+        build_id="b",
+        attempt=1,
+        command=("true",),
+        inputs=(InputSpec(name="dep", build_id="d", files=infos),),
+    )
+
+
+async def test_inputs_are_read_only_links_of_the_verified_cache(tmp_path: Path) -> None:
+    """Each $IN file is the cache entry itself (a hard link: same inode; a reflink where the
+    file system has them), read-only: 0444, or 0555 for an executable input."""
+    files = {"a": b"alpha\n", "sub/b": b"beta\n", "tool": b"#!/bin/sh\n", "empty": b""}
+    assign = assign_of(files, executable=frozenset({"tool"}))
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, {sha(d): d for d in files.values()})
+        fetcher = fetcher_for(runner, tmp_path / "cache")
+        await place_inputs(assign, tmp_path / "in", fetcher)
+    for path, data in files.items():
+        target = tmp_path / "in" / "dep" / path
+        assert target.read_bytes() == data
+        mode = stat.S_IMODE(os.lstat(target).st_mode)
+        assert mode == (0o555 if path == "tool" else 0o444)
+        entry = fetcher.entries.path_of(sha(data), executable=path == "tool")
+        same = os.lstat(entry).st_ino == os.lstat(target).st_ino
+        assert same or fetcher.entries.reflinks
+    assert os.lstat(tmp_path / "in" / "dep" / "a").st_nlink >= 2 or fetcher.entries.reflinks
+
+
+async def test_a_tampered_cache_entry_is_fetched_again_not_linked(tmp_path: Path) -> None:
+    """A build that chmods and rewrites its $IN file (so the shared cache entry) does not
+    poison the next build: the entry's changed ctime has it rehashed, found wrong, discarded
+    and fetched again; an entry that was only linked and unlinked is rehashed and kept."""
+    files = {"f": b"hello\n", "g": b"other\n"}
+    assign = assign_of(files)
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, {sha(d): d for d in files.values()})
+        fetcher = fetcher_for(runner, tmp_path / "cache")
+        await place_inputs(assign, tmp_path / "in1", fetcher)
+        tampered = tmp_path / "in1" / "dep" / "f"
+        os.chmod(tampered, 0o644)
+        tampered.write_bytes(b"evil!\n")
+        os.chmod(tampered, 0o444)
+        runner.requests.clear()
+        await place_inputs(assign, tmp_path / "in2", fetcher)
+    assert [r.sha256 for r in runner.requests] == [sha(files["f"])]
+    assert fetcher.entries.discarded == 1
+    for path, data in files.items():
+        assert (tmp_path / "in2" / "dep" / path).read_bytes() == data
+    assert fetcher.entries.path_of(sha(files["f"])).read_bytes() == files["f"]
+
+
+async def test_an_unchanged_cache_entry_is_linked_without_rehashing(tmp_path: Path) -> None:
+    """Placing the same inputs twice in one process links the verified entries again with
+    no fetch and no rehash (its identity still matches)."""
+    files = {f"f{i}": f"{i}\n".encode() for i in range(5)}
+    assign = assign_of(files)
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, {sha(d): d for d in files.values()})
+        fetcher = fetcher_for(runner, tmp_path / "cache")
+        await place_inputs(assign, tmp_path / "in1", fetcher)
+        requests = len(runner.requests)
+        await place_inputs(assign, tmp_path / "in2", fetcher)
+    assert requests == 5 and len(runner.requests) == 5
+    assert fetcher.entries.rehashed == 0
+
+
+async def test_a_pipelined_fetch_of_many_small_files_ends_with_all_of_them(
+    tmp_path: Path,
+) -> None:
+    """3,000 small files (some sharing their contents) are fetched with several requests in
+    flight, never more than the window, each content once, and every file is placed."""
+    files = {f"d{i % 7}/f{i}": (b"%d\n" % (i % 2500)) * (i % 50) for i in range(3000)}
+    assign = assign_of(files)
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, {sha(d): d for d in files.values()})
+        fetcher = fetcher_for(runner, tmp_path / "cache")
+        with trio.fail_after(600):
+            await place_inputs(assign, tmp_path / "in", fetcher)
+    assert 1 < runner.most_in_flight <= SMALL_WINDOW
+    assert len(runner.requests) == len(set(files.values()))
+    for path, data in files.items():
+        assert (tmp_path / "in" / "dep" / path).read_bytes() == data
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+async def test_a_stalled_small_fetch_times_out(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A small file whose answer never comes fails the fetch exactly ``fetch_timeout`` after
+    it was asked for (nothing else runs meanwhile: no thread races the virtual deadline)."""
+    files = {"stuck": b"never sent\n"}
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, {})
+        runner.silent_for.add(sha(files["stuck"]))
+        fetcher = fetcher_for(runner, tmp_path / "cache", timeout=30.0)
+        with pytest.raises(FetchError, match="nothing received for 30 s"):
+            await place_inputs(assign_of(files), tmp_path / "in", fetcher)
+        assert trio.current_time() - runner.asked_at[sha(files["stuck"])] == pytest.approx(30.0)
+    assert fetcher.deliver(FetchData(request_id=0, data=b"late", eof=True))  # dropped
+    assert not list((tmp_path / "cache" / "tmp").iterdir())
