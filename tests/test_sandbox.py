@@ -297,6 +297,17 @@ async def test_a_build_asking_for_the_network_fails_at_once_where_the_sandbox_de
     assert not ran.exists()
 
 
+@needs_sandbox
+async def test_a_sandboxed_build_has_no_capabilities(tmp_path: Path) -> None:
+    """Even on a builder running as root (as the test may): no mount, no mknod."""
+    command = assign("sh", "-c", "grep CapEff /proc/self/status; id -u")
+    send = Recorder()
+    with trio.fail_after(LIMIT):
+        result = await execute(command, tmp_path / "build", send, _env(), sandbox=Sandbox())
+    assert result.status is BuildStatus.SUCCESS, send.log()
+    assert f"CapEff:\t{0:016x}\n{os.getuid()}\n" == send.log().decode()
+
+
 def test_a_builder_offers_the_network_feature_exactly_where_builds_get_the_network() -> None:
     assert NETWORK_FEATURE in BuilderConfig().advertised_features
     sandboxed = BuilderConfig(supported_features=("kvm",), sandbox=Sandbox())

@@ -18,9 +18,14 @@ builder allows it (``--sandbox-allow-network``): then it shares the builder's.
 
 Containment is unchanged: ``bwrap`` is the build's main process, in the build's cgroup;
 ``--die-with-parent`` and the PID namespace (its init dies, the kernel kills the rest) end
-everything inside when ``bwrap`` is killed.  Linux only; ``Sandbox.check`` runs a trivial
-sandboxed command at start, so a builder that cannot sandbox refuses to start (one line)
-instead of failing every build.
+everything inside when ``bwrap`` is killed.  ``bwrap`` runs as the builder's user, not
+setuid: a builder running as root gets user namespaces anyway; an unprivileged one needs
+unprivileged user namespaces.  Run as another (build) user, the same argv works unchanged
+(tried: ``setpriv --reuid=65534 bwrap ...`` runs the command as 65534, no capabilities), so
+per-build users compose with the sandbox by starting ``bwrap`` as the build's user.
+
+Linux only; ``Sandbox.check`` runs a trivial sandboxed command at start, so a builder that
+cannot sandbox refuses to start (one line) instead of failing every build.
 """
 
 from __future__ import annotations
@@ -124,6 +129,10 @@ class Sandbox:
             *(["--share-net"] if network else []),
             "--die-with-parent",
             "--new-session",  # no ioctl(TIOCSTI) into a terminal outside
+            # a builder running as root would otherwise give its builds every capability
+            # in their user namespace (mount, mknod, ...); unprivileged, this is the default
+            "--cap-drop",
+            "ALL",
             "--proc",
             "/proc",
             "--dev",

@@ -62,6 +62,11 @@ _BUILD_SPEC = {
         "timeout": _SECONDS_OR_NULL,
         "maxSilent": _SECONDS_OR_NULL,
         "env": {"type": "object", "additionalProperties": _STR},
+        "network": {
+            "type": "boolean",
+            "default": False,
+            "description": "needs the network: the same as requiring the feature `network`",
+        },
     },
 }
 
