@@ -95,10 +95,8 @@ async def test_status_lists_machines_with_every_contract_field_and_queue_counts(
         assert data["queue"]["queued"] >= 1
 
 
-async def test_a_large_status_is_the_same_json_encoded_off_the_loop(
-    runner: Runner, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """From LARGE_JSON_ITEMS machines on, /status is encoded in a worker thread: same answer."""
+async def test_status_machines_are_their_to_json_and_follow_changes(runner: Runner) -> None:
+    """/status joins each machine's kept encoding: the same as its to_json, after changes."""
     from hydra_trio.runner.model import Machine
 
     for i in range(5):
@@ -111,24 +109,33 @@ async def test_a_large_status_is_the_same_json_encoded_off_the_loop(
             max_jobs=2,
             speed_factor=1.5,
         )
-    with trio.fail_after(LIMIT):
-        small = await runner.client.get("/status")
-        monkeypatch.setattr(runner_http, "LARGE_JSON_ITEMS", 5)
-        large = await runner.client.get("/status")
-        runner.farm.machines["m0"].hostname = "renamed"  # the cached fields follow a change
-        renamed = await runner.client.get("/status")
-    assert large.headers["content-type"] == small.headers["content-type"]
 
     def timeless(response: httpx.Response) -> Any:
         data = json.loads(response.content)
         for machine in data["machines"]:
-            del machine["sinceLastPing"]  # the clock moved between the two calls
+            del machine["sinceLastPing"]  # the clock moves between calls
         return data
 
-    assert timeless(large) == timeless(small)
-    assert large.json()["machines"][1]["hostname"] == "h1\u00e9"
-    assert large.json()["machines"][1]["supportedFeatures"] == ["big", "kvm"]
-    assert renamed.json()["machines"][0]["hostname"] == "renamed"
+    def expected() -> list[dict[str, Any]]:
+        machines = [m.to_json(trio.current_time()) for m in runner.farm.machines.values()]
+        for machine in machines:
+            del machine["sinceLastPing"]
+        return machines
+
+    with trio.fail_after(LIMIT):
+        first = await runner.client.get("/status")
+        assert first.headers["content-type"] == "application/json"
+        assert timeless(first)["machines"] == expected()
+        machine = runner.farm.machines["m0"]
+        machine.hostname = "renamed"  # a hello's field
+        machine.disconnect_reason = 'said "bye" \u2014 \\ twice'  # a session's field
+        machine.succeeded_builds = 3
+        changed = await runner.client.get("/status")
+    assert timeless(changed)["machines"] == expected()
+    assert changed.json()["machines"][0]["hostname"] == "renamed"
+    assert changed.json()["machines"][0]["disconnectReason"] == 'said "bye" \u2014 \\ twice'
+    assert changed.json()["machines"][1]["hostname"] == "h1\u00e9"
+    assert changed.json()["machines"][1]["supportedFeatures"] == ["big", "kvm"]
 
 
 async def test_submit_returns_201_with_the_new_builds_id_and_show_describes_it(

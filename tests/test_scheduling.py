@@ -7,9 +7,11 @@ machines the most free capacity scaled by speed factor, avoiding one the build f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from hydra_trio.protocol.messages import Assign, BuildStatus, Hello, Message, Result
 from hydra_trio.runner.farm import Farm
-from hydra_trio.runner.model import Build, BuildSpec, BuildState
+from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine
 
 SYSTEM = "x86_64-linux"
 
@@ -179,6 +181,29 @@ def test_builds_no_free_machine_can_build_cost_dispatch_nothing() -> None:
     farm.dispatch(0.0)
     assert assigned(session, farm) == ["plain"]
     assert gpu_heap == before
+
+
+def test_with_nothing_queued_a_dispatch_does_not_look_at_the_machines() -> None:
+    """A dispatch with an empty queue (each hello of a reconnect storm wakes one) reads no
+    machine; once a build is queued, the next one assigns it."""
+    farm = Farm()
+    session = machine(farm, "m")
+    looked: list[str] = []
+
+    def machines() -> Iterator[Machine]:
+        for m in farm.machines.values():
+            looked.append(m.machine_id)
+            yield m
+
+    def assign(build: Build, m: Machine) -> None:
+        farm._assign(build, m, 0.0)
+
+    assert farm.scheduler.dispatch(0.0, machines(), assign) is None
+    assert looked == []
+    submit(farm, "b")
+    farm.scheduler.dispatch(0.0, machines(), assign)
+    assert looked == ["m"]
+    assert assigned(session, farm) == ["b"]
 
 
 def test_within_one_graph_the_build_others_wait_for_goes_first() -> None:

@@ -13,7 +13,6 @@ per endpoint of docs/http.md, read side by side like a declarative table.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -73,25 +72,6 @@ MAX_LIMIT = 500
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-#: Encode a JSON answer in a worker thread from this many list items on (``/status`` with 2,000
-#: machines: ~0.8 MB, 15-35 ms of ``json.dumps``).  The encoder holds the GIL, but the switch
-#: interval hands the loop back every few ms, so pings are answered meanwhile.
-LARGE_JSON_ITEMS = 200
-
-
-async def _json(payload: dict[str, Any], items: int) -> Response:
-    """``JSONResponse(payload)``, encoded in a thread when it holds ``items`` >= the limit.
-    The payload must be a snapshot nobody changes meanwhile (fresh dicts and lists)."""
-    if items < LARGE_JSON_ITEMS:
-        return JSONResponse(payload)
-    body = await trio.to_thread.run_sync(
-        functools.partial(
-            json.dumps, payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        )
-    )
-    return Response(body.encode(), media_type="application/json")
 
 
 async def _json_body(request: Request) -> Any:
@@ -169,17 +149,25 @@ class RunnerApi:
     # -- reads ------------------------------------------------------------------------------
 
     async def status(self, request: Request) -> Response:
+        """``{"machines": [...], "queue", "counters", "role", "warnings"}``.  The machines
+        are joined from their kept encodings (``Machine.to_json_text``): with 2,000 of them,
+        ``json.dumps`` of the list held the GIL, and with it the event loop, for 15-35 ms a
+        call, even in a worker thread."""
         farm, now = self.farm, trio.current_time()
-        return await _json(
+        machines = ",".join([m.to_json_text(now) for m in farm.machines.values()])
+        rest = json.dumps(
             {
-                "machines": [m.to_json(now) for m in farm.machines.values()],
                 "queue": farm.queue_counts(),
                 "counters": farm.metrics.counters_json(),
                 "role": "leader",
                 "warnings": [w.to_json() for w in self.storage.health.warnings()],
             },
-            len(farm.machines),
+            ensure_ascii=False,
+            allow_nan=False,
+            separators=(",", ":"),
         )
+        body = f'{{"machines":[{machines}],{rest[1:]}'
+        return Response(body.encode(), media_type="application/json")
 
     async def list_builds(self, request: Request) -> Response:
         """``GET /builds?state=&name=&machine=&q=&limit=&cursor=``: the newest builds first
