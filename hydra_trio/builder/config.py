@@ -9,6 +9,7 @@ from pathlib import Path
 import attrs
 
 from hydra_trio import net
+from hydra_trio.builder.buildusers import BuildUsers
 from hydra_trio.builder.sandbox import Sandbox
 from hydra_trio.protocol.messages import NETWORK_FEATURE, ExecutorKind
 from hydra_trio.system import default_hostname, default_system
@@ -61,6 +62,9 @@ class BuilderConfig:
     #: a local chroot Nix store for the ``nix`` executor (``--nix-store DIR``); None: the
     #: machine's own store.
     nix_store: Path | None = None
+    #: the users builds of the ``command`` executor run as, one per running build
+    #: (``--build-users``, see ``buildusers``); None: as the builder's own user.
+    build_users: BuildUsers | None = None
     #: run each command build in its own namespaces (``--sandbox``, Linux: ``sandbox``);
     #: None: builds run unsandboxed, as the builder's user.
     sandbox: Sandbox | None = None

@@ -17,8 +17,10 @@ double fork) and keep running, or keep the log pipe open.  So each build gets a
   descendant that both left the group and scrubbed its environment is not found here (nor,
   on macOS, one that a double fork re-parented to launchd): docs/security.md says so.
 
-Everything here is a few small reads and writes under ``/proc`` or ``/sys``; ``kill`` and
-``close`` may be called from a worker thread or from the loop (they are short).
+Everything here blocks: ``kill`` and ``populated`` of the fallback walk the builder's
+descendants (reading each one's environment), and even ``cgroup.kill`` kills every process of
+the cgroup before the write returns, so the event loop calls them through a thread
+(``process``), except ``populated`` of a cgroup (one small file read).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,12 +124,15 @@ class Containment:
 
     @classmethod
     def create(cls, marker: str, name: str) -> Containment:
-        """A containment for a build whose processes carry ``MARKER_VARIABLE=marker``;
-        ``name`` names its cgroup (a plain file name)."""
+        """A containment for a build whose processes carry ``MARKER_VARIABLE=marker`` (its
+        build directory); ``name`` names its cgroup (a plain file name), after the tag of the
+        directory holding the build directories (``owner_tag``), so a builder restarted on the
+        same work dir finds its predecessor's cgroups (``remove_leftover_cgroups``)."""
         parent = cgroup_parent()
         cgroup: Path | None = None
         if parent is not None:
-            cgroup = parent / f"{CGROUP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+            owner = owner_tag(Path(marker).parent)
+            cgroup = parent / f"{CGROUP_PREFIX}{owner}-{name}-{uuid.uuid4().hex[:8]}"
             try:
                 cgroup.mkdir()
             except OSError as exc:
@@ -152,10 +159,7 @@ class Containment:
     def populated(self) -> bool:
         """Whether any of the build's processes (other than its reaped main process) runs."""
         if self.cgroup is not None:
-            with contextlib.suppress(OSError):
-                events = (self.cgroup / "cgroup.events").read_text()
-                return "populated 1" in events
-            return False
+            return _populated(self.cgroup)
         return bool(self._tree())
 
     def kill(self) -> None:
@@ -164,10 +168,7 @@ class Containment:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
         if self.cgroup is not None:  # holds every descendant: no need to walk the tree
-            try:
-                (self.cgroup / "cgroup.kill").write_text("1")
-            except OSError:  # before Linux 5.14: one by one
-                self._kill_pids(self._cgroup_pids())
+            _kill_cgroup(self.cgroup)
             return
         self._kill_pids(self._tree())
         _reap_adopted()
@@ -178,21 +179,7 @@ class Containment:
         self.kill()
         if self.cgroup is None:
             return
-        for _ in range(max(1, int(wait / 0.01))):
-            if not self.populated():
-                break
-            psutil.wait_procs([], timeout=0.01)  # a short sleep
-            self.kill()
-        try:
-            self.cgroup.rmdir()
-        except OSError as exc:
-            log.warning("cannot remove the cgroup %s: %s", self.cgroup, exc.strerror)
-
-    def _cgroup_pids(self) -> list[int]:
-        assert self.cgroup is not None
-        with contextlib.suppress(OSError, ValueError):
-            return [int(p) for p in (self.cgroup / "cgroup.procs").read_text().split()]
-        return []
+        _empty_and_remove(self.cgroup, wait)
 
     def _tree(self) -> list[int]:
         """The build's processes the fallback can find: the main process's descendants and
@@ -219,9 +206,72 @@ class Containment:
 
     @staticmethod
     def _kill_pids(pids: list[int]) -> None:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_pids(pids)
+
+
+def _kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _kill_cgroup(cgroup: Path) -> None:
+    """SIGKILL everything in ``cgroup`` and the cgroups under it."""
+    try:
+        (cgroup / "cgroup.kill").write_text("1")
+    except OSError:  # before Linux 5.14: one by one
+        for directory, _dirs, _files in os.walk(cgroup):
+            with contextlib.suppress(OSError, ValueError):
+                procs = (Path(directory) / "cgroup.procs").read_text().split()
+                _kill_pids([int(pid) for pid in procs])
+
+
+def _populated(cgroup: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return "populated 1" in (cgroup / "cgroup.events").read_text()
+    return False
+
+
+def _empty_and_remove(cgroup: Path, wait: float) -> None:
+    """Kill what runs in ``cgroup``, wait up to ``wait`` seconds for it to be gone (blocking),
+    and remove it with any cgroup made under it (a build running as root can make some)."""
+    _kill_cgroup(cgroup)
+    for _ in range(max(1, int(wait / 0.01))):
+        if not _populated(cgroup):
+            break
+        time.sleep(0.01)
+        _kill_cgroup(cgroup)
+    for directory, _dirs, _files in os.walk(cgroup, topdown=False):
+        try:
+            os.rmdir(directory)
+        except OSError as exc:
+            log.warning("cannot remove the cgroup %s: %s", directory, exc.strerror)
+            return
+
+
+def owner_tag(builds: Path) -> str:
+    """A short tag of the directory a builder keeps its build directories in: what names
+    its builds' cgroups, so those of a killed predecessor on the same work dir are told from
+    other builders' sharing the cgroup."""
+    return hashlib.sha256(str(builds.absolute()).encode()).hexdigest()[:12]
+
+
+def remove_leftover_cgroups(builds: Path, wait: float = 5.0) -> int:
+    """Kill and remove the build cgroups a killed builder on ``builds`` left under this
+    builder's cgroup (a builder killed with -9 cannot remove them; their processes run on).
+    Returns how many there were.  Blocking: call through a thread."""
+    parent = cgroup_parent()
+    if parent is None:
+        return 0
+    prefix = f"{CGROUP_PREFIX}{owner_tag(builds)}-"
+    try:
+        leftovers = [entry for entry in parent.iterdir() if entry.name.startswith(prefix)]
+    except OSError:
+        return 0
+    for cgroup in leftovers:
+        if cgroup.is_dir():
+            _empty_and_remove(cgroup, wait)
+    return len(leftovers)
 
 
 #: Main processes of running builds: trio reaps those itself.

@@ -10,6 +10,11 @@ child (in the process group or out of it with ``setsid``) can neither hold the l
 nor outlive its build.  A timeout, a cancel (an ``Abort``, the connection lost) and the end
 of the build kill the whole containment.  How the command itself is stopped first is the
 caller's: SIGKILL of the group by default, an interrupt for ``nix-store`` (see ``nixexec``).
+Killing a containment blocks (see ``contain``): it runs in a thread, never on the loop.
+
+With a build user (``buildusers``), the command enters its cgroup as the builder and then
+becomes that user, and when it ends every process of that user is killed too (a build user
+runs nothing else), before the caller reads ``$OUT``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import trio
 
 from hydra_trio.builder import contain
 from hydra_trio.builder.attempt import Send
+from hydra_trio.builder.buildusers import BuildUser, kill_uid
 from hydra_trio.builder.contain import MARKER_VARIABLE, Containment
 from hydra_trio.protocol.messages import Assign, BuildStatus, LogChunk
 
@@ -74,21 +80,28 @@ async def run_command(
     stop: Stop = kill_group,
     *,
     argv: Sequence[str] | None = None,
+    user: BuildUser | None = None,
 ) -> Outcome:
-    """Run ``assign.command`` in ``cwd`` under its limits.  ``deliver_cancel`` stops it when
-    the build is cancelled or the wall-clock limit passes, ``stop(pid)`` when the log or
-    silence limit does (by default both SIGKILL its process group); then, and whenever the
-    command ends, everything it started is killed.  ``argv``: what to execute instead of the
-    bare command (the command wrapped in its sandbox, ``sandbox.Sandbox.argv``)."""
+    """Run ``assign.command`` in ``cwd`` under its limits, as ``user`` if given (else as the
+    builder).  ``deliver_cancel`` stops it when the build is cancelled or the wall-clock
+    limit passes, ``stop(pid)`` when the log or silence limit does (by default both SIGKILL
+    its process group); then, and whenever the command ends, everything it started is
+    killed (and with ``user``, everything running as ``user``).  ``argv``: what to execute
+    instead of the bare command (the command wrapped in its sandbox,
+    ``sandbox.Sandbox.argv``)."""
     marker = env.get(MARKER_VARIABLE) or str(cwd.parent)
     env = {**env, MARKER_VARIABLE: marker}
     argv = list(assign.command if argv is None else argv)
     containment = await trio.to_thread.run_sync(Containment.create, marker, cwd.parent.name)
     try:
-        return await _run_contained(assign, argv, cwd, env, send, deliver_cancel, stop, containment)
+        return await _run_contained(
+            assign, argv, cwd, env, send, deliver_cancel, stop, containment, user
+        )
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(containment.close)
+            if user is not None:
+                await trio.to_thread.run_sync(kill_uid, user)
 
 
 async def _run_contained(
@@ -100,6 +113,7 @@ async def _run_contained(
     deliver_cancel: DeliverCancel,
     stop: Stop,
     containment: Containment,
+    user: BuildUser | None,
 ) -> Outcome:
     timeout = assign.limits.timeout if assign.limits.timeout is not None else math.inf
     limited: Outcome | None = None
@@ -110,11 +124,16 @@ async def _run_contained(
         try:
             await deliver_cancel(process)
         finally:
-            containment.kill()
+            await trio.to_thread.run_sync(containment.kill)
 
-    def stop_all(pid: int) -> None:
+    async def stop_all(pid: int) -> None:
         stop(pid)
-        containment.kill()
+        await trio.to_thread.run_sync(containment.kill)
+
+    def enter() -> None:  # in the child: the cgroup needs the builder's rights, then drop them
+        containment.enter()
+        if user is not None:
+            user.drop()
 
     with trio.move_on_after(timeout) as wall:
         async with trio.open_nursery() as nursery:
@@ -130,7 +149,7 @@ async def _run_contained(
                             stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT,
                             start_new_session=True,
-                            preexec_fn=containment.enter,
+                            preexec_fn=enter,
                             check=False,
                             deliver_cancel=cancel,
                         )
@@ -178,21 +197,30 @@ async def _end_with_main(
     containment.main_exited()
     with trio.move_on_after(LINGER):
         await _until_empty(containment)
-    containment.kill()
+    await trio.to_thread.run_sync(containment.kill)
     reading.deadline = trio.current_time() + LINGER
 
 
 async def _until_empty(containment: Containment) -> None:
     """Return once none of the build's processes runs (polled: a cgroup's ``populated`` is a
-    small file read, the fallback's a walk of the builder's children)."""
+    small file read, on the loop; the fallback's a walk of the builder's descendants, in a
+    thread)."""
     for _ in itertools.count():
-        if not containment.populated():
+        if containment.cgroup is not None:
+            populated = containment.populated()
+        else:
+            populated = await trio.to_thread.run_sync(containment.populated)
+        if not populated:
             return
         await trio.sleep(0.02)
 
 
 async def _stream_log(
-    process: trio.Process, assign: Assign, send: Send, stop: Stop, reading: trio.CancelScope
+    process: trio.Process,
+    assign: Assign,
+    send: Send,
+    stop: Callable[[int], Awaitable[None]],
+    reading: trio.CancelScope,
 ) -> Outcome | None:
     """Forward the merged stdout/stderr as LogChunks until EOF, enforcing ``max_silent`` and
     ``max_log_bytes``.  Returns how the build ended if a limit was hit (its exit status yet
@@ -217,7 +245,7 @@ async def _stream_log(
                     )
                     await send(chunk)
                 if over:
-                    stop(process.pid)
+                    await stop(process.pid)
                     return Outcome(
                         BuildStatus.LOG_LIMIT_EXCEEDED, None, f"log exceeded {max_log} bytes"
                     )
@@ -225,6 +253,6 @@ async def _stream_log(
         # hangs is still silent.
         await process.wait()
     if silence.cancelled_caught:
-        stop(process.pid)
+        await stop(process.pid)
         return Outcome(BuildStatus.SILENT_TOO_LONG, None, f"no output for {max_silent:g} s")
     return None

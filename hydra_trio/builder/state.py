@@ -19,6 +19,7 @@ import attrs
 import trio
 
 from hydra_trio.builder.attempt import Send
+from hydra_trio.builder.buildusers import BuildUserPool
 from hydra_trio.builder.config import BuilderConfig
 from hydra_trio.builder.executor import execute
 from hydra_trio.builder.inputs import Fetch
@@ -135,11 +136,18 @@ class BuilderState:
     runner_stopped_at: float | None = None
     #: the runners to connect to (``config.addresses``), and the one tried next.
     servers: ServerList = attrs.field(init=False)
+    #: the build users not running a build (``config.build_users``), or None.
+    build_users: BuildUserPool | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.servers = ServerList(self.config.addresses)
-        if self.config.sandbox is not None and self.execute is execute:
-            self.execute = functools.partial(execute, sandbox=self.config.sandbox)
+        users = self.config.build_users
+        self.build_users = BuildUserPool(users) if users is not None else None
+        if self.execute is execute:
+            if self.config.sandbox is not None:
+                self.execute = functools.partial(self.execute, sandbox=self.config.sandbox)
+            if self.build_users is not None:
+                self.execute = functools.partial(self.execute, users=self.build_users)
 
     def record(self, kind: EventKind, ended: Ended | None = None) -> None:
         self.events.append(BuilderEvent(trio.current_time(), kind, ended))

@@ -3,7 +3,8 @@
 ``<work dir>/builds`` holds build directories (and spares, see ``builddir``), ``cache``
 fetched inputs under their hash (``cache/tmp`` partial fetches), ``machine-id`` the id the
 builder keeps across restarts.  ``claim_work_dir`` takes the single-instance lock, kills the
-processes a killed predecessor's builds left running, and removes its build directories and
+processes a killed predecessor's builds left running (found by their environment, by the
+build users they ran as, and by the cgroups it left), and removes its build directories and
 partial fetches.  Everything here blocks: call it through a thread.
 """
 
@@ -21,7 +22,9 @@ from typing import IO
 
 import psutil
 
+from hydra_trio.builder import buildusers, contain
 from hydra_trio.builder.builddir import BUILD_DIR_VARIABLE
+from hydra_trio.builder.buildusers import BuildUsers
 from hydra_trio.protocol.errors import HydraTrioError
 from hydra_trio.protocol.messages import Assign
 from hydra_trio.protocol.validators import is_path_component
@@ -34,20 +37,32 @@ class WorkDirError(HydraTrioError):
     """The work dir is in use by another builder."""
 
 
-def claim_work_dir(work_dir: Path) -> IO[bytes]:
+def claim_work_dir(work_dir: Path, build_users: BuildUsers | None = None) -> IO[bytes]:
     """Take the work dir's single-instance lock (held until the returned file is closed), then
-    remove what a previous builder on it left: build directories and partial fetches (a
-    builder killed with -9 cannot clean up after itself).  Blocking: call through a thread."""
+    remove what a previous builder on it left: its builds' processes (by their environment,
+    their cgroups, and with ``build_users`` every process of those users: the caller holds
+    their lock, ``buildusers.lock_pool``), build directories and partial fetches (a builder
+    killed with -9 cannot clean up after itself).  With ``build_users``, the work dir is made
+    passable but not readable by them (``buildusers.secure_work_dir``).  Blocking: call
+    through a thread."""
+    if build_users is not None:
+        buildusers.check_reachable(work_dir)
     lock = lock_dir(work_dir)
     if lock is None:
         raise WorkDirError(
             f"another builder is using {work_dir}: stop it, or give this one another --work-dir"
         )
-    killed = kill_leftover_builds(work_dir.absolute() / "builds")
+    builds = work_dir.absolute() / "builds"
+    killed = kill_leftover_builds(builds)
+    if build_users is not None:
+        killed += buildusers.kill_uids(build_users.uids)
     if killed:
         log.warning(
             "killed %d processes of builds a previous builder on %s left running", killed, work_dir
         )
+    cgroups = contain.remove_leftover_cgroups(builds)
+    if cgroups:
+        log.warning("removed %d cgroups of builds a previous builder left", cgroups)
     removed = 0
     for leftovers in (work_dir / "builds", work_dir / "cache" / "tmp"):
         for entry in leftovers.iterdir() if leftovers.is_dir() else ():
@@ -55,6 +70,8 @@ def claim_work_dir(work_dir: Path) -> IO[bytes]:
             removed += 1
     if removed:
         log.info("removed %d build directories and partial fetches left in %s", removed, work_dir)
+    if build_users is not None:
+        buildusers.secure_work_dir(work_dir)
     return lock
 
 

@@ -42,6 +42,7 @@ from hydra_trio.cli.options import (
     option,
     token_file_option,
 )
+from hydra_trio.protocol.errors import HydraTrioError
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -78,6 +79,10 @@ def queue_runner(
 def builder(options: BuilderOptions, log_options: LoggingOptions) -> None:
     """Run a builder: connect to the queue runner and run what it assigns."""
     daemons.setup_logging(log_options.log_level, log_options.log_format)
+    try:
+        options.check_build_users()
+    except HydraTrioError as exc:
+        fail(str(exc))
     config = options.builder_config()
     if config.token is not None and options.token_fd is None:
         daemons.reexec_hiding_token_file(config.token)

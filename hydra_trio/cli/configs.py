@@ -36,6 +36,7 @@ from hydra_trio.system import default_hostname, default_system
 if TYPE_CHECKING:
     import ssl
 
+    from hydra_trio.builder.buildusers import BuildUsers
     from hydra_trio.builder.daemon import BuilderConfig
     from hydra_trio.builder.sandbox import Sandbox
     from hydra_trio.hydra.config import HydraConfig
@@ -276,6 +277,7 @@ class BuilderOptions:
     sandbox: bool
     sandbox_path: tuple[str, ...]
     sandbox_allow_network: bool
+    build_users: str | None
 
     def builder_config(self) -> BuilderConfig:
         from hydra_trio.builder.daemon import BuilderConfig
@@ -302,7 +304,32 @@ class BuilderOptions:
             executors=self.executors(),
             nix_store=self.nix_store,
             sandbox=self.sandboxing(),
+            build_users=self.parsed_build_users(),
         )
+
+    def parsed_build_users(self) -> BuildUsers | None:
+        from hydra_trio.builder.buildusers import BuildUsers
+
+        if self.build_users is None:
+            return None
+        try:
+            return BuildUsers.parse(self.build_users)
+        except HydraTrioError as exc:
+            raise click.BadParameter(str(exc), param_hint="--build-users") from None
+
+    def check_build_users(self) -> None:
+        """Refuse (``BuildUsersError``, one line) build users this builder cannot use safely:
+        without the rights to switch to them, fewer than ``--max-jobs``, or with a token file
+        they could read (checked before the token is read)."""
+        from hydra_trio.builder import buildusers
+
+        users = self.parsed_build_users()
+        if users is None:
+            return
+        buildusers.check_privileges()
+        buildusers.check_max_jobs(users, self.max_jobs)
+        if self.token_file is not None:
+            buildusers.check_token_file(users, self.token_file)
 
     def sandboxing(self) -> Sandbox | None:
         """``--sandbox`` and its options (checked to work at start, ``Sandbox.check``)."""
@@ -443,5 +470,14 @@ builder_options = options_record(
         default=False,
         help="With --sandbox: a build that asks for the network (submit --network) gets the "
         "builder's; others still have none.",
+    ),
+    option(
+        "--build-users",
+        default=None,
+        metavar="GROUP|FIRST-LAST[:GROUP]",
+        help="Run each command build as a user of its own, never two at once: the members of "
+        "GROUP (as Nix's nixbld), or the uids FIRST..LAST that no account uses (gid: the same "
+        "number, or GROUP).  Builds then cannot read the work dir, the token or each other's "
+        "files.  Needs root; at least --max-jobs users; a token file only the builder can read.",
     ),
 )

@@ -214,6 +214,7 @@ def _not_dumpable() -> None:
 
 
 async def _serve_builder(config: BuilderConfig, drains: list[Callable[[], None]]) -> None:
+    from hydra_trio.builder.buildusers import lock_pool
     from hydra_trio.builder.daemon import BuilderState, claim_work_dir, run_builder
 
     if ExecutorKind.NIX in config.executors:
@@ -222,13 +223,14 @@ async def _serve_builder(config: BuilderConfig, drains: list[Callable[[], None]]
         # as the nix executor checks its store: refuse to start (one line, SandboxError)
         # rather than fail every build it is given
         await trio.to_thread.run_sync(config.sandbox.check)
-    lock = await trio.to_thread.run_sync(claim_work_dir, config.work_dir)
-    try:
+    with contextlib.ExitStack() as held:
+        if config.build_users is not None:
+            held.enter_context(lock_pool(config.build_users))
+        lock = await trio.to_thread.run_sync(claim_work_dir, config.work_dir, config.build_users)
+        held.callback(lock.close)
         async with trio.open_nursery() as nursery:
             state: BuilderState = await nursery.start(functools.partial(run_builder, config))
             drains.append(state.request_drain)
-    finally:
-        lock.close()
 
 
 async def _check_nix(store_root: Path | None) -> None:
