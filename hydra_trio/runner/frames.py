@@ -2,9 +2,10 @@
 
 ``FrameHandler.handle`` looks the frame's type up in a table and awaits its handler; each
 handler is short, and hands anything slow to the session's nursery (upload writes, result
-checks and commits) so the receive loop goes on reading: a loop that stops reading takes the
-builder for silent.  Frames about a build are fenced (``Farm.current``): only the session
-attached to the build's machine, under the build's current attempt, may speak for it.
+checks and commits, fetch reads: ``fetches.FetchServer``) so the receive loop goes on
+reading: a loop that stops reading takes the builder for silent.  Frames about a build are
+fenced (``Farm.current``): only the session attached to the build's machine, under the
+build's current attempt, may speak for it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import trio
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
     Drain,
-    FetchData,
     FetchRequest,
     ListData,
     ListRequest,
@@ -31,8 +31,9 @@ from hydra_trio.protocol.messages import (
     Result,
     UploadData,
 )
-from hydra_trio.runner.blobs import BlobError, Storage
+from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm
+from hydra_trio.runner.fetches import FetchServer
 from hydra_trio.runner.model import Machine
 from hydra_trio.runner.outbox import Outbox
 from hydra_trio.runner.results import ResultCommitter
@@ -73,8 +74,13 @@ class FrameHandler:
     uploads: UploadReceiver
     results: ResultCommitter
     _table: dict[type[Message], Callable[[Any], Awaitable[None]]] = attrs.field(init=False)
+    #: reads and answers fetch requests (``run`` in the session's background nursery).
+    fetches: FetchServer = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.fetches = FetchServer(
+            self.storage.blobs, self.farm.metrics, self.session.post, TRANSFER_FRAME
+        )
         self._table = {
             Ping: self.ping,
             UploadData: self.upload,
@@ -161,40 +167,17 @@ class FrameHandler:
         self.farm.on_builder_drain(self.session, self.machine)
 
     async def fetch(self, msg: FetchRequest) -> None:
-        """Serve a chunk of an input of a build this builder runs under the current attempt."""
+        """Check a request for a chunk of an input of a build this builder runs under the
+        current attempt, and queue it for ``fetches`` (which reads many per thread hop)."""
         await self.results.settled(msg.build_id, msg.attempt)
         build = self.farm.current(
             self.session, self.machine, msg.build_id, msg.attempt, kind="fetch"
         )
+        error = ""
         if build is None:
             error = "not an input of a build you run under this attempt"
         elif msg.length > MAX_FETCH_CHUNK:
             error = f"length {msg.length} is above the maximum of {MAX_FETCH_CHUNK} bytes"
         elif not self.farm.is_input(build, msg.sha256):
             error = f"{msg.sha256} is not an input of build {msg.build_id}"
-        else:
-            try:
-                pieces, eof = await trio.to_thread.run_sync(
-                    self.storage.blobs.read_pieces,
-                    msg.sha256,
-                    msg.offset,
-                    msg.length,
-                    TRANSFER_FRAME,
-                )
-            except BlobError as exc:
-                error = str(exc)
-            except (OSError, OverflowError) as exc:  # the offset comes from the builder
-                why = getattr(exc, "strerror", None) or exc
-                error = f"cannot read {msg.sha256} at offset {msg.offset}: {why}"
-            else:
-                self._send_pieces(msg.request_id, pieces, eof)
-                return
-        self.session.post(FetchData(request_id=msg.request_id, error=error))
-
-    def _send_pieces(self, request_id: int, pieces: list[bytes], eof: bool) -> None:
-        last = len(pieces) - 1
-        for index, piece in enumerate(pieces):
-            self.session.post(
-                FetchData(request_id=request_id, data=piece, eof=eof and index == last)
-            )
-        self.farm.metrics.fetched_bytes.inc(sum(map(len, pieces)))
+        await self.fetches.queue(msg, error)

@@ -13,6 +13,7 @@ Task layout::
     background nursery (outlives the receive loop until its results are settled)
     |-- ResultCommitter.run       checks and commits results, in order
     |-- UploadReceiver._write     a batch of an upload, written and hashed in threads
+    |-- FetchServer.run           reads and answers fetch requests, a batch per thread hop
     |-- ResultCommitter.import_and_commit    a Nix build's outputs into the runner's store
     `-- session.cancel_scope: connection nursery
         |-- BuilderSession.writer       the one writer (Outbox.run)
@@ -205,6 +206,7 @@ async def serve_builder(
             results = ResultCommitter(farm, session, machine, storage, uploads, background)
             handler = FrameHandler(farm, session, machine, storage, uploads, results)
             background.start_soon(results.run)
+            background.start_soon(handler.fetches.run)
             with session.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(session.writer)

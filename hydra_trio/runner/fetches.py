@@ -1,0 +1,97 @@
+"""Serving a builder's ``FetchRequest``s: many small reads per thread hop, off the receive loop.
+
+The receive loop checks each request (fencing, the input list, the length) and queues it, with
+its error if it has one, on ``FetchServer.queue``; ``FetchServer.run``, a task of the session's
+background nursery, takes every request queued meanwhile (at most ``SERVE_BATCH`` requests and
+about ``SERVE_BATCH_BYTES``), reads them all in one worker thread and posts the answers, in
+the order the requests arrived.  A builder fetching 100,000 small files with several requests in
+flight so costs the runner a thread hop per batch instead of one per file, and its receive loop
+goes on reading (pings included) while the reads run.  The queue is bounded
+(``QUEUE_SIZE``): a builder asking faster than the disk reads finds the receive loop waiting,
+as it did when each request was served inline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from hydra_trio.protocol.messages import FetchData, FetchRequest, Message
+from hydra_trio.runner.blobs import BlobError, BlobStore
+from hydra_trio.runner.metrics import FarmMetrics
+
+#: Requests read in one thread hop, and about this many bytes (the sum of their lengths).
+SERVE_BATCH = 128
+SERVE_BATCH_BYTES = 8 * 1024 * 1024
+#: Requests queued and not yet read before the receive loop waits.
+QUEUE_SIZE = 256
+
+
+@attrs.define(eq=False)
+class FetchServer:
+    """Answers one session's fetch requests (see the module docstring)."""
+
+    blobs: BlobStore
+    metrics: FarmMetrics
+    #: ``BuilderSession.post``: queue a frame for the builder.
+    post: Callable[[Message], None]
+    #: the size of the pieces an answer is cut into (``codec.TRANSFER_FRAME``).
+    piece: int
+    _send: trio.MemorySendChannel[tuple[FetchRequest, str]] = attrs.field(init=False)
+    _receive: trio.MemoryReceiveChannel[tuple[FetchRequest, str]] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel(QUEUE_SIZE)
+
+    async def queue(self, request: FetchRequest, error: str = "") -> None:
+        """Answer ``request`` after those queued before it: with ``error`` if one is given."""
+        await self._send.send((request, error))
+
+    async def run(self) -> None:
+        """Read and answer the queued requests, a batch per thread hop, until cancelled."""
+        post = self.post
+        async for first in self._receive:
+            batch = [first]
+            size = first[0].length
+            while len(batch) < SERVE_BATCH and size < SERVE_BATCH_BYTES:
+                try:
+                    item = self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch.append(item)
+                size += item[0].length
+            answers = await trio.to_thread.run_sync(self._read, batch)
+            sent = 0
+            for frames in answers:
+                for frame in frames:
+                    post(frame)
+                    sent += len(frame.data)
+            self.metrics.fetched_bytes.inc(sent)
+
+    def _read(self, batch: list[tuple[FetchRequest, str]]) -> list[list[FetchData]]:
+        """The answer to each request (in a worker thread)."""
+        answers: list[list[FetchData]] = []
+        for msg, error in batch:
+            if not error:
+                try:
+                    pieces, eof = self.blobs.read_pieces(
+                        msg.sha256, msg.offset, msg.length, self.piece
+                    )
+                except BlobError as exc:
+                    error = str(exc)
+                except (OSError, OverflowError) as exc:  # the offset comes from the builder
+                    why = getattr(exc, "strerror", None) or exc
+                    error = f"cannot read {msg.sha256} at offset {msg.offset}: {why}"
+                else:
+                    last = len(pieces) - 1
+                    answers.append(
+                        [
+                            FetchData(request_id=msg.request_id, data=p, eof=eof and i == last)
+                            for i, p in enumerate(pieces)
+                        ]
+                    )
+                    continue
+            answers.append([FetchData(request_id=msg.request_id, error=error)])
+        return answers
