@@ -370,6 +370,37 @@ def test_a_missing_sandbox_path_is_refused_at_start(tmp_path: Path) -> None:
     assert "--sandbox-path" in line and "nowhere" in line
 
 
+def test_a_sandbox_path_holding_the_work_dir_is_refused_at_start(tmp_path: Path) -> None:
+    """Builds would read the work dir (its cache, its machine id) through it."""
+    ran = start_builder(tmp_path, "--sandbox", "--sandbox-path", str(tmp_path))
+    assert ran.returncode == 1, ran.stderr
+    [line] = ran.stderr.strip().splitlines()
+    assert "work dir" in line and f"--sandbox-path {tmp_path}" in line
+
+
+def test_a_sandbox_path_holding_the_token_file_is_refused_at_start(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "token").write_bytes(TOKEN)
+    (secrets / "token").chmod(0o600)
+    ran = start_builder(
+        tmp_path, "--sandbox", "--sandbox-path", f"{secrets}=/s", "--token-file", f"{secrets}/token"
+    )
+    assert ran.returncode == 1, ran.stderr
+    [line] = ran.stderr.strip().splitlines()
+    assert "token file" in line and str(secrets) in line
+
+
+def test_sandbox_options_from_a_config_file_and_the_environment(tmp_path: Path) -> None:
+    """``sandbox-path`` is a list in a --config file; the options reach the builder's
+    start-up check (here: the missing path named by the file)."""
+    config = tmp_path / "builder.toml"
+    config.write_text(f'sandbox = true\nsandbox-path = ["/usr", "{tmp_path}/nowhere=/x"]\n')
+    ran = start_builder(tmp_path, "--config", str(config))
+    assert ran.returncode == 1, ran.stderr
+    assert f"--sandbox-path {tmp_path}/nowhere: no such file" in ran.stderr
+
+
 def test_sandbox_options_need_sandbox(tmp_path: Path) -> None:
     ran = start_builder(tmp_path, "--sandbox-path", "/opt")
     assert ran.returncode == 2

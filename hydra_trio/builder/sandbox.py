@@ -189,10 +189,24 @@ class Sandbox:
             lines = ran.stderr.decode(errors="replace").strip().splitlines()
             why = lines[-1] if lines else f"exit status {ran.returncode}"
             raise SandboxError(
-                f"--sandbox: {program} cannot create a sandbox here ({why}); are user "
+                f"--sandbox: {program} cannot make a sandbox here ({why}); are user "
                 "namespaces allowed (sysctl kernel.unprivileged_userns_clone=1), or run "
                 "without --sandbox"
             )
+
+    def check_hidden(self, hidden: Sequence[tuple[str, Path]]) -> None:
+        """Raise ``SandboxError`` if a path every sandbox shows holds one of ``hidden``
+        (``(what, path)``: the work dir, the token file), which builds would then read."""
+        shown = [(path, f"{path} (which every sandbox shows)") for path in DEFAULT_PATHS]
+        shown += [(str(p.source), f"--sandbox-path {p.source}") for p in self.paths]
+        for what, path in hidden:
+            real = Path(os.path.realpath(path))
+            for source, named in shown:
+                if os.path.lexists(source) and real.is_relative_to(os.path.realpath(source)):
+                    raise SandboxError(
+                        f"--sandbox: the {what} {path} is under {named}: builds would read "
+                        "it; move it elsewhere (or give a narrower --sandbox-path)"
+                    )
 
 
 @functools.cache

@@ -84,6 +84,14 @@ def builder(options: BuilderOptions, log_options: LoggingOptions) -> None:
     except HydraTrioError as exc:
         fail(str(exc))
     config = options.builder_config()
+    if config.sandbox is not None:  # before the token file's name is gone (re-executed)
+        hidden = [("work dir", config.work_dir)]
+        if options.token_file is not None:
+            hidden.append(("token file", options.token_file))
+        try:
+            config.sandbox.check_hidden(hidden)
+        except HydraTrioError as exc:
+            fail(str(exc))
     if config.token is not None and options.token_fd is None:
         daemons.reexec_hiding_token_file(config.token)
     daemons.run_builder_daemon(config)
