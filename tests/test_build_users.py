@@ -7,6 +7,7 @@ cgroups it left."""
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import random
@@ -329,3 +330,16 @@ def test_cgroups_a_killed_builder_left_are_killed_and_removed_at_start(
             process.kill()
             process.wait()
         other.close()
+
+
+def test_a_group_names_its_members_as_build_users() -> None:
+    """A group spec: every member (and account whose primary group it is), the group's gid."""
+    group = next(
+        (g for g in grp.getgrall() if g.gr_mem and "root" not in g.gr_mem and g.gr_gid != 0),
+        None,
+    )
+    if group is None:
+        pytest.skip("no group with members on this machine")
+    users = BuildUsers.parse(group.gr_name)
+    assert {u.gid for u in users.users} == {group.gr_gid}
+    assert {pwd.getpwnam(name).pw_uid for name in group.gr_mem} <= users.uids

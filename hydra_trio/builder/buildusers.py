@@ -5,8 +5,8 @@ them, never two builds at once on one uid, so a build cannot read the builder's 
 token or another build's directory, and everything running as that uid after the build ends
 is the build's own and is killed.  ``SPEC`` is
 
-- a group name (``nixbld``, as Nix's ``build-users-group``): its members are the build
-  users, each with its own uid, the group's gid;
+- a group name (``nixbld``, as Nix's ``build-users-group``): its members (and the accounts
+  whose primary group it is) are the build users, each with its own uid, the group's gid;
 - a uid range ``FIRST-LAST`` (``30000-30031``, as Nix's ``auto-allocate-uids``): uids that no
   account uses (checked: one with a passwd entry is refused), each with the gid of the same
   number, or ``FIRST-LAST:GROUP`` for one group (a name or a number).
@@ -158,14 +158,11 @@ def _group(name: str) -> tuple[BuildUser, ...]:
             f"--build-users {name}: no such group (give a group whose members are the build "
             "users, or a uid range FIRST-LAST)"
         ) from None
-    users = []
+    uids = {account.pw_uid for account in pwd.getpwall() if account.pw_gid == group.gr_gid}
     for member in group.gr_mem:
-        try:
-            uid = pwd.getpwnam(member).pw_uid
-        except KeyError:
-            continue
-        users.append(BuildUser(uid, group.gr_gid))
-    return tuple(sorted(set(users), key=lambda user: user.uid))
+        with contextlib.suppress(KeyError):
+            uids.add(pwd.getpwnam(member).pw_uid)
+    return tuple(BuildUser(uid, group.gr_gid) for uid in sorted(uids))
 
 
 # ---------------------------------------------------------------------------------------------
