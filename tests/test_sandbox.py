@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from hydra_trio.runner.specs import SpecError, parse_spec
 
 from .helpers.executor import LIMIT, Recorder, assign
 from .helpers.procs import daemon_env
+from .test_build_users import free_range
 
 pytestmark = pytest.mark.realnet
 
@@ -71,6 +74,7 @@ def connect():
     with socket.create_connection(("127.0.0.1", int(os.environ["PORT"])), timeout=10):
         return "connected"
 attempt("connect", connect)
+print("uid:", os.getuid())
 greeting = open(os.environ["IN"] + "/a/greeting").read()
 open(os.environ["OUT"] + "/copy", "w").write(greeting)
 print("greeting:", greeting.strip())
@@ -89,7 +93,7 @@ async def wait_done(build: Build, builder: trio.Process) -> None:
 
 
 async def run_probe(
-    tmp_path: Path, builder_options: list[str], *, network: bool = False
+    tmp_path: Path, builder_options: list[str], *, network: bool = False, work: Path | None = None
 ) -> tuple[Build, str]:
     """A runner in this process, a real ``hydra-trio builder`` with ``builder_options``, a
     build ``a`` writing ``$OUT/greeting`` with sh, and a python3 build after it running
@@ -98,7 +102,7 @@ async def run_probe(
     token_file = tmp_path / "token"
     token_file.write_bytes(TOKEN + b"\n")
     token_file.chmod(0o600)
-    work = tmp_path / "work"
+    work = work or tmp_path / "work"
     config = RunnerConfig(
         listen=HostPort("127.0.0.1", 0),
         http=None,
@@ -186,6 +190,32 @@ async def test_a_build_that_does_not_ask_has_no_network_even_where_it_is_allowed
     probe, log = await run_probe(tmp_path, ["--sandbox", "--sandbox-allow-network"])
     assert probe.status is BuildStatus.SUCCESS, log
     assert "\nconnect: no (" in f"\n{log}", log
+
+
+@pytest.fixture
+def passable() -> Iterator[Path]:
+    """A directory build users can pass through (pytest's own tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="hydra-trio-sandbox-users-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_sandbox
+@pytest.mark.skipif(os.geteuid() != 0, reason="build users need the builder to be root")
+async def test_sandbox_and_build_users_compose(tmp_path: Path, passable: Path) -> None:
+    """``--sandbox --build-users``: bwrap runs as the build's own uid (unprivileged user
+    namespaces), and the build still reads its $IN, fills its $OUT and reaches nothing else."""
+    spec = free_range(2)
+    first = int(spec.split("-")[0])
+    options = ["--sandbox", "--build-users", spec]
+    probe, log = await run_probe(tmp_path, options, work=passable / "work")
+    assert probe.status is BuildStatus.SUCCESS, log
+    assert "greeting: hello from a" in log
+    for what in ("machine-id", "cache", "token", "write-in", "connect"):
+        assert f"\n{what}: no (" in f"\n{log}", log
+    [uid] = [line.split()[1] for line in log.splitlines() if line.startswith("uid: ")]
+    assert first <= int(uid) < first + 2
 
 
 async def test_without_the_sandbox_the_same_build_reaches_them(tmp_path: Path) -> None:

@@ -24,6 +24,10 @@ unprivileged user namespaces.  Run as another (build) user, the same argv works 
 (tried: ``setpriv --reuid=65534 bwrap ...`` runs the command as 65534, no capabilities), so
 per-build users compose with the sandbox by starting ``bwrap`` as the build's user.
 
+Cost: starting ``true`` in a sandbox took 11 ms (median of 30; 15 ms with the network
+shared) against 0.7 ms unsandboxed, on the project's 2-core VM at load 4: small beside a
+build's round trip, so nothing is pooled or cached but the default mounts.
+
 Linux only; ``Sandbox.check`` runs a trivial sandboxed command at start, so a builder that
 cannot sandbox refuses to start (one line) instead of failing every build.
 """
