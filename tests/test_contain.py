@@ -130,3 +130,33 @@ async def test_a_descendant_that_ends_by_itself_soon_after_is_not_killed(
     result, _, _ = await run(tmp_path, "sh", "-c", f"(sleep 0.2; echo late > {out}) & exit 0")
     assert result.status is BuildStatus.SUCCESS
     assert out.read_text() == "late\n"
+
+
+async def test_the_command_itself_runs_in_its_builds_cgroup(
+    tmp_path: Path, containment: str
+) -> None:
+    """The command is in the build's own cgroup from its first instruction (it is moved
+    before it executes), with the same process as the one the builder started."""
+    result, send, _ = await run(tmp_path, "sh", "-c", "echo $$; cat /proc/$$/cgroup")
+    assert result.status is BuildStatus.SUCCESS
+    pid, cgroup = send.log().decode().split("\n", 1)
+    assert int(pid) > 0
+    assert (contain.CGROUP_PREFIX in cgroup) == (containment == "cgroup")
+
+
+@pytest.mark.parametrize(
+    ("program", "why"),
+    [("no-such-command-hydra-trio", "No such file"), ("not-executable", "Permission denied")],
+)
+async def test_a_command_that_cannot_be_executed_is_127_with_why_in_either_containment(
+    tmp_path: Path, containment: str, program: str, why: str
+) -> None:
+    """A missing or non-executable command fails with 127 and the reason, as before the
+    command was started through the cgroup's shell wrapper."""
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    if program == "not-executable":
+        program = str(tmp_path / program)  # a path, as the build would name it
+    result, send, _ = await run(tmp_path, program)
+    assert result.status is BuildStatus.BUILD_FAILED
+    assert result.exit_code == 127
+    assert why in send.log().decode()

@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psutil
@@ -111,6 +111,10 @@ def become_subreaper() -> bool:
         return False
 
 
+#: ``Containment.wrap``'s shell script: $0 is the cgroup's ``cgroup.procs``, "$@" the command.
+_ENTER_AND_EXEC = 'echo 0 > "$0" && exec "$@"'
+
+
 class Containment:
     """One build's processes: a cgroup of its own, or the fallback's tree.  ``enter`` runs in
     the child before it executes the command; ``kill`` kills everything that is still there;
@@ -141,6 +145,18 @@ class Containment:
         if cgroup is None:
             become_subreaper()
         return cls(marker, cgroup)
+
+    def wrap(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` started so that it enters the cgroup before it executes: through a shell
+        that moves itself in (``cgroup.procs``) and then ``exec``s it, keeping its pid.
+        (``enter`` as a ``preexec_fn`` does the same, but any ``preexec_fn`` makes
+        ``subprocess`` fork the whole builder and run Python in the child instead of a
+        ``vfork``: about 11 ms a build with the GIL held, against 0.3 ms, issue 22.)  A
+        failed move is the shell's message in the log and exit status 2, and the command
+        does not run."""
+        if self.cgroup is None:
+            return list(argv)
+        return ["/bin/sh", "-c", _ENTER_AND_EXEC, str(self.cgroup / "cgroup.procs"), *argv]
 
     def enter(self) -> None:
         """Move the calling process into the cgroup (as ``preexec_fn``, in the child)."""

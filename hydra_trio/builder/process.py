@@ -20,10 +20,12 @@ runs nothing else), before the caller reads ``$OUT``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import math
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Sequence
@@ -135,9 +137,17 @@ async def _run_contained(
         if user is not None:
             user.drop()
 
+    preexec_fn: Callable[[], None] | None = enter
+    if user is None:  # no preexec_fn: it makes subprocess fork the builder (Containment.wrap)
+        wrapped = containment.wrap(argv)
+        if wrapped != argv:
+            start_error = _missing(argv[0], cwd, env)
+        argv, preexec_fn = wrapped, None
     with trio.move_on_after(timeout) as wall:
         async with trio.open_nursery() as nursery:
             try:
+                if start_error is not None:  # as subprocess would have raised it
+                    raise start_error
                 with contain.spawning():
                     process = await nursery.start(
                         functools.partial(
@@ -149,7 +159,7 @@ async def _run_contained(
                             stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT,
                             start_new_session=True,
-                            preexec_fn=enter,
+                            preexec_fn=preexec_fn,
                             check=False,
                             deliver_cancel=cancel,
                         )
@@ -177,6 +187,22 @@ async def _run_contained(
     if code == 0:
         return Outcome(BuildStatus.SUCCESS, 0)
     return Outcome(BuildStatus.BUILD_FAILED, code, f"exit status {code}")
+
+
+def _missing(program: str, cwd: Path, env: dict[str, str]) -> OSError | None:
+    """Why ``program`` cannot be executed, as ``subprocess`` would say it (it raises before
+    the child runs; through ``Containment.wrap`` the shell would say it instead), or None.
+    A few ``stat`` calls: on the event loop."""
+    if "/" in program:
+        path = cwd / program
+        if not path.exists():
+            return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+        if path.is_dir() or not os.access(path, os.X_OK):
+            return PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+        return None
+    if shutil.which(program, path=env.get("PATH", os.defpath)) is None:
+        return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    return None
 
 
 async def _not_started(assign: Assign, send: Send, exc: OSError) -> Outcome:
