@@ -269,18 +269,16 @@ def main() -> int:
         args.files, args.repeat = 10_000, 1
     tmp = Path(tempfile.mkdtemp(prefix="shapes-bench-"))
     runs = []
-    try:
-        for index in range(args.repeat):
-            run = one_run(tmp, args.files, index)
-            runs.append(run)
-            print(
-                f"run {index + 1}: {args.files:,} files: commit {run['commit']:.1f} s, "
-                f"dispatch+fetch {run['fetch']:.1f} s, tar c | tar x {run['tar']:.1f} s, "
-                f"longest pong gap {run['gap'] * 1000:.0f} ms",
-                flush=True,
-            )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for index in range(args.repeat):
+        run = one_run(tmp, args.files, index)  # on failure, its logs stay in tmp
+        runs.append(run)
+        print(
+            f"run {index + 1}: {args.files:,} files: commit {run['commit']:.1f} s, "
+            f"dispatch+fetch {run['fetch']:.1f} s, tar c | tar x {run['tar']:.1f} s, "
+            f"longest pong gap {run['gap'] * 1000:.0f} ms",
+            flush=True,
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     summary = [
         Figure(
