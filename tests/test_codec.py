@@ -38,7 +38,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 def test_frame_layout() -> None:
     """A frame is a 4-byte big-endian body length, then the msgpack map of the message."""
     frame = codec.encode(m.Pong(seq=7))
-    body = msgpack.packb({"type": "pong", "seq": 7}, use_bin_type=True)
+    body = msgpack.packb({"type": "pong", "seq": 7, "settling": 0}, use_bin_type=True)
     assert frame == header(len(body)) + body
     assert codec.encode_body(m.Pong(seq=7)) == body
     assert codec.decode_body(body) == m.Pong(seq=7)

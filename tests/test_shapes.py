@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from hydra_trio.protocol.messages import (
 )
 from hydra_trio.runner import farm as farm_module
 from hydra_trio.runner import frames as frames_module
+from hydra_trio.runner.blobs import BlobStore, PendingUpload
 from hydra_trio.runner.frames import MAX_FETCH_CHUNK
 from hydra_trio.runner.model import BuildSpec, BuildState
 
@@ -332,3 +334,45 @@ async def test_the_builder_says_low_disk_in_its_pings(tmp_path: Path) -> None:
             while not any(isinstance(m, Ping) and m.low_disk for m in runner.received):
                 await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_ping_is_answered_at_once_while_a_result_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ping sent behind a Result whose outputs are still being committed is answered at
+    once with ``settling`` 1 (the builder's evidence that the runner lives does not wait for
+    a commit), and again with ``settling`` 0 once the result is committed: by then the build
+    has succeeded.  (Real clock: the commit is held in its worker thread until the first
+    Pong has arrived; a Pong that waited for it would fail the test by its time limit.)"""
+    release = threading.Event()
+    commit = BlobStore.commit
+
+    def held_commit(self: BlobStore, upload: PendingUpload, size: int, sha256: str) -> None:
+        release.wait(LIMIT)
+        commit(self, upload, size, sha256)
+
+    monkeypatch.setattr(BlobStore, "commit", held_commit)
+    data = b"an output\n"
+    info = FileInfo(path="out", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    try:
+        with trio.fail_after(LIMIT):
+            async with trio.open_nursery() as nursery:
+                runner = Farmlet(nursery, RUNNER, tmp_path)
+                builder = runner.connect()
+                await builder.handshake("m1")
+                spec = BuildSpec(command=("true",), system=SYSTEM)
+                build = runner.farm.submit(spec, trio.current_time())
+                assign = await assigned(builder)
+                ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
+                await builder.send(UploadData(**ref, path="out", offset=0, data=data, eof=True))
+                await builder.send(Result(**ref, status=BuildStatus.SUCCESS, outputs=(info,)))
+                ping = builder.conn.make_ping(trio.current_time())
+                await builder.send(ping)
+                assert await builder.receive() == Pong(seq=ping.seq, settling=1)
+                assert build.state is BuildState.RUNNING
+                release.set()
+                assert await builder.receive() == Pong(seq=ping.seq, settling=0)
+                assert build.state is BuildState.SUCCEEDED
+                nursery.cancel_scope.cancel()
+    finally:
+        release.set()

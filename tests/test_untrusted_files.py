@@ -93,9 +93,13 @@ async def sync(builder: FakeBuilder) -> list[Message]:
     what else it sent meanwhile (a retried build may be assigned again)."""
     await builder.send(builder.conn.make_ping(trio.current_time()))
     others: list[Message] = []
-    while not isinstance(message := await builder.receive(), Pong):
-        others.append(message)
-    return others
+    while True:
+        message = await builder.receive()
+        if isinstance(message, Pong):
+            if message.settling == 0:
+                return others
+        else:
+            others.append(message)
 
 
 async def assigned(runner: Farmlet, builder: FakeBuilder) -> tuple[Build, dict[str, Any]]:

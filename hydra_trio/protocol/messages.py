@@ -39,7 +39,7 @@ from hydra_trio.protocol import validators as v
 from hydra_trio.protocol.errors import RemoteProtocolError
 
 #: The protocol version this code speaks.  Same major = compatible.
-PROTOCOL_VERSION = "1.5"
+PROTOCOL_VERSION = "1.6"
 #: The minor version that added listings in pieces (``InputSpec.listed``, ``ListRequest``,
 #: ``ListData``, ``OutputList``, ``Result.listed_outputs``): sent only to peers speaking it.
 LISTING_MINOR = 3
@@ -296,12 +296,19 @@ class Ping:
 
 @attrs.frozen(kw_only=True)
 class Pong:
-    """Runner -> builder: the answer to ``Ping`` with the same ``seq``."""
+    """Runner -> builder: the answer to ``Ping`` with the same ``seq``.
+
+    (1.6) ``settling``: results received before the ping that the runner is still checking
+    and committing.  The runner answers a ping at once (liveness must not wait for a commit
+    of 100,000 files); when ``settling`` is not 0, a second Pong with the same ``seq`` and
+    ``settling`` 0 follows once they are settled.  A Pong with ``settling`` 0 thus says that
+    every frame the builder sent before the ping has been handled."""
 
     TAG: ClassVar[str] = "pong"
     SENDERS: ClassVar[frozenset[Role]] = _R
 
     seq: int = attrs.field(validator=v.check_count)
+    settling: int = attrs.field(default=0, validator=v.check_count)
 
 
 @attrs.frozen(kw_only=True)

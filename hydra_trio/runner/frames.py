@@ -100,11 +100,18 @@ class FrameHandler:
             await handler(message)
 
     async def ping(self, msg: Ping) -> None:
-        """Answer at once, or after the results received before it (``reply_after``); the
-        ping counts for liveness at once either way."""
+        """Answer at once, saying how many results received before it are still settling;
+        if any are, a second Pong follows once they are settled (``reply_after``).  The
+        first keeps the builder's evidence that we live flowing while 100,000 outputs are
+        committed (a Pong that waited for the commit left it silent past its ping timeout);
+        the second keeps "a Pong with ``settling`` 0 means everything before it was
+        handled"."""
         now = trio.current_time()
-        if not await self.results.reply_after(Pong(seq=msg.seq)):
-            self.session.outbox.last_ping_seq = msg.seq
+        settling = self.results.settling
+        self.session.outbox.last_ping_seq = msg.seq
+        await self.session.reply(Pong(seq=msg.seq, settling=settling))
+        # (the results may have settled while the first was written: then at once)
+        if settling and not await self.results.reply_after(Pong(seq=msg.seq)):
             await self.session.reply(Pong(seq=msg.seq))
         self.farm.on_ping(self.session, self.machine, msg, now)
 

@@ -11,6 +11,7 @@ it never waits for another write.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -75,14 +76,16 @@ class Outbox:
         self._sent()
         return True
 
-    async def keepalive(self, interval: float) -> None:
+    async def keepalive(self, interval: float, settling: Callable[[], int] = lambda: 0) -> None:
         """Send the builder a ``Pong`` of our own when we have sent it nothing for 1.5 of its
         ping intervals.  The builder's evidence that we are alive must not depend on its pings
         getting through: during an upload they wait behind its own data, and over a slow link
         with a deep queue the pong to a ping can come later than the builder's ping timeout.
         This direction is idle then, and the keepalive crosses it at once.  It repeats the
         last ping's sequence number, which the builder has already had answered, so it is not
-        taken for a round trip.
+        taken for a round trip.  It carries ``settling()``, the results received and not yet
+        settled (``Pong.settling``), so that it never says "everything before was handled"
+        while a result is still being committed.
 
         Only while the builder is heard from (a frame, or a frame's progress, within half a
         ping interval, as during an upload): a builder whose frames no longer reach us (cut
@@ -99,7 +102,7 @@ class Outbox:
             now = trio.current_time()
             heard = now - conn.last_received < recent
             if heard and self.last_ping_seq is not None and not self._queued:
-                self.post(Pong(seq=self.last_ping_seq))
+                self.post(Pong(seq=self.last_ping_seq, settling=settling()))
             self.last_sent = now
 
     def _sent(self) -> None:

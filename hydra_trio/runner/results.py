@@ -13,9 +13,11 @@ Ordering, which moving this off the receive loop must not change:
 - A frame about an attempt whose result is still being settled (a duplicate Result, a late
   log chunk) waits for it (``settled``), so it is judged against the committed result exactly
   as when the receive loop did the commit itself.
-- The Pong to a Ping that follows a Result is sent once that result is settled
-  (``reply_after``; the ping's liveness is recorded at once): a builder that has its pong has
-  had everything it sent before handled, as when the loop did it all in order.
+- A Ping is answered at once, its Pong saying how many results are still settling
+  (``Pong.settling``, 1.6: liveness must not wait for a commit of 100,000 files); when some
+  are, a second Pong with ``settling`` 0 is sent once the results before it are settled
+  (``reply_after``): a builder that has that one has had everything it sent before the
+  ping handled, as when the loop did it all in order.
 - Nothing here is acknowledged to the builder: a committed result reaches the database through
   the persister like every other change, and a build's slot (the next Assign) is freed only by
   the commit.
@@ -72,6 +74,7 @@ class ResultCommitter:
     #: (build id, attempt) of the results received and not settled yet, with a count.
     _pending: dict[tuple[str, int], int] = attrs.field(factory=dict, init=False)
     _settled_event: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _settling: int = attrs.field(default=0, init=False)
     #: Nix results whose outputs are being imported into the runner's store.
     importing: int = attrs.field(default=0, init=False)
     _imports_changed: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -92,7 +95,13 @@ class ResultCommitter:
         if build is not None:
             result = self.uploads.full_listing(result)
         self._pending[ref] = self._pending.get(ref, 0) + 1
+        self._settling += 1
         await self._send.send(_Settle(result, build, uploads))
+
+    @property
+    def settling(self) -> int:
+        """Results received and not settled yet."""
+        return self._settling
 
     async def reply_after(self, message: Message) -> bool:
         """Queue ``message`` to be posted once every result received before it is settled.
@@ -122,6 +131,7 @@ class ResultCommitter:
             self._done.set()
 
     def _forget(self, ref: tuple[str, int]) -> None:
+        self._settling -= 1
         left = self._pending.pop(ref) - 1
         if left:
             self._pending[ref] = left

@@ -210,7 +210,9 @@ async def serve_builder(
             with session.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(session.writer)
-                    nursery.start_soon(session.outbox.keepalive, hello.ping_interval)
+                    nursery.start_soon(
+                        session.outbox.keepalive, hello.ping_interval, lambda: results.settling
+                    )
                     watchdog = trio.CancelScope()
                     nursery.start_soon(_watch, conn, watchdog)
                     ending = await _receive_loop(session, channel, handler, config, watchdog)

@@ -64,7 +64,11 @@ class FakeBuilder:
         return welcome
 
     async def ping(self) -> Pong:
+        """Ping and return the Pong that says every frame sent before was handled
+        (``settling`` 0; a first one with ``settling`` > 0 comes while results settle)."""
         await self.send(self.conn.make_ping(trio.current_time()))
-        pong = await self.receive()
-        assert isinstance(pong, Pong)
-        return pong
+        while True:
+            pong = await self.receive()
+            assert isinstance(pong, Pong)
+            if pong.settling == 0:
+                return pong
