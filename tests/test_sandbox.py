@@ -382,6 +382,7 @@ def start_builder(
     )  # fmt: skip
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="elsewhere: needs Linux")
 def test_a_builder_without_bubblewrap_refuses_to_start_with_one_line(tmp_path: Path) -> None:
     """No ``bwrap`` on PATH: exit 1, one line saying to install bubblewrap."""
     empty = tmp_path / "bin"
@@ -393,6 +394,7 @@ def test_a_builder_without_bubblewrap_refuses_to_start_with_one_line(tmp_path: P
     assert not (tmp_path / "work").exists()  # refused before it claimed the work dir
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="elsewhere: needs Linux")
 def test_a_missing_sandbox_path_is_refused_at_start(tmp_path: Path) -> None:
     ran = start_builder(tmp_path, "--sandbox", "--sandbox-path", str(tmp_path / "nowhere"))
     assert ran.returncode == 1, ran.stderr
@@ -421,7 +423,8 @@ def test_a_sandbox_path_holding_the_token_file_is_refused_at_start(tmp_path: Pat
     assert "token file" in line and str(secrets) in line
 
 
-def test_sandbox_options_from_a_config_file_and_the_environment(tmp_path: Path) -> None:
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="elsewhere: needs Linux")
+def test_sandbox_options_from_a_config_file(tmp_path: Path) -> None:
     """``sandbox-path`` is a list in a --config file; the options reach the builder's
     start-up check (here: the missing path named by the file)."""
     config = tmp_path / "builder.toml"
@@ -443,6 +446,12 @@ def test_a_sandboxed_builder_cannot_offer_the_network_without_allowing_it(
     ran = start_builder(tmp_path, "--sandbox", "--features", "network")
     assert ran.returncode == 2
     assert "--sandbox-allow-network" in ran.stderr
+
+
+def test_on_macos_the_sandbox_is_refused_saying_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(SandboxError, match="--sandbox needs Linux namespaces; this is darwin"):
+        Sandbox().check()
 
 
 def test_sandbox_paths_parse() -> None:
