@@ -70,6 +70,7 @@ attempt("machine-id", lambda: open(os.environ["WORK"] + "/machine-id").read().st
 attempt("cache", lambda: os.listdir(os.environ["WORK"] + "/cache"))
 attempt("token", lambda: open(os.environ["TOKEN"]).read().strip())
 attempt("write-in", lambda: open(os.environ["IN"] + "/written", "w").close())
+attempt("chmod-in", lambda: os.chmod(os.environ["IN"] + "/a/greeting", 0o644))
 def connect():
     with socket.create_connection(("127.0.0.1", int(os.environ["PORT"])), timeout=10):
         return "connected"
@@ -165,7 +166,7 @@ async def test_a_sandboxed_build_reaches_neither_the_work_dir_the_token_nor_the_
     assert probe.status is BuildStatus.SUCCESS, log
     assert "greeting: hello from a" in log
     assert [file.path for file in probe.outputs] == ["copy"]
-    for what in ("machine-id", "cache", "token", "write-in", "connect"):
+    for what in ("machine-id", "cache", "token", "write-in", "chmod-in", "connect"):
         assert f"\n{what}: no (" in f"\n{log}", log
     assert TOKEN.decode() not in log
 
@@ -179,7 +180,7 @@ async def test_a_build_that_asks_for_the_network_gets_it_where_the_sandbox_allow
     probe, log = await run_probe(tmp_path, ["--sandbox", "--sandbox-allow-network"], network=True)
     assert probe.status is BuildStatus.SUCCESS, log
     assert "\nconnect: yes connected" in f"\n{log}", log
-    for what in ("machine-id", "cache", "token", "write-in"):
+    for what in ("machine-id", "cache", "token", "write-in", "chmod-in"):
         assert f"\n{what}: no (" in f"\n{log}", log
 
 
@@ -212,7 +213,7 @@ async def test_sandbox_and_build_users_compose(tmp_path: Path, passable: Path) -
     probe, log = await run_probe(tmp_path, options, work=passable / "work")
     assert probe.status is BuildStatus.SUCCESS, log
     assert "greeting: hello from a" in log
-    for what in ("machine-id", "cache", "token", "write-in", "connect"):
+    for what in ("machine-id", "cache", "token", "write-in", "chmod-in", "connect"):
         assert f"\n{what}: no (" in f"\n{log}", log
     [uid] = [line.split()[1] for line in log.splitlines() if line.startswith("uid: ")]
     assert first <= int(uid) < first + 2
@@ -223,7 +224,7 @@ async def test_without_the_sandbox_the_same_build_reaches_them(tmp_path: Path) -
     the sandboxed test's "no" lines are the sandbox's doing)."""
     probe, log = await run_probe(tmp_path, [])
     assert probe.status is BuildStatus.SUCCESS, log
-    for what in ("machine-id", "cache", "token", "write-in", "connect"):
+    for what in ("machine-id", "cache", "token", "write-in", "chmod-in", "connect"):
         assert f"\n{what}: yes" in f"\n{log}", log
 
 
