@@ -7,6 +7,7 @@ cgroups it left."""
 
 from __future__ import annotations
 
+import functools
 import grp
 import os
 import pwd
@@ -25,12 +26,17 @@ import trio
 from click.testing import CliRunner
 
 from hydra_trio.builder import buildusers, contain
-from hydra_trio.builder.buildusers import BuildUsers, lock_pool
+from hydra_trio.builder.buildusers import BuildUserPool, BuildUsers, lock_pool
+from hydra_trio.builder.executor import execute
+from hydra_trio.builder.sandbox import Sandbox, SandboxError
 from hydra_trio.builder.workdir import claim_work_dir
 from hydra_trio.cli import main
 from hydra_trio.net import HostPort
+from hydra_trio.protocol.messages import BuildStatus
 from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
 from hydra_trio.runner.model import Build, BuildSpec, BuildState
+
+from .helpers.executor import Recorder, assign
 
 pytestmark = [
     pytest.mark.realnet,
@@ -42,6 +48,17 @@ SYSTEM = "x86_64-linux"
 TOKEN = b"s3cret-farm-token-19-users"
 #: Real seconds each test may take at most (a loaded 2-core machine).
 LIMIT = 90
+
+
+@functools.cache
+def cannot_sandbox() -> str:
+    """Why this machine cannot run sandboxed builds ("" if it can; as test_sandbox's, which
+    imports this module)."""
+    try:
+        Sandbox().check()
+    except SandboxError as exc:
+        return str(exc)
+    return ""
 
 
 def free_range(size: int = 4) -> str:
@@ -343,3 +360,63 @@ def test_a_group_names_its_members_as_build_users() -> None:
     users = BuildUsers.parse(group.gr_name)
     assert {u.gid for u in users.users} == {group.gr_gid}
     assert {pwd.getpwnam(name).pw_uid for name in group.gr_mem} <= users.uids
+
+
+async def test_what_a_build_user_left_running_outside_every_group_dies_with_its_build(
+    reachable: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a cgroup, a build user's daemon that left the build's session and scrubbed its
+    environment (which the fallback's tree walk cannot find) is killed by its uid when the
+    build ends; the build still succeeds."""
+    monkeypatch.setattr(contain, "cgroup_parent", lambda: None)
+    pool = BuildUserPool(BuildUsers.parse(free_range(2)))
+    pids = reachable / "pids"
+    script = (
+        f"setsid -f env -i sh -c 'echo $$ > {pids}.tmp; mv {pids}.tmp {pids}; exec sleep 1000'"
+        f" </dev/null >/dev/null 2>&1; while [ ! -e {pids} ]; do sleep 0.01; done"
+    )
+    await trio.Path(reachable).chmod(0o777)  # the daemon writes its pid here
+    with trio.fail_after(LIMIT):
+        result = await execute(
+            assign("sh", "-c", script),
+            reachable / "builds" / "b1-1",
+            Recorder(),
+            {"PATH": os.environ["PATH"]},
+            users=pool,
+        )
+    assert result.status is BuildStatus.SUCCESS, result.error
+    pid = int(pids.read_text())
+    assert await trio.to_thread.run_sync(wait_gone, pid)
+    assert not buildusers.processes_of(pool.users.uids)
+
+
+@pytest.mark.skipif(bool(cannot_sandbox()), reason=f"cannot sandbox here: {cannot_sandbox()}")
+async def test_a_sandboxed_build_runs_as_its_build_user(reachable: Path) -> None:
+    """--build-users with --sandbox: bubblewrap runs as the build user, so the build's files
+    in $OUT are that uid's and its processes too."""
+    pool = BuildUserPool(BuildUsers.parse(free_range(2)))
+    build_dir = reachable / "builds" / "b1-1"
+    send = Recorder()
+    with trio.fail_after(LIMIT):
+        result = await execute(
+            assign("sh", "-c", 'id -u > "$OUT/uid"; id -G > "$OUT/groups"'),
+            build_dir,
+            send,
+            {"PATH": os.environ["PATH"]},
+            sandbox=Sandbox(),
+            users=pool,
+        )
+    assert result.status is BuildStatus.SUCCESS, (result.error, send.log())
+    uploaded = {u.path: u.data for u in send.uploads()}
+    assert int(uploaded["uid"]) in pool.users.uids
+    assert [int(g) for g in uploaded["groups"].split()] == [pool.users.users[0].gid]
+
+
+def test_a_sandbox_bubblewrap_cannot_make_as_a_build_user_is_refused(reachable: Path) -> None:
+    """--sandbox with --build-users: where bubblewrap fails as the build user (here: a
+    "bubblewrap" that always fails), the start-up check says so in one line."""
+    user = BuildUsers.parse(free_range(1)).users[0]
+    with pytest.raises(buildusers.BuildUsersError, match="cannot make a sandbox as build user"):
+        buildusers.check_sandbox(Sandbox(bwrap="false"), user)
+    if not cannot_sandbox():
+        buildusers.check_sandbox(Sandbox(), user)  # the real one can, here

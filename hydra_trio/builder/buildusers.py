@@ -45,16 +45,22 @@ import os
 import pwd
 import signal
 import stat
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import attrs
 import psutil
 
+from hydra_trio.builder.builddir import SUBDIRS, BuildDir
 from hydra_trio.protocol.errors import HydraTrioError
+
+if TYPE_CHECKING:
+    from hydra_trio.builder.sandbox import Sandbox
 
 log = logging.getLogger("hydra_trio.builder")
 
@@ -62,6 +68,8 @@ log = logging.getLogger("hydra_trio.builder")
 LOCK_DIR = Path("/run/hydra-trio/build-users")
 #: A pool larger than this is refused (a typo such as 30000-300000).
 MAX_POOL = 4096
+#: Seconds the start-up check of ``--sandbox`` as a build user may take (a loaded machine).
+SANDBOX_CHECK_TIMEOUT = 30.0
 #: Rounds of "find the uid's processes, kill them" at most (a build forking meanwhile).
 KILL_ROUNDS = 50
 
@@ -220,6 +228,42 @@ def check_token_file(users: BuildUsers, path: Path) -> None:
         raise BuildUsersError(
             f"token file {path} is readable by its group or others (mode {mode:o}): builds "
             "running as build users could read it; chmod 600 it"
+        )
+
+
+def check_sandbox(sandbox: Sandbox, user: BuildUser) -> None:
+    """With ``--sandbox`` too, bubblewrap runs as the build user, unprivileged: check at
+    start that it can make a sandbox so (it needs unprivileged user namespaces, which a root
+    builder's own ``Sandbox.check`` does not), by running ``sh -c 'exit 0'`` in one in a
+    throw-away build directory of that user.  Blocking: call through a thread."""
+    with tempfile.TemporaryDirectory(prefix="hydra-trio-build-user-check-") as tmp:
+        build_dir = BuildDir(Path(tmp), 0o700)
+        for sub in SUBDIRS:
+            (build_dir.path / sub).mkdir()
+        os.chmod(tmp, 0o711)
+        hand_over(build_dir.path, user)
+        argv = sandbox.argv(["sh", "-c", "exit 0"], build_dir, build_dir.work)
+        try:
+            ran = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=SANDBOX_CHECK_TIMEOUT,
+                check=False,
+                user=user.uid,
+                group=user.gid,
+                extra_groups=[],
+                cwd="/",
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BuildUsersError(f"--sandbox as build user {user.uid}: {exc}") from None
+    if ran.returncode != 0:
+        lines = ran.stderr.decode(errors="replace").strip().splitlines()
+        why = lines[-1] if lines else f"exit status {ran.returncode}"
+        raise BuildUsersError(
+            f"--sandbox with --build-users: bubblewrap cannot make a sandbox as build user "
+            f"{user.uid} ({why}); it needs unprivileged user namespaces "
+            "(sysctl kernel.unprivileged_userns_clone=1), or drop one of the two options"
         )
 
 

@@ -214,7 +214,7 @@ def _not_dumpable() -> None:
 
 
 async def _serve_builder(config: BuilderConfig, drains: list[Callable[[], None]]) -> None:
-    from hydra_trio.builder.buildusers import lock_pool
+    from hydra_trio.builder.buildusers import check_sandbox, lock_pool
     from hydra_trio.builder.daemon import BuilderState, claim_work_dir, run_builder
 
     if ExecutorKind.NIX in config.executors:
@@ -223,6 +223,9 @@ async def _serve_builder(config: BuilderConfig, drains: list[Callable[[], None]]
         # as the nix executor checks its store: refuse to start (one line, SandboxError)
         # rather than fail every build it is given
         await trio.to_thread.run_sync(config.sandbox.check)
+        if config.build_users is not None:  # and then bubblewrap runs unprivileged
+            user = config.build_users.users[0]
+            await trio.to_thread.run_sync(check_sandbox, config.sandbox, user)
     with contextlib.ExitStack() as held:
         if config.build_users is not None:
             held.enter_context(lock_pool(config.build_users))
