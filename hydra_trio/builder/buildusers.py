@@ -269,7 +269,7 @@ def check_sandbox(sandbox: Sandbox, user: BuildUser) -> None:
 
 def check_reachable(work_dir: Path) -> None:
     """The build users can reach their directories in ``work_dir``: every directory above it
-    lets others through (``x``; the work dir itself is made so, ``secure_work_dir``)."""
+    lets others through (``x``; the work dir itself is made so, ``workdir.secure_work_dir``)."""
     for directory in work_dir.absolute().parents:
         try:
             mode = directory.stat().st_mode
@@ -281,30 +281,6 @@ def check_reachable(work_dir: Path) -> None:
                 "build users cannot reach their build directories under it; give the builder "
                 "a --work-dir whose parents are mode 711 or 755"
             )
-
-
-def secure_work_dir(work_dir: Path) -> None:
-    """Make the work dir passable but not listable by others (0711; its builds need to reach
-    ``builds``), ``builds`` the same, and everything else in it (the cache, the lock, the
-    machine id: made first if need be) the builder's alone.  Blocking: call through a
-    thread."""
-    from hydra_trio.builder.workdir import load_machine_id
-
-    load_machine_id(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    # made now, so what is made later in them inherits nothing readable
-    for name in ("builds", "cache"):
-        (work_dir / name).mkdir(exist_ok=True)
-    work_dir.chmod(0o711)
-    for entry in work_dir.iterdir():
-        if entry.is_symlink():
-            continue
-        if entry.name == "builds":
-            entry.chmod(0o711)
-        elif entry.is_dir():
-            entry.chmod(0o700)
-        else:
-            entry.chmod(stat.S_IMODE(entry.stat().st_mode) & 0o700)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import uuid
 from pathlib import Path
 from typing import IO
@@ -43,7 +44,7 @@ def claim_work_dir(work_dir: Path, build_users: BuildUsers | None = None) -> IO[
     their cgroups, and with ``build_users`` every process of those users: the caller holds
     their lock, ``buildusers.lock_pool``), build directories and partial fetches (a builder
     killed with -9 cannot clean up after itself).  With ``build_users``, the work dir is made
-    passable but not readable by them (``buildusers.secure_work_dir``).  Blocking: call
+    passable but not readable by them (``secure_work_dir``).  Blocking: call
     through a thread."""
     if build_users is not None:
         buildusers.check_reachable(work_dir)
@@ -71,8 +72,30 @@ def claim_work_dir(work_dir: Path, build_users: BuildUsers | None = None) -> IO[
     if removed:
         log.info("removed %d build directories and partial fetches left in %s", removed, work_dir)
     if build_users is not None:
-        buildusers.secure_work_dir(work_dir)
+        secure_work_dir(work_dir)
     return lock
+
+
+def secure_work_dir(work_dir: Path) -> None:
+    """Make the work dir passable but not listable by others (0711; its builds need to reach
+    ``builds``), ``builds`` the same, and everything else in it (the cache, the lock, the
+    machine id: made first if need be) the builder's alone.  Blocking: call through a
+    thread."""
+    load_machine_id(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # made now, so what is made later in them inherits nothing readable
+    for name in ("builds", "cache"):
+        (work_dir / name).mkdir(exist_ok=True)
+    work_dir.chmod(0o711)
+    for entry in work_dir.iterdir():
+        if entry.is_symlink():
+            continue
+        if entry.name == "builds":
+            entry.chmod(0o711)
+        elif entry.is_dir():
+            entry.chmod(0o700)
+        else:
+            entry.chmod(stat.S_IMODE(entry.stat().st_mode) & 0o700)
 
 
 def kill_leftover_builds(builds: Path) -> int:
