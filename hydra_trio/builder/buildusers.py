@@ -64,8 +64,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hydra_trio.builder")
 
-#: Where the builders of a machine lock the uids they use (one file per uid).
-LOCK_DIR = Path("/run/hydra-trio/build-users")
+#: Where the builders of a machine lock the uids they use (one file per uid): under /run, or
+#: /var/run where there is no /run (macOS).
+LOCK_DIR = Path("/run" if os.path.isdir("/run") else "/var/run") / "hydra-trio" / "build-users"
 #: A pool larger than this is refused (a typo such as 30000-300000).
 MAX_POOL = 4096
 #: Seconds the start-up check of ``--sandbox`` as a build user may take (a loaded machine).

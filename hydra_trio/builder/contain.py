@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -292,8 +293,12 @@ def remove_leftover_cgroups(builds: Path, wait: float = 5.0) -> int:
 
 #: Main processes of running builds: trio reaps those itself.
 _main_pids: set[int] = set()
-#: Main processes being started (not yet in ``_main_pids``).
+#: Main processes being started (not yet in ``_main_pids``), and how many starts began: a
+#: reaper in a worker thread checks both under the lock before each ``waitpid``, so it never
+#: reaps a main process that was forked after it looked and exited before it was tracked.
 _spawning = 0
+_spawns = 0
+_spawn_lock = threading.Lock()
 
 
 def _reap_adopted() -> None:
@@ -301,8 +306,10 @@ def _reap_adopted() -> None:
     zombie child is a build's adopted descendant when it is in another process group than
     the builder (a build's group, or one it made with ``setsid``) and is not a build's main
     process, which trio reaps; the builder's other children (``nix-store``) share its group."""
-    if _spawning:  # a main process may be a zombie before it is tracked
-        return
+    with _spawn_lock:
+        if _spawning:  # a main process may be a zombie before it is tracked
+            return
+        spawns = _spawns
     own_group = os.getpgid(0)
     try:
         children = psutil.Process().children()
@@ -314,18 +321,26 @@ def _reap_adopted() -> None:
                 continue
             if os.getpgid(child.pid) == own_group:
                 continue
-            os.waitpid(child.pid, os.WNOHANG)
+            with _spawn_lock:
+                if _spawning or _spawns != spawns:  # a start began since we looked
+                    return
+                if child.pid in _main_pids:
+                    continue
+                os.waitpid(child.pid, os.WNOHANG)
 
 
 @contextlib.contextmanager
 def spawning() -> Iterator[None]:
     """Around starting a build's main process: no zombie is reaped meanwhile."""
-    global _spawning
-    _spawning += 1
+    global _spawning, _spawns
+    with _spawn_lock:  # held by a reaper only around one waitpid
+        _spawning += 1
+        _spawns += 1
     try:
         yield
     finally:
-        _spawning -= 1
+        with _spawn_lock:
+            _spawning -= 1
 
 
 def track_main(pid: int) -> None:
