@@ -3,12 +3,12 @@
 The receive loop checks each request (fencing, the input list, the length) and queues it, with
 its error if it has one, on ``FetchServer.queue``; ``FetchServer.run``, a task of the session's
 background nursery, takes every request queued meanwhile (at most ``SERVE_BATCH`` requests and
-about ``SERVE_BATCH_BYTES``), reads them all in one worker thread and posts the answers, in
-the order the requests arrived.  A builder fetching 100,000 small files with several requests in
-flight so costs the runner a thread hop per batch instead of one per file, and its receive loop
-goes on reading (pings included) while the reads run.  The queue is bounded
-(``QUEUE_SIZE``): a builder asking faster than the disk reads finds the receive loop waiting,
-as it did when each request was served inline.
+about ``SERVE_BATCH_BYTES``, 1 MiB: a large file's requests go one per hop), reads them all in
+one worker thread and posts the answers, in the order the requests arrived.  A builder fetching
+100,000 small files with several requests in flight so costs the runner a thread hop per batch
+instead of one per file, and its receive loop goes on reading (pings included) while the reads
+run.  The queue is bounded (``QUEUE_SIZE``): a builder asking faster than the disk reads finds
+the receive loop waiting, as it did when each request was served inline.
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ from hydra_trio.protocol.messages import FetchData, FetchRequest, Message
 from hydra_trio.runner.blobs import BlobError, BlobStore
 from hydra_trio.runner.metrics import FarmMetrics
 
-#: Requests read in one thread hop, and about this many bytes (the sum of their lengths).
+#: Requests read in one thread hop, and about this many bytes (the sum of their lengths).  The
+#: byte cap is one ``MAX_FETCH_CHUNK`` (1 MiB): a large file's requests are read one per hop, so
+#: the frames of the first go out while the next is read, instead of a whole window (up to
+#: 8 MiB before) being read before any frame of it is posted.  Small files still share a hop.
 SERVE_BATCH = 128
-SERVE_BATCH_BYTES = 8 * 1024 * 1024
+SERVE_BATCH_BYTES = 1024 * 1024
 #: Requests queued and not yet read before the receive loop waits.
 QUEUE_SIZE = 256
 
