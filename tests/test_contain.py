@@ -5,6 +5,8 @@ and the fallback (the builder as subreaper and a process-tree kill)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +162,38 @@ async def test_a_command_that_cannot_be_executed_is_127_with_why_in_either_conta
     assert result.status is BuildStatus.BUILD_FAILED
     assert result.exit_code == 127
     assert why in send.log().decode()
+
+
+@pytest.mark.skipif(contain.cgroup_parent() is None, reason="no writable cgroup v2 here")
+def test_the_quick_close_gives_up_while_anything_is_in_the_cgroup(tmp_path: Path) -> None:
+    """``close_quick`` (on the event loop) removes a build's cgroup only when nothing is in
+    it: with a process in it, or a cgroup made under it, it leaves both to ``close``."""
+    empty = contain.Containment.create(str(tmp_path / "builds" / "b1-1"), "b1-1")
+    assert empty.cgroup is not None and empty.cgroup.is_dir()
+    assert empty.close_quick()
+    assert not empty.cgroup.exists()
+
+    busy = contain.Containment.create(str(tmp_path / "builds" / "b2-1"), "b2-1")
+    assert busy.cgroup is not None
+    process = subprocess.Popen(busy.wrap(["sleep", "100"]), start_new_session=True)
+    try:
+        busy.started(process.pid)
+        while not busy.populated():
+            time.sleep(0.01)
+        assert not busy.close_quick()
+        assert busy.cgroup.is_dir() and process.poll() is None  # nothing done
+        busy.close()
+        assert process.wait(timeout=LIMIT) == -signal.SIGKILL
+        assert not busy.cgroup.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    nested = contain.Containment.create(str(tmp_path / "builds" / "b3-1"), "b3-1")
+    assert nested.cgroup is not None
+    (nested.cgroup / "made-by-the-build").mkdir()
+    assert not nested.close_quick()
+    assert nested.cgroup.is_dir()
+    nested.close()
+    assert not nested.cgroup.exists()

@@ -10,7 +10,8 @@ child (in the process group or out of it with ``setsid``) can neither hold the l
 nor outlive its build.  A timeout, a cancel (an ``Abort``, the connection lost) and the end
 of the build kill the whole containment.  How the command itself is stopped first is the
 caller's: SIGKILL of the group by default, an interrupt for ``nix-store`` (see ``nixexec``).
-Killing a containment blocks (see ``contain``): it runs in a thread, never on the loop.
+Killing a containment blocks (see ``contain``): it runs in a thread, never on the loop, unless
+nothing of the build runs any more (``kill_quick``, ``close_quick``: a few system calls).
 
 With a build user (``buildusers``), the command enters its cgroup as the builder and then
 becomes that user, and when it ends every process of that user is killed too (a build user
@@ -94,14 +95,15 @@ async def run_command(
     marker = env.get(MARKER_VARIABLE) or str(cwd.parent)
     env = {**env, MARKER_VARIABLE: marker}
     argv = list(assign.command if argv is None else argv)
-    containment = await trio.to_thread.run_sync(Containment.create, marker, cwd.parent.name)
+    containment = Containment.create(marker, cwd.parent.name)  # a mkdir: on the loop
     try:
         return await _run_contained(
             assign, argv, cwd, env, send, deliver_cancel, stop, containment, user
         )
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(containment.close)
+            if not containment.close_quick():  # nothing left running: no thread hop
+                await trio.to_thread.run_sync(containment.close)
             if user is not None:
                 await trio.to_thread.run_sync(kill_uid, user)
 
@@ -223,7 +225,8 @@ async def _end_with_main(
     containment.main_exited()
     with trio.move_on_after(LINGER):
         await _until_empty(containment)
-    await trio.to_thread.run_sync(containment.kill)
+    if not containment.kill_quick():
+        await trio.to_thread.run_sync(containment.kill)
     reading.deadline = trio.current_time() + LINGER
 
 
