@@ -186,9 +186,7 @@ class Containment:
 
     def kill(self) -> None:
         """SIGKILL every process of the build that can be found."""
-        if self.pid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
+        self._kill_group()
         if self.cgroup is not None:  # holds every descendant: no need to walk the tree
             _kill_cgroup(self.cgroup)
             return
@@ -196,26 +194,32 @@ class Containment:
         _reap_adopted()
 
     def kill_quick(self) -> bool:
-        """``kill`` when that is a few system calls: the build has its cgroup and nothing runs
-        in it any more (its main process's group and the cgroup are still killed, in case
-        something entered it since).  False: call ``kill`` (in a thread)."""
+        """``kill`` when there is nothing to kill but the main process's group (a ``killpg``):
+        the build has its cgroup and nothing runs in it or under it.  False: call ``kill`` (in
+        a thread)."""
         if self.cgroup is None or _populated(self.cgroup):
             return False
-        self.kill()
+        self._kill_group()
         return True
 
     def close_quick(self) -> bool:
-        """``close`` when nothing of the build runs any more: ``kill_quick`` and one ``rmdir``
-        of the cgroup, which fails if anything is in it or under it (a cgroup a build made).
-        False: call ``close`` (in a thread), which does what is left."""
-        if not self.kill_quick():
+        """``close`` when nothing of the build runs any more: the main process's group killed
+        and the cgroup removed with one ``rmdir``, which the kernel refuses while anything is
+        in it or under it (a cgroup a build made).  False: call ``close`` (in a thread),
+        which does what is left."""
+        if self.cgroup is None:
             return False
-        assert self.cgroup is not None
+        self._kill_group()
         try:
             os.rmdir(self.cgroup)
         except OSError:
             return False
         return True
+
+    def _kill_group(self) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
 
     def close(self, wait: float = 1.0) -> None:
         """Kill what is left, wait up to ``wait`` seconds for it to be gone (blocking: call
@@ -271,9 +275,18 @@ def _kill_cgroup(cgroup: Path) -> None:
 
 
 def _populated(cgroup: Path) -> bool:
-    with contextlib.suppress(OSError):
-        return "populated 1" in (cgroup / "cgroup.events").read_text()
-    return False
+    """Whether anything runs in ``cgroup`` or under it (its ``cgroup.events``: a few dozen
+    bytes, read with plain system calls; a build calls this a few times on the event loop)."""
+    try:
+        fd = os.open(f"{cgroup}/cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return b"populated 1" in os.read(fd, 4096)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _empty_and_remove(cgroup: Path, wait: float) -> None:
@@ -297,7 +310,12 @@ def owner_tag(builds: Path) -> str:
     """A short tag of the directory a builder keeps its build directories in: what names
     its builds' cgroups, so those of a killed predecessor on the same work dir are told from
     other builders' sharing the cgroup."""
-    return hashlib.sha256(str(builds.absolute()).encode()).hexdigest()[:12]
+    return _tag(str(builds.absolute()))
+
+
+@functools.lru_cache(maxsize=16)
+def _tag(path: str) -> str:
+    return hashlib.sha256(path.encode()).hexdigest()[:12]
 
 
 def remove_leftover_cgroups(builds: Path, wait: float = 5.0) -> int:
