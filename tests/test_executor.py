@@ -419,3 +419,16 @@ async def test_a_build_dir_the_build_changed_is_removed_not_reused(
     assert spares(builds) == []  # b1 took the spare and did not give it back
     assert not (builds / "b1-1").exists() and not spare.exists()
     assert (tmp_path / "victim" / "keep").read_text() == "not the build's"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+async def test_finished_builds_leave_no_file_descriptor_open(tmp_path: Path) -> None:
+    """A build's log pipe and whatever waited for its process are closed when it ends,
+    however it ended (success, failure, a timeout that killed it)."""
+    await run(tmp_path, "true")  # the first build opens what stays open (caches)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        await run(tmp_path, "sh", "-c", "echo out; echo err >&2")
+        await run(tmp_path, "false")
+        await run(tmp_path, "sleep", "100", timeout=0.2)
+    assert len(os.listdir("/proc/self/fd")) <= before

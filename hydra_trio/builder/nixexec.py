@@ -42,7 +42,7 @@ from hydra_trio.builder.attempt import Send, attempt
 from hydra_trio.builder.builddir import BuildDir
 from hydra_trio.builder.inputs import Fetch, FetchError
 from hydra_trio.builder.outputs import hash_beneath, upload
-from hydra_trio.builder.process import Outcome, kill_group, run_command
+from hydra_trio.builder.process import Outcome, Started, kill_group, run_command
 from hydra_trio.nixstore import NixError, NixStore, export_label, is_store_path, label_path
 from hydra_trio.protocol.messages import (
     Assign,
@@ -73,7 +73,7 @@ def _interrupt_group(pid: int) -> None:
         os.killpg(pid, signal.SIGINT)
 
 
-async def _interrupt(process: trio.Process) -> None:
+async def _interrupt(process: Started) -> None:
     _interrupt_group(process.pid)
     with trio.move_on_after(INTERRUPT_GRACE):
         await process.wait()
