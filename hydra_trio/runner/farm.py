@@ -241,8 +241,9 @@ class Farm:
         entropy = os.urandom(8 * len(specs)).hex()
         ids = [entropy[i : i + 16] for i in range(0, len(entropy), 16)]
         resolved = [self._resolve(spec, index, ids, local) for index, spec in enumerate(specs)]
+        local_specs = dict(zip(ids, specs, strict=True))  # once: per build, O(n^2) a graph
         for spec, deps in zip(specs, resolved, strict=True):
-            self._check_inputs(spec, deps, ids, specs)
+            self._check_inputs(spec, deps, local_specs)
         # Runnable builds enter the queue once the whole graph is in, with their dependents
         # counted: the heap orders builds that unblock more of them first.  A queued build
         # outside this graph that gains dependents goes in again with its new count (the old
@@ -298,14 +299,12 @@ class Farm:
                 raise InvalidGraphError(f"unknown build {ref!r} in 'after'")
         return deps
 
-    def _check_inputs(
-        self, spec: BuildSpec, deps: list[str], ids: list[str], specs: list[BuildSpec]
-    ) -> None:
+    def _check_inputs(self, spec: BuildSpec, deps: list[str], local: dict[str, BuildSpec]) -> None:
         """Refuse a build whose inputs could never be placed: two of them under the same
-        ``$IN/<name>`` (a build named twice in ``after``, or two dependencies of one name)."""
+        ``$IN/<name>`` (a build named twice in ``after``, or two dependencies of one name).
+        ``local``: the specs of this submission by their new ids."""
         if spec.drv:
             return  # a Nix build's inputs are store paths, not $IN entries
-        local = dict(zip(ids, specs, strict=True))
         placed: dict[str, str] = {}
         for dep_id in deps:
             # a build of this graph by its name (its id is not known yet), another by its id
