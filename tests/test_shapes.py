@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from hydra_trio.builder import jobs as jobs_module
+from hydra_trio.builder import outputs as outputs_module
 from hydra_trio.builder.daemon import BuilderState, run_builder
 from hydra_trio.builder.session import Session
 from hydra_trio.protocol.codec import TRANSFER_FRAME
@@ -36,8 +37,10 @@ from hydra_trio.runner import frames as frames_module
 from hydra_trio.runner.blobs import BlobStore, PendingUpload
 from hydra_trio.runner.frames import MAX_FETCH_CHUNK
 from hydra_trio.runner.model import BuildSpec, BuildState
+from hydra_trio.runner.uploads import SMALL_BATCH
 
 from .helpers.common import RUNNER, SYSTEM, builder_config
+from .helpers.executor import Recorder
 from .helpers.fake_builder import FakeBuilder
 from .helpers.fake_runner import FakeRunner
 from .helpers.runner import LIMIT, Runner
@@ -345,13 +348,13 @@ async def test_a_ping_is_answered_at_once_while_a_result_commits(
     has succeeded.  (Real clock: the commit is held in its worker thread until the first
     Pong has arrived; a Pong that waited for it would fail the test by its time limit.)"""
     release = threading.Event()
-    commit = BlobStore.commit
+    commit_many = BlobStore.commit_many
 
-    def held_commit(self: BlobStore, upload: PendingUpload, size: int, sha256: str) -> None:
+    def held_commit(self: BlobStore, batch: list[tuple[PendingUpload, int, str]]) -> list[str]:
         release.wait(LIMIT)
-        commit(self, upload, size, sha256)
+        return commit_many(self, batch)
 
-    monkeypatch.setattr(BlobStore, "commit", held_commit)
+    monkeypatch.setattr(BlobStore, "commit_many", held_commit)
     data = b"an output\n"
     info = FileInfo(path="out", size=len(data), sha256=hashlib.sha256(data).hexdigest())
     try:
@@ -376,3 +379,127 @@ async def test_a_ping_is_answered_at_once_while_a_result_commits(
                 nursery.cancel_scope.cancel()
     finally:
         release.set()
+
+
+def _small_files(count: int) -> dict[str, bytes]:
+    return {f"d{i // 100}/f{i}": f"small {i}\n".encode() for i in range(count)}
+
+
+async def test_small_uploads_are_written_and_committed_many_per_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """600 outputs of one frame each and one of several frames: every one is kept under its
+    hash and nothing is left among the temporary files; the small ones were written a batch
+    per thread hop (no hop of their own) and committed a batch per hop; a small upload that
+    does not match its listing fails its result (upload-failed) and is not kept.  (Real
+    clock: the writes hop to worker threads.)"""
+    calls: dict[str, list[int]] = {"write_small": [], "commit_many": []}
+    write_small, commit_many = BlobStore.write_small, BlobStore.commit_many
+
+    def counted_write(self: BlobStore, uploads: list[PendingUpload]) -> None:
+        calls["write_small"].append(len(uploads))
+        write_small(self, uploads)
+
+    def counted_commit(self: BlobStore, batch: list[tuple[PendingUpload, int, str]]) -> list[str]:
+        calls["commit_many"].append(len(batch))
+        return commit_many(self, batch)
+
+    monkeypatch.setattr(BlobStore, "write_small", counted_write)
+    monkeypatch.setattr(BlobStore, "commit_many", counted_commit)
+    small = _small_files(600)
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            runner = Farmlet(nursery, RUNNER, tmp_path)
+            builder = runner.connect()
+            await builder.handshake("m1")
+            build = runner.farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)
+            assign = await assigned(builder)
+            ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
+            listed: list[FileInfo] = []
+            for path, data in small.items():
+                await builder.send(UploadData(**ref, path=path, offset=0, data=data, eof=True))
+                listed.append(FileInfo(path=path, size=len(data), sha256=_sha(data)))
+            for offset in range(0, len(CONTENT), TRANSFER_FRAME):
+                piece = CONTENT[offset : offset + TRANSFER_FRAME]
+                end = offset + TRANSFER_FRAME >= len(CONTENT)
+                frame = UploadData(**ref, path="big", offset=offset, data=piece, eof=end)
+                await builder.send(frame)
+            listed.append(INFO)
+            await builder.send(Result(**ref, status=BuildStatus.SUCCESS, outputs=tuple(listed)))
+            await _settled(builder)
+            assert build.state is BuildState.SUCCEEDED
+            for data in [*small.values(), CONTENT]:
+                assert runner.storage.blobs.path_of(_sha(data)).read_bytes() == data
+            assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
+            assert sum(calls["write_small"]) == 600
+            assert len(calls["write_small"]) <= math.ceil(600 / SMALL_BATCH) + 1
+            assert sum(calls["commit_many"]) == 601
+            assert len(calls["commit_many"]) <= math.ceil(601 / 256) + 1
+
+            # A small upload whose content is not what its result lists is not kept.
+            build = runner.farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)
+            assign = await assigned(builder)
+            ref = {"build_id": assign.build_id, "attempt": assign.attempt}
+            await builder.send(UploadData(**ref, path="f", offset=0, data=b"sent", eof=True))
+            lie = FileInfo(path="f", size=4, sha256=_sha(b"said"))
+            await builder.send(Result(**ref, status=BuildStatus.SUCCESS, outputs=(lie,)))
+            await _settled(builder)
+            assert build.state is not BuildState.SUCCEEDED
+            assert not runner.storage.blobs.has(_sha(b"sent"))
+            assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
+            nursery.cancel_scope.cancel()
+
+
+async def test_small_outputs_are_read_many_per_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The builder reads outputs of at most a frame a batch per thread hop and sends each as
+    one UploadData ending it; a larger one is still streamed in frames; a link swapped in
+    for a directory after the scan is refused, not read through."""
+    hops: list[int] = []
+    read_batch = outputs_module._read_batch
+
+    def counted(out_dir: Path, infos: list[FileInfo]) -> list[tuple[FileInfo, bytes]]:
+        hops.append(len(infos))
+        return read_batch(out_dir, infos)
+
+    monkeypatch.setattr(outputs_module, "_read_batch", counted)
+    out = tmp_path / "out"
+    small = _small_files(600)
+    for path, data in small.items():
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        (out / path).write_bytes(data)
+    (out / "big").write_bytes(CONTENT)
+    listed = outputs_module.scan_outputs(out)
+    send = Recorder()
+    assign = Assign(build_id="b1", attempt=1, command=("true",))
+    with trio.fail_after(LIMIT):
+        await outputs_module.upload(assign, out, listed, send)
+    sent = send.uploads()
+    assert {m.path: m.data for m in sent if m.path != "big"} == small
+    assert all(m.offset == 0 and m.eof for m in sent if m.path != "big")
+    big = [m for m in sent if m.path == "big"]
+    assert b"".join(m.data for m in big) == CONTENT and big[-1].eof
+    assert sum(hops) == 600 and len(hops) <= math.ceil(600 / outputs_module.SMALL_BATCH) + 1
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f599").write_bytes(b"secret")
+    (out / "d5").rename(tmp_path / "moved")
+    (out / "d5").symlink_to(outside)
+    with pytest.raises(outputs_module.BadOutput, match="changed while it was read"):
+        await outputs_module.upload(assign, out, listed, Recorder())
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def _settled(builder: FakeBuilder) -> None:
+    """Ping until a Pong says every frame sent before it is handled (settling 0)."""
+    ping = builder.conn.make_ping(trio.current_time())
+    await builder.send(ping)
+    while True:
+        message = await builder.receive()
+        if isinstance(message, Pong) and message.seq == ping.seq and message.settling == 0:
+            return

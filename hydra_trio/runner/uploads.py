@@ -4,9 +4,11 @@
 current attempt (the caller has checked that, ``Farm.current``).  ``msg.path`` is a label for
 the result to match, never a file name: the data goes to a temporary file in the blob store,
 written and hashed a batch at a time in a worker thread in the background (``_write_behind``),
-so the receive loop goes on reading while the disk works.  An attempt that uploads more than
-``max_output_bytes``, more files than a result can list, or starts a file before finishing the
-last, is a protocol violation: the connection ends.
+so the receive loop goes on reading while the disk works.  A file that arrives whole in one
+frame (most outputs are small) is staged and written with up to ``SMALL_BATCH`` others in
+one thread hop (``_write_small``): no thread hop of its own, not even to create its file.
+An attempt that uploads more than ``max_output_bytes``, more files than a result can list,
+or starts a file before finishing the last, is a protocol violation: the connection ends.
 
 ``take`` hands a result its attempt's uploads (on the receive loop, as the result arrives, so
 that later frames cannot change what it settles); ``check`` then keeps each one whose size and
@@ -37,8 +39,16 @@ log = logging.getLogger("hydra_trio.runner")
 MAX_UPLOADS = MAX_LIST
 #: Results listing more outputs than this are checked in a worker thread (~5 us an output).
 _CHECK_INLINE = 1000
-#: Output files checked and committed per thread hop.
+#: Output files checked and committed per thread hop (two syncs of the store per hop:
+#: ``BlobStore.commit_many``), and about this many bytes.
 _COMMIT_BATCH = 256
+_COMMIT_BATCH_BYTES = 8 * 1024 * 1024
+#: Small uploads (whole in one frame) written per thread hop, and about this many bytes.
+SMALL_BATCH = 256
+SMALL_BATCH_BYTES = 1024 * 1024
+#: Batches of small uploads being written at once before the receive loop waits for one
+#: (what bounds the memory they hold).
+SMALL_IN_FLIGHT = 2
 
 #: (build id, attempt) of an upload, and with the builder's path of one file.
 _Attempt = tuple[str, int]
@@ -74,6 +84,12 @@ class UploadReceiver:
     _settling: list[dict[str, PendingUpload]] = attrs.field(factory=list, init=False)
     #: (1.3) the output files each attempt listed in ``OutputList`` frames so far.
     listings: dict[_Attempt, list[FileInfo]] = attrs.field(factory=dict, init=False)
+    #: small uploads staged and not yet handed to ``_write_small``, and their size.
+    _small: list[PendingUpload] = attrs.field(factory=list, init=False)
+    _small_bytes: int = attrs.field(default=0, init=False)
+    _small_slots: trio.Semaphore = attrs.field(
+        factory=lambda: trio.Semaphore(SMALL_IN_FLIGHT), init=False
+    )
 
     def listed(self, msg: OutputList) -> None:
         """The next files of a current attempt's output listing (``OutputList``); more than a
@@ -127,6 +143,9 @@ class UploadReceiver:
         if upload is None:
             if msg.offset != 0:
                 return  # its start was refused; the result will say the upload failed
+            if msg.eof:  # a whole file in one frame
+                await self._begin_small(key, totals, ref, msg.data)
+                return
             upload = await self._begin(key, totals, ref)
         if upload.done:
             return  # refused already; the result will say the upload failed
@@ -140,7 +159,7 @@ class UploadReceiver:
         if due:
             await self._write_behind(upload, ref)
 
-    async def _begin(self, key: _FileKey, totals: UploadTotals, ref: str) -> PendingUpload:
+    def _starting(self, key: _FileKey, totals: UploadTotals, ref: str) -> None:
         previous = totals.current
         if previous is not None and not (previous.complete or previous.done):
             raise RemoteProtocolError(
@@ -149,9 +168,55 @@ class UploadReceiver:
         if totals.files >= MAX_UPLOADS:
             raise RemoteProtocolError(f"{ref}: uploaded more than {MAX_UPLOADS} files")
         totals.files += 1
+
+    async def _begin(self, key: _FileKey, totals: UploadTotals, ref: str) -> PendingUpload:
+        self._starting(key, totals, ref)
         upload = await trio.to_thread.run_sync(self.blobs.begin, key[2])
         self.uploads[key] = totals.current = upload
         return upload
+
+    async def _begin_small(
+        self, key: _FileKey, totals: UploadTotals, ref: str, data: bytes
+    ) -> None:
+        """A whole file in one frame: staged, and written with others (``_flush_small``)."""
+        self._starting(key, totals, ref)
+        upload = self.blobs.small(key[2], data)
+        self.uploads[key] = totals.current = upload
+        self.metrics.uploaded_bytes.inc(len(data))
+        self._small.append(upload)
+        self._small_bytes += len(data)
+        if len(self._small) >= SMALL_BATCH or self._small_bytes >= SMALL_BATCH_BYTES:
+            # At most SMALL_IN_FLIGHT batches are held: past that, the receive loop waits
+            # for one to be written, as it waits for a large upload's previous write.
+            await self._small_slots.acquire()
+            self._flush_small(acquired=True)
+
+    def _flush_small(self, *, acquired: bool) -> None:
+        """Hand the staged small uploads to ``_write_small`` in the background."""
+        batch, self._small, self._small_bytes = self._small, [], 0
+        if not batch:
+            if acquired:
+                self._small_slots.release()
+            return
+        over = trio.Event()
+        for upload in batch:
+            self.writes[upload] = over
+        self.nursery.start_soon(self._write_small, batch, over, acquired)
+
+    async def _write_small(
+        self, batch: list[PendingUpload], over: trio.Event, acquired: bool
+    ) -> None:
+        try:
+            if not acquired:  # (a result's last uploads: one batch beyond the bound at most)
+                await self._small_slots.acquire()
+            try:
+                await trio.to_thread.run_sync(self.blobs.write_small, batch)
+            finally:
+                self._small_slots.release()
+        finally:
+            for upload in batch:
+                del self.writes[upload]
+            over.set()
 
     async def _write_behind(self, upload: PendingUpload, ref: str) -> None:
         """Write (and hash) what is staged of ``upload`` in a worker thread, without waiting
@@ -197,7 +262,9 @@ class UploadReceiver:
 
     def take(self, build_id: str, attempt: int) -> dict[str, PendingUpload]:
         """The uploads of one attempt, by path, for its result to settle (``check``); from
-        now on they are the result's, and further chunks of the attempt start afresh."""
+        now on they are the result's, and further chunks of the attempt start afresh.  Small
+        uploads still staged are handed to ``_write_small`` now (``check`` waits for them)."""
+        self._flush_small(acquired=False)
         self.totals.pop((build_id, attempt), None)
         uploads = {
             path: self.uploads.pop((b, a, path))
@@ -226,16 +293,18 @@ class UploadReceiver:
         # Checked and committed _COMMIT_BATCH files a thread hop: one hop a file made
         # 100,000 small outputs take longer than the commits themselves.
         batch: list[tuple[FileInfo, PendingUpload | None]] = []
+        size = 0
         for info in () if problem else result.outputs:
             if info.link:
                 continue
             upload = uploads.pop(info.path, None)
             if upload is not None:
                 await self._settled(upload)
+                size += info.size
             batch.append((info, upload))
-            if len(batch) >= _COMMIT_BATCH:
+            if len(batch) >= _COMMIT_BATCH or size >= _COMMIT_BATCH_BYTES:
                 found = await trio.to_thread.run_sync(self._commit_batch, batch)
-                problem, batch = problem or found, []
+                problem, batch, size = problem or found, [], 0
         if batch:
             found = await trio.to_thread.run_sync(self._commit_batch, batch)
             problem = problem or found
@@ -252,16 +321,15 @@ class UploadReceiver:
         """Keep each upload of ``batch`` whose size and hash match its listing (a file not
         uploaded must be in the store already); the first problem, or "".  Blocking."""
         problem = ""
+        uploaded: list[tuple[PendingUpload, int, str]] = []
         for info, upload in batch:
             if upload is None:
                 if not self.blobs.has(info.sha256):
                     problem = problem or f"output {info.path} was not uploaded"
                 continue
-            try:
-                self.blobs.commit(upload, info.size, info.sha256)
-            except BlobError as exc:
-                problem = problem or str(exc)
-        return problem
+            uploaded.append((upload, info.size, info.sha256))
+        problems = self.blobs.commit_many(uploaded) if uploaded else []
+        return problem or next((p for p in problems if p), "")
 
     async def discard(self, uploads: dict[str, PendingUpload]) -> None:
         """Throw away uploads ``take`` gave a result that will not be checked."""
