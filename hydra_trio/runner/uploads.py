@@ -46,9 +46,16 @@ _COMMIT_BATCH_BYTES = 8 * 1024 * 1024
 #: Small uploads (whole in one frame) written per thread hop, and about this many bytes.
 SMALL_BATCH = 256
 SMALL_BATCH_BYTES = 1024 * 1024
-#: Batches of small uploads being written at once before the receive loop waits for one
-#: (what bounds the memory they hold).
-SMALL_IN_FLIGHT = 2
+#: Batches of small uploads written at once (each in its worker thread).
+SMALL_WRITERS = 2
+#: The most memory small uploads received and not yet written may hold, per connection
+#: (their data, and ``SMALL_OVERHEAD`` bytes each for their bookkeeping), before the receive
+#: loop waits for a batch to be written.  Deep on purpose: creating files can be far slower
+#: than the network brings them (1-4 ms a file on a busy VM's disk), and a receive loop
+#: waiting for the disk reads no ping: the builder's pings went unanswered for seconds when
+#: only two batches could wait.  100,000 outputs of a few bytes fit in it.
+SMALL_HELD = 64 * 1024 * 1024
+SMALL_OVERHEAD = 512
 
 #: (build id, attempt) of an upload, and with the builder's path of one file.
 _Attempt = tuple[str, int]
@@ -87,8 +94,12 @@ class UploadReceiver:
     #: small uploads staged and not yet handed to ``_write_small``, and their size.
     _small: list[PendingUpload] = attrs.field(factory=list, init=False)
     _small_bytes: int = attrs.field(default=0, init=False)
+    #: what the small uploads not yet written hold (``SMALL_HELD``), and the event set when
+    #: a batch of them has been written.
+    _small_held: int = attrs.field(default=0, init=False)
+    _small_written: trio.Event = attrs.field(factory=trio.Event, init=False)
     _small_slots: trio.Semaphore = attrs.field(
-        factory=lambda: trio.Semaphore(SMALL_IN_FLIGHT), init=False
+        factory=lambda: trio.Semaphore(SMALL_WRITERS), init=False
     )
 
     def listed(self, msg: OutputList) -> None:
@@ -185,37 +196,33 @@ class UploadReceiver:
         self.metrics.uploaded_bytes.inc(len(data))
         self._small.append(upload)
         self._small_bytes += len(data)
+        self._small_held += len(data) + SMALL_OVERHEAD
         if len(self._small) >= SMALL_BATCH or self._small_bytes >= SMALL_BATCH_BYTES:
-            # At most SMALL_IN_FLIGHT batches are held: past that, the receive loop waits
-            # for one to be written, as it waits for a large upload's previous write.
-            await self._small_slots.acquire()
-            self._flush_small(acquired=True)
+            self._flush_small()
+        while self._small_held > SMALL_HELD:  # the disk is far behind: wait for it
+            await self._small_written.wait()
 
-    def _flush_small(self, *, acquired: bool) -> None:
-        """Hand the staged small uploads to ``_write_small`` in the background."""
+    def _flush_small(self) -> None:
+        """Hand the staged small uploads to ``_write_small`` in the background (the batches
+        wait their turn there, ``SMALL_WRITERS`` written at once)."""
         batch, self._small, self._small_bytes = self._small, [], 0
         if not batch:
-            if acquired:
-                self._small_slots.release()
             return
         over = trio.Event()
         for upload in batch:
             self.writes[upload] = over
-        self.nursery.start_soon(self._write_small, batch, over, acquired)
+        self.nursery.start_soon(self._write_small, batch, over)
 
-    async def _write_small(
-        self, batch: list[PendingUpload], over: trio.Event, acquired: bool
-    ) -> None:
+    async def _write_small(self, batch: list[PendingUpload], over: trio.Event) -> None:
         try:
-            if not acquired:  # (a result's last uploads: one batch beyond the bound at most)
-                await self._small_slots.acquire()
-            try:
+            async with self._small_slots:
                 await trio.to_thread.run_sync(self.blobs.write_small, batch)
-            finally:
-                self._small_slots.release()
         finally:
             for upload in batch:
                 del self.writes[upload]
+            self._small_held -= sum(SMALL_OVERHEAD + u.received for u in batch)
+            self._small_written.set()
+            self._small_written = trio.Event()
             over.set()
 
     async def _write_behind(self, upload: PendingUpload, ref: str) -> None:
@@ -264,7 +271,7 @@ class UploadReceiver:
         """The uploads of one attempt, by path, for its result to settle (``check``); from
         now on they are the result's, and further chunks of the attempt start afresh.  Small
         uploads still staged are handed to ``_write_small`` now (``check`` waits for them)."""
-        self._flush_small(acquired=False)
+        self._flush_small()
         self.totals.pop((build_id, attempt), None)
         uploads = {
             path: self.uploads.pop((b, a, path))
