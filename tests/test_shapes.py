@@ -503,3 +503,43 @@ async def _settled(builder: FakeBuilder) -> None:
         message = await builder.receive()
         if isinstance(message, Pong) and message.seq == ping.seq and message.settling == 0:
             return
+
+
+async def test_a_ping_behind_small_uploads_waiting_for_the_disk_is_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk holds every write of small uploads (it is far slower than the network): a
+    Ping sent behind 2,000 of them is still answered, as the receive loop does not wait for
+    their writes; once the disk goes on, the result commits them all.  (Real clock: the
+    writes are held in their worker threads until the Pong has arrived.)"""
+    release = threading.Event()
+    write_small = BlobStore.write_small
+
+    def held_write(self: BlobStore, uploads: list[PendingUpload]) -> None:
+        release.wait(LIMIT)
+        write_small(self, uploads)
+
+    monkeypatch.setattr(BlobStore, "write_small", held_write)
+    small = _small_files(2000)
+    try:
+        with trio.fail_after(LIMIT):
+            async with trio.open_nursery() as nursery:
+                runner = Farmlet(nursery, RUNNER, tmp_path)
+                builder = runner.connect()
+                await builder.handshake("m1")
+                build = runner.farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)
+                assign = await assigned(builder)
+                ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
+                listed: list[FileInfo] = []
+                for path, data in small.items():
+                    await builder.send(UploadData(**ref, path=path, offset=0, data=data, eof=True))
+                    listed.append(FileInfo(path=path, size=len(data), sha256=_sha(data)))
+                await _settled(builder)
+                release.set()
+                await builder.send(Result(**ref, status=BuildStatus.SUCCESS, outputs=tuple(listed)))
+                await _settled(builder)
+                assert build.state is BuildState.SUCCEEDED
+                assert all(runner.storage.blobs.has(info.sha256) for info in listed)
+                nursery.cancel_scope.cancel()
+    finally:
+        release.set()

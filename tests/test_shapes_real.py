@@ -4,8 +4,8 @@ files, at ``--ping-interval 1 --ping-timeout 3`` and a 3 s builder timeout, with
 disconnection and every ``sinceLastPing`` under 2 s throughout.
 
 They take minutes on a busy 2-core machine, so they run only with ``HYDRA_TRIO_SHAPES=1``
-(``make shapes``), not in ``make test``.  Status (2026-12-06): they do not pass yet on the
-shared 2-core VM at a load of 8-9; docs/performance.md says what fails and what to try next."""
+(``make shapes``), not in ``make test``.  Status (2026-12-06): both pass on the shared 2-core
+VM (about 3 minutes at a load of 2-5); docs/performance.md has the figures."""
 
 from __future__ import annotations
 
