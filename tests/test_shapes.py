@@ -32,6 +32,7 @@ from hydra_trio.protocol.messages import (
     Result,
     UploadData,
 )
+from hydra_trio.runner import blobs as blobs_module
 from hydra_trio.runner import farm as farm_module
 from hydra_trio.runner import frames as frames_module
 from hydra_trio.runner.blobs import BlobStore, PendingUpload
@@ -348,13 +349,13 @@ async def test_a_ping_is_answered_at_once_while_a_result_commits(
     has succeeded.  (Real clock: the commit is held in its worker thread until the first
     Pong has arrived; a Pong that waited for it would fail the test by its time limit.)"""
     release = threading.Event()
-    commit_many = BlobStore.commit_many
+    verify_many = BlobStore.verify_many
 
-    def held_commit(self: BlobStore, batch: list[tuple[PendingUpload, int, str]]) -> list[str]:
+    def held_commit(self: BlobStore, batch: list[tuple[PendingUpload, int, str]]) -> Any:
         release.wait(LIMIT)
-        return commit_many(self, batch)
+        return verify_many(self, batch)
 
-    monkeypatch.setattr(BlobStore, "commit_many", held_commit)
+    monkeypatch.setattr(BlobStore, "verify_many", held_commit)
     data = b"an output\n"
     info = FileInfo(path="out", size=len(data), sha256=hashlib.sha256(data).hexdigest())
     try:
@@ -390,22 +391,35 @@ async def test_small_uploads_are_written_and_committed_many_per_thread_hop(
 ) -> None:
     """600 outputs of one frame each and one of several frames: every one is kept under its
     hash and nothing is left among the temporary files; the small ones were written a batch
-    per thread hop (no hop of their own) and committed a batch per hop; a small upload that
-    does not match its listing fails its result (upload-failed) and is not kept.  (Real
-    clock: the writes hop to worker threads.)"""
-    calls: dict[str, list[int]] = {"write_small": [], "commit_many": []}
-    write_small, commit_many = BlobStore.write_small, BlobStore.commit_many
+    per thread hop (no hop of their own), and all were checked and placed a batch per hop; a
+    small upload that does not match its listing fails its result (upload-failed) and is
+    not kept.  (Real clock: the writes hop to worker threads.)"""
+    calls: dict[str, list[int]] = {"write_small": [], "verify_many": [], "place": []}
+    write_small, verify_many, place = BlobStore.write_small, BlobStore.verify_many, BlobStore.place
 
     def counted_write(self: BlobStore, uploads: list[PendingUpload]) -> None:
         calls["write_small"].append(len(uploads))
         write_small(self, uploads)
 
-    def counted_commit(self: BlobStore, batch: list[tuple[PendingUpload, int, str]]) -> list[str]:
-        calls["commit_many"].append(len(batch))
-        return commit_many(self, batch)
+    def counted_verify(self: BlobStore, batch: list[tuple[PendingUpload, int, str]]) -> Any:
+        calls["verify_many"].append(len(batch))
+        return verify_many(self, batch)
+
+    def counted_place(self: BlobStore, keeping: list[tuple[int, PendingUpload]]) -> Any:
+        calls["place"].append(len(keeping))
+        return place(self, keeping)
 
     monkeypatch.setattr(BlobStore, "write_small", counted_write)
-    monkeypatch.setattr(BlobStore, "commit_many", counted_commit)
+    monkeypatch.setattr(BlobStore, "verify_many", counted_verify)
+    monkeypatch.setattr(BlobStore, "place", counted_place)
+    syncs: list[int] = []
+    syncfs = blobs_module._syncfs
+
+    def counted_syncfs(fd: int) -> None:
+        syncs.append(fd)
+        syncfs(fd)
+
+    monkeypatch.setattr(blobs_module, "_syncfs", counted_syncfs)
     small = _small_files(600)
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
@@ -433,8 +447,11 @@ async def test_small_uploads_are_written_and_committed_many_per_thread_hop(
             assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
             assert sum(calls["write_small"]) == 600
             assert len(calls["write_small"]) <= math.ceil(600 / SMALL_BATCH) + 1
-            assert sum(calls["commit_many"]) == 601
-            assert len(calls["commit_many"]) <= math.ceil(601 / 256) + 1
+            assert sum(calls["verify_many"]) == sum(calls["place"]) == 601
+            assert len(calls["verify_many"]) <= math.ceil(601 / 256) + 1
+            assert len(calls["place"]) <= math.ceil(601 / 256)
+            if runner.storage.blobs.whole_fs_sync:  # Linux: one syncfs for all data, one after
+                assert len(syncs) == 2
 
             # A small upload whose content is not what its result lists is not kept.
             build = runner.farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)

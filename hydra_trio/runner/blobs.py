@@ -199,60 +199,110 @@ class BlobStore:
 
     def commit_many(self, batch: list[tuple[PendingUpload, int, str]]) -> list[str]:
         """Check each finished upload of ``batch`` against its declared size and hash; keep
-        those that match (the problem with each: "" if kept).  A blob becomes visible only
-        complete and verified: every kept file's data is made durable first, then each is
-        renamed into place, then the renames are made durable, so the database may say the
-        build succeeded as soon as this returns and a power loss loses nothing.  On Linux
-        (5.8 and later, where ``syncfs`` reports write-back errors) each of those two steps
-        is one ``syncfs`` of the store's file system for the whole batch; elsewhere, an
-        fsync per file and per directory.  Many uploads per call: a thread hop and two
-        syncs per batch instead of per file."""
+        those that match (the problem with each: "" if kept): ``verify_many``,
+        ``sync_data``, ``place``, ``sync_entries`` in one call (a result of many files
+        calls them a batch per thread hop, ``UploadReceiver.check``)."""
+        problems, keeping = self.verify_many(batch)
+        if not keeping:
+            return problems
+        try:
+            self.sync_data(keeping)
+            self.sync_entries(self.place(keeping))
+        except OSError as exc:
+            problem = self.abandon(keeping, exc)
+            for index, _ in keeping:
+                problems[index] = problem
+        return problems
+
+    # A blob becomes visible only complete and verified: every kept file's data is made
+    # durable first (``sync_data``), then each is renamed into place (``place``), then the
+    # renames are made durable (``sync_entries``), so the database may say the build
+    # succeeded as soon as that is done and a power loss loses nothing.  On Linux (5.8 and
+    # later, where ``syncfs`` reports write-back errors) each sync is one ``syncfs`` of the
+    # store's file system for every file of a result together (``whole_fs_sync``); elsewhere,
+    # an fsync per file and per directory.
+
+    def verify_many(
+        self, batch: list[tuple[PendingUpload, int, str]]
+    ) -> tuple[list[str], list[tuple[int, PendingUpload]]]:
+        """Check each finished upload of ``batch`` against its declared size and hash: the
+        problem with each ("" if none), and (index, upload) of those to keep, now read-only
+        and not yet durable nor visible.  Those that do not match, or whose blob the store
+        has already, are removed."""
         problems = [""] * len(batch)
-        keep: list[tuple[int, PendingUpload, Path]] = []
+        keeping: list[tuple[int, PendingUpload]] = []
         for index, (upload, size, sha256) in enumerate(batch):
             try:
-                target = self._verified(upload, size, sha256)
+                new = self._verified(upload, size, sha256)
             except BlobError as exc:
                 problems[index] = str(exc)
                 self._drop(upload)
                 continue
             except OSError as exc:  # the disk is full, or failing: this output cannot be kept
-                problems[index] = self._cannot_keep(upload, exc)
+                problems[index] = self._cannot_keep(upload.path, exc)
                 self._drop(upload)
                 continue
-            if target is None:
-                self._drop(upload)  # the store has it already
+            if new:
+                keeping.append((index, upload))
             else:
-                keep.append((index, upload, target))
-        if not keep:
-            return problems
-        try:
-            self._make_durable([u.written().tmp for _, u, _ in keep], files=True)
-            dirs: set[Path] = set()
-            new_dir = False
-            for _, upload, target in keep:
-                if target.parent not in dirs and not target.parent.exists():
-                    target.parent.mkdir(exist_ok=True)
-                    new_dir = True
-                dirs.add(target.parent)
-                file = upload.written()
-                os.replace(file.tmp, target)
-                file.kept = True
-                upload.done = True
-            if new_dir:
-                dirs.add(self.root)
-            self._make_durable(sorted(dirs), files=False)
-        except OSError as exc:
-            for index, upload, _ in keep:
-                problems[index] = self._cannot_keep(upload, exc)
-                self._drop(upload)
-            return problems
-        self.health.ok("outputs")
-        return problems
+                self._drop(upload)  # the store has it already
+        return problems, keeping
 
-    def _verified(self, upload: PendingUpload, size: int, sha256: str) -> Path | None:
+    @property
+    def whole_fs_sync(self) -> bool:
+        """Whether ``sync_data`` syncs every file at once (one call covers all)."""
+        return _syncfs_works()
+
+    def sync_data(self, keeping: list[tuple[int, PendingUpload]]) -> None:
+        """Make the data of ``keeping``'s files durable (``OSError`` if it could not)."""
+        if self.whole_fs_sync:
+            self._syncfs()
+            return
+        for _, upload in keeping:
+            with upload.written().tmp.open("rb") as f:
+                os.fsync(f.fileno())
+
+    def place(self, keeping: list[tuple[int, PendingUpload]]) -> set[Path]:
+        """Rename each of ``keeping`` (made durable) into place; the directories changed."""
+        dirs: set[Path] = set()
+        for _, upload in keeping:
+            file = upload.written()
+            target = self.path_of(file.hasher.hexdigest())
+            if target.parent not in dirs and not target.parent.exists():
+                target.parent.mkdir(exist_ok=True)
+                dirs.add(self.root)
+            dirs.add(target.parent)
+            os.replace(file.tmp, target)
+            file.kept = True
+            upload.done = True
+        return dirs
+
+    def sync_entries(self, dirs: set[Path]) -> None:
+        """Make the renames ``place`` made in ``dirs`` durable."""
+        if self.whole_fs_sync:
+            self._syncfs()
+        else:
+            for path in sorted(dirs):
+                fsync_dir(path)
+        self.health.ok("outputs")
+
+    def abandon(self, keeping: list[tuple[int, PendingUpload]], exc: OSError) -> str:
+        """``keeping`` cannot all be kept (a sync or a rename failed): report it, remove what
+        was not placed, and say why."""
+        for _, upload in keeping:
+            self._drop(upload)
+        return self._cannot_keep("outputs", exc)
+
+    def _syncfs(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _syncfs(fd)
+        finally:
+            os.close(fd)
+
+    def _verified(self, upload: PendingUpload, size: int, sha256: str) -> bool:
         """Close ``upload`` and check it (``BlobError`` if it does not match); make it
-        read-only.  Where it goes, or None if the store has that blob already."""
+        read-only.  False if the store has that blob already."""
         if upload.done:
             raise BlobError(f"{upload.path}: its upload was refused")
         file = upload.written()
@@ -264,38 +314,20 @@ class BlobStore:
                 f"{upload.path}: received {exc.size} bytes with sha256 {exc.sha256}, "
                 f"declared {size} bytes with {sha256}"
             ) from None
-        target = self.path_of(sha256)
-        if target.exists():
-            return None
+        if self.path_of(sha256).exists():
+            return False
         os.chmod(file.tmp, 0o444)
-        return target
+        return True
 
-    def _cannot_keep(self, upload: PendingUpload, exc: OSError) -> str:
+    def _cannot_keep(self, what: str, exc: OSError) -> str:
         self.failed(exc)
-        return f"{upload.path}: the runner cannot keep it: {exc}"
+        return f"{what}: the runner cannot keep it: {exc}"
 
     def _drop(self, upload: PendingUpload) -> None:
         """Done with ``upload``: remove its temporary file, unless it was kept."""
         upload.done = True
         if upload.file is not None:
             upload.file.discard()  # (closes it, and removes it unless it was kept)
-
-    def _make_durable(self, paths: list[Path], *, files: bool) -> None:
-        """Make the data of ``paths`` (files) or the entries in them (directories) survive a
-        power loss: one ``syncfs`` where it reports errors, else an fsync of each."""
-        if _syncfs_works():
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                _syncfs(fd)
-            finally:
-                os.close(fd)
-            return
-        for path in paths:
-            if files:
-                with path.open("rb") as f:
-                    os.fsync(f.fileno())
-            else:
-                fsync_dir(path)
 
     def new_temp(self, prefix: str) -> Path:
         """A fresh empty file among the partial uploads (removed with them after a crash)."""
