@@ -43,7 +43,7 @@ class FramedChannel:
     def __init__(self, stream: trio.abc.Stream, connection: Connection) -> None:
         self.stream = stream
         self.connection = connection
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._write_lock = trio.Lock()
         self._received: deque[Message] = deque()
         self._eof = False
@@ -92,21 +92,22 @@ class FramedChannel:
             sock = self._socket
             while pending:
                 try:
-                    if sock is not None and len(pending) > 1:
-                        # A vectored write: a bulk frame's data goes from where it is, never
-                        # copied into one buffer with the rest (``codec.encode_parts``).
+                    if sock is not None:
+                        # Whatever the kernel has not taken goes back to the front of the
+                        # queue if this task is cancelled (by its build's Abort, say): the
+                        # batch holds other tasks' frames, which returned as sent, and maybe
+                        # the rest of a frame already begun.  The next flush sends it.
                         buffers: list[bytes | memoryview] = [*pending]
                         pending.clear()
-                        await _send_vectored(sock, buffers)
+                        try:
+                            await _send_vectored(sock, buffers)
+                        finally:
+                            if buffers:
+                                pending[:0] = buffers
                         continue
                     data = pending[0] if len(pending) == 1 else b"".join(pending)
                     pending.clear()
-                    if sock is None:
-                        await self.stream.send_all(data)
-                    else:
-                        sent = await sock.send(data)  # (usually all of it: one call)
-                        if sent < len(data):
-                            await _send_rest(sock, data, sent)
+                    await self.stream.send_all(data)  # (TLS: a cancelled send breaks it)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     raise ConnectionLost(f"send failed: {exc or type(exc).__name__}") from exc
         finally:
@@ -152,25 +153,25 @@ _IOV_MAX = 512
 
 
 async def _send_vectored(sock: trio.socket.SocketType, buffers: list[bytes | memoryview]) -> None:
-    """Send ``buffers`` one after the other, as few ``sendmsg`` calls as the socket's buffer
-    allows (usually one); a buffer the kernel took only part of goes on as a view of the
-    rest."""
+    """Send ``buffers`` one after the other, as few ``send``/``sendmsg`` calls as the
+    socket's buffer allows (usually one); a buffer the kernel took only part of goes on as a
+    view of the rest.  What was sent is removed from ``buffers``, also when this raises: a
+    cancelled send has sent nothing (trio checks for cancellation before the system call and
+    never after one that sent), so ``buffers`` is then exactly what is still to be sent."""
     index, count = 0, len(buffers)
-    while index < count:
-        sent = await sock.sendmsg(buffers[index : index + _IOV_MAX])
-        while index < count and sent >= len(buffers[index]):
-            sent -= len(buffers[index])
-            index += 1
-        if sent:
-            buffers[index] = memoryview(buffers[index])[sent:]
-
-
-async def _send_rest(sock: trio.socket.SocketType, data: bytes, sent: int) -> None:
-    """Send ``data[sent:]`` (what a full socket buffer did not take), as SocketStream does."""
-    with memoryview(data) as view:
-        while sent < len(view):
-            with view[sent:] as rest:
-                sent += await sock.send(rest)
+    try:
+        while index < count:
+            if index + 1 == count:
+                sent = await sock.send(buffers[index])
+            else:
+                sent = await sock.sendmsg(buffers[index : index + _IOV_MAX])
+            while index < count and sent >= len(buffers[index]):
+                sent -= len(buffers[index])
+                index += 1
+            if sent:
+                buffers[index] = memoryview(buffers[index])[sent:]
+    finally:
+        del buffers[:index]
 
 
 # ---------------------------------------------------------------------------------------------

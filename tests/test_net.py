@@ -329,3 +329,47 @@ async def test_bulk_frames_cross_a_real_socket_pair_with_pings_between() -> None
     assert got == frames
     a.close()
     b.close()
+
+
+async def test_a_sender_cancelled_mid_write_loses_no_frame_of_its_own_or_of_others() -> None:
+    """A task whose send is cancelled while the socket is full (a build aborted while it
+    sends) puts back what the kernel has not taken: the frames another task queued meanwhile,
+    which returned as sent, reach the peer, and so does the rest of the frame it had begun,
+    so the stream stays whole.  (Before, the batch was dropped: a build's Result queued
+    behind an aborted build's frames never arrived, and the runner kept it running.)"""
+    a, b = trio.socket.socketpair()
+    left = net.FramedChannel(
+        trio.SocketStream(a), Connection(m.Role.BUILDER, now=0, peer_timeout=9)
+    )
+    right = net.FramedChannel(
+        trio.SocketStream(b), Connection(m.Role.RUNNER, now=0, peer_timeout=9)
+    )
+    for conn in (left.connection, right.connection):
+        conn.state = ConnectionState.ESTABLISHED
+    bulk: list[m.Message] = [
+        m.UploadData(build_id="a", attempt=1, path="f", offset=i, data=bytes([i]) * 65000)
+        for i in range(60)  # far more than the socket pair's buffers hold
+    ]
+    result = m.Result(build_id="b", attempt=1, status=m.BuildStatus.SUCCESS)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            aborted = trio.CancelScope()
+
+            async def aborted_build() -> None:
+                with aborted:
+                    await left.send_all(bulk)
+
+            nursery.start_soon(aborted_build)
+            while not left.writing:  # blocked on the full socket, holding the write lock
+                await trio.sleep(0.01)
+            await trio.sleep(0.05)
+            nursery.start_soon(left.send, result)  # queued behind it
+            await trio.sleep(0.05)
+            aborted.cancel()
+            got: list[m.Message] = []
+            while len(got) < len(bulk) + 1:
+                got.append(await right.receive())
+    assert aborted.cancelled_caught
+    assert got == [*bulk, result]
+    a.close()
+    b.close()
