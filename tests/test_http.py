@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import threading
 import warnings
 from typing import Any
 
@@ -12,7 +13,9 @@ import httpx
 import pytest
 import trio
 
+from hydra_trio.protocol.messages import FileInfo
 from hydra_trio.runner import http as runner_http
+from hydra_trio.runner import model
 
 from .helpers.common import SYSTEM
 from .helpers.runner import LIMIT, Runner
@@ -371,3 +374,33 @@ async def test_a_build_runs_end_to_end_on_a_real_builder(runner: Runner) -> None
         machine = (await runner.client.get("/status")).json()["machines"][0]
         assert machine["succeededBuilds"] == 1
         assert machine["currentJobs"] == 0
+
+
+async def test_builds_with_many_outputs_are_shown_whole_from_a_worker_thread(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build listing more outputs than ENCODE_INLINE is shown, alone or in a list, with
+    every output in order, encoded off the event loop: the same JSON as inline."""
+    on_loop: list[bool] = []
+    outputs_json = model.outputs_json
+
+    def watched(files: tuple[FileInfo, ...]) -> list[dict[str, Any]]:
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        return outputs_json(files)
+
+    with trio.fail_after(LIMIT):
+        build_id = await runner.submit("true")
+        build = runner.farm.builds[build_id]
+        build.outputs = tuple(
+            FileInfo(path=f"d/f{i}", size=i, sha256=hashlib.sha256(b"%d" % i).hexdigest())
+            for i in range(runner_http.ENCODE_INLINE + 5)
+        )
+        inline = build.to_json(runner.farm.waiting_reason(build, trio.current_time()))
+        monkeypatch.setattr(runner_http, "outputs_json", watched)
+        shown = (await runner.client.get(f"/builds/{build_id}")).json()
+        listed = (await runner.client.get("/builds")).json()["builds"]
+    assert shown == json.loads(json.dumps(inline))
+    assert [b for b in listed if b["id"] == build_id] == [shown]
+    assert len(shown["outputs"]) == runner_http.ENCODE_INLINE + 5
+    assert shown["outputs"][7] == {"path": "d/f7", "size": 7, "sha256": build.outputs[7].sha256}
+    assert on_loop == [False, False]
