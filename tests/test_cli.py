@@ -412,6 +412,18 @@ def test_the_daemons_collector_settings() -> None:
     assert out.stdout.split() == ["True", "True"]
 
 
+def test_the_daemons_hand_the_gil_over_every_millisecond() -> None:
+    """run_daemon sets the switch interval (system.tune_switch_interval) before its main."""
+    code = (
+        "import sys; from hydra_trio.cli.daemons import run_daemon\n"
+        "async def main():\n"
+        "    print(sys.getswitchinterval())\n"
+        "print(sys.getswitchinterval()); run_daemon(main)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert [float(x) for x in out.stdout.split()] == [0.005, 0.001]
+
+
 def test_several_runners_options_reach_the_configs(started: list[Any], tmp_path: Path) -> None:
     """builder --server A,B (or HYDRA_TRIO_SERVER) lists every runner; queue-runner takes
     --data-dir, --lease-timeout (default: the builder timeout) and --stop-grace."""

@@ -30,7 +30,12 @@ from hydra_trio.cli.client import RunnerClient, RunnerClientError
 from hydra_trio.cli.errors import fail
 from hydra_trio.protocol.errors import HydraTrioError
 from hydra_trio.protocol.messages import ExecutorKind
-from hydra_trio.system import default_hostname, raise_open_file_limit, tune_gc
+from hydra_trio.system import (
+    default_hostname,
+    raise_open_file_limit,
+    tune_gc,
+    tune_switch_interval,
+)
 
 if TYPE_CHECKING:
     from hydra_trio.builder.daemon import BuilderConfig
@@ -82,6 +87,7 @@ def run_daemon(
     """``trio.run`` a daemon until a signal; startup errors a user can fix are one line."""
     raise_open_file_limit()
     tune_gc()
+    tune_switch_interval()
     try:
         trio.run(run_until_signal, main, on_sigterm)
     except BaseException as exc:
