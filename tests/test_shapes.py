@@ -560,3 +560,27 @@ async def test_a_ping_behind_small_uploads_waiting_for_the_disk_is_answered(
                 nursery.cancel_scope.cancel()
     finally:
         release.set()
+
+
+async def test_small_uploads_of_a_connection_that_ends_leave_no_file(tmp_path: Path) -> None:
+    """A builder uploads 300 small files (a batch written, the rest still staged) and its
+    connection ends before any result: nothing is left among the runner's temporary files,
+    and nothing entered the store.  (Real clock: the writes hop to worker threads.)"""
+    small = _small_files(300)
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            runner = Farmlet(nursery, RUNNER, tmp_path)
+            builder = runner.connect()
+            await builder.handshake("m1")
+            runner.farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)
+            assign = await assigned(builder)
+            ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
+            for path, data in small.items():
+                await builder.send(UploadData(**ref, path=path, offset=0, data=data, eof=True))
+            await _settled(builder)
+            await builder.stream.aclose()
+            while 0 not in runner.ended:
+                await trio.sleep(0.01)
+            assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
+            assert not any(runner.storage.blobs.has(_sha(data)) for data in small.values())
+            nursery.cancel_scope.cancel()

@@ -357,6 +357,10 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
         return size, sha256
 
+    def discard_many(self, uploads: list[PendingUpload]) -> None:
+        for upload in uploads:
+            self.discard(upload)
+
     def discard(self, upload: PendingUpload) -> None:
         upload.staged.clear()
         upload.done = True

@@ -265,8 +265,22 @@ class UploadReceiver:
             await over.wait()
 
     async def _discard(self, upload: PendingUpload) -> None:
-        await self._settled(upload)
-        await trio.to_thread.run_sync(self.blobs.discard, upload)
+        await self._discard_many([upload])
+
+    async def _discard_many(self, uploads: list[PendingUpload]) -> None:
+        """Throw ``uploads`` away once no write of theirs is in flight: those never written
+        (small ones still staged) at once, without I/O (so a batch handed to
+        ``_write_small`` later skips them), the others ``_COMMIT_BATCH`` per thread hop."""
+        written: list[PendingUpload] = []
+        for upload in uploads:
+            await self._settled(upload)
+            if upload.file is None:
+                self.blobs.discard(upload)  # (no I/O: nothing was written)
+            else:
+                written.append(upload)
+        for start in range(0, len(written), _COMMIT_BATCH):
+            chunk = written[start : start + _COMMIT_BATCH]
+            await trio.to_thread.run_sync(self.blobs.discard_many, chunk)
 
     def take(self, build_id: str, attempt: int) -> dict[str, PendingUpload]:
         """The uploads of one attempt, by path, for its result to settle (``check``); from
@@ -330,9 +344,8 @@ class UploadReceiver:
             problem = await self._keep(keeping) or problem
         if missing:  # listed, not uploaded: the store must have it (now that all is placed)
             problem = problem or await trio.to_thread.run_sync(self._not_stored, missing)
-        for upload in uploads.values():  # uploaded but not listed: not an output
-            if not upload.done:
-                await self._discard(upload)
+        # uploaded but not listed: not an output
+        await self._discard_many([u for u in uploads.values() if not u.done])
         if not problem:
             return result
         if result.status is BuildStatus.SUCCESS:
@@ -370,8 +383,7 @@ class UploadReceiver:
     async def discard(self, uploads: dict[str, PendingUpload]) -> None:
         """Throw away uploads ``take`` gave a result that will not be checked."""
         try:
-            for upload in uploads.values():
-                await self._discard(upload)
+            await self._discard_many(list(uploads.values()))
         finally:
             self._settled_by_result(uploads)
 
@@ -382,10 +394,12 @@ class UploadReceiver:
         """Discard uploads of attempts that are no longer current here (aborted, cancelled or
         requeued): no result can commit them, and they would hold disk until the session
         ends."""
+        stale: list[PendingUpload] = []
         for key in list(self.uploads):
             build = machine.running.get(key[0])
             if build is None or build.attempts != key[1]:
-                await self._discard(self.uploads.pop(key))
+                stale.append(self.uploads.pop(key))
+        await self._discard_many(stale)
         for ref in list(self.totals):
             build = machine.running.get(ref[0])
             if build is None or build.attempts != ref[1]:
@@ -398,8 +412,9 @@ class UploadReceiver:
     async def discard_all(self) -> None:
         """At the end of the session: remove every file still arriving or waiting for its
         result's check (no write is in flight any more: the session's nursery is over)."""
-        for upload in [*self.uploads.values(), *(u for t in self._settling for u in t.values())]:
-            await trio.to_thread.run_sync(self.blobs.discard, upload)
+        await self._discard_many(
+            [*self.uploads.values(), *(u for t in self._settling for u in t.values())]
+        )
 
 
 def _listing_problem(result: Result) -> str:
