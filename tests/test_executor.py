@@ -360,6 +360,29 @@ async def test_a_finished_build_dir_is_emptied_and_reused_by_the_next_build(
     assert not (builds / "b1-1").exists() and not (builds / "b2-1").exists()
 
 
+async def test_a_build_dir_of_many_files_is_removed_after_the_result_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished build directory with at least RECYCLE_ENTRIES entries is gone from its
+    place when the result is returned (renamed aside, not kept as a spare) and removed by
+    the janitor thread; one with fewer is still emptied and kept as a spare."""
+    monkeypatch.setattr(builddir, "RECYCLE_ENTRIES", 50)
+    builds = tmp_path / "builds"
+    many = (
+        'mkdir "$OUT/d" "$HOME/h"; for i in $(seq 60); do : > "$OUT/d/$i"; : > "$HOME/h/$i"; done'
+    )
+    with trio.fail_after(LIMIT):
+        result = await execute(assign("sh", "-c", many), builds / "b1-1", Recorder(), {})
+        assert result.status is BuildStatus.SUCCESS and len(result.outputs) == 60
+        assert not (builds / "b1-1").exists() and spares(builds) == []
+        while list(builds.iterdir()):  # the janitor removes the trash (real time)
+            await trio.sleep(0.01)
+        few = 'echo o > "$OUT/o"'
+        result = await execute(assign("sh", "-c", few), builds / "b2-1", Recorder(), {})
+    assert result.status is BuildStatus.SUCCESS
+    assert len(spares(builds)) == 1 and not (builds / "b2-1").exists()
+
+
 async def test_a_no_op_build_takes_a_thread_only_for_what_its_directory_needs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
