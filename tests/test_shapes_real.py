@@ -5,7 +5,7 @@ disconnection and every ``sinceLastPing`` under 2 s throughout.
 
 They take minutes on a busy 2-core machine, so they run only with ``HYDRA_TRIO_SHAPES=1``
 (``make shapes``), not in ``make test``.  Status (2026-12-06): both pass on the shared 2-core
-VM (about 3 minutes at a load of 2-5); docs/performance.md has the figures."""
+VM (2.5-3 minutes at a load of 1-5); docs/performance.md has the figures."""
 
 from __future__ import annotations
 
