@@ -242,9 +242,11 @@ async def test_an_input_fetch_that_stalls_fails_the_attempt_instead_of_hanging(
         [(ended, result)] = [(t, m) for t, m in seen if isinstance(m, Result)]
         assert result.status is BuildStatus.FETCH_FAILED
         assert "nothing received for 120 s" in result.error
-        # Not before the timeout, and not a second timeout later. The slack is wide because
-        # the autojump clock may jump to the next ping while a cleanup thread runs.
-        assert 120.0 <= ended - asked < 2 * 120.0
+        # Not before the timeout, and after one timeout only: the file was asked for once.
+        # (No upper bound on the virtual time: the autojump clock jumps from ping to ping while
+        # a cleanup thread runs, as far as a loaded machine keeps that thread busy.)
+        assert ended - asked >= 120.0
+        assert [m for _, m in seen if isinstance(m, FetchRequest)] == [request]
         assert state.sessions == 1
         assert not any(e.kind is EventKind.DISCONNECTED for e in state.events)
         nursery.cancel_scope.cancel()
