@@ -177,7 +177,9 @@ def test_the_quick_close_gives_up_while_anything_is_in_the_cgroup(tmp_path: Path
     assert busy.cgroup is not None
     process = subprocess.Popen(busy.wrap(["sleep", "100"]), start_new_session=True)
     try:
-        busy.started(process.pid)
+        # not busy.started(process.pid): close_quick kills the main process's group first, and
+        # whether the kill or the rmdir is first is the scheduler's choice; a process it does
+        # not know of (a build's setsid daemon) stays in the cgroup for certain
         while not busy.populated():
             time.sleep(0.01)
         assert not busy.close_quick()
