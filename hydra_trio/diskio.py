@@ -124,6 +124,10 @@ class HashingFile:
         for data in chunks:
             update(data)
 
+    def hexdigest(self) -> str:
+        """The sha256 of what was written so far."""
+        return self.hasher.hexdigest()
+
     def close(self) -> None:
         """Close the file (its data is all written); ``verify`` and ``move_to`` still work."""
         self.file.close()

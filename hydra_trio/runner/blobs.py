@@ -3,19 +3,23 @@
 A file lives at ``<root>/<first two hex digits>/<sha256>``.  An upload is written to a
 temporary file beside the store, hashed as it arrives, and renamed into place only after its
 size and hash match what the builder declared, so a crash or a lying builder never leaves a
-half-written or wrong file visible.  Every name in the store comes from a hash or from
-``mkstemp``, never from a builder: an output's path is only ever a label, so no path a builder
-sends can make the runner write outside ``root``.  Methods block unless they say otherwise:
-call them through ``trio.to_thread.run_sync``, many files per call where they take many.
+half-written or wrong file visible.  Every name in the store comes from a hash, from
+``mkstemp`` or from ``BlobStore._temp_name``, never from a builder: an output's path is only
+ever a label, so no path a builder sends can make the runner write outside ``root``.
+Methods block unless they say otherwise: call them through ``trio.to_thread.run_sync``, many
+files per call where they take many.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import io
+import itertools
 import os
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +39,47 @@ class BlobError(Exception):
 
 #: Upload bytes staged in memory before one thread hop writes and hashes them.
 WRITE_BATCH = 1024 * 1024
+#: How ``write_small`` creates a temporary file: a new one, read-only from the start (its
+#: descriptor may still write it), so that keeping it takes no ``chmod``.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_ONLY = 0o444
+
+
+class SmallFile:
+    """The temporary file of a small upload ``write_small`` wrote whole: its name in the
+    store's ``tmp``, size and sha256 (hashed from the data it was written from: nothing is
+    read back), and no descriptor.  What ``HashingFile`` is to a streamed upload, with one
+    object per file instead of five (file, buffer, hasher, path, ``HashingFile``)."""
+
+    __slots__ = ("dir", "kept", "name", "sha256", "size")
+
+    def __init__(self, dir: str, name: str, size: int, sha256: str) -> None:
+        self.dir = dir
+        self.name = name
+        self.size = size
+        self.sha256 = sha256
+        #: ``place`` renamed it: its name is no longer ours to remove.
+        self.kept = False
+
+    @property
+    def tmp(self) -> Path:
+        return Path(self.dir, self.name)
+
+    def hexdigest(self) -> str:
+        return self.sha256
+
+    def close(self) -> None:
+        """Nothing to close (``write_small`` closed it)."""
+
+    def verify(self, size: int, sha256: str) -> None:
+        if self.size != size or self.sha256 != sha256:
+            raise HashMismatch(self.size, self.sha256, size, sha256)
+
+    def discard(self) -> None:
+        """Remove the file, unless it was kept."""
+        if not self.kept:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.dir}/{self.name}")
 
 
 @attrs.define(eq=False)
@@ -44,8 +89,8 @@ class PendingUpload:
     #: the builder's name for it: for messages only, never part of a file name.
     path: str
     #: the temporary file it is written and hashed into; None for a small upload until
-    #: ``write_small`` has written it (``BlobStore.small``).
-    file: HashingFile | None
+    #: ``write_small`` has written it (``BlobStore.small``), then a ``SmallFile``.
+    file: HashingFile | SmallFile | None
     #: its last chunk arrived: ``file`` is closed (so a finished upload holds no descriptor
     #: while it waits for the build's result) and nothing more may be appended.
     complete: bool = False
@@ -61,11 +106,18 @@ class PendingUpload:
     def tmp(self) -> Path:
         return self.written().tmp
 
-    def written(self) -> HashingFile:
+    def written(self) -> HashingFile | SmallFile:
         """Its file (raises ``BlobError`` if it was never written: a refused upload)."""
         if self.file is None:
             raise BlobError(f"{self.path}: its upload was refused")
         return self.file
+
+    def streamed(self) -> HashingFile:
+        """Its file, being written a batch at a time (``BlobStore.begin``)."""
+        file = self.written()
+        if not isinstance(file, HashingFile):  # (``stage`` refuses chunks after the last)
+            raise BlobError(f"{self.path}: more data after the whole file")
+        return file
 
 
 @attrs.define(eq=False)
@@ -74,8 +126,23 @@ class BlobStore:
     #: where a failed write (disk full) is reported.
     health: Health = attrs.field(factory=Health)
 
+    #: ``root`` and its ``tmp`` as strings, and the start of ``_temp_name``'s names.
+    _root: str = attrs.field(init=False)
+    _tmp: str = attrs.field(init=False)
+    _prefix: str = attrs.field(init=False)
+    _serial: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
+
     def __attrs_post_init__(self) -> None:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        self._root = os.fspath(self.root)
+        self._tmp = os.fspath(self.root / "tmp")
+        self._prefix = f"upload-s{secrets.token_hex(4)}-"
+
+    def _temp_name(self) -> str:
+        """A name for a new temporary file in ``tmp`` (unique for this store: ``_CREATE``
+        refuses a name taken anyway).  Cheaper than ``mkstemp``'s random ones, and as
+        ``upload-*`` removed by ``remove_partial_uploads`` after a crash."""
+        return f"{self._prefix}{next(self._serial):x}"
 
     def remove_partial_uploads(self) -> int:
         """Delete uploads a killed runner left half-written.  Only call it while holding the
@@ -88,6 +155,10 @@ class BlobStore:
 
     def path_of(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
+
+    def _path_of(self, sha256: str) -> str:
+        """``path_of`` as a string (without a ``Path`` object per file)."""
+        return f"{self._root}/{sha256[:2]}/{sha256}"
 
     def has(self, sha256: str) -> bool:
         return self.path_of(sha256).is_file()
@@ -113,27 +184,54 @@ class BlobStore:
 
     def write_small(self, uploads: list[PendingUpload]) -> None:
         """Write, hash and close each upload of ``uploads`` (from ``small``) into a temporary
-        file of its own: many small uploads per thread hop instead of three hops each.  An
-        upload whose file cannot be created or written (the disk is full) is refused, alone:
-        its result will be ``upload-failed``.  Blocking."""
-        tmp_dir = self.root / "tmp"
-        for upload in uploads:
-            chunks, _ = self.take_staged(upload)
-            if upload.done:
-                continue  # discarded meanwhile
+        file of its own (a ``SmallFile``, read-only already): many small uploads per thread
+        hop instead of three hops each, and per file one ``open`` (beneath a descriptor of
+        ``tmp``), one ``write``, one ``close`` and one hash of its data.  An upload whose
+        file cannot be created or written (the disk is full) is refused, alone: its result
+        will be ``upload-failed``.  Blocking."""
+        try:
+            tmp_fd = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            self.failed(exc)
+            for upload in uploads:
+                upload.staged.clear()
+                upload.done = True
+            return
+        try:
+            for upload in uploads:
+                chunks = upload.staged
+                upload.staged = []
+                upload.staged_size = 0
+                if not upload.done:  # (else discarded meanwhile)
+                    self._write_one(
+                        tmp_fd, upload, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    )
+        finally:
+            os.close(tmp_fd)
+
+    def _write_one(self, tmp_fd: int, upload: PendingUpload, data: bytes) -> None:
+        while True:
+            name = self._temp_name()
             try:
-                fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
+                fd = os.open(name, _CREATE, _READ_ONLY, dir_fd=tmp_fd)
+                break
+            except FileExistsError:
+                continue  # (left by another store on the same directory: another name)
             except OSError as exc:
                 self.failed(exc)
                 upload.done = True
-                continue
-            upload.file = file = HashingFile(Path(name), os.fdopen(fd, "wb"))
+                return
+        upload.file = SmallFile(self._tmp, name, len(data), hashlib.sha256(data).hexdigest())
+        try:
             try:
-                file.write_chunks(chunks)
-                file.close()
-            except OSError as exc:
-                self.failed(exc)
-                self.discard(upload)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.failed(exc)
+            self.discard(upload)
 
     def failed(self, exc: OSError) -> None:
         """An upload could not be written or kept (reported, the upload fails alone)."""
@@ -173,13 +271,13 @@ class BlobStore:
     def write_unhashed(self, upload: PendingUpload, chunks: list[bytes], last: bool) -> None:
         """``write_chunks`` less the hashing, which ``hash_chunks`` does (in another thread at
         the same time: one write and one hash of an upload at a time, each in order)."""
-        file = upload.written()
+        file = upload.streamed()
         file.write_unhashed(chunks)
         if last:
             file.close()
 
     def hash_chunks(self, upload: PendingUpload, chunks: list[bytes]) -> None:
-        upload.written().hash_chunks(chunks)
+        upload.streamed().hash_chunks(chunks)
 
     def write_staged(self, upload: PendingUpload) -> None:
         """Write and hash what is staged; close the file after the last chunk."""
@@ -265,16 +363,29 @@ class BlobStore:
     def place(self, keeping: list[tuple[int, PendingUpload]]) -> set[Path]:
         """Rename each of ``keeping`` (made durable) into place; the directories changed."""
         dirs: set[Path] = set()
+        parents: set[str] = set()
+        root = self._root
         for _, upload in keeping:
             file = upload.written()
-            target = self.path_of(file.hasher.hexdigest())
-            if target.parent not in dirs and not target.parent.exists():
-                target.parent.mkdir(exist_ok=True)
+            sha256 = file.hexdigest()
+            parent = f"{root}/{sha256[:2]}"
+            source = (
+                f"{file.dir}/{file.name}" if isinstance(file, SmallFile) else os.fspath(file.tmp)
+            )
+            target = f"{parent}/{sha256}"
+            try:
+                os.replace(source, target)
+            except FileNotFoundError:  # its directory is not there yet (one stat less a file)
+                if not os.path.exists(source):
+                    raise
+                with contextlib.suppress(FileExistsError):  # (made by another thread)
+                    os.mkdir(parent)
                 dirs.add(self.root)
-            dirs.add(target.parent)
-            os.replace(file.tmp, target)
+                os.replace(source, target)
+            parents.add(parent)
             file.kept = True
             upload.done = True
+        dirs.update(Path(parent) for parent in parents)
         return dirs
 
     def sync_entries(self, dirs: set[Path]) -> None:
@@ -314,9 +425,10 @@ class BlobStore:
                 f"{upload.path}: received {exc.size} bytes with sha256 {exc.sha256}, "
                 f"declared {size} bytes with {sha256}"
             ) from None
-        if self.path_of(sha256).exists():
+        if os.path.exists(self._path_of(sha256)):
             return False
-        os.chmod(file.tmp, 0o444)
+        if not isinstance(file, SmallFile):  # (a SmallFile is created read-only)
+            os.chmod(file.tmp, _READ_ONLY)
         return True
 
     def _cannot_keep(self, what: str, exc: OSError) -> str:

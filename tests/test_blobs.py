@@ -1,0 +1,101 @@
+"""BlobStore: small uploads written a batch at a time, checked and kept, or removed."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from hydra_trio.runner.blobs import BlobStore, PendingUpload
+
+
+def small_uploads(blobs: BlobStore, datas: list[bytes]) -> list[PendingUpload]:
+    uploads = [blobs.small(f"out/f{i}", data) for i, data in enumerate(datas)]
+    blobs.write_small(uploads)
+    return uploads
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_small_uploads_are_written_then_kept_read_only_and_nothing_is_left_behind(
+    tmp_path: Path,
+) -> None:
+    blobs = BlobStore(tmp_path)
+    datas = [f"file {i}\n".encode() for i in range(300)] + [b""]
+    uploads = small_uploads(blobs, datas)
+    assert all(not u.staged and not u.done for u in uploads)
+    assert len(os.listdir(tmp_path / "tmp")) == len(datas)
+    problems = blobs.commit_many([(u, len(d), sha(d)) for u, d in zip(uploads, datas, strict=True)])
+    assert problems == [""] * len(datas)
+    for data in datas:
+        kept = blobs.path_of(sha(data))
+        assert kept.read_bytes() == data
+        assert not stat.S_IMODE(kept.stat().st_mode) & 0o222  # read-only
+    assert os.listdir(tmp_path / "tmp") == []
+    assert all(u.done for u in uploads)
+
+
+def test_a_small_upload_that_does_not_match_is_removed_and_the_others_kept(
+    tmp_path: Path,
+) -> None:
+    blobs = BlobStore(tmp_path)
+    datas = [b"one", b"two", b"three"]
+    uploads = small_uploads(blobs, datas)
+    declared = [(3, sha(b"one")), (3, sha(b"TWO")), (4, sha(b"three"))]
+    problems = blobs.commit_many([(u, *d) for u, d in zip(uploads, declared, strict=True)])
+    assert problems[0] == ""
+    assert f"received 3 bytes with sha256 {sha(b'two')}" in problems[1]
+    assert f"declared 4 bytes with {sha(b'three')}" in problems[2]
+    assert blobs.has(sha(b"one"))
+    assert not blobs.has(sha(b"two")) and not blobs.has(sha(b"three"))
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_a_blob_the_store_has_already_is_not_written_twice(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    first = small_uploads(blobs, [b"same"])
+    assert blobs.commit_many([(first[0], 4, sha(b"same"))]) == [""]
+    inode = blobs.path_of(sha(b"same")).stat().st_ino
+    again = small_uploads(blobs, [b"same"])
+    assert blobs.commit_many([(again[0], 4, sha(b"same"))]) == [""]
+    assert blobs.path_of(sha(b"same")).stat().st_ino == inode
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_a_temporary_name_taken_already_is_not_overwritten(tmp_path: Path) -> None:
+    """Two stores on one directory (or a leftover of the same name): the file there stays
+    as it is and the upload gets another name."""
+    blobs = BlobStore(tmp_path)
+    other = BlobStore(tmp_path)
+    taken = tmp_path / "tmp" / f"{blobs._prefix}0"  # the first name it tries
+    taken.write_bytes(b"someone else's")
+    [upload] = small_uploads(blobs, [b"mine"])
+    assert taken.read_bytes() == b"someone else's"
+    assert blobs.commit_many([(upload, 4, sha(b"mine"))]) == [""]
+    assert blobs.path_of(sha(b"mine")).read_bytes() == b"mine"
+    assert other.remove_partial_uploads() == 1  # the leftover, once no runner writes there
+
+
+def test_small_uploads_that_cannot_be_created_are_refused_alone_and_reported(
+    tmp_path: Path,
+) -> None:
+    """The temporary directory is gone (as a failing disk might make it): each upload of the
+    batch is refused (its result will be upload-failed), the fault is reported, and the store
+    works again once the directory is back."""
+    blobs = BlobStore(tmp_path)
+    shutil.rmtree(tmp_path / "tmp")
+    uploads = small_uploads(blobs, [b"a", b"b"])
+    assert all(u.done and u.file is None and not u.staged for u in uploads)
+    problems = blobs.commit_many(
+        [(u, 1, sha(d)) for u, d in zip(uploads, [b"a", b"b"], strict=True)]
+    )
+    assert all("refused" in p for p in problems)
+    assert blobs.health.warning("outputs") is not None
+    (tmp_path / "tmp").mkdir()
+    [upload] = small_uploads(blobs, [b"c"])
+    assert blobs.commit_many([(upload, 1, sha(b"c"))]) == [""]
+    assert blobs.health.warning("outputs") is None
