@@ -104,8 +104,9 @@ def main() -> None:
         return
     trees: list[Path] = args.tree or [Path(__file__).resolve().parent.parent]
     # Every store is kept until the end: on ext4 without a journal, creating a file skips
-    # every free inode of its block group deleted in the last ~30 s (``recently_deleted``),
-    # so removing one run's files made the next run's creations several times slower.
+    # the free inodes of its block group deleted in the last ~30 s (``recently_deleted``),
+    # and removing one run's files before the next may slow the next's creations (seen once
+    # under /tmp; not reproduced under /var/tmp: docs/performance.md).
     base = Path(tempfile.mkdtemp(dir=args.dir, prefix="blobs-bench-"))
     try:
         runs = measure_all(trees, args.files, args.repeat, base)
