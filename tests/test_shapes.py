@@ -37,7 +37,7 @@ from hydra_trio.runner import farm as farm_module
 from hydra_trio.runner import frames as frames_module
 from hydra_trio.runner.blobs import BlobStore, PendingUpload
 from hydra_trio.runner.frames import MAX_FETCH_CHUNK
-from hydra_trio.runner.model import BuildSpec, BuildState
+from hydra_trio.runner.model import Build, BuildSpec, BuildState
 from hydra_trio.runner.uploads import SMALL_BATCH
 
 from .helpers.common import RUNNER, SYSTEM, builder_config
@@ -423,16 +423,7 @@ async def test_small_uploads_are_written_and_committed_many_per_thread_hop(
     small = _small_files(600)
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            runner = Farmlet(nursery, RUNNER, tmp_path)
-            builder = runner.connect()
-            await builder.handshake("m1")
-            build = runner.farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)
-            assign = await assigned(builder)
-            ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
-            listed: list[FileInfo] = []
-            for path, data in small.items():
-                await builder.send(UploadData(**ref, path=path, offset=0, data=data, eof=True))
-                listed.append(FileInfo(path=path, size=len(data), sha256=_sha(data)))
+            runner, builder, build, ref, listed = await _uploading(nursery, tmp_path, small)
             for offset in range(0, len(CONTENT), TRANSFER_FRAME):
                 piece = CONTENT[offset : offset + TRANSFER_FRAME]
                 end = offset + TRANSFER_FRAME >= len(CONTENT)
@@ -522,6 +513,24 @@ async def _settled(builder: FakeBuilder) -> None:
             return
 
 
+async def _uploading(
+    nursery: trio.Nursery, tmp_path: Path, small: dict[str, bytes]
+) -> tuple[Farmlet, FakeBuilder, Build, dict[str, Any], list[FileInfo]]:
+    """A runner, a builder assigned one build, and ``small`` sent as one-frame uploads of it:
+    the runner, the builder, the build, its attempt's frame fields and the files' listing."""
+    runner = Farmlet(nursery, RUNNER, tmp_path)
+    builder = runner.connect()
+    await builder.handshake("m1")
+    build = runner.farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)
+    assign = await assigned(builder)
+    ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
+    listed: list[FileInfo] = []
+    for path, data in small.items():
+        await builder.send(UploadData(**ref, path=path, offset=0, data=data, eof=True))
+        listed.append(FileInfo(path=path, size=len(data), sha256=_sha(data)))
+    return runner, builder, build, ref, listed
+
+
 async def test_a_ping_behind_small_uploads_waiting_for_the_disk_is_answered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -541,16 +550,7 @@ async def test_a_ping_behind_small_uploads_waiting_for_the_disk_is_answered(
     try:
         with trio.fail_after(LIMIT):
             async with trio.open_nursery() as nursery:
-                runner = Farmlet(nursery, RUNNER, tmp_path)
-                builder = runner.connect()
-                await builder.handshake("m1")
-                build = runner.farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)
-                assign = await assigned(builder)
-                ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
-                listed: list[FileInfo] = []
-                for path, data in small.items():
-                    await builder.send(UploadData(**ref, path=path, offset=0, data=data, eof=True))
-                    listed.append(FileInfo(path=path, size=len(data), sha256=_sha(data)))
+                runner, builder, build, ref, listed = await _uploading(nursery, tmp_path, small)
                 await _settled(builder)
                 release.set()
                 await builder.send(Result(**ref, status=BuildStatus.SUCCESS, outputs=tuple(listed)))
