@@ -51,16 +51,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 import attrs
 import psutil
 
 from hydra_trio.builder.builddir import SUBDIRS, BuildDir
+from hydra_trio.builder.sandbox import TRIAL_COMMAND, Sandbox, run_trial
 from hydra_trio.protocol.errors import HydraTrioError
-
-if TYPE_CHECKING:
-    from hydra_trio.builder.sandbox import Sandbox
 
 log = logging.getLogger("hydra_trio.builder")
 
@@ -243,14 +241,11 @@ def check_sandbox(sandbox: Sandbox, user: BuildUser) -> None:
             (build_dir.path / sub).mkdir()
         os.chmod(tmp, 0o711)
         hand_over(build_dir.path, user)
-        argv = sandbox.argv(["sh", "-c", "exit 0"], build_dir, build_dir.work)
+        argv = sandbox.argv(TRIAL_COMMAND, build_dir, build_dir.work)
         try:
-            ran = subprocess.run(
+            why = run_trial(
                 argv,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=SANDBOX_CHECK_TIMEOUT,
-                check=False,
+                SANDBOX_CHECK_TIMEOUT,
                 user=user.uid,
                 group=user.gid,
                 extra_groups=[],
@@ -258,9 +253,7 @@ def check_sandbox(sandbox: Sandbox, user: BuildUser) -> None:
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise BuildUsersError(f"--sandbox as build user {user.uid}: {exc}") from None
-    if ran.returncode != 0:
-        lines = ran.stderr.decode(errors="replace").strip().splitlines()
-        why = lines[-1] if lines else f"exit status {ran.returncode}"
+    if why is not None:
         raise BuildUsersError(
             f"--sandbox with --build-users: bubblewrap cannot make a sandbox as build user "
             f"{user.uid} ({why}); it needs unprivileged user namespaces "

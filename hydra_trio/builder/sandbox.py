@@ -42,10 +42,11 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
-from hydra_trio.builder.builddir import BuildDir
+from hydra_trio.builder.builddir import SUBDIRS, BuildDir
 from hydra_trio.protocol.errors import HydraTrioError
 
 #: What every sandbox holds, read-only, where it exists on the machine: programs, libraries
@@ -175,23 +176,15 @@ class Sandbox:
             )
         with tempfile.TemporaryDirectory(prefix="hydra-trio-sandbox-check-") as tmp:
             build_dir = BuildDir(Path(tmp), 0o755)
-            for sub in ("work", "out", "in", "tmp"):
+            for sub in SUBDIRS:
                 (build_dir.path / sub).mkdir()
-            argv = self.argv(["sh", "-c", "exit 0"], build_dir, build_dir.work)
+            argv = self.argv(TRIAL_COMMAND, build_dir, build_dir.work)
             argv[0] = program
             try:
-                ran = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    timeout=CHECK_TIMEOUT,
-                    check=False,
-                )
-            except (OSError, subprocess.TimeoutExpired) as exc:
+                why = run_trial(argv, CHECK_TIMEOUT)
+            except (OSError, subprocess.SubprocessError) as exc:
                 raise SandboxError(f"--sandbox: cannot run {program}: {exc}") from None
-        if ran.returncode != 0:
-            lines = ran.stderr.decode(errors="replace").strip().splitlines()
-            why = lines[-1] if lines else f"exit status {ran.returncode}"
+        if why is not None:
             raise SandboxError(
                 f"--sandbox: {program} cannot make a sandbox here ({why}); are user "
                 "namespaces allowed (sysctl kernel.unprivileged_userns_clone=1), or run "
@@ -224,3 +217,25 @@ def _default_mounts() -> tuple[str, ...]:
         elif os.path.exists(path):
             args += ["--ro-bind", path, path]
     return tuple(args)
+
+
+#: What the start-up checks run in a sandbox.
+TRIAL_COMMAND = ("sh", "-c", "exit 0")
+
+
+def run_trial(argv: Sequence[str], timeout: float, **options: Any) -> str | None:
+    """Run a start-up check's sandboxed command (blocking): None if it exited 0, else why not
+    (the last line of its stderr, or its exit status).  ``options`` go to ``subprocess.run``
+    (the user to run as); raises ``OSError`` or ``SubprocessError`` as it does."""
+    ran = subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+        **options,
+    )
+    if ran.returncode == 0:
+        return None
+    lines = ran.stderr.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit status {ran.returncode}"
