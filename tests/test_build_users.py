@@ -31,12 +31,12 @@ from hydra_trio.builder.executor import execute
 from hydra_trio.builder.sandbox import Sandbox, SandboxError
 from hydra_trio.builder.workdir import claim_work_dir
 from hydra_trio.cli import main
-from hydra_trio.net import HostPort
 from hydra_trio.protocol.messages import BuildStatus
-from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
+from hydra_trio.runner.daemon import RunnerAddresses, make_farm, serve_runner
 from hydra_trio.runner.model import Build, BuildSpec, BuildState
 
 from .helpers.executor import Recorder, assign
+from .helpers.runner import loopback_config
 
 pytestmark = [
     pytest.mark.realnet,
@@ -144,13 +144,7 @@ async def test_a_build_user_cannot_read_the_token_the_work_dir_nor_another_build
     work = reachable / "work"
     spec = free_range(4)
     first = int(spec.split("-")[0])
-    config = RunnerConfig(
-        listen=HostPort("127.0.0.1", 0),
-        http=None,
-        state_dir=tmp_path / "state",
-        default_system=SYSTEM,
-        token=TOKEN,
-    )
+    config = loopback_config(tmp_path, TOKEN)
     farm, dispatcher = make_farm(config)
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:

@@ -13,10 +13,11 @@ import trio
 
 from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
 from hydra_trio.builder.state import SessionEnd
-from hydra_trio.net import HostPort
 from hydra_trio.protocol.messages import RejectCode
-from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
+from hydra_trio.runner.daemon import RunnerAddresses, make_farm, serve_runner
 from hydra_trio.runner.model import BuildSpec, BuildState
+
+from .helpers.runner import loopback_config
 
 pytestmark = pytest.mark.realnet
 
@@ -29,12 +30,7 @@ async def test_a_second_builder_with_the_same_machine_id_is_refused_and_named(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    config = RunnerConfig(
-        listen=HostPort("127.0.0.1", 0),
-        http=None,
-        state_dir=tmp_path / "state",
-        default_system=SYSTEM,
-    )
+    config = loopback_config(tmp_path)
     farm, dispatcher = make_farm(config)
     for name in ("one", "two"):  # the second work dir is a copy of the first
         (tmp_path / name).mkdir()

@@ -26,14 +26,14 @@ from hydra_trio.builder import contain
 from hydra_trio.builder.config import BuilderConfig
 from hydra_trio.builder.executor import execute
 from hydra_trio.builder.sandbox import Sandbox, SandboxError, SandboxPath
-from hydra_trio.net import HostPort
 from hydra_trio.protocol.messages import NETWORK_FEATURE, BuildStatus
-from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
+from hydra_trio.runner.daemon import RunnerAddresses, make_farm, serve_runner
 from hydra_trio.runner.model import Build, BuildSpec, BuildState
 from hydra_trio.runner.specs import SpecError, parse_spec
 
 from .helpers.executor import LIMIT, Recorder, assign
 from .helpers.procs import daemon_env
+from .helpers.runner import loopback_config
 from .test_build_users import free_range
 
 pytestmark = pytest.mark.realnet
@@ -104,13 +104,7 @@ async def run_probe(
     token_file.write_bytes(TOKEN + b"\n")
     token_file.chmod(0o600)
     work = work or tmp_path / "work"
-    config = RunnerConfig(
-        listen=HostPort("127.0.0.1", 0),
-        http=None,
-        state_dir=tmp_path / "state",
-        default_system=SYSTEM,
-        token=TOKEN,
-    )
+    config = loopback_config(tmp_path, TOKEN)
     farm, dispatcher = make_farm(config)
     with socket.create_server(("127.0.0.1", 0)) as server, trio.fail_after(90):
         port = server.getsockname()[1]

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from hydra_trio.net import HostPort
-from hydra_trio.runner.daemon import RunnerAddresses, RunnerConfig, make_farm, serve_runner
+from hydra_trio.runner.daemon import RunnerAddresses, make_farm, serve_runner
 from hydra_trio.runner.model import BuildSpec, BuildState
+
+from .helpers.runner import loopback_config
 
 pytestmark = [
     pytest.mark.realnet,
@@ -32,13 +33,7 @@ async def test_a_build_cannot_find_the_token_in_the_builders_argv_or_environment
     token_file.write_bytes(TOKEN + b"\n")
     token_file.chmod(0o600)
     seen = tmp_path / "seen"
-    config = RunnerConfig(
-        listen=HostPort("127.0.0.1", 0),
-        http=None,
-        state_dir=tmp_path / "state",
-        default_system=SYSTEM,
-        token=TOKEN,
-    )
+    config = loopback_config(tmp_path, TOKEN)
     farm, dispatcher = make_farm(config)
     # The build's parent is the builder: what its argv and environment show, and the file
     # they would name.

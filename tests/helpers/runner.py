@@ -76,6 +76,17 @@ class Runner:
             await trio.sleep(0.05)
 
 
+def loopback_config(tmp_path: Path, token: bytes | None = None) -> RunnerConfig:
+    """A runner on a free loopback port, without HTTP, its state under ``tmp_path``."""
+    return RunnerConfig(
+        listen=HostPort("127.0.0.1", 0),
+        http=None,
+        state_dir=tmp_path / "state",
+        default_system=SYSTEM,
+        token=token,
+    )
+
+
 async def start_runner(
     nursery: trio.Nursery, tmp_path: Path, client: httpx.AsyncClient, **options: Any
 ) -> Runner:
