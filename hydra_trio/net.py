@@ -31,6 +31,9 @@ from hydra_trio.protocol.errors import HydraTrioError
 from hydra_trio.protocol.messages import Message
 
 RECEIVE_SIZE = 256 * 1024
+#: Frames ``receive`` returns from what one read brought before it lets other tasks run (a
+#: read of 256 KiB can hold 2,000 small uploads, ~100 ms of work on a busy runner).
+BACKLOG_RUN = 32
 
 
 class ConnectionLost(HydraTrioError):
@@ -46,6 +49,8 @@ class FramedChannel:
         self._pending: list[bytes | memoryview] = []
         self._write_lock = trio.Lock()
         self._received: deque[Message] = deque()
+        #: frames returned from ``_received`` since this task last let others run
+        self._unyielded = 0
         self._eof = False
         # On TCP, read and write the stream's trio socket directly: SocketStream's
         # receive_some/send_all wrap every call in two context managers (one translating
@@ -118,13 +123,23 @@ class FramedChannel:
         for an invalid frame."""
         received = self._received
         data: bytes | bytearray
-        if received and self.watchdog is not None:
-            # Working through frames read earlier (one read can bring thousands of small
-            # ones): the peer sent them all, and the time it takes to apply them is ours, not
-            # its silence.  Its deadline counts from now while the backlog lasts.
-            self.watchdog.deadline = max(
-                self.watchdog.deadline, trio.current_time() + self.connection.peer_timeout
-            )
+        if received:
+            if self.watchdog is not None:
+                # Working through frames read earlier (one read can bring thousands of small
+                # ones): the peer sent them all, and the time it takes to apply them is ours,
+                # not its silence.  Its deadline counts from now while the backlog lasts.
+                self.watchdog.deadline = max(
+                    self.watchdog.deadline, trio.current_time() + self.connection.peer_timeout
+                )
+            self._unyielded += 1
+            if self._unyielded >= BACKLOG_RUN:
+                # Applying a backlog need not wait for anything (a small upload is staged in
+                # memory): let the other tasks run between runs of it (another connection's
+                # ping), as a read would have.
+                self._unyielded = 0
+                await trio.lowlevel.checkpoint()
+            return received.popleft()
+        self._unyielded = 0
         while not received:
             if self._eof:
                 raise ConnectionLost("connection closed by peer")
