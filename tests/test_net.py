@@ -348,14 +348,7 @@ async def test_a_sender_cancelled_mid_write_loses_no_frame_of_its_own_or_of_othe
     so the stream stays whole.  (Before, the batch was dropped: a build's Result queued
     behind an aborted build's frames never arrived, and the runner kept it running.)"""
     a, b = trio.socket.socketpair()
-    left = net.FramedChannel(
-        trio.SocketStream(a), Connection(m.Role.BUILDER, now=0, peer_timeout=9)
-    )
-    right = net.FramedChannel(
-        trio.SocketStream(b), Connection(m.Role.RUNNER, now=0, peer_timeout=9)
-    )
-    for conn in (left.connection, right.connection):
-        conn.state = ConnectionState.ESTABLISHED
+    left, right = established(a, b)
     bulk: list[m.Message] = [
         m.UploadData(build_id="a", attempt=1, path="f", offset=i, data=bytes([i]) * 65000)
         for i in range(60)  # far more than the socket pair's buffers hold
