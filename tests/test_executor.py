@@ -455,3 +455,18 @@ async def test_finished_builds_leave_no_file_descriptor_open(tmp_path: Path) -> 
         await run(tmp_path, "false")
         await run(tmp_path, "sleep", "100", timeout=0.2)
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+async def test_builds_cancelled_from_outside_leave_no_file_descriptor_open(
+    tmp_path: Path,
+) -> None:
+    """A build whose task is cancelled (an Abort, the connection lost) while its command runs
+    closes its log pipe and whatever waited for its process too."""
+    await run(tmp_path, "true")  # the first build opens what stays open (caches)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with trio.move_on_after(0.3) as scope:  # real time: the command is running by then
+            await run(tmp_path, "sleep", "100")
+        assert scope.cancelled_caught
+    assert len(os.listdir("/proc/self/fd")) <= before

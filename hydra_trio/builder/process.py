@@ -168,45 +168,47 @@ async def _run_contained(
         if wrapped != argv:
             start_error = _missing(argv[0], cwd, env)
         argv, preexec_fn = wrapped, None
-    with trio.move_on_after(timeout) as wall:
-        async with trio.open_nursery() as nursery:
-            try:
-                if start_error is not None:  # as subprocess would have raised it
-                    raise start_error
-                with contain.spawning():
-                    if preexec_fn is None and SPAWN_ON_LOOP:
-                        process = child = _Child.spawn(argv, cwd, env)
-                        nursery.start_soon(_supervise, child, cancel)
-                    else:
-                        process = await nursery.start(
-                            functools.partial(
-                                trio.run_process,
-                                argv,
-                                cwd=str(cwd),
-                                env=env,
-                                stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT,
-                                start_new_session=True,
-                                preexec_fn=preexec_fn,
-                                check=False,
-                                deliver_cancel=cancel,
+    try:
+        with trio.move_on_after(timeout) as wall:
+            async with trio.open_nursery() as nursery:
+                try:
+                    if start_error is not None:  # as subprocess would have raised it
+                        raise start_error
+                    with contain.spawning():
+                        if preexec_fn is None and SPAWN_ON_LOOP:
+                            process = child = _Child.spawn(argv, cwd, env)
+                            nursery.start_soon(_supervise, child, cancel)
+                        else:
+                            process = await nursery.start(
+                                functools.partial(
+                                    trio.run_process,
+                                    argv,
+                                    cwd=str(cwd),
+                                    env=env,
+                                    stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT,
+                                    start_new_session=True,
+                                    preexec_fn=preexec_fn,
+                                    check=False,
+                                    deliver_cancel=cancel,
+                                )
                             )
-                        )
+                        assert process is not None
+                        contain.track_main(process.pid)
+                        containment.started(process.pid)
+                except (OSError, subprocess.SubprocessError) as exc:  # could not be started
+                    start_error = exc if isinstance(exc, OSError) else OSError(str(exc))
+                else:
                     assert process is not None
-                    contain.track_main(process.pid)
-                    containment.started(process.pid)
-            except (OSError, subprocess.SubprocessError) as exc:  # could not be started
-                start_error = exc if isinstance(exc, OSError) else OSError(str(exc))
-            else:
-                assert process is not None
-                reading = trio.CancelScope()
-                nursery.start_soon(_end_with_main, process, containment, reading)
-                limited = await _stream_log(process, assign, send, stop_all, reading)
-    if process is not None:
-        contain.untrack_main(process.pid)
-    if child is not None:
-        child.close()
+                    reading = trio.CancelScope()
+                    nursery.start_soon(_end_with_main, process, containment, reading)
+                    limited = await _stream_log(process, assign, send, stop_all, reading)
+    finally:  # also when the build is cancelled from outside (an Abort)
+        if process is not None:
+            contain.untrack_main(process.pid)
+        if child is not None:
+            child.close()
     if start_error is not None:
         return await _not_started(assign, send, start_error)
     if wall.cancelled_caught:
