@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import uuid
 from typing import Any
 
@@ -107,11 +108,14 @@ class LeaseHolder:
 
 class LeaseStore:
     """The lease row, on a PostgreSQL connection of its own.  Every method blocks (call it in
-    a worker thread), one at a time."""
+    a worker thread); they take turns (a call abandoned by its caller's deadline may still
+    run in its thread when the next one starts, and two threads sharing the connection could
+    each open one and drop the other's unclosed)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._conn: Any = None
+        self._turn = threading.RLock()
 
     def _connection(self) -> Any:
         import psycopg
@@ -133,12 +137,13 @@ class LeaseStore:
     def _execute(self, statement: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         import psycopg
 
-        try:
-            cursor = self._connection().execute(statement, args)
-            return list(cursor.fetchall()) if cursor.description else []
-        except psycopg.Error:
-            self.close()  # a new connection next time
-            raise
+        with self._turn:
+            try:
+                cursor = self._connection().execute(statement, args)
+                return list(cursor.fetchall()) if cursor.description else []
+            except psycopg.Error:
+                self.close()  # a new connection next time
+                raise
 
     def migrate(self) -> None:
         for statement in _SCHEMA:
@@ -162,12 +167,13 @@ class LeaseStore:
         return LeaseHolder(int(epoch), holder, builders, http, bool(live))
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                log.debug("closing the lease connection failed", exc_info=True)
-            self._conn = None
+        with self._turn:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except Exception:
+                    log.debug("closing the lease connection failed", exc_info=True)
+                self._conn = None
 
 
 @attrs.define(eq=False)
