@@ -3,10 +3,13 @@ tampered entry is found and fetched again, and many small files are fetched pipe
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import stat
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -169,6 +172,36 @@ async def test_a_pipelined_fetch_of_many_small_files_ends_with_all_of_them(
     for path, data in files.items():
         assert (tmp_path / "in" / "dep" / path).read_bytes() == data
     assert not list((tmp_path / "cache" / "tmp").iterdir())
+
+
+async def test_a_fetched_small_file_is_not_held_in_memory_once_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a small file's answer brought is let go once its batch is in the cache, not kept
+    until the last of the build's files has arrived (100,000 inputs of up to 256 KiB each
+    would otherwise all be in the builder's memory at the end)."""
+    files = {f"f{i}": b"%d\n" % i * 100 for i in range(2000)}
+    written: list[weakref.ref[object]] = []
+    held_after_writing: list[int] = []
+    keep_small = InputFetcher._keep_small
+
+    def keep_and_count(self: InputFetcher, batch: list[Any], tmp: Path) -> None:
+        gc.collect()
+        held_after_writing.append(sum(ref() is not None for ref in written))
+        keep_small(self, batch, tmp)
+        written.extend(weakref.ref(small) for small in batch)
+
+    monkeypatch.setattr(InputFetcher, "_keep_small", keep_and_count)
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, {sha(d): d for d in files.values()})
+        fetcher = fetcher_for(runner, tmp_path / "cache")
+        with trio.fail_after(600):
+            await place_inputs(assign_of(files), tmp_path / "in", fetcher)
+    assert len(held_after_writing) > 3
+    # of the files already written, at most one is still referenced (the receiving loop's
+    # variable for the last answer it took)
+    assert max(held_after_writing) <= 1, held_after_writing
+    assert (tmp_path / "in" / "dep" / "f1999").read_bytes() == files["f1999"]
 
 
 async def test_a_stalled_small_fetch_times_out(

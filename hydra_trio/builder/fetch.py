@@ -200,7 +200,9 @@ class InputFetcher:
         batches, taken = trio.open_memory_channel[list[_SmallFetch]](1)
         tmp = self.entries.tmp_dir()
         await trio.to_thread.run_sync(functools.partial(tmp.mkdir, parents=True, exist_ok=True))
-        started: list[_SmallFetch] = []
+        # the requests of this call still unanswered, to forget if it ends early (not every
+        # request made: that list would keep every fetched file's data until the last one)
+        asked: set[int] = set()
 
         async def receive() -> None:
             async with batches:
@@ -219,7 +221,7 @@ class InputFetcher:
                         small = _SmallFetch(upcoming, self._next_request, arrived_send)
                         self._next_request += 1
                         self._small[small.request_id] = small
-                        started.append(small)
+                        asked.add(small.request_id)
                         requests.append(small.request(assign))
                         in_flight += 1
                         in_bytes += upcoming.size
@@ -240,6 +242,7 @@ class InputFetcher:
                             break
                     for small in done:
                         del self._small[small.request_id]
+                        asked.discard(small.request_id)
                         in_flight -= 1
                         in_bytes -= small.info.size
                         if small.error:
@@ -267,8 +270,8 @@ class InputFetcher:
         try:
             await beside(receive, write)
         finally:
-            for small in started:
-                self._small.pop(small.request_id, None)
+            for request_id in asked:
+                self._small.pop(request_id, None)
 
     def _keep_small(self, batch: list[_SmallFetch], tmp: Path) -> None:
         """Check, write and keep each fetched small file in the cache (in a thread)."""
