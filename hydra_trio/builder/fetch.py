@@ -51,9 +51,12 @@ from hydra_trio.protocol.validators import MAX_LIST
 
 #: Input bytes asked for per FetchRequest (what the runner reads in one thread hop; it answers
 #: in frames of ``codec.TRANSFER_FRAME``), and requests in flight: enough to keep a loopback or
-#: LAN link busy, few enough that a fetch holds at most FETCH_WINDOW x FETCH_CHUNK in memory.
+#: LAN link busy, few enough that a fetch holds at most FETCH_WINDOW x FETCH_CHUNK in memory
+#: (here and in the runner's outbox, per large file being fetched).  With 4 in flight a fetch
+#: of 512 MiB over loopback waited on the round trips (neither side busy, 400-450 MB/s); 16
+#: made it 1.3x faster (8: 1.1x; 32: no faster, 20 MiB more RSS; docs/performance.md).
 FETCH_CHUNK = 1024 * 1024
-FETCH_WINDOW = 4
+FETCH_WINDOW = 16
 #: Files up to this size are fetched pipelined, each with one request for all of it (answered
 #: in at most 4 frames); ``SMALL_WINDOW`` requests and ``SMALL_WINDOW_BYTES`` in flight bound
 #: what the builder holds (a file is kept in memory from its answer until its batch is written).
