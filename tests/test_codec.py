@@ -83,6 +83,51 @@ def test_trailing_partial_frame_stays_buffered() -> None:
     assert decoder.feed(second[5:]) == [m.Pong(seq=2)]
 
 
+@FAST
+@given(
+    st.lists(any_message, min_size=1, max_size=8),
+    st.lists(st.integers(0, 2000)),
+    st.integers(1, 3),
+    st.booleans(),
+    st.booleans(),
+)
+def test_a_limit_decodes_the_same_frames_a_few_at_a_time(
+    messages: list[m.Message], cuts: list[int], limit: int, drain: bool, mutable: bool
+) -> None:
+    """With a ``limit``, ``feed`` returns at most that many messages and keeps the rest of
+    the chunk (``pending``) for the next call, ``feed(b"")`` or one with more data: the same
+    messages come out in the same order, whatever the chunking."""
+    stream = b"".join(codec.encode(msg) for msg in messages)
+    decoder = codec.FrameDecoder()
+    out: list[m.Message] = []
+    for chunk in split(stream, cuts):
+        got = decoder.feed(bytearray(chunk) if mutable else chunk, limit)
+        assert len(got) <= limit
+        out += got
+        while drain and decoder.pending:
+            got = decoder.feed(b"", limit)
+            assert len(got) <= limit
+            out += got
+    while decoder.pending:
+        out += decoder.feed(b"", limit)
+    assert out == messages
+    assert decoder.buffered == 0
+    decoder.check_eof()
+
+
+def test_a_limit_keeps_the_rest_pending() -> None:
+    """Five frames and the start of a sixth, two at a time: the sixth waits for its end."""
+    frames = [codec.encode(m.Pong(seq=i)) for i in range(6)]
+    decoder = codec.FrameDecoder()
+    assert decoder.feed(b"".join(frames[:5]) + frames[5][:3], 2) == [m.Pong(seq=0), m.Pong(seq=1)]
+    assert decoder.pending
+    assert decoder.feed(b"", 2) == [m.Pong(seq=2), m.Pong(seq=3)]
+    assert decoder.feed(b"", 2) == [m.Pong(seq=4)]
+    assert not decoder.pending
+    assert decoder.buffered == 3
+    assert decoder.feed(frames[5][3:], 2) == [m.Pong(seq=5)]
+
+
 def test_memoryview_and_bytearray_input() -> None:
     """feed accepts bytearray and memoryview as well as bytes."""
     frame = codec.encode(m.Pong(seq=1))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import platform
 import socket
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import trio
@@ -407,5 +409,48 @@ async def test_frames_one_read_brought_are_applied_letting_other_tasks_run_betwe
     # each of the 63 checkpoints, about one time in two: trio runs a batch of tasks in either
     # order); all frames came in one read or a few (the socket buffer holds them all).
     assert len(set(seen[1:])) >= 10
+    a.close()
+    b.close()
+
+
+async def test_frames_one_read_brought_are_decoded_letting_other_tasks_run_between(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Decoding is interleaved too: a read of 256 KiB can bring 2,000 small frames, and
+    decoding them all before returning the first held the event loop for tens of ms (the
+    runner's longest pong gap during a 100,000-file upload).  ``receive`` decodes them
+    ``BACKLOG_RUN`` at a time, other tasks running in between."""
+    a, b = trio.socket.socketpair()
+    left, right = established(a, b)
+    count = 64 * net.BACKLOG_RUN
+    await left.send_all([m.Ping(seq=i) for i in range(count)])  # all in the socket
+    ticks = 0
+    decoded_at: list[int] = []
+    decode_body = codec.decode_body
+
+    def counting_decode(body: Any) -> m.Message:
+        decoded_at.append(ticks)
+        return decode_body(body)
+
+    monkeypatch.setattr(codec, "decode_body", counting_decode)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+
+            async def other_task() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(other_task)
+            received = [await right.receive() for _ in range(count)]
+            nursery.cancel_scope.cancel()
+    assert [r.seq for r in received if isinstance(r, m.Ping)] == list(range(count))
+    # The frames came in one read or a few; their decoding was spread over many of the other
+    # task's turns: BACKLOG_RUN frames a run (and one completing an earlier read's), at most
+    # two runs between two of its turns (trio runs a batch of tasks in either order).
+    runs = collections.Counter(decoded_at)
+    assert len(runs) >= 10, runs
+    assert max(runs.values()) <= 2 * net.BACKLOG_RUN + 1, runs
     a.close()
     b.close()

@@ -232,12 +232,16 @@ class Connection:
 
     # -- receiving --------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Message]:
-        """Feed received bytes; return the messages they complete, checked for order."""
+    def receive_data(
+        self, data: bytes | bytearray | memoryview, now: float, limit: int = 0
+    ) -> list[Message]:
+        """Feed received bytes; return the messages they complete, checked for order.  With
+        a ``limit``, at most that many: the rest is decoded by later calls (``pending``;
+        ``receive_data(b"", now, limit)``)."""
         if self.state is ConnectionState.CLOSED and data:
             raise RemoteProtocolError("data received after the connection was closed")
         try:
-            messages = self._decoder.feed(data)
+            messages = self._decoder.feed(data, limit)
         except RemoteProtocolError:
             self.state = ConnectionState.CLOSED
             raise
@@ -258,6 +262,11 @@ class Connection:
                 self.last_received = now
                 self._progress = 0
         return messages
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes received earlier are still to be decoded (see ``receive_data``)."""
+        return self._decoder.pending
 
     def receive_eof(self) -> None:
         """The peer closed its side.  Raises if it did so in the middle of a frame."""
