@@ -45,8 +45,10 @@ from hydra_trio.runner.uploads import UploadReceiver
 MAX_FETCH_CHUNK = 1024 * 1024
 #: One ``ListData`` carries at most this many files, and stops once they take about this many
 #: bytes (a path is at most 64 Ki characters: the frame stays far below the frame limit).
-LIST_PIECE_FILES = 10_000
-LIST_PIECE_BYTES = 1024 * 1024
+#: Encoding a piece runs on the event loop: ~23 ms for 1 MiB (10,000 short paths) on an idle
+#: core, ~6 ms for 256 KiB; the builder decodes it in one go too (~37 ms for 1 MiB).
+LIST_PIECE_FILES = 2_500
+LIST_PIECE_BYTES = 256 * 1024
 
 
 class BuilderEnd(Protocol):
