@@ -380,12 +380,16 @@ async def test_builds_with_many_outputs_are_shown_whole_from_a_worker_thread(
     runner: Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A build listing more outputs than ENCODE_INLINE is shown, alone or in a list, with
-    every output in order, encoded off the event loop: the same JSON as inline."""
+    every output in order, encoded off the event loop, ENCODE_INLINE outputs per piece (one
+    ``json.dumps`` of them all holds the GIL, and so the event loop, for its whole length):
+    the same JSON as inline."""
     on_loop: list[bool] = []
+    pieces: list[int] = []
     outputs_json = model.outputs_json
 
     def watched(files: tuple[FileInfo, ...]) -> list[dict[str, Any]]:
         on_loop.append(threading.current_thread() is threading.main_thread())
+        pieces.append(len(files))
         return outputs_json(files)
 
     with trio.fail_after(LIMIT):
@@ -403,4 +407,5 @@ async def test_builds_with_many_outputs_are_shown_whole_from_a_worker_thread(
     assert [b for b in listed if b["id"] == build_id] == [shown]
     assert len(shown["outputs"]) == runner_http.ENCODE_INLINE + 5
     assert shown["outputs"][7] == {"path": "d/f7", "size": 7, "sha256": build.outputs[7].sha256}
-    assert on_loop == [False, False]
+    assert on_loop == [False] * 4
+    assert pieces == [runner_http.ENCODE_INLINE, 5] * 2
