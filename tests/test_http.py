@@ -380,7 +380,7 @@ async def test_builds_with_many_outputs_are_shown_whole_from_a_worker_thread(
     runner: Runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A build listing more outputs than ENCODE_INLINE is shown, alone or in a list, with
-    every output in order, encoded off the event loop, ENCODE_INLINE outputs per piece (one
+    every output in order, encoded off the event loop, JSON_PIECE outputs per piece (one
     ``json.dumps`` of them all holds the GIL, and so the event loop, for its whole length):
     the same JSON as inline."""
     on_loop: list[bool] = []
@@ -407,5 +407,8 @@ async def test_builds_with_many_outputs_are_shown_whole_from_a_worker_thread(
     assert [b for b in listed if b["id"] == build_id] == [shown]
     assert len(shown["outputs"]) == runner_http.ENCODE_INLINE + 5
     assert shown["outputs"][7] == {"path": "d/f7", "size": 7, "sha256": build.outputs[7].sha256}
-    assert on_loop == [False] * 4
-    assert pieces == [runner_http.ENCODE_INLINE, 5] * 2
+    count = runner_http.ENCODE_INLINE + 5
+    expected = [min(model.JSON_PIECE, count - at) for at in range(0, count, model.JSON_PIECE)]
+    assert len(expected) > 1
+    assert on_loop == [False] * 2 * len(expected)
+    assert pieces == expected * 2

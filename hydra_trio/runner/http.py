@@ -35,7 +35,6 @@ from starlette.responses import (
 from starlette.routing import BaseRoute, Route
 
 from hydra_trio.nixstore import NixError
-from hydra_trio.protocol.messages import FileInfo
 from hydra_trio.runner import nix, openapi
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.dashboard import dashboard
@@ -43,7 +42,14 @@ from hydra_trio.runner.farm import Farm, InvalidGraphError, UnknownBuildError
 from hydra_trio.runner.front import unavailable_response
 from hydra_trio.runner.httpauth import RequireToken
 from hydra_trio.runner.metrics import collect_metrics, format_metrics, health_family
-from hydra_trio.runner.model import Build, BuildState, Machine, outputs_json
+from hydra_trio.runner.model import (
+    Build,
+    BuildState,
+    Machine,
+    compact_json,
+    json_list,
+    outputs_json,
+)
 from hydra_trio.runner.registry import AmbiguousMachineError
 from hydra_trio.runner.specs import (
     BodyError,
@@ -64,8 +70,7 @@ MAX_BODY = 64 * 1024 * 1024
 _THREAD_JSON = 256 * 1024
 
 
-#: Answers showing builds with more outputs than this in all are encoded in a worker thread,
-#: their outputs this many per ``json.dumps`` call.
+#: Answers showing builds with more outputs than this in all are encoded in a worker thread.
 ENCODE_INLINE = 1000
 #: ``GET /builds/{id}/log?tail=N`` returns at most this many bytes (the end of the log).
 MAX_TAIL = 64 * 1024
@@ -399,31 +404,17 @@ class RunnerApi:
         outputs = [b.outputs for b in builds]
 
         def encode() -> bytes:
-            # Each build's outputs are encoded ENCODE_INLINE at a time and spliced in where a
-            # placeholder string was encoded: ``json.dumps`` does not let go of the GIL, and
-            # one call over 100,000 outputs kept the event loop from running ~200 ms.
+            # Each build's outputs are encoded JSON_PIECE at a time (``json_list``) and
+            # spliced in where a placeholder string was encoded.
             token = secrets.token_hex(8)
             spliced: dict[str, str] = {}
             for index, (view, files) in enumerate(zip(views, outputs, strict=True)):
                 view["outputs"] = placeholder = f"\x00{token}-{index}\x00"
-                spliced[_dumps(placeholder)] = _dumps_in_pieces(files)
-            text = _dumps(shape(views))
+                spliced[compact_json(placeholder)] = json_list(files, outputs_json)
+            text = compact_json(shape(views))
             return re.sub("|".join(map(re.escape, spliced)), lambda m: spliced[m[0]], text).encode()
 
         return Response(await trio.to_thread.run_sync(encode), media_type="application/json")
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def _dumps_in_pieces(files: tuple[FileInfo, ...]) -> str:
-    """``_dumps(outputs_json(files))``, ENCODE_INLINE files per call."""
-    pieces = (
-        _dumps(outputs_json(files[start : start + ENCODE_INLINE]))[1:-1]
-        for start in range(0, len(files), ENCODE_INLINE)
-    )
-    return "[" + ",".join(pieces) + "]"
 
 
 async def _store_unavailable(request: Request, exc: Exception) -> Response:

@@ -17,7 +17,14 @@ import attrs
 
 from hydra_trio.protocol.messages import BuildStatus, FileInfo
 from hydra_trio.runner.journal import Changes
-from hydra_trio.runner.model import Build, BuildSpec, BuildState, Machine, MachineState
+from hydra_trio.runner.model import (
+    Build,
+    BuildSpec,
+    BuildState,
+    Machine,
+    MachineState,
+    json_list,
+)
 
 
 def spec_to_json(spec: BuildSpec) -> str:
@@ -96,13 +103,17 @@ def rows(changes: Changes, last_seen: float) -> Rows:
     )
 
 
+def _file_infos(files: tuple[FileInfo, ...]) -> list[dict[str, Any]]:
+    return [attrs.asdict(f) for f in files]
+
+
 def sql_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
     spec, outputs, timings, failed_on = row[2], row[14], row[15], row[16]
     return (
         *row[:2],
         spec_to_json(spec),
         *row[3:14],
-        json.dumps([attrs.asdict(f) for f in outputs]),
+        json_list(outputs, _file_infos),
         json.dumps(timings),
         json.dumps(failed_on),
     )
