@@ -191,7 +191,16 @@ def one_run(tmp: Path, files: int, index: int) -> dict[str, float]:
         src.mkdir()
         subprocess.run([sys.executable, "-c", MAKE_FILES, str(src), str(files)], check=True)
         baseline = tar_over_socket(src, work / "untarred")
-        return {"commit": commit, "fetch": fetch, "tar": baseline, "gap": gap}
+        return {
+            "commit": commit,
+            "fetch": fetch,
+            "tar": baseline,
+            "gap": gap,
+            # the commit's parts: the builder's scan and upload, then the runner's check
+            "upload": a_timings.get("upload", 0.0),
+            "check": commit - a_timings.get("upload", 0.0),
+            "b_fetch": b_timings.get("fetch", 0.0),
+        }
     finally:
         farm.close()
 
@@ -280,7 +289,8 @@ def main() -> int:
         print(
             f"run {index + 1}: {args.files:,} files: commit {run['commit']:.1f} s, "
             f"dispatch+fetch {run['fetch']:.1f} s, tar c | tar x {run['tar']:.1f} s, "
-            f"longest pong gap {run['gap'] * 1000:.0f} ms",
+            f"longest pong gap {run['gap'] * 1000:.0f} ms (commit: builder's scan and upload "
+            f"{run['upload']:.1f} s, then {run['check']:.1f} s; fetch on B {run['b_fetch']:.1f} s)",
             flush=True,
         )
     shutil.rmtree(tmp, ignore_errors=True)
