@@ -380,16 +380,29 @@ async def test_a_sender_cancelled_mid_write_loses_no_frame_of_its_own_or_of_othe
     b.close()
 
 
-async def test_frames_one_read_brought_are_applied_letting_other_tasks_run_between() -> None:
+async def test_frames_one_read_brought_are_decoded_and_applied_letting_other_tasks_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A read can bring thousands of small frames that need no waiting to apply (a runner
-    stages small uploads in memory): ``receive`` lets the other tasks (another builder's
-    ping) run every ``BACKLOG_RUN`` frames instead of after the whole backlog."""
+    stages small uploads in memory; 2,000 fit in a read of 256 KiB): ``receive`` decodes
+    them and returns them ``BACKLOG_RUN`` at a time, letting the other tasks (another
+    builder's ping) run in between, not after the whole backlog (decoding them all before
+    returning the first was the runner's longest pong gap during a 100,000-file upload)."""
     a, b = trio.socket.socketpair()
     left, right = established(a, b)
     count = 64 * net.BACKLOG_RUN
     await left.send_all([m.Ping(seq=i) for i in range(count)])  # all in the socket
     ticks = 0
-    seen: list[int] = []
+    returned_at: list[int] = []
+    decoded_at: list[int] = []
+    decode_body = codec.decode_body
+
+    def counting_decode(body: Any) -> m.Message:
+        decoded_at.append(ticks)
+        return decode_body(body)
+
+    monkeypatch.setattr(codec, "decode_body", counting_decode)
+    received: list[m.Message] = []
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
 
@@ -401,54 +414,15 @@ async def test_frames_one_read_brought_are_applied_letting_other_tasks_run_betwe
 
             nursery.start_soon(other_task)
             for _ in range(count):
-                await right.receive()
-                seen.append(ticks)
-            nursery.cancel_scope.cancel()
-    # the other task ran between runs of the backlog, not only before its first frame
-    # The other task ran between runs of the backlog, not only before its first frame (at
-    # each of the 63 checkpoints, about one time in two: trio runs a batch of tasks in either
-    # order); all frames came in one read or a few (the socket buffer holds them all).
-    assert len(set(seen[1:])) >= 10
-    a.close()
-    b.close()
-
-
-async def test_frames_one_read_brought_are_decoded_letting_other_tasks_run_between(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Decoding is interleaved too: a read of 256 KiB can bring 2,000 small frames, and
-    decoding them all before returning the first held the event loop for tens of ms (the
-    runner's longest pong gap during a 100,000-file upload).  ``receive`` decodes them
-    ``BACKLOG_RUN`` at a time, other tasks running in between."""
-    a, b = trio.socket.socketpair()
-    left, right = established(a, b)
-    count = 64 * net.BACKLOG_RUN
-    await left.send_all([m.Ping(seq=i) for i in range(count)])  # all in the socket
-    ticks = 0
-    decoded_at: list[int] = []
-    decode_body = codec.decode_body
-
-    def counting_decode(body: Any) -> m.Message:
-        decoded_at.append(ticks)
-        return decode_body(body)
-
-    monkeypatch.setattr(codec, "decode_body", counting_decode)
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-
-            async def other_task() -> None:
-                nonlocal ticks
-                while True:
-                    ticks += 1
-                    await trio.lowlevel.checkpoint()
-
-            nursery.start_soon(other_task)
-            received = [await right.receive() for _ in range(count)]
+                received.append(await right.receive())
+                returned_at.append(ticks)
             nursery.cancel_scope.cancel()
     assert [r.seq for r in received if isinstance(r, m.Ping)] == list(range(count))
-    # The frames came in one read or a few; their decoding was spread over many of the other
-    # task's turns: BACKLOG_RUN frames a run (and one completing an earlier read's), at most
-    # two runs between two of its turns (trio runs a batch of tasks in either order).
+    # The frames came in one read or a few (the socket buffer holds them all); the other
+    # task ran between runs of them, at most two runs between two of its turns (trio runs a
+    # batch of tasks in either order), each of BACKLOG_RUN frames (and one completing an
+    # earlier read's).
+    assert len(set(returned_at[1:])) >= 10
     runs = collections.Counter(decoded_at)
     assert len(runs) >= 10, runs
     assert max(runs.values()) <= 2 * net.BACKLOG_RUN + 1, runs
