@@ -60,8 +60,11 @@ FETCH_WINDOW = 16
 #: Files up to this size are fetched pipelined, each with one request for all of it (answered
 #: in at most 4 frames); ``SMALL_WINDOW`` requests and ``SMALL_WINDOW_BYTES`` in flight bound
 #: what the builder holds (a file is kept in memory from its answer until its batch is written).
+#: 256 in flight (as many as the runner queues before its receive loop waits,
+#: ``fetches.QUEUE_SIZE``) instead of 64: 30,000 small files on tmpfs 3.7-4.1 -> 3.1-3.2 s,
+#: 100,000: 12.6 -> 11.2 s (both sides were mostly idle, waiting on round trips).
 SMALL_FILE = 256 * 1024
-SMALL_WINDOW = 64
+SMALL_WINDOW = 256
 SMALL_WINDOW_BYTES = 8 * 1024 * 1024
 #: A writer's thread hop takes at most this many arrived files (or bytes), and a check or a
 #: placement in the cache this many files.
