@@ -49,9 +49,8 @@ class FramedChannel:
         self.connection = connection
         self._pending: list[bytes | memoryview] = []
         self._write_lock = trio.Lock()
+        #: decoded frames not yet returned: at most BACKLOG_RUN from one decoding
         self._received: deque[Message] = deque()
-        #: frames returned from ``_received`` since this task last let others run
-        self._unyielded = 0
         self._eof = False
         # On TCP, read and write the stream's trio socket directly: SocketStream's
         # receive_some/send_all wrap every call in two context managers (one translating
@@ -132,20 +131,14 @@ class FramedChannel:
                 self.watchdog.deadline = max(
                     self.watchdog.deadline, trio.current_time() + self.connection.peer_timeout
                 )
-            self._unyielded += 1
-            if self._unyielded >= BACKLOG_RUN:
-                # Applying a backlog need not wait for anything (a small upload is staged in
-                # memory): let the other tasks run between runs of it (another connection's
-                # ping), as a read would have.
-                self._unyielded = 0
-                await trio.lowlevel.checkpoint()
             return received.popleft()
-        self._unyielded = 0
         while not received:
             if self.connection.pending:
                 # The rest of an earlier read, decoded BACKLOG_RUN frames at a time with other
-                # tasks let run in between (decoding a read of 2,000 small frames at once held
-                # the event loop ~20 ms on an idle core, 100+ ms on a busy one).
+                # tasks let run in between (another connection's ping), as a read would have:
+                # applying a backlog need not wait for anything (a small upload is staged in
+                # memory), and decoding a read of 2,000 small frames at once held the event
+                # loop ~20 ms on an idle core, 100+ ms on a busy one.
                 await trio.lowlevel.checkpoint()
                 received.extend(self.connection.receive_data(b"", trio.current_time(), BACKLOG_RUN))
                 if self.watchdog is not None:
