@@ -34,6 +34,15 @@ Measured:
   the source sends from memory), the work of an upload's receiving end; and the **naive
   read-hash-send -> receive-write-hash** pair (the source reads a file of the same bytes in
   1 MiB pieces and hashes them before sending), the work of a fetch end to end.
+- **page state**: on the project's VM (a custom ``page_reporting`` module: virtio-balloon free
+  page reporting) memory freed is handed back to the host over the next seconds, and writing
+  a new file into such pages costs ~1.7 s of kernel CPU per GiB against ~0.2 s for pages
+  freed a moment ago.  Measured here with a plain 1 GiB write loop after a pause following
+  the deletion of the previous 1 GiB file: 0.2 s -> 4,000-4,400 MiB/s, 1 s -> 2,500-4,800,
+  4 s -> 1,150-1,300, 10 s -> 600.  The farm's transfers always write into such cold pages
+  (the daemons start and the build runs first), while a baseline run just after the
+  previous one's file was deleted wrote at up to twice their rate.  So each naive baseline
+  runs after ``PAGE_SETTLE`` seconds of quiet: the same work in the same conditions.
 
 Goals: upload >= 1.0x the naive receive-write-hash loop, fetch >= 1.0x the naive
 read-hash-send -> receive-write-hash pair (the ratios to the raw copy are reported too);
@@ -78,6 +87,9 @@ CHUNK = 256 * 1024
 #: goal: upload and fetch at least as fast as the naive single-thread loops doing the same work.
 GOAL_NAIVE = 1.0
 GOAL_RSS_MIB = 150
+#: seconds of quiet before each naive baseline, so that it too writes into pages the kernel
+#: has to get back from the host (see the docstring).
+PAGE_SETTLE = 10.0
 #: the longest one repetition's transfer may take before the script gives up.
 RUN_TIMEOUT = 600.0
 GENERATE = (
@@ -439,7 +451,9 @@ def main() -> int:
         make_source(source_file, args.size)
         for index in range(args.repeat):
             raw = raw_copy(args.size)
+            time.sleep(PAGE_SETTLE)
             naive_in = naive_receive(args.size, tmp / "naive-in")
+            time.sleep(PAGE_SETTLE)
             naive_ff = naive_file_to_file(source_file, tmp / "naive-ff")
             workdir = tmp / f"run{index + 1}"
             workdir.mkdir()
