@@ -412,6 +412,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 x 128 MiB")
     parser.add_argument("--profile", type=Path, default=None, help="cProfile the daemons")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (1 GiB files!)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=PAGE_SETTLE,
+        help="seconds of quiet before each naive baseline (0: an A/B of the farm alone)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--figures", type=Path, help="write the summary figures here (run_all)")
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
@@ -451,9 +457,9 @@ def main() -> int:
         make_source(source_file, args.size)
         for index in range(args.repeat):
             raw = raw_copy(args.size)
-            time.sleep(PAGE_SETTLE)
+            time.sleep(args.settle)
             naive_in = naive_receive(args.size, tmp / "naive-in")
-            time.sleep(PAGE_SETTLE)
+            time.sleep(args.settle)
             naive_ff = naive_file_to_file(source_file, tmp / "naive-ff")
             workdir = tmp / f"run{index + 1}"
             workdir.mkdir()
