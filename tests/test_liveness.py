@@ -341,8 +341,14 @@ async def test_builder_messages_are_applied_only_for_the_current_attempt(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
     """Progress and log frames of the current attempt are applied."""
+    # Timeouts of days, not the contract's 30 s: the runner appends the log chunk in a worker
+    # thread before it reads the next frame, and while that thread takes real time the
+    # autojump clock runs on (wait_until polls, a few hundred virtual seconds per real second
+    # of it); with 30 s, a loaded machine let the builder's ping timeout pass meanwhile, and
+    # the build failed as builder-lost three times.  Liveness is not what this test is about.
+    days = attrs.evolve(RUNNER, builder_timeout=30 * 86400.0)
     async with trio.open_nursery() as nursery:
-        farm = Farmlet(nursery, RUNNER, tmp_path / "runner")
+        farm = Farmlet(nursery, days, tmp_path / "runner")
 
         async def execute(assign: Assign, build_dir: Path, send, env, fetch) -> Result:  # type: ignore[no-untyped-def]
             await send(
@@ -356,10 +362,12 @@ async def test_builder_messages_are_applied_only_for_the_current_attempt(
                 exit_code=0,
             )
 
-        await farm.add_builder("a", builder_config(tmp_path, "a"), execute=execute)
+        config = builder_config(tmp_path, "a", ping_interval=86400.0)
+        await farm.add_builder("a", config, execute=execute)
         build = farm.farm.submit(spec(), trio.current_time())
         await wait_until(lambda: build.state.finished)
         assert build.state is BuildState.SUCCEEDED
+        assert build.attempts == 1
         assert await farm.storage.logs.read(build.id, build.attempts) == b"hi\n"
         assert farm.farm.metrics.stale_rejected == 0
         nursery.cancel_scope.cancel()

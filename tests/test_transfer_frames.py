@@ -77,24 +77,28 @@ async def run_against(
             return []
         return answer(message)  # type: ignore[operator,no-any-return]
 
-    with trio.fail_after(3600):
-        async with trio.open_nursery() as nursery:
-            # One connection is all this runner takes.
-            runner = FakeRunner(nursery, assign=assign, answer=answer_fetches, connections=1)
+    # No virtual deadline around the whole (a fail_after(3600) was): the fetch, the build's
+    # process and the upload run in worker threads and child processes, and while they take
+    # real time wait_until's polling runs the autojump clock on, a few hundred virtual seconds
+    # per real second; on a loaded machine an hour of virtual time went by.  wait_until's own
+    # limit (100,000 virtual seconds, minutes of real polling) still ends a hang.
+    async with trio.open_nursery() as nursery:
+        # One connection is all this runner takes.
+        runner = FakeRunner(nursery, assign=assign, answer=answer_fetches, connections=1)
 
-            async def connect() -> trio.abc.Stream:
-                stream = await runner.connect()
-                return SlowToReturn(stream) if slow_send else stream
+        async def connect() -> trio.abc.Stream:
+            stream = await runner.connect()
+            return SlowToReturn(stream) if slow_send else stream
 
-            run = functools.partial(run_builder, config, connect=connect, state=state)
-            await nursery.start(run)
-            await wait_until(
-                lambda: (
-                    any(isinstance(m, Result) for m in runner.received)
-                    or any(e.kind is EventKind.DISCONNECTED for e in state.events)
-                )
+        run = functools.partial(run_builder, config, connect=connect, state=state)
+        await nursery.start(run)
+        await wait_until(
+            lambda: (
+                any(isinstance(m, Result) for m in runner.received)
+                or any(e.kind is EventKind.DISCONNECTED for e in state.events)
             )
-            nursery.cancel_scope.cancel()
+        )
+        nursery.cancel_scope.cancel()
     seen = runner.received
     return seen, state
 
