@@ -15,8 +15,26 @@ import trio
 
 from hydra_trio.runner.store import PostgresStore, SqliteStore, Store
 
+from .helpers import slow_threads
 from .helpers.pg import Cluster, find_bindir
 from .helpers.runner import Runner, start_runner
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow-threads",
+        metavar="MIN-MAX",
+        help="delay every trio.to_thread.run_sync job MIN..MAX s of real time in its thread "
+        "(a loaded machine; see tests/helpers/slow_threads.py)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _slow_threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    value = request.config.getoption("--slow-threads")
+    if value:
+        slowed = slow_threads.slow_run_sync(*slow_threads.parse(value))
+        monkeypatch.setattr(trio.to_thread, "run_sync", slowed)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -24,6 +42,8 @@ def pytest_configure(config: pytest.Config) -> None:
     user: Nix builds as that user (``build-users-group =``), so the tests need no ``nixbld``
     group or build users, which a root Nix otherwise requires (and a bare ``nix-bin`` install
     lacks).  Child processes (the real daemons of the realnet and chaos tests) inherit it."""
+    if config.getoption("--slow-threads"):
+        slow_threads.parse(config.getoption("--slow-threads"))  # a bad value: one line, at once
     extra = os.environ.get("NIX_CONFIG", "")
     os.environ["NIX_CONFIG"] = f"{extra}\nbuild-users-group =" if extra else "build-users-group ="
 

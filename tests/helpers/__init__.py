@@ -13,6 +13,8 @@
 - ``cli``: the command line in-process, in a clean environment.
 - ``procs``: real daemons as child processes; ``pg``: a throwaway PostgreSQL cluster.
 - ``strategies``: hypothesis strategies for every protocol message.
+- ``slow_threads``: ``pytest --slow-threads MIN-MAX`` delays every worker-thread job, to find
+  virtual deadlines a loaded machine's threads can run out under the autojump clock.
 - ``simfarm``, ``simjournal``, ``simprocess``: the whole-farm simulation of
   test_simulation.py.
 """
