@@ -35,7 +35,12 @@ def spec(*command: str) -> BuildSpec:
 async def wait_until(
     predicate: Callable[[], object], *, step: float = 0.01, limit: float = 100_000
 ) -> float:
-    """Poll ``predicate`` in virtual time; returns the time it became true."""
+    """Poll ``predicate`` in virtual time; returns the time it became true.
+
+    ``limit`` is virtual time too, and under the autojump clock polling moves it on while a
+    worker thread is busy: a few hundred virtual seconds per real second of thread work (one
+    poll every ``step``, some 25 us of real time each).  So a limit is a guard against a hang,
+    far above what the work takes, never an assertion that real work ends within it."""
     with trio.fail_after(limit):
         while not predicate():
             await trio.sleep(step)
