@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,21 @@ async def test_stdout_and_stderr_are_merged_into_log_chunks(tmp_path: Path) -> N
     assert result.status is BuildStatus.SUCCESS
     assert send.log() == b"out\nerr\nout2\n"
     assert all(m.build_id == "b1" and m.attempt == 1 for m in send.chunks())
+
+
+async def test_output_printed_a_line_at_a_time_travels_in_few_log_chunks(tmp_path: Path) -> None:
+    """What is read within LOG_LINGER of the first byte not yet sent goes out as one
+    LogChunk: 100 lines printed about a millisecond apart make a few frames, not one a line
+    (each frame costs the runner a thread hop and a file append), and the log is whole."""
+    script = (
+        "import sys, time\n"
+        "for i in range(100):\n"
+        "    sys.stdout.write(f'line {i}\\n'); sys.stdout.flush(); time.sleep(0.001)\n"
+    )
+    result, send, _ = await run(tmp_path, sys.executable, "-c", script)
+    assert result.status is BuildStatus.SUCCESS
+    assert send.log() == b"".join(b"line %d\n" % i for i in range(100))
+    assert len(send.chunks()) < 50  # ~0.1 s of output: 2-3 frames; one a line without it
 
 
 async def test_inputs_without_a_fetcher_fail_as_fetch_failed(tmp_path: Path) -> None:
