@@ -34,6 +34,7 @@ from hydra_trio.protocol.messages import (
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.fetches import FetchServer
+from hydra_trio.runner.logs import LogBehind
 from hydra_trio.runner.model import Machine
 from hydra_trio.runner.outbox import Outbox
 from hydra_trio.runner.results import ResultCommitter
@@ -75,6 +76,8 @@ class FrameHandler:
     storage: Storage
     uploads: UploadReceiver
     results: ResultCommitter
+    #: the session's log chunks, written behind the receive loop.
+    logs: LogBehind
     _table: dict[type[Message], Callable[[Any], Awaitable[None]]] = attrs.field(init=False)
     #: reads and answers fetch requests (``run`` in the session's background nursery).
     fetches: FetchServer = attrs.field(init=False)
@@ -129,10 +132,11 @@ class FrameHandler:
         await self.results.settled(msg.build_id, msg.attempt)
         data = self.farm.on_log(self.session, self.machine, msg)
         if data:
-            await self.storage.logs.append(msg.build_id, msg.attempt, data)
+            await self.logs.append(msg.build_id, msg.attempt, data)
 
     async def result(self, msg: Result) -> None:
         await self.results.settled(msg.build_id, msg.attempt)
+        await self.logs.flushed(msg.build_id, msg.attempt)  # a finished build's log is whole
         await self.results.submit(msg)
 
     async def progress(self, msg: Progress) -> None:

@@ -51,6 +51,7 @@ from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm
 from hydra_trio.runner.frames import FrameHandler
 from hydra_trio.runner.handshake import HandshakeGate, accept_tls, admit
+from hydra_trio.runner.logs import LogBehind
 from hydra_trio.runner.model import Machine
 from hydra_trio.runner.outbox import OUTBOX_SIZE, Outbox
 from hydra_trio.runner.results import ResultCommitter
@@ -204,7 +205,8 @@ async def serve_builder(
                 storage.blobs, farm.metrics, farm.config.max_output_bytes, background
             )
             results = ResultCommitter(farm, session, machine, storage, uploads, background)
-            handler = FrameHandler(farm, session, machine, storage, uploads, results)
+            logs = LogBehind(storage.logs, background)
+            handler = FrameHandler(farm, session, machine, storage, uploads, results, logs)
             background.start_soon(results.run)
             background.start_soon(handler.fetches.run)
             with session.cancel_scope:
