@@ -288,10 +288,12 @@ async def test_output_printed_a_line_at_a_time_travels_in_few_log_chunks(tmp_pat
     assert len(send.chunks()) < 50  # ~0.1 s of output: 2-3 frames; one a line without it
 
 
-async def test_a_large_uploads_chunks_go_out_one_write_each(tmp_path: Path) -> None:
-    """Given a ``Sender`` (what a session gives a build), a large file's upload goes out a
-    chunk (up to 16 frames) per write: 2.5 MiB in three writes; small files a frame each;
-    nothing is lost or reordered."""
+async def test_uploads_go_out_a_chunk_or_a_batch_of_small_files_per_write(
+    tmp_path: Path,
+) -> None:
+    """Given a ``Sender`` (what a session gives a build), the uploads go out in few writes:
+    a 2.5 MiB file in its three chunks of up to 16 frames, 300 small files a read batch at a
+    time; nothing is lost or reordered."""
     writes: list[list[Message]] = []
     single = Recorder()
 
@@ -310,11 +312,13 @@ async def test_a_large_uploads_chunks_go_out_one_write_each(tmp_path: Path) -> N
             {"PATH": os.environ["PATH"]},
         )
     assert result.status is BuildStatus.SUCCESS
-    assert [len(batch) for batch in writes] == [16, 16, 8]
-    big = [m for batch in writes for m in batch if isinstance(m, UploadData)]
-    assert all(m.path == "big" for m in big)
-    assert b"".join(m.data for m in big) == b"x" * 2621440
-    assert {m.path: m.data for m in single.uploads()} == {
+    assert not single.uploads()  # (progress and log go one at a time)
+    uploads = [m for batch in writes for m in batch if isinstance(m, UploadData)]
+    assert len(uploads) == 300 + 40
+    assert [len(batch) for batch in writes] == [256, 44, 16, 16, 8]
+    big = b"".join(m.data for m in uploads if m.path == "big")
+    assert big == b"x" * 2621440
+    assert {m.path: m.data for m in uploads if m.path != "big"} == {
         f"s{i}": b"%d\n" % i for i in range(1, 301)
     }
 
