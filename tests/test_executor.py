@@ -14,15 +14,12 @@ import pytest
 import trio
 
 from hydra_trio.builder import builddir, executor, outputs
-from hydra_trio.builder.attempt import Sender
 from hydra_trio.builder.executor import execute
 from hydra_trio.protocol.messages import (
     Assign,
     BuildStatus,
-    Message,
     Phase,
     Progress,
-    UploadData,
 )
 
 from .helpers.executor import LIMIT, Recorder, assign, run
@@ -286,41 +283,6 @@ async def test_output_printed_a_line_at_a_time_travels_in_few_log_chunks(tmp_pat
     assert result.status is BuildStatus.SUCCESS
     assert send.log() == b"".join(b"line %d\n" % i for i in range(100))
     assert len(send.chunks()) < 50  # ~0.1 s of output: 2-3 frames; one a line without it
-
-
-async def test_uploads_go_out_a_chunk_or_a_batch_of_small_files_per_write(
-    tmp_path: Path,
-) -> None:
-    """Given a ``Sender`` (what a session gives a build), the uploads go out in few writes:
-    a 2.5 MiB file in its three chunks of up to 16 frames, 300 small files a read batch at a
-    time; nothing is lost or reordered."""
-    writes: list[list[Message]] = []
-    single = Recorder()
-
-    async def many(messages: list[Message]) -> None:
-        writes.append(messages)
-
-    script = (
-        'head -c 2621440 /dev/zero | tr "\\0" x > "$OUT/big"; '
-        'for i in $(seq 300); do echo "$i" > "$OUT/s$i"; done'
-    )
-    with trio.fail_after(LIMIT):
-        result = await execute(
-            assign("sh", "-c", script),
-            tmp_path / "build",
-            Sender(single, many),
-            {"PATH": os.environ["PATH"]},
-        )
-    assert result.status is BuildStatus.SUCCESS
-    assert not single.uploads()  # (progress and log go one at a time)
-    uploads = [m for batch in writes for m in batch if isinstance(m, UploadData)]
-    assert len(uploads) == 300 + 40
-    assert [len(batch) for batch in writes] == [256, 44, 16, 16, 8]
-    big = b"".join(m.data for m in uploads if m.path == "big")
-    assert big == b"x" * 2621440
-    assert {m.path: m.data for m in uploads if m.path != "big"} == {
-        f"s{i}": b"%d\n" % i for i in range(1, 301)
-    }
 
 
 async def test_inputs_without_a_fetcher_fail_as_fetch_failed(tmp_path: Path) -> None:

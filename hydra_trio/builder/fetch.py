@@ -27,13 +27,13 @@ import functools
 import hashlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import attrs
 import trio
 
-from hydra_trio.builder.attempt import Send, SendAll
+from hydra_trio.builder.attempt import Send
 from hydra_trio.builder.cache import InputCache
 from hydra_trio.builder.inputs import FetchError
 from hydra_trio.diskio import HashingFile, HashMismatch, beside, receiving
@@ -72,6 +72,8 @@ SMALL_BATCH = 512
 SMALL_BATCH_BYTES = 4 * 1024 * 1024
 CACHE_BATCH = 1000
 
+#: Send several frames in one write (``net.FramedChannel.send_all``).
+SendAll = Callable[[list[Message]], Awaitable[None]]
 #: One file to put under ``$IN``: its listing entry and where it goes.
 Placement = tuple[FileInfo, Path]
 

@@ -19,10 +19,10 @@ from typing import BinaryIO
 
 import trio
 
-from hydra_trio.builder.attempt import Send, send_many
+from hydra_trio.builder.attempt import Send
 from hydra_trio.diskio import beside
 from hydra_trio.protocol.codec import TRANSFER_FRAME
-from hydra_trio.protocol.messages import Assign, FileInfo, Message, UploadData
+from hydra_trio.protocol.messages import Assign, FileInfo, UploadData
 from hydra_trio.protocol.validators import encodable
 
 #: Bytes read per thread hop while uploading: large enough that the hops do not set the pace;
@@ -313,22 +313,20 @@ async def _send_small(
     arriving: trio.MemoryReceiveChannel[list[tuple[FileInfo, bytes]]],
     send: Send,
 ) -> None:
-    """Send each batch of small files in one write (``send_many``)."""
     build_id, attempt = assign.build_id, assign.attempt
     async with arriving:
         async for batch in arriving:
-            frames: list[Message] = [
-                UploadData(
-                    build_id=build_id,
-                    attempt=attempt,
-                    path=info.path,
-                    offset=0,
-                    data=data,
-                    eof=True,
+            for info, data in batch:
+                await send(
+                    UploadData(
+                        build_id=build_id,
+                        attempt=attempt,
+                        path=info.path,
+                        offset=0,
+                        data=data,
+                        eof=True,
+                    )
                 )
-                for info, data in batch
-            ]
-            await send_many(send, frames)
 
 
 async def _send_chunks(
@@ -337,16 +335,12 @@ async def _send_chunks(
     arriving: trio.MemoryReceiveChannel[tuple[list[bytes], bool]],
     send: Send,
 ) -> None:
-    """Send each chunk of a large file (``UPLOAD_CHUNK`` bytes, in frames of
-    ``TRANSFER_FRAME``) in one write (``send_many``): a ``sendmsg`` and a checkpoint a frame
-    held a 1 GiB upload at ~0.85x of what one a chunk does (median of 3 alternated runs)."""
     offset = 0
     async with arriving:
         async for pieces, eof in arriving:
             last = len(pieces) - 1
-            frames: list[Message] = []
             for index, piece in enumerate(pieces):
-                frames.append(
+                await send(
                     UploadData(
                         build_id=assign.build_id,
                         attempt=assign.attempt,
@@ -357,7 +351,6 @@ async def _send_chunks(
                     )
                 )
                 offset += len(piece)
-            await send_many(send, frames)
 
 
 async def _read_ahead(

@@ -31,7 +31,6 @@ from pathlib import Path
 import trio
 
 from hydra_trio import auth, net, sdnotify
-from hydra_trio.builder.attempt import Sender
 from hydra_trio.builder.backoff import Backoff
 from hydra_trio.builder.config import BuilderConfig
 from hydra_trio.builder.fetch import InputFetcher
@@ -324,7 +323,7 @@ class Session:
                 jobs = Jobs(
                     self.config,
                     self.state,
-                    Sender(self.send, self.send_all),
+                    self.send,
                     self.fetcher,
                     nursery,
                     listing=self.fetcher.listing,
