@@ -8,6 +8,9 @@ written stays, ``TRUNCATED_MARKER`` ends it, and nothing more is appended to it;
 goes on.  The marker is written to the file as soon as the disk takes it, and until then added
 by ``read`` to what it returns, so a reader always sees where the log was cut.  The fault is
 reported to ``health`` (``/status`` and ``/metrics``); it never reaches the builder's session.
+
+A builder session's chunks reach the store through ``LogBehind``, which writes them behind the
+session's receive loop, many per thread hop.
 """
 
 from __future__ import annotations
@@ -92,10 +95,6 @@ class LogStore:
     def path(self, build_id: str, attempt: int) -> Path:
         return self.root / f"{build_id}.{attempt}.log"
 
-    async def append(self, build_id: str, attempt: int, data: bytes) -> None:
-        """Append to one attempt's log; a failed write truncates it (never raises OSError)."""
-        await self.append_many({(build_id, attempt): [data]})
-
     async def append_many(self, chunks: dict[tuple[str, int], list[bytes]]) -> None:
         """Append each attempt's chunks, in order, to its log: every attempt in one thread
         hop.  A failed write truncates that attempt's log (never raises OSError)."""
@@ -171,25 +170,19 @@ class LogBehind:
     def __init__(self, store: LogStore, nursery: trio.Nursery) -> None:
         self.store = store
         self.nursery = nursery
+        #: chunks received and not yet handed to a write, and those of the write in flight
         self._pending: dict[tuple[str, int], list[bytes]] = {}
-        #: bytes received and not yet written (those of a write in flight included)
+        self._in_flight: dict[tuple[str, int], list[bytes]] = {}
+        #: bytes received and not yet written (those of the write in flight included)
         self._unwritten = 0
-        #: chunks received so far, how many of them the writes over covered, and per
-        #: attempt with chunks not yet written, the count its last chunk made
-        self._received = 0
-        self._written = 0
-        self._last: dict[tuple[str, int], int] = {}
         self._writing = False
         self._wrote = trio.Event()
         #: set when something waits for the writes: no lingering then
         self._hurry = trio.Event()
 
     async def append(self, build_id: str, attempt: int, data: bytes) -> None:
-        key = (build_id, attempt)
-        self._pending.setdefault(key, []).append(data)
+        self._pending.setdefault((build_id, attempt), []).append(data)
         self._unwritten += len(data)
-        self._received += 1
-        self._last[key] = self._received
         if not self._writing:
             self._writing = True
             self.nursery.start_soon(self._write)
@@ -199,8 +192,8 @@ class LogBehind:
 
     async def flushed(self, build_id: str, attempt: int) -> None:
         """Return once every chunk of the attempt received so far is written."""
-        target = self._last.get((build_id, attempt), 0)
-        while self._written < target:
+        key = (build_id, attempt)
+        while key in self._pending or key in self._in_flight:
             self._hurry.set()
             await self._wrote.wait()
 
@@ -210,22 +203,17 @@ class LogBehind:
                 with trio.move_on_after(LOG_LINGER):
                     await self._hurry.wait()
                 await self._write_batch()
-        finally:
-            with trio.CancelScope(shield=True):  # the session ends: write what it received
-                while self._pending:
-                    await self._write_batch()
+        finally:  # also as the session ends: what it received is written (shielded)
+            while self._pending:
+                await self._write_batch()
             self._writing = False
 
     async def _write_batch(self) -> None:
-        batch, self._pending = self._pending, {}
-        covered = self._received
+        self._in_flight, self._pending = self._pending, {}
         self._hurry = trio.Event()
         with trio.CancelScope(shield=True):
-            await self.store.append_many(batch)
-        self._unwritten -= sum(len(data) for parts in batch.values() for data in parts)
-        self._written = covered
-        for key in batch:
-            if self._last.get(key, 0) <= covered:
-                self._last.pop(key, None)
+            await self.store.append_many(self._in_flight)
+        self._unwritten -= sum(len(data) for parts in self._in_flight.values() for data in parts)
+        self._in_flight = {}
         self._wrote.set()
         self._wrote = trio.Event()
