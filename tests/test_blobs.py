@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -21,6 +19,11 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def temporaries(root: Path) -> list[Path]:
+    """The store's temporary files: in ``tmp``, and small uploads' beside the blobs."""
+    return [*(root / "tmp").iterdir(), *root.glob("??/.upload-*")]
+
+
 def test_small_uploads_are_written_then_kept_read_only_and_nothing_is_left_behind(
     tmp_path: Path,
 ) -> None:
@@ -28,14 +31,16 @@ def test_small_uploads_are_written_then_kept_read_only_and_nothing_is_left_behin
     datas = [f"file {i}\n".encode() for i in range(300)] + [b""]
     uploads = small_uploads(blobs, datas)
     assert all(not u.staged and not u.done for u in uploads)
-    assert len(os.listdir(tmp_path / "tmp")) == len(datas)
+    assert len(temporaries(tmp_path)) == len(datas)
+    # each in the directory of its blob: placing it is a rename within that directory
+    assert {p.parent.name for p in temporaries(tmp_path)} == {sha(d)[:2] for d in datas}
     problems = blobs.commit_many([(u, len(d), sha(d)) for u, d in zip(uploads, datas, strict=True)])
     assert problems == [""] * len(datas)
     for data in datas:
         kept = blobs.path_of(sha(data))
         assert kept.read_bytes() == data
         assert not stat.S_IMODE(kept.stat().st_mode) & 0o222  # read-only
-    assert os.listdir(tmp_path / "tmp") == []
+    assert temporaries(tmp_path) == []
     assert all(u.done for u in uploads)
 
 
@@ -52,7 +57,7 @@ def test_a_small_upload_that_does_not_match_is_removed_and_the_others_kept(
     assert f"declared 4 bytes with {sha(b'three')}" in problems[2]
     assert blobs.has(sha(b"one"))
     assert not blobs.has(sha(b"two")) and not blobs.has(sha(b"three"))
-    assert os.listdir(tmp_path / "tmp") == []
+    assert temporaries(tmp_path) == []
 
 
 def test_a_blob_the_store_has_already_is_not_written_twice(tmp_path: Path) -> None:
@@ -63,7 +68,7 @@ def test_a_blob_the_store_has_already_is_not_written_twice(tmp_path: Path) -> No
     again = small_uploads(blobs, [b"same"])
     assert blobs.commit_many([(again[0], 4, sha(b"same"))]) == [""]
     assert blobs.path_of(sha(b"same")).stat().st_ino == inode
-    assert os.listdir(tmp_path / "tmp") == []
+    assert temporaries(tmp_path) == []
 
 
 def test_a_temporary_name_taken_already_is_not_overwritten(tmp_path: Path) -> None:
@@ -71,7 +76,8 @@ def test_a_temporary_name_taken_already_is_not_overwritten(tmp_path: Path) -> No
     as it is and the upload gets another name."""
     blobs = BlobStore(tmp_path)
     other = BlobStore(tmp_path)
-    taken = tmp_path / "tmp" / f"{blobs._prefix}0"  # the first name it tries
+    taken = tmp_path / sha(b"mine")[:2] / f".{blobs._prefix}0"  # the first name it tries
+    taken.parent.mkdir()
     taken.write_bytes(b"someone else's")
     [upload] = small_uploads(blobs, [b"mine"])
     assert taken.read_bytes() == b"someone else's"
@@ -83,11 +89,14 @@ def test_a_temporary_name_taken_already_is_not_overwritten(tmp_path: Path) -> No
 def test_small_uploads_that_cannot_be_created_are_refused_alone_and_reported(
     tmp_path: Path,
 ) -> None:
-    """The temporary directory is gone (as a failing disk might make it): each upload of the
-    batch is refused (its result will be upload-failed), the fault is reported, and the store
-    works again once the directory is back."""
+    """The directory a small upload is written in cannot be made (something else is in its
+    place, as a failing disk might make it): each upload of the batch is refused (its result
+    will be upload-failed), the fault is reported, and the store works again once the
+    directory can be made."""
     blobs = BlobStore(tmp_path)
-    shutil.rmtree(tmp_path / "tmp")
+    in_the_way = [tmp_path / sha(data)[:2] for data in (b"a", b"b")]
+    for path in in_the_way:
+        path.write_bytes(b"not a directory")
     uploads = small_uploads(blobs, [b"a", b"b"])
     assert all(u.done and u.file is None and not u.staged for u in uploads)
     problems = blobs.commit_many(
@@ -95,7 +104,24 @@ def test_small_uploads_that_cannot_be_created_are_refused_alone_and_reported(
     )
     assert all("refused" in p for p in problems)
     assert blobs.health.warning("outputs") is not None
-    (tmp_path / "tmp").mkdir()
-    [upload] = small_uploads(blobs, [b"c"])
-    assert blobs.commit_many([(upload, 1, sha(b"c"))]) == [""]
+    for path in in_the_way:
+        path.unlink()
+    [upload] = small_uploads(blobs, [b"a"])
+    assert blobs.commit_many([(upload, 1, sha(b"a"))]) == [""]
     assert blobs.health.warning("outputs") is None
+
+
+def test_small_uploads_a_killed_runner_left_are_removed_and_the_blobs_kept(
+    tmp_path: Path,
+) -> None:
+    """A runner killed between writing small uploads and placing them leaves ``.upload-*``
+    files beside the blobs: the next one removes them at start, and nothing else."""
+    blobs = BlobStore(tmp_path)
+    [kept] = small_uploads(blobs, [b"kept"])
+    assert blobs.commit_many([(kept, 4, sha(b"kept"))]) == [""]
+    small_uploads(blobs, [b"one", b"two"])  # written, never placed: the runner "dies" here
+    assert len(temporaries(tmp_path)) == 2
+    (tmp_path / "notes").write_text("not a blob directory")
+    assert BlobStore(tmp_path).remove_partial_uploads() == 2
+    assert temporaries(tmp_path) == []
+    assert blobs.path_of(sha(b"kept")).read_bytes() == b"kept"

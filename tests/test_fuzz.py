@@ -1160,7 +1160,9 @@ async def fuzz_one(plan: Plan, state_dir: Path, records: list[logging.LogRecord]
             event(f"protocol error: {expected.reason.split(':')[1].split()[0]}")
         assert gate.pending == 0
         if handler_done:
-            assert not list((state_dir / "blobs" / "tmp").iterdir()), "a partial upload was left"
+            blobs = state_dir / "blobs"
+            left = [*(blobs / "tmp").iterdir(), *blobs.glob("??/.upload-*")]
+            assert not left, "a partial upload was left"
             if attacker_machine is not None:
                 assert attacker_machine.state is MachineState.DISCONNECTED
         check_farm_invariants(farm)

@@ -128,9 +128,9 @@ class Beneath:
         self._fd, self._dir = fd, parent
         return fd
 
-    def read(self, rel: str, limit: int) -> bytes:
-        """At most ``limit`` bytes of the regular file ``rel`` (``BadOutput`` if it is not
-        one any more, or a link is on its path)."""
+    def open(self, rel: str) -> tuple[int, int]:
+        """A descriptor of the regular file ``rel`` (``BadOutput`` if it is not one any more,
+        or a link is on its path), and its size then; the caller closes it."""
         parts = rel.split("/")
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
@@ -139,16 +139,56 @@ class Beneath:
             self._drop()
             raise BadOutput(f"output {rel} changed while it was read: {exc.strerror}") from None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
                 raise BadOutput(f"output {rel} changed while it was read: not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, info.st_size
+
+    def hash(self, rel: str) -> tuple[int, str]:
+        """Size and sha256 of what the regular file ``rel`` holds now."""
+        digest = hashlib.sha256()
+        size = 0
+        fd, expected = self.open(rel)
+        try:
+            while True:
+                asked = _read_size(expected - size, _HASH_BLOCK)
+                block = os.read(fd, asked)
+                digest.update(block)
+                size += len(block)
+                if len(block) < asked:  # (a regular file reads short only at its end)
+                    break
+        finally:
+            os.close(fd)
+        return size, digest.hexdigest()
+
+    def read(self, rel: str, limit: int) -> bytes:
+        """At most ``limit`` bytes of the regular file ``rel`` (``BadOutput`` if it is not
+        one any more, or a link is on its path)."""
+        fd, expected = self.open(rel)
+        try:
             pieces: list[bytes] = []
             left = limit
-            while left > 0 and (piece := os.read(fd, left)):
-                pieces.append(piece)
-                left -= len(piece)
+            while left > 0:
+                asked = _read_size(expected - (limit - left), left)
+                piece = os.read(fd, asked)
+                if piece:
+                    pieces.append(piece)
+                    left -= len(piece)
+                if len(piece) < asked:  # (a regular file reads short only at its end)
+                    break
         finally:
             os.close(fd)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _read_size(expected: int, most: int) -> int:
+    """Bytes to ask a read for when ``expected`` are left by fstat's count: one more, so a
+    small file takes one short read (its end) and no read that finds nothing, nor a buffer of
+    ``most`` bytes; ``most`` once the file has grown past that count."""
+    return min(most, expected + 1) if expected >= 0 else most
 
 
 def hash_beneath(root: Path, rel: str) -> tuple[int, str]:
@@ -237,19 +277,20 @@ def scan_outputs(out_dir: Path, max_bytes: int | None = None) -> list[FileInfo]:
         raise OutputTooLarge(total, max_bytes)
     files: list[FileInfo] = []
     hashed = 0
-    for rel, info, link in found:
-        if not encodable(rel) or not encodable(link):
-            name = rel.encode("utf-8", "replace")
-            raise BadOutput(f"output {name!r} (or its link target) is not a UTF-8 name")
-        if link:
-            files.append(FileInfo(path=rel, size=0, sha256=empty, link=link))
-            continue
-        size, sha256 = hash_beneath(out_dir, rel)
-        hashed += size
-        if max_bytes is not None and hashed > max_bytes:  # it grew while being read
-            raise OutputTooLarge(hashed, max_bytes)
-        executable = bool(info.st_mode & 0o111)
-        files.append(FileInfo(path=rel, size=size, sha256=sha256, executable=executable))
+    with Beneath(out_dir) as beneath:  # (files come a directory at a time: one open each)
+        for rel, info, link in found:
+            if not encodable(rel) or not encodable(link):
+                name = rel.encode("utf-8", "replace")
+                raise BadOutput(f"output {name!r} (or its link target) is not a UTF-8 name")
+            if link:
+                files.append(FileInfo(path=rel, size=0, sha256=empty, link=link))
+                continue
+            size, sha256 = beneath.hash(rel)
+            hashed += size
+            if max_bytes is not None and hashed > max_bytes:  # it grew while being read
+                raise OutputTooLarge(hashed, max_bytes)
+            executable = bool(info.st_mode & 0o111)
+            files.append(FileInfo(path=rel, size=size, sha256=sha256, executable=executable))
     return files
 
 

@@ -44,6 +44,8 @@ _CHECK_INLINE = 1000
 #: this many bytes.
 _COMMIT_BATCH = 256
 _COMMIT_BATCH_BYTES = 8 * 1024 * 1024
+#: Batches of checked outputs renamed into place at once (``UploadReceiver._place``).
+_PLACERS = 2
 #: Small uploads (whole in one frame) written per thread hop, and about this many bytes.
 SMALL_BATCH = 256
 SMALL_BATCH_BYTES = 1024 * 1024
@@ -363,14 +365,36 @@ class UploadReceiver:
                 for start in range(0, len(keeping), _COMMIT_BATCH):
                     chunk = keeping[start : start + _COMMIT_BATCH]
                     await trio.to_thread.run_sync(blobs.sync_data, chunk)
-            dirs: set[Path] = set()
-            for start in range(0, len(keeping), _COMMIT_BATCH):
-                chunk = keeping[start : start + _COMMIT_BATCH]
-                dirs |= await trio.to_thread.run_sync(blobs.place, chunk)
+            dirs = await self._place(keeping)
             await trio.to_thread.run_sync(blobs.sync_entries, dirs)
         except OSError as exc:
             return await trio.to_thread.run_sync(blobs.abandon, keeping, exc)
         return ""
+
+    async def _place(self, keeping: list[tuple[int, PendingUpload]]) -> set[Path]:
+        """``BlobStore.place`` for all of ``keeping``, a batch per thread hop, ``_PLACERS``
+        hops at a time (each rename is within one directory: two threads placed 100,000
+        small files in 1.0-1.1 s, one in 1.7-1.8 s); the directories changed.  The first
+        ``OSError`` is raised once no batch is being placed any more."""
+        dirs: set[Path] = set()
+        starts = iter(range(0, len(keeping), _COMMIT_BATCH))  # (shared: each takes the next)
+        failures: list[OSError] = []
+
+        async def placer() -> None:
+            for start in starts:
+                chunk = keeping[start : start + _COMMIT_BATCH]
+                try:
+                    dirs.update(await trio.to_thread.run_sync(self.blobs.place, chunk))
+                except OSError as exc:
+                    failures.append(exc)
+                    return
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(_PLACERS):
+                nursery.start_soon(placer)
+        if failures:
+            raise failures[0]
+        return dirs
 
     def _not_stored(self, missing: list[FileInfo]) -> str:
         """The first of ``missing`` (listed, not uploaded) the store lacks, said; or ""."""
