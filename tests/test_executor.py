@@ -13,7 +13,7 @@ import psutil
 import pytest
 import trio
 
-from hydra_trio.builder import builddir, executor, outputs
+from hydra_trio.builder import builddir, outputs
 from hydra_trio.builder.executor import execute
 from hydra_trio.protocol.messages import (
     Assign,
@@ -409,15 +409,15 @@ async def test_a_no_op_build_takes_a_thread_only_for_what_its_directory_needs(
     called: list[str] = []
 
     def recording(name: str, function: Any) -> Any:
-        def call(*args: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
             called.append(name)
-            return function(*args)
+            return function(*args, **kwargs)
 
         return call
 
     monkeypatch.setattr(builddir, "prepare", recording("prepare", builddir.prepare))
     monkeypatch.setattr(builddir, "remove", recording("remove", builddir.remove))
-    monkeypatch.setattr(executor, "scan_outputs", recording("scan", outputs.scan_outputs))
+    monkeypatch.setattr(outputs, "_scan", recording("scan", outputs._scan))
     with trio.fail_after(LIMIT):
         await execute(assign("true"), builds / "b0-1", Recorder(), {})
         assert called == ["prepare"]  # no spare yet: made in a thread

@@ -533,6 +533,95 @@ async def _uploading(
     return runner, builder, build, ref, listed
 
 
+async def test_outputs_are_read_once_and_listed_as_they_were_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scan_and_upload: the small outputs go out from what the scan read to hash them (no
+    second read), the larger ones are hashed as they are read for their upload; the listing
+    says what was sent, even of a file changed after the scan; a link swapped in after the
+    scan is refused, not read through; a file grown past the limit fails the build."""
+    opened: list[str] = []
+    open_beneath = outputs_module.open_beneath
+
+    def recording_open(root: Path, rel: str) -> Any:
+        opened.append(rel)
+        return open_beneath(root, rel)
+
+    def no_second_read(out_dir: Path, infos: list[FileInfo]) -> Any:
+        raise AssertionError("a small output was read a second time")
+
+    monkeypatch.setattr(outputs_module, "open_beneath", recording_open)
+    monkeypatch.setattr(outputs_module, "_read_batch", no_second_read)
+    out = tmp_path / "out"
+    small = _small_files(600)
+    for path, data in small.items():
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        (out / path).write_bytes(data)
+    (out / "big").write_bytes(CONTENT)
+    (out / "link").symlink_to("big")
+    assign = Assign(build_id="b1", attempt=1, command=("true",))
+    send = Recorder()
+    with trio.fail_after(LIMIT):
+        listed = await outputs_module.scan_and_upload(assign, out, None, send)
+    assert opened == ["big"]  # the large one opened once, for its upload
+    sent: dict[str, bytes] = {}
+    for message in send.uploads():
+        assert message.offset == len(sent.get(message.path, b""))
+        sent[message.path] = sent.get(message.path, b"") + message.data
+    assert sent == {**small, "big": CONTENT}
+    by_path = {info.path: info for info in listed}
+    assert by_path["link"].link == "big"
+    for path, data in sent.items():
+        assert (by_path[path].size, by_path[path].sha256) == (len(data), _sha(data))
+    assert listed == outputs_module.scan_outputs(out)  # the same listing as a scan alone
+
+    def then(change: Any) -> Any:
+        scan = outputs_module._scan
+
+        def scanned(*args: Any, **kwargs: Any) -> Any:
+            found = scan(*args, **kwargs)
+            change()
+            return found
+
+        return scanned
+
+    # Cut short after the scan: listed as sent (what the runner checks), not as scanned.
+    def cut() -> None:
+        (out / "big").write_bytes(b"x" * 70_000)
+
+    monkeypatch.setattr(outputs_module, "_scan", then(cut))
+    send = Recorder()
+    with trio.fail_after(LIMIT):
+        listed = await outputs_module.scan_and_upload(assign, out, None, send)
+    [big] = [info for info in listed if info.path == "big"]
+    assert (big.size, big.sha256) == (70_000, _sha(b"x" * 70_000))
+    assert b"".join(m.data for m in send.uploads() if m.path == "big") == b"x" * 70_000
+
+    # Grown past the limit after the scan: the build's outputs are too large.
+    def grow() -> None:
+        (out / "big").write_bytes(CONTENT * 2)
+
+    monkeypatch.setattr(outputs_module, "_scan", then(grow))
+    (out / "big").write_bytes(CONTENT)
+    with trio.fail_after(LIMIT), pytest.raises(outputs_module.OutputTooLarge):
+        await outputs_module.scan_and_upload(assign, out, len(CONTENT) + 10_000, Recorder())
+
+    # Swapped for a link after the scan: refused, the target never read.
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"secret" * 20_000)
+
+    def swap() -> None:
+        (out / "big").unlink()
+        (out / "big").symlink_to(outside)
+
+    monkeypatch.setattr(outputs_module, "_scan", then(swap))
+    (out / "big").write_bytes(CONTENT)
+    send = Recorder()
+    with trio.fail_after(LIMIT), pytest.raises(outputs_module.BadOutput, match="changed"):
+        await outputs_module.scan_and_upload(assign, out, None, send)
+    assert not any(b"secret" in m.data for m in send.uploads())
+
+
 async def test_a_ping_behind_small_uploads_waiting_for_the_disk_is_answered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,7 +23,7 @@ from hydra_trio.builder.attempt import Send, attempt
 from hydra_trio.builder.builddir import BUILD_DIR_VARIABLE, BuildDir
 from hydra_trio.builder.buildusers import BuildUser, BuildUserPool
 from hydra_trio.builder.inputs import Fetch, FetchError, place_inputs
-from hydra_trio.builder.outputs import BadOutput, OutputTooLarge, nothing_in, scan_outputs, upload
+from hydra_trio.builder.outputs import BadOutput, OutputTooLarge, nothing_in, scan_and_upload
 from hydra_trio.builder.process import run_command
 from hydra_trio.builder.sandbox import Sandbox
 from hydra_trio.protocol.messages import Assign, BuildStatus, FileInfo, Phase, Result
@@ -86,23 +86,17 @@ async def _execute(
             buildusers.take_back(phases.dir.path, phases.dir.mode)
         status, error = ended.status, ended.error
         outputs: list[FileInfo] = []
-        if status is BuildStatus.SUCCESS:
+        # else no uploading phase, no thread hop to find nothing: one frame fewer per no-op build
+        if status is BuildStatus.SUCCESS and not nothing_in(phases.dir.out):
             try:
-                if not nothing_in(phases.dir.out):  # else no thread hop to find nothing
-                    outputs = await trio.to_thread.run_sync(
-                        scan_outputs, phases.dir.out, assign.limits.max_output_bytes
+                async with phases.timed(Phase.UPLOADING):  # (the scan, and the uploads with it)
+                    outputs = await scan_and_upload(
+                        assign, phases.dir.out, assign.limits.max_output_bytes, send
                     )
             except OutputTooLarge as exc:
                 status, error = BuildStatus.OUTPUT_LIMIT_EXCEEDED, str(exc)
-            except BadOutput as exc:
+            except BadOutput as exc:  # the runner discards what it got: not listed
                 status, error = BuildStatus.BUILD_FAILED, str(exc)
-            else:
-                if outputs:  # else no uploading phase: one frame fewer per no-op build
-                    async with phases.timed(Phase.UPLOADING):
-                        try:
-                            await upload(assign, phases.dir.out, outputs, send)
-                        except BadOutput as exc:  # the runner discards what it got: not listed
-                            status, error, outputs = BuildStatus.BUILD_FAILED, str(exc), []
         return phases.result(status, exit_code=ended.exit_code, error=error, outputs=outputs)
 
 

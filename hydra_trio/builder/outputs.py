@@ -14,9 +14,11 @@ import functools
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+import attrs
 import trio
 
 from hydra_trio.builder.attempt import Send
@@ -147,10 +149,12 @@ class Beneath:
             raise
         return fd, info.st_size
 
-    def hash(self, rel: str) -> tuple[int, str]:
-        """Size and sha256 of what the regular file ``rel`` holds now."""
+    def hash(self, rel: str, keep: int = 0) -> tuple[int, str, bytes | None]:
+        """Size and sha256 of what the regular file ``rel`` holds now, and its contents if
+        they are at most ``keep`` bytes (else None)."""
         digest = hashlib.sha256()
         size = 0
+        blocks: list[bytes] = []
         fd, expected = self.open(rel)
         try:
             while True:
@@ -158,11 +162,16 @@ class Beneath:
                 block = os.read(fd, asked)
                 digest.update(block)
                 size += len(block)
+                if size <= keep:
+                    blocks.append(block)
                 if len(block) < asked:  # (a regular file reads short only at its end)
                     break
         finally:
             os.close(fd)
-        return size, digest.hexdigest()
+        data = None
+        if size <= keep:
+            data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+        return size, digest.hexdigest(), data
 
     def read(self, rel: str, limit: int) -> bytes:
         """At most ``limit`` bytes of the regular file ``rel`` (``BadOutput`` if it is not
@@ -260,11 +269,36 @@ def nothing_in(out_dir: Path) -> bool:
         os.close(fd)
 
 
+#: What ``scan_outputs`` hands ``on_small``: files of at most a frame, with their contents.
+SmallBatch = list[tuple[FileInfo, bytes]]
+
+
+@attrs.frozen
+class Unhashed:
+    """A file of ``$OUT`` larger than a frame that ``_scan`` left to be hashed as it is
+    uploaded (``scan_and_upload``)."""
+
+    path: str
+    executable: bool
+
+
 def scan_outputs(out_dir: Path, max_bytes: int | None = None) -> list[FileInfo]:
     """Every file under ``out_dir`` with size and hash.  Symbolic links are listed as links
     (their target as text) and never followed; devices, fifos and sockets are refused
     (``BadOutput``).  Sizes are summed before anything is hashed, so an oversized ``$OUT`` is
     refused (``OutputTooLarge``) without reading it.  Runs in a worker thread."""
+    return [info for info in _scan(out_dir, max_bytes) if isinstance(info, FileInfo)]
+
+
+def _scan(
+    out_dir: Path,
+    max_bytes: int | None = None,
+    on_small: Callable[[SmallBatch], None] | None = None,
+) -> list[FileInfo | Unhashed]:
+    """``scan_outputs``; with ``on_small``, the files of at most ``TRANSFER_FRAME`` bytes
+    are handed to it as they are hashed, with the contents read for the hash
+    (``SMALL_BATCH`` files, or ``SMALL_BATCH_BYTES``, per call), and the larger ones are
+    not read: they are listed ``Unhashed``.  Runs in a worker thread."""
     empty = hashlib.sha256(b"").hexdigest()
     try:
         found = _entries(out_dir)
@@ -275,8 +309,11 @@ def scan_outputs(out_dir: Path, max_bytes: int | None = None) -> list[FileInfo]:
     total = sum(info.st_size for _, info, _ in found if stat.S_ISREG(info.st_mode))
     if max_bytes is not None and total > max_bytes:
         raise OutputTooLarge(total, max_bytes)
-    files: list[FileInfo] = []
+    files: list[FileInfo | Unhashed] = []
     hashed = 0
+    keep = 0 if on_small is None else TRANSFER_FRAME
+    small: SmallBatch = []
+    small_bytes = 0
     with Beneath(out_dir) as beneath:  # (files come a directory at a time: one open each)
         for rel, info, link in found:
             if not encodable(rel) or not encodable(link):
@@ -285,13 +322,63 @@ def scan_outputs(out_dir: Path, max_bytes: int | None = None) -> list[FileInfo]:
             if link:
                 files.append(FileInfo(path=rel, size=0, sha256=empty, link=link))
                 continue
-            size, sha256 = beneath.hash(rel)
+            executable = bool(info.st_mode & 0o111)
+            if keep and info.st_size > keep:
+                files.append(Unhashed(rel, executable))
+                continue
+            size, sha256, data = beneath.hash(rel, keep)
             hashed += size
             if max_bytes is not None and hashed > max_bytes:  # it grew while being read
                 raise OutputTooLarge(hashed, max_bytes)
-            executable = bool(info.st_mode & 0o111)
-            files.append(FileInfo(path=rel, size=size, sha256=sha256, executable=executable))
+            file = FileInfo(path=rel, size=size, sha256=sha256, executable=executable)
+            files.append(file)
+            if on_small is not None and data is not None:
+                small.append((file, data))
+                small_bytes += size
+                if len(small) >= SMALL_BATCH or small_bytes >= SMALL_BATCH_BYTES:
+                    on_small(small)
+                    small, small_bytes = [], 0
+    if on_small is not None and small:
+        on_small(small)
     return files
+
+
+async def scan_and_upload(
+    assign: Assign, out_dir: Path, max_bytes: int | None, send: Send
+) -> list[FileInfo]:
+    """``scan_outputs`` and ``upload`` at once, every file read once: the small ones go out
+    as the scan hashes them (from what it read for the hash), the larger ones once the scan
+    is over, each hashed as it is read for its upload (so ``$OUT`` is not read twice, and
+    what is listed is what was sent).  The outputs, as ``scan_outputs`` lists them."""
+    batches, arriving = trio.open_memory_channel[SmallBatch](1)
+    scanned: list[FileInfo | Unhashed] = []
+
+    async def scan() -> None:
+        async with batches:
+            scanned.extend(
+                await trio.to_thread.run_sync(
+                    functools.partial(
+                        _scan,
+                        out_dir,
+                        max_bytes,
+                        on_small=lambda batch: trio.from_thread.run(batches.send, batch),
+                    )
+                )
+            )
+
+    await beside(functools.partial(_send_small, assign, arriving, send), scan)
+    total = sum(info.size for info in scanned if isinstance(info, FileInfo))
+    outputs: list[FileInfo] = []
+    for entry in scanned:
+        if isinstance(entry, Unhashed):
+            left = None if max_bytes is None else max_bytes - total
+            size, sha256 = await _upload_file(assign, out_dir, entry.path, send, left)
+            total += size
+            entry = FileInfo(
+                path=entry.path, size=size, sha256=sha256, executable=entry.executable
+            )
+        outputs.append(entry)
+    return outputs
 
 
 async def upload(assign: Assign, out_dir: Path, outputs: list[FileInfo], send: Send) -> None:
@@ -309,18 +396,40 @@ async def upload(assign: Assign, out_dir: Path, outputs: list[FileInfo], send: S
             functools.partial(_send_small, assign, arriving, send),
             functools.partial(_read_small, out_dir, small, batches),
         )
-    for info in files:
-        if info.size <= TRANSFER_FRAME:
-            continue
-        f = await trio.to_thread.run_sync(open_beneath, out_dir, info.path)
-        try:
-            chunks, arriving_chunks = trio.open_memory_channel[tuple[list[bytes], bool]](1)
-            await beside(
-                functools.partial(_send_chunks, assign, info, arriving_chunks, send),
-                functools.partial(_read_ahead, f, info.size, chunks),
-            )
-        finally:
-            await trio.to_thread.run_sync(f.close)
+    await _upload_large(assign, out_dir, files, send)
+
+
+async def _upload_large(
+    assign: Assign, out_dir: Path, outputs: list[FileInfo], send: Send
+) -> None:
+    """The upload of each regular file of ``outputs`` larger than a frame (``upload``)."""
+    for info in outputs:
+        if not info.link and info.size > TRANSFER_FRAME:
+            await _upload_file(assign, out_dir, info.path, send)
+
+
+async def _upload_file(
+    assign: Assign, out_dir: Path, path: str, send: Send, max_bytes: int | None = None
+) -> tuple[int, str]:
+    """Stream one file, a worker thread reading (and hashing) ahead ``UPLOAD_CHUNK`` bytes
+    per hop while the frames of the chunk before are sent (``_read_ahead``), up to the size
+    it had when opened; the size and sha256 of what was sent.  More than ``max_bytes``
+    raises ``OutputTooLarge``."""
+    f = await trio.to_thread.run_sync(open_beneath, out_dir, path)
+    digest = hashlib.sha256()
+    try:
+        size = (await trio.to_thread.run_sync(os.fstat, f.fileno())).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise OutputTooLarge(size, max_bytes)
+        chunks, arriving_chunks = trio.open_memory_channel[tuple[list[bytes], bool]](1)
+        sent: list[int] = []
+        await beside(
+            functools.partial(_send_chunks, assign, path, arriving_chunks, send, sent),
+            functools.partial(_read_ahead, f, size, chunks, digest),
+        )
+    finally:
+        await trio.to_thread.run_sync(f.close)
+    return sum(sent), digest.hexdigest()
 
 
 async def _read_small(
@@ -372,10 +481,12 @@ async def _send_small(
 
 async def _send_chunks(
     assign: Assign,
-    info: FileInfo,
+    path: str,
     arriving: trio.MemoryReceiveChannel[tuple[list[bytes], bool]],
     send: Send,
+    sent: list[int],
 ) -> None:
+    """Send the chunks of ``path`` as they arrive; the bytes sent go on ``sent``."""
     offset = 0
     async with arriving:
         async for pieces, eof in arriving:
@@ -385,27 +496,30 @@ async def _send_chunks(
                     UploadData(
                         build_id=assign.build_id,
                         attempt=assign.attempt,
-                        path=info.path,
+                        path=path,
                         offset=offset,
                         data=piece,
                         eof=eof and index == last,
                     )
                 )
                 offset += len(piece)
+                sent.append(len(piece))
 
 
 async def _read_ahead(
     f: BinaryIO,
     size: int,
     chunks: trio.MemorySendChannel[tuple[list[bytes], bool]],
+    digest: hashlib._Hash,
 ) -> None:
-    """Read ``f`` in a worker thread, a chunk per hop, into ``chunks`` (pieces of a frame
-    each, and whether the chunk ends the upload: it is short, or reaches the size scanned).
-    An error ends the channel and propagates (``beside`` raises it)."""
+    """Read (and hash into ``digest``) ``f`` in a worker thread, a chunk per hop, into
+    ``chunks`` (pieces of a frame each, and whether the chunk ends the upload: it is short,
+    or reaches ``size``, what the file held when it was opened: one that grows is cut
+    there).  An error ends the channel and propagates (``beside`` raises it)."""
     async with chunks:
         offset = 0
         while True:
-            pieces = await trio.to_thread.run_sync(_read_pieces, f)
+            pieces = await trio.to_thread.run_sync(_read_pieces, f, size - offset, digest)
             length = sum(map(len, pieces))
             offset += length
             eof = length < UPLOAD_CHUNK or offset >= size
@@ -414,16 +528,18 @@ async def _read_ahead(
                 return
 
 
-def _read_pieces(f: BinaryIO) -> list[bytes]:
-    """Up to ``UPLOAD_CHUNK`` bytes of ``f`` as pieces of ``TRANSFER_FRAME`` bytes, each read
-    into its own object (nothing is copied to cut a chunk into frames); at least one piece."""
+def _read_pieces(f: BinaryIO, most: int, digest: hashlib._Hash) -> list[bytes]:
+    """Up to ``UPLOAD_CHUNK`` bytes of ``f`` (and at most ``most``) as pieces of
+    ``TRANSFER_FRAME`` bytes, each read into its own object (nothing is copied to cut a
+    chunk into frames) and hashed into ``digest``; at least one piece."""
     pieces: list[bytes] = []
-    left = UPLOAD_CHUNK
+    left = max(0, min(UPLOAD_CHUNK, most))
     while left > 0:
         piece = f.read(min(left, TRANSFER_FRAME))
-        if piece or not pieces:
+        if piece:
             pieces.append(piece)
+            digest.update(piece)
         if len(piece) < min(left, TRANSFER_FRAME):
             break
         left -= len(piece)
-    return pieces
+    return pieces or [b""]
