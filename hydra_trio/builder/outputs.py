@@ -512,33 +512,48 @@ async def _read_ahead(
     chunks: trio.MemorySendChannel[tuple[list[bytes], bool]],
     digest: hashlib._Hash,
 ) -> None:
-    """Read (and hash into ``digest``) ``f`` in a worker thread, a chunk per hop, into
-    ``chunks`` (pieces of a frame each, and whether the chunk ends the upload: it is short,
-    or reaches ``size``, what the file held when it was opened: one that grows is cut
-    there).  An error ends the channel and propagates (``beside`` raises it)."""
-    async with chunks:
-        offset = 0
-        while True:
-            pieces = await trio.to_thread.run_sync(_read_pieces, f, size - offset, digest)
-            length = sum(map(len, pieces))
-            offset += length
-            eof = length < UPLOAD_CHUNK or offset >= size
-            await chunks.send((pieces, eof))
-            if eof:
-                return
+    """Read ``f`` in a worker thread, a chunk per hop, into ``chunks`` (pieces of a frame
+    each, and whether the chunk ends the upload: it is short, or reaches ``size``, what the
+    file held when it was opened: one that grows is cut there), and hash each chunk into
+    ``digest`` in another worker thread while the next is read.  An error ends the channel
+    and propagates (``beside`` raises it)."""
+    to_hash, hashing = trio.open_memory_channel[list[bytes]](1)
+
+    async def read() -> None:
+        async with chunks, to_hash:
+            offset = 0
+            while True:
+                pieces = await trio.to_thread.run_sync(_read_pieces, f, size - offset)
+                await to_hash.send(pieces)
+                length = sum(map(len, pieces))
+                offset += length
+                eof = length < UPLOAD_CHUNK or offset >= size
+                await chunks.send((pieces, eof))
+                if eof:
+                    return
+
+    async def hash_behind() -> None:
+        async for pieces in hashing:
+            await trio.to_thread.run_sync(_hash_pieces, digest, pieces)
+
+    await beside(read, hash_behind)
 
 
-def _read_pieces(f: BinaryIO, most: int, digest: hashlib._Hash) -> list[bytes]:
+def _hash_pieces(digest: hashlib._Hash, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        digest.update(piece)
+
+
+def _read_pieces(f: BinaryIO, most: int) -> list[bytes]:
     """Up to ``UPLOAD_CHUNK`` bytes of ``f`` (and at most ``most``) as pieces of
     ``TRANSFER_FRAME`` bytes, each read into its own object (nothing is copied to cut a
-    chunk into frames) and hashed into ``digest``; at least one piece."""
+    chunk into frames); at least one piece."""
     pieces: list[bytes] = []
     left = max(0, min(UPLOAD_CHUNK, most))
     while left > 0:
         piece = f.read(min(left, TRANSFER_FRAME))
         if piece:
             pieces.append(piece)
-            digest.update(piece)
         if len(piece) < min(left, TRANSFER_FRAME):
             break
         left -= len(piece)
