@@ -16,6 +16,7 @@ import trio.testing
 
 from hydra_trio.builder import jobs as jobs_module
 from hydra_trio.builder import outputs as outputs_module
+from hydra_trio.builder.attempt import ROUND_TRIPS
 from hydra_trio.builder.daemon import BuilderState, run_builder
 from hydra_trio.builder.session import Session
 from hydra_trio.protocol.codec import TRANSFER_FRAME
@@ -620,6 +621,42 @@ async def test_outputs_are_read_once_and_listed_as_they_were_sent(
     with trio.fail_after(LIMIT), pytest.raises(outputs_module.BadOutput, match="changed"):
         await outputs_module.scan_and_upload(assign, out, None, send)
     assert not any(b"secret" in m.data for m in send.uploads())
+
+
+async def test_small_uploads_run_at_most_a_window_of_batches_ahead_of_the_pongs() -> None:
+    """A ping follows each batch of small files, and the sender waits once UPLOAD_WINDOW
+    batches are unanswered: a ping is never behind more than ~a window of frames."""
+    marks: list[int] = []
+    answered = trio.Event()
+
+    class RoundTrips:
+        async def mark(self) -> int:
+            marks.append(len(marks))
+            return marks[-1]
+
+        async def answered(self, seq: int) -> None:
+            await answered.wait()
+
+    send = Recorder()
+    batches, arriving = trio.open_memory_channel[outputs_module.SmallBatch](math.inf)
+    for b in range(10):
+        info = FileInfo(path=f"f{b}", size=1, sha256=_sha(b"x"))
+        batches.send_nowait([(info, b"x"), (info, b"x")])
+    batches.close()
+    assign = Assign(build_id="b1", attempt=1, command=("true",))
+    token = ROUND_TRIPS.set(RoundTrips())
+    try:
+        with trio.fail_after(LIMIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outputs_module._send_small, assign, arriving, send)
+                await trio.testing.wait_all_tasks_blocked()
+                window = outputs_module.UPLOAD_WINDOW
+                assert len(marks) == window + 1  # the last one waits for an answer
+                assert len(send.uploads()) == 2 * (window + 1)
+                answered.set()
+    finally:
+        ROUND_TRIPS.reset(token)
+    assert len(marks) == 10 and len(send.uploads()) == 20
 
 
 async def test_a_ping_behind_small_uploads_waiting_for_the_disk_is_answered(

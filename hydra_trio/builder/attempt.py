@@ -12,9 +12,11 @@ with ``return phases.result(status, ...)``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 import trio
@@ -33,6 +35,25 @@ from hydra_trio.protocol.messages import (
 
 #: How a build sends its frames (progress, log, uploads) to the runner.
 Send = Callable[[Message], Awaitable[None]]
+
+
+class RoundTrips(Protocol):
+    """The session's pings, for a sender of many frames to pace itself by: a Pong says the
+    runner has handled every frame sent before its Ping (the session's ``Session.mark``,
+    ``Session.answered``)."""
+
+    async def mark(self) -> int:
+        """Send a ping now; its sequence number."""
+
+    async def answered(self, seq: int) -> None:
+        """Wait until the Pong of ping ``seq`` (or a later one) has arrived."""
+
+
+#: The round trips of the session a build's task runs in (set by ``Session.run`` for the
+#: tasks it starts; None outside a session, as in tests that run an executor alone).
+ROUND_TRIPS: contextvars.ContextVar[RoundTrips | None] = contextvars.ContextVar(
+    "round_trips", default=None
+)
 
 #: The key of each phase's duration in ``Result.timings``.
 TIMING_KEYS = {Phase.FETCHING: "fetch", Phase.BUILDING: "build", Phase.UPLOADING: "upload"}

@@ -10,6 +10,7 @@ meanwhile: nothing here trusts what the scan saw.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import os
@@ -21,7 +22,7 @@ from typing import BinaryIO
 import attrs
 import trio
 
-from hydra_trio.builder.attempt import Send
+from hydra_trio.builder.attempt import ROUND_TRIPS, Send
 from hydra_trio.diskio import beside
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import Assign, FileInfo, UploadData
@@ -36,6 +37,9 @@ _HASH_BLOCK = 1024 * 1024
 #: outputs cost more than everything else their upload does.
 SMALL_BATCH = 256
 SMALL_BATCH_BYTES = 1024 * 1024
+#: Batches of small files sent beyond the last the runner has answered (``_send_small``):
+#: about 1,000 frames, 30 ms of the runner's reading.
+UPLOAD_WINDOW = 4
 
 
 class OutputTooLarge(Exception):
@@ -374,9 +378,7 @@ async def scan_and_upload(
             left = None if max_bytes is None else max_bytes - total
             size, sha256 = await _upload_file(assign, out_dir, entry.path, send, left)
             total += size
-            entry = FileInfo(
-                path=entry.path, size=size, sha256=sha256, executable=entry.executable
-            )
+            entry = FileInfo(path=entry.path, size=size, sha256=sha256, executable=entry.executable)
         outputs.append(entry)
     return outputs
 
@@ -399,9 +401,7 @@ async def upload(assign: Assign, out_dir: Path, outputs: list[FileInfo], send: S
     await _upload_large(assign, out_dir, files, send)
 
 
-async def _upload_large(
-    assign: Assign, out_dir: Path, outputs: list[FileInfo], send: Send
-) -> None:
+async def _upload_large(assign: Assign, out_dir: Path, outputs: list[FileInfo], send: Send) -> None:
     """The upload of each regular file of ``outputs`` larger than a frame (``upload``)."""
     for info in outputs:
         if not info.link and info.size > TRANSFER_FRAME:
@@ -463,7 +463,14 @@ async def _send_small(
     arriving: trio.MemoryReceiveChannel[list[tuple[FileInfo, bytes]]],
     send: Send,
 ) -> None:
+    """Send each small file as one ``UploadData``, a batch at a time; in a session, a ping
+    follows each batch, and no more than ``UPLOAD_WINDOW`` batches go out beyond the last
+    the runner has answered (``attempt.ROUND_TRIPS``).  The kernel's buffers hold megabytes:
+    10,000s of frames of a few bytes, which the runner reads at ~30 us each, and every ping
+    behind them waited that long (``sinceLastPing`` 1.5-2.0 s for 3 x 30,000 outputs)."""
     build_id, attempt = assign.build_id, assign.attempt
+    round_trips = ROUND_TRIPS.get()
+    marks: collections.deque[int] = collections.deque()
     async with arriving:
         async for batch in arriving:
             for info, data in batch:
@@ -477,6 +484,10 @@ async def _send_small(
                         eof=True,
                     )
                 )
+            if round_trips is not None:
+                marks.append(await round_trips.mark())
+                if len(marks) > UPLOAD_WINDOW:
+                    await round_trips.answered(marks.popleft())
 
 
 async def _send_chunks(

@@ -31,6 +31,7 @@ from pathlib import Path
 import trio
 
 from hydra_trio import auth, net, sdnotify
+from hydra_trio.builder.attempt import ROUND_TRIPS
 from hydra_trio.builder.backoff import Backoff
 from hydra_trio.builder.config import BuilderConfig
 from hydra_trio.builder.fetch import InputFetcher
@@ -52,6 +53,8 @@ from hydra_trio.protocol.messages import (
     Hello,
     ListData,
     Message,
+    Ping,
+    Pong,
     Reject,
     RejectCode,
     Role,
@@ -290,6 +293,10 @@ class Session:
         self.disk_free = 0
         #: the last measure of the work dir found less than ``min_free_disk`` free.
         self.low_disk = False
+        #: the highest ``seq`` a Pong has answered, and the event set at the next Pong.
+        self._ponged = -1
+        self._pong = trio.Event()
+        self._jobs: Jobs | None = None
 
     def close(self, end: SessionEnd, reason: str) -> None:
         """End the session (the first reason given is the one kept)."""
@@ -329,6 +336,8 @@ class Session:
                     listing=self.fetcher.listing,
                     pieces=welcome is not None and speaks(welcome.protocol_version, LISTING_MINOR),
                 )
+                self._jobs = jobs
+                ROUND_TRIPS.set(self)  # (for the builds' tasks, started from here on)
                 nursery.start_soon(self._pinger, jobs)
                 nursery.start_soon(self._disk_watcher)
                 nursery.start_soon(self._drainer, jobs)
@@ -368,6 +377,11 @@ class Session:
                     reason = "the runner sent more fetch data than requested"
                     self.close(SessionEnd.PROTOCOL_ERROR, reason)
                     return False
+            case Pong():
+                if message.seq > self._ponged:
+                    self._ponged = message.seq
+                    self._pong.set()
+                    self._pong = trio.Event()
             case Drain():
                 log.info("the runner asked us to drain: %s", message.reason)
                 self.state.request_drain()
@@ -382,18 +396,33 @@ class Session:
         conn = self.channel.connection
         while True:
             await trio.sleep_until(conn.next_ping_at)
-            now = trio.current_time()
-            ping = conn.make_ping(
-                now,
-                load=_load(),
-                disk_free=self.disk_free,
-                running=jobs.refs(),
-                low_disk=self.low_disk,
-            )
             try:
-                await self.send(ping)
+                await self.send(self._ping(jobs))
             except (net.ConnectionLost, ProtocolError):
                 return
+
+    def _ping(self, jobs: Jobs) -> Ping:
+        return self.channel.connection.make_ping(
+            trio.current_time(),
+            load=_load(),
+            disk_free=self.disk_free,
+            running=jobs.refs(),
+            low_disk=self.low_disk,
+        )
+
+    async def mark(self) -> int:
+        """``RoundTrips.mark``: a ping now (the next periodic one is due an interval later)."""
+        assert self._jobs is not None, "a mark before the session runs"
+        ping = self._ping(self._jobs)
+        await self.send(ping)
+        return ping.seq
+
+    async def answered(self, seq: int) -> None:
+        """``RoundTrips.answered``: Pongs come in the order of the pings (the runner answers
+        each as it reads it), so the highest answered so far says it.  A runner that never
+        answers is one the watchdog ends the session for (and this wait with it)."""
+        while self._ponged < seq:
+            await self._pong.wait()
 
     async def _disk_watcher(self) -> None:
         # statvfs can hang on a sick file system: it runs in a thread, in its own task, so a
