@@ -387,6 +387,16 @@ def _small_files(count: int) -> dict[str, bytes]:
     return {f"d{i // 100}/f{i}": f"small {i}\n".encode() for i in range(count)}
 
 
+def _write_outputs(out: Path) -> dict[str, bytes]:
+    """600 small files and a larger one, ``big`` (``CONTENT``), in ``out``; the small ones."""
+    small = _small_files(600)
+    for path, data in small.items():
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        (out / path).write_bytes(data)
+    (out / "big").write_bytes(CONTENT)
+    return small
+
+
 async def test_small_uploads_are_written_and_committed_many_per_thread_hop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -476,11 +486,7 @@ async def test_small_outputs_are_read_many_per_thread_hop(
 
     monkeypatch.setattr(outputs_module, "_read_batch", counted)
     out = tmp_path / "out"
-    small = _small_files(600)
-    for path, data in small.items():
-        (out / path).parent.mkdir(parents=True, exist_ok=True)
-        (out / path).write_bytes(data)
-    (out / "big").write_bytes(CONTENT)
+    small = _write_outputs(out)
     listed = outputs_module.scan_outputs(out)
     send = Recorder()
     assign = Assign(build_id="b1", attempt=1, command=("true",))
@@ -554,11 +560,7 @@ async def test_outputs_are_read_once_and_listed_as_they_were_sent(
     monkeypatch.setattr(outputs_module, "open_beneath", recording_open)
     monkeypatch.setattr(outputs_module, "_read_batch", no_second_read)
     out = tmp_path / "out"
-    small = _small_files(600)
-    for path, data in small.items():
-        (out / path).parent.mkdir(parents=True, exist_ok=True)
-        (out / path).write_bytes(data)
-    (out / "big").write_bytes(CONTENT)
+    small = _write_outputs(out)
     (out / "link").symlink_to("big")
     assign = Assign(build_id="b1", attempt=1, command=("true",))
     send = Recorder()
