@@ -549,6 +549,7 @@ async def test_outputs_are_read_once_and_listed_as_they_were_sent(
     scan is refused, not read through; a file grown past the limit fails the build."""
     opened: list[str] = []
     open_beneath = outputs_module.open_beneath
+    original_scan = outputs_module._scan
 
     def recording_open(root: Path, rel: str) -> Any:
         opened.append(rel)
@@ -579,10 +580,8 @@ async def test_outputs_are_read_once_and_listed_as_they_were_sent(
     assert listed == outputs_module.scan_outputs(out)  # the same listing as a scan alone
 
     def then(change: Any) -> Any:
-        scan = outputs_module._scan
-
         def scanned(*args: Any, **kwargs: Any) -> Any:
-            found = scan(*args, **kwargs)
+            found = original_scan(*args, **kwargs)
             change()
             return found
 
@@ -599,6 +598,25 @@ async def test_outputs_are_read_once_and_listed_as_they_were_sent(
     [big] = [info for info in listed if info.path == "big"]
     assert (big.size, big.sha256) == (70_000, _sha(b"x" * 70_000))
     assert b"".join(m.data for m in send.uploads() if m.path == "big") == b"x" * 70_000
+
+    # A small file grown past a frame between the listing and its hash: uploaded as a large
+    # one, not listed without its upload.
+    entries = outputs_module._entries
+
+    def growing(out_dir: Path) -> Any:
+        found = entries(out_dir)
+        (out / "d0" / "f0").write_bytes(CONTENT)
+        return found
+
+    monkeypatch.setattr(outputs_module, "_scan", original_scan)
+    monkeypatch.setattr(outputs_module, "_entries", growing)
+    send = Recorder()
+    with trio.fail_after(LIMIT):
+        listed = await outputs_module.scan_and_upload(assign, out, None, send)
+    monkeypatch.setattr(outputs_module, "_entries", entries)
+    [grown] = [info for info in listed if info.path == "d0/f0"]
+    assert (grown.size, grown.sha256) == (len(CONTENT), _sha(CONTENT))
+    assert b"".join(m.data for m in send.uploads() if m.path == "d0/f0") == CONTENT
 
     # Grown past the limit after the scan: the build's outputs are too large.
     def grow() -> None:

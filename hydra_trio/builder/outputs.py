@@ -4,8 +4,11 @@
 links as links), refuses what cannot be an output (``BadOutput``) and an oversized ``$OUT``
 before reading it (``OutputTooLarge``).  ``upload`` streams the listed files to the runner,
 reading each through ``open_beneath`` so a file swapped for a link or fifo after the scan is
-refused, not read through.  A build's leftover processes may still be changing ``$OUT``
-meanwhile: nothing here trusts what the scan saw.
+refused, not read through.  ``scan_and_upload``, what a command build uses, does both and
+reads every file once: the small files are sent from what the scan read to hash them, the
+larger ones hashed as they are read for their upload, so the listing is what was sent.  A
+build's leftover processes may still be changing ``$OUT`` meanwhile: nothing here trusts
+what the scan saw.
 """
 
 from __future__ import annotations
@@ -331,6 +334,9 @@ def _scan(
                 files.append(Unhashed(rel, executable))
                 continue
             size, sha256, data = beneath.hash(rel, keep)
+            if keep and data is None:  # grown past a frame since it was listed
+                files.append(Unhashed(rel, executable))
+                continue
             hashed += size
             if max_bytes is not None and hashed > max_bytes:  # it grew while being read
                 raise OutputTooLarge(hashed, max_bytes)
