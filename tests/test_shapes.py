@@ -679,6 +679,34 @@ async def test_small_uploads_run_at_most_a_window_of_batches_ahead_of_the_pongs(
     assert len(marks) == 10 and len(send.uploads()) == 20
 
 
+@pytest.mark.realnet
+async def test_a_builder_pings_between_batches_of_small_uploads(tmp_path: Path) -> None:
+    """A real builder uploading 2,000 small outputs sends a ping after each batch of them
+    (its periodic ping is 10 s away), so none waits behind more than a batch and a window."""
+    config = builder_config(tmp_path, "b")
+    config.work_dir.mkdir()
+    script = 'for i in $(seq 1 2000); do echo "$i" > "$OUT/f$i"; done'
+    assign = Assign(build_id="b1", attempt=1, command=("sh", "-c", script))
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            runner = FakeRunner(nursery, assign=assign, builder_timeout=30.0, connections=1)
+            state = BuilderState(config=config, machine_id="m")
+            nursery.start_soon(
+                functools.partial(run_builder, config, connect=runner.connect, state=state)
+            )
+            await runner.done.wait()
+            nursery.cancel_scope.cancel()
+    assert runner.result is not None and runner.result.status is BuildStatus.SUCCESS
+    uploads_between: list[int] = [0]
+    for message in runner.received:
+        if isinstance(message, Ping):
+            uploads_between.append(0)
+        elif isinstance(message, UploadData):
+            uploads_between[-1] += 1
+    assert sum(uploads_between) == 2000
+    assert max(uploads_between) <= outputs_module.SMALL_BATCH
+
+
 async def test_a_ping_behind_small_uploads_waiting_for_the_disk_is_answered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

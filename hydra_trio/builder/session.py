@@ -324,6 +324,15 @@ class Session:
             raise
 
     async def run(self) -> Ended:
+        # The builds' tasks, started from here on, pace their uploads by this session's pings
+        # (``attempt.ROUND_TRIPS``); reset as it ends, so no later task sees an ended one.
+        token = ROUND_TRIPS.set(self)
+        try:
+            return await self._run()
+        finally:
+            ROUND_TRIPS.reset(token)
+
+    async def _run(self) -> Ended:
         with self.scope:
             async with trio.open_nursery() as nursery:
                 welcome = self.channel.connection.welcome
@@ -337,7 +346,6 @@ class Session:
                     pieces=welcome is not None and speaks(welcome.protocol_version, LISTING_MINOR),
                 )
                 self._jobs = jobs
-                ROUND_TRIPS.set(self)  # (for the builds' tasks, started from here on)
                 nursery.start_soon(self._pinger, jobs)
                 nursery.start_soon(self._disk_watcher)
                 nursery.start_soon(self._drainer, jobs)
