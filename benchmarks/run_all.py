@@ -39,7 +39,8 @@ BENCHMARKS: tuple[tuple[str, int, tuple[str, ...], tuple[str, ...]], ...] = (
     ("runner_failover_bench.py", 900, (), ("--quick",)),
     ("dispatch_bench.py", 600, (), ("--quick",)),
     ("hydra_bench.py", 1500, (), ("--quick",)),
-    ("shapes_bench.py", 2400, (), ("--quick",)),
+    # on a new file system where one can be made (root): see shapes_bench.fresh_fs
+    ("shapes_bench.py", 2400, ("--fresh-fs", "16"), ("--quick",)),
     # SQLite only: the PostgreSQL figures need a throwaway cluster (run queue_bench.py alone)
     (
         "queue_bench.py",

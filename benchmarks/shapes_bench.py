@@ -321,7 +321,8 @@ def main() -> int:
         "--fresh-fs",
         type=int,
         metavar="GIB",
-        help="run on a new ext4 file system of GIB GiB (a loop mount; needs root)",
+        help="run on a new ext4 file system of GIB GiB (a loop mount; needs root; where it "
+        "cannot be made, in TMPDIR as without it)",
     )
     parser.add_argument("--probe", nargs=2, metavar=("PORT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -344,8 +345,8 @@ def main() -> int:
             try:
                 base = stack.enter_context(fresh_fs(args.fresh_fs))
             except (OSError, subprocess.CalledProcessError) as exc:
-                print(f"shapes_bench: --fresh-fs: cannot make a file system: {exc}")
-                return 2
+                where = tempfile.gettempdir()
+                print(f"shapes_bench: --fresh-fs: cannot make a file system ({exc}); in {where}")
         runs = repetitions(args, Path(tempfile.mkdtemp(prefix="shapes-bench-", dir=base)))
     return report(args, runs)
 
