@@ -548,17 +548,17 @@ async def test_outputs_are_read_once_and_listed_as_they_were_sent(
     says what was sent, even of a file changed after the scan; a link swapped in after the
     scan is refused, not read through; a file grown past the limit fails the build."""
     opened: list[str] = []
-    open_beneath = outputs_module.open_beneath
+    open_sized = outputs_module._open_sized
     original_scan = outputs_module._scan
 
     def recording_open(root: Path, rel: str) -> Any:
         opened.append(rel)
-        return open_beneath(root, rel)
+        return open_sized(root, rel)
 
     def no_second_read(out_dir: Path, infos: list[FileInfo]) -> Any:
         raise AssertionError("a small output was read a second time")
 
-    monkeypatch.setattr(outputs_module, "open_beneath", recording_open)
+    monkeypatch.setattr(outputs_module, "_open_sized", recording_open)
     monkeypatch.setattr(outputs_module, "_read_batch", no_second_read)
     out = tmp_path / "out"
     small = _write_outputs(out)

@@ -77,24 +77,14 @@ def open_beneath(root: Path, rel: str) -> BinaryIO:
     """Open the regular file ``rel`` under ``root`` without following a symbolic link at any
     step, and without blocking on a fifo: a build's leftover process may swap a file for a
     link or fifo after the scan, and the builder must then refuse it, not read through it."""
-    parts = rel.split("/")
-    step = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for part in parts[:-1]:
-                parent, fd = fd, os.open(part, step, dir_fd=fd)
-                os.close(parent)
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-            file_fd = os.open(parts[-1], flags, dir_fd=fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:  # ELOOP, ENOTDIR, ENOENT: not what the scan found
-        raise BadOutput(f"output {rel} changed while it was read: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
-        os.close(file_fd)
-        raise BadOutput(f"output {rel} changed while it was read: not a regular file")
-    return os.fdopen(file_fd, "rb")
+    return _open_sized(root, rel)[0]
+
+
+def _open_sized(root: Path, rel: str) -> tuple[BinaryIO, int]:
+    """``open_beneath``, and the file's size when it was opened."""
+    with Beneath(root) as beneath:
+        fd, size = beneath.open(rel)
+    return os.fdopen(fd, "rb"), size
 
 
 class Beneath:
@@ -209,13 +199,9 @@ def _read_size(expected: int, most: int) -> int:
 
 def hash_beneath(root: Path, rel: str) -> tuple[int, str]:
     """Size and sha256 of what ``rel`` under ``root`` holds now (see ``open_beneath``)."""
-    digest = hashlib.sha256()
-    size = 0
-    with open_beneath(root, rel) as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-            size += len(block)
-    return size, digest.hexdigest()
+    with Beneath(root) as beneath:
+        size, sha256, _ = beneath.hash(rel)
+    return size, sha256
 
 
 def _walk_error(exc: OSError) -> None:
@@ -421,10 +407,9 @@ async def _upload_file(
     per hop while the frames of the chunk before are sent (``_read_ahead``), up to the size
     it had when opened; the size and sha256 of what was sent.  More than ``max_bytes``
     raises ``OutputTooLarge``."""
-    f = await trio.to_thread.run_sync(open_beneath, out_dir, path)
+    f, size = await trio.to_thread.run_sync(_open_sized, out_dir, path)
     digest = hashlib.sha256()
     try:
-        size = (await trio.to_thread.run_sync(os.fstat, f.fileno())).st_size
         if max_bytes is not None and size > max_bytes:
             raise OutputTooLarge(size, max_bytes)
         chunks, arriving_chunks = trio.open_memory_channel[tuple[list[bytes], bool]](1)
