@@ -3,6 +3,7 @@ tampered entry is found and fetched again, and many small files are fetched pipe
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import os
@@ -16,6 +17,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from hydra_trio.builder.cache import InputCache
 from hydra_trio.builder.fetch import SMALL_WINDOW, InputFetcher
 from hydra_trio.builder.inputs import FetchError, place_inputs
 from hydra_trio.protocol.codec import TRANSFER_FRAME
@@ -155,6 +157,58 @@ async def test_an_unchanged_cache_entry_is_linked_without_rehashing(tmp_path: Pa
     assert fetcher.entries.rehashed == 0
 
 
+async def test_an_entry_left_part_written_by_a_killed_builder_is_written_anew(
+    tmp_path: Path,
+) -> None:
+    """A small entry is written where it stays (no rename from ``tmp``): one a builder killed
+    mid-write left there is not trusted by the next process: rehashed, removed and fetched
+    again, whether it is found before the fetch or only as the entry is created."""
+    files = {"f": b"complete contents\n", "g": b"other contents\n"}
+    cache = InputCache(tmp_path / "cache")
+    for data in files.values():
+        entry = cache.path_of(sha(data))
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_bytes(data[:5])
+        entry.chmod(0o444)
+    assign = assign_of({"f": files["f"]})
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, {sha(d): d for d in files.values()})
+        fetcher = fetcher_for(runner, tmp_path / "cache")
+        await place_inputs(assign, tmp_path / "in", fetcher)
+    assert (tmp_path / "in" / "dep" / "f").read_bytes() == files["f"]
+    assert [r.sha256 for r in runner.requests] == [sha(files["f"])]
+    # found only as the entry is created (fetched while another process wrote it)
+    data = files["g"]
+    target = tmp_path / "g"
+    cache.write(sha(data), len(data), [data], [(False, target)])
+    assert target.read_bytes() == data == cache.path_of(sha(data)).read_bytes()
+    assert cache.discarded == 1 and stat.S_IMODE(os.lstat(target).st_mode) == 0o444
+
+
+def test_a_failed_write_of_a_small_entry_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (``write`` fails, and then ``close`` too, as it may on a full disk) removes
+    the part-written entry: nothing is left for a later build to trust, nothing is placed."""
+    real_close = os.close
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(fd: int) -> None:
+        real_close(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cache = InputCache(tmp_path / "cache")
+    data = b"contents\n"
+    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "close", close)
+    with pytest.raises(OSError, match="No space"):
+        cache.write(sha(data), len(data), [data], [(False, tmp_path / "t")])
+    monkeypatch.undo()
+    assert not cache.path_of(sha(data)).exists() and not (tmp_path / "t").exists()
+
+
 async def test_a_pipelined_fetch_of_many_small_files_ends_with_all_of_them(
     tmp_path: Path,
 ) -> None:
@@ -171,7 +225,7 @@ async def test_a_pipelined_fetch_of_many_small_files_ends_with_all_of_them(
     assert len(runner.requests) == len(set(files.values()))
     for path, data in files.items():
         assert (tmp_path / "in" / "dep" / path).read_bytes() == data
-    assert not list((tmp_path / "cache" / "tmp").iterdir())
+    assert not list((tmp_path / "cache" / "tmp").glob("*"))
 
 
 async def test_a_fetched_small_file_is_not_held_in_memory_once_written(
@@ -185,10 +239,10 @@ async def test_a_fetched_small_file_is_not_held_in_memory_once_written(
     held_after_writing: list[int] = []
     keep_small = InputFetcher._keep_small
 
-    def keep_and_count(self: InputFetcher, batch: list[Any], tmp: Path) -> None:
+    def keep_and_count(self: InputFetcher, batch: list[Any], targets: Any) -> None:
         gc.collect()
         held_after_writing.append(sum(ref() is not None for ref in written))
-        keep_small(self, batch, tmp)
+        keep_small(self, batch, targets)
         written.extend(weakref.ref(small) for small in batch)
 
     monkeypatch.setattr(InputFetcher, "_keep_small", keep_and_count)
@@ -218,4 +272,4 @@ async def test_a_stalled_small_fetch_times_out(
             await place_inputs(assign_of(files), tmp_path / "in", fetcher)
         assert trio.current_time() - runner.asked_at[sha(files["stuck"])] == pytest.approx(30.0)
     assert fetcher.deliver(FetchData(request_id=0, data=b"late", eof=True))  # dropped
-    assert not list((tmp_path / "cache" / "tmp").iterdir())
+    assert not list((tmp_path / "cache" / "tmp").glob("*"))

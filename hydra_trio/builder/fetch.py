@@ -7,8 +7,9 @@ lacks, a batch of files per thread hop, fetches those, and links the cache entri
 
 Small files (up to ``SMALL_FILE`` bytes) are fetched pipelined: one ``FetchRequest`` each for
 the whole file, up to ``SMALL_WINDOW`` of them (and ``SMALL_WINDOW_BYTES``) in flight, sent
-several per write; what arrives is checked (size, sha256), written and kept in the cache by a
-writer task beside the receiving, as many files per thread hop as have arrived meanwhile.
+several per write; what arrives is checked (size, sha256), written into the cache where it
+stays and linked at its targets at once (``InputCache.write``) by a writer task beside the
+receiving, as many files per thread hop as have arrived meanwhile.
 Larger files are pulled one at a time by ``fetch`` with ``FetchRequest``s of ``FETCH_CHUNK``
 bytes, ``FETCH_WINDOW`` of them in flight, written and hashed as they arrive
 (``diskio.HashingFile``, in worker threads beside the receiving).
@@ -26,7 +27,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -34,7 +34,7 @@ import attrs
 import trio
 
 from hydra_trio.builder.attempt import Send
-from hydra_trio.builder.cache import InputCache
+from hydra_trio.builder.cache import InputCache, Target
 from hydra_trio.builder.inputs import FetchError
 from hydra_trio.diskio import HashingFile, HashMismatch, beside, receiving
 from hydra_trio.protocol.messages import (
@@ -161,10 +161,13 @@ class InputFetcher:
 
     async def place(self, assign: Assign, files: Sequence[Placement]) -> None:
         """Put each file at its target (whose directory exists, the file not): fetched into the
-        cache unless it is there, then linked from it, read-only (see the module docstring)."""
+        cache unless it is there, then linked from it, read-only (see the module docstring).
+        A small file fetched is placed as it is written (``InputCache.write``)."""
         wanted: dict[str, FileInfo] = {}
-        for info, _ in files:
+        targets: dict[str, list[Target]] = {}
+        for info, target in files:
             wanted.setdefault(info.sha256, info)
+            targets.setdefault(info.sha256, []).append((info.executable, target))
         contents = list(wanted.values())
         missing: list[FileInfo] = []
         for start in range(0, len(contents), CACHE_BATCH):
@@ -172,7 +175,9 @@ class InputFetcher:
             missing += await trio.to_thread.run_sync(self._lacking, batch)
         small = [info for info in missing if info.size <= SMALL_FILE]
         if small:
-            await self._fetch_small(assign, small)
+            await self._fetch_small(assign, small, targets)
+            placed = {info.sha256 for info in small}
+            files = [(info, target) for info, target in files if info.sha256 not in placed]
         for info in missing:
             if info.size > SMALL_FILE:
                 await self.fetch(assign, info)
@@ -200,12 +205,13 @@ class InputFetcher:
                 gone.append((info, target))
         return gone
 
-    async def _fetch_small(self, assign: Assign, infos: list[FileInfo]) -> None:
-        """Fetch the small files ``infos`` into the cache, pipelined (module docstring)."""
+    async def _fetch_small(
+        self, assign: Assign, infos: list[FileInfo], targets: dict[str, list[Target]]
+    ) -> None:
+        """Fetch the small files ``infos`` into the cache, pipelined, and place each at its
+        ``targets`` (module docstring)."""
         arrived_send, arrived = trio.open_memory_channel[_SmallFetch](math.inf)  # <= window
         batches, taken = trio.open_memory_channel[list[_SmallFetch]](1)
-        tmp = self.entries.tmp_dir()
-        await trio.to_thread.run_sync(functools.partial(tmp.mkdir, parents=True, exist_ok=True))
         # the requests of this call still unanswered, to forget if it ends early (not every
         # request made: that list would keep every fetched file's data until the last one)
         asked: set[int] = set()
@@ -271,7 +277,7 @@ class InputFetcher:
 
         async def write() -> None:
             async for batch in taken:
-                await trio.to_thread.run_sync(self._keep_small, batch, tmp)
+                await trio.to_thread.run_sync(self._keep_small, batch, targets)
 
         try:
             await beside(receive, write)
@@ -279,9 +285,8 @@ class InputFetcher:
             for request_id in asked:
                 self._small.pop(request_id, None)
 
-    def _keep_small(self, batch: list[_SmallFetch], tmp: Path) -> None:
-        """Check, write and keep each fetched small file in the cache (in a thread)."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    def _keep_small(self, batch: list[_SmallFetch], targets: dict[str, list[Target]]) -> None:
+        """Check, write and place each fetched small file (in a thread)."""
         for small in batch:
             info, chunks = small.info, small.chunks
             digest = hashlib.sha256()
@@ -293,25 +298,7 @@ class InputFetcher:
                     f"fetched {small.received} bytes with sha256 {sha256} for {info.path}, "
                     f"expected {info.size} bytes with {info.sha256}"
                 )
-            path = self.entries.path_of(info.sha256)
-            if os.path.lexists(path):  # fetched twice (another build, at the same time)
-                continue
-            self.entries.parent_made(path)
-            partial = tmp / f"s{small.request_id}-{info.sha256}"
-            fd = os.open(partial, flags, 0o444)
-            try:
-                try:
-                    for chunk in chunks:
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                finally:
-                    os.close(fd)
-                os.replace(partial, path)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-            self.entries.kept(path)
+            self.entries.write(sha256, info.size, chunks, targets[sha256])
 
     async def _send_many(self, messages: list[Message]) -> None:
         if self.send_all is not None:
