@@ -18,7 +18,7 @@ import trio.lowlevel
 import trio.testing
 
 from hydra_trio.builder.cache import InputCache
-from hydra_trio.builder.fetch import SMALL_WINDOW, InputFetcher
+from hydra_trio.builder.fetch import CACHE_BATCH, SMALL_WINDOW, InputFetcher
 from hydra_trio.builder.inputs import FetchError, place_inputs
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
@@ -226,6 +226,38 @@ async def test_a_pipelined_fetch_of_many_small_files_ends_with_all_of_them(
     for path, data in files.items():
         assert (tmp_path / "in" / "dep" / path).read_bytes() == data
     assert not list((tmp_path / "cache" / "tmp").glob("*"))
+
+
+async def test_the_first_small_fetches_go_out_before_every_content_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which contents the cache lacks is checked a batch at a time as the fetches need more:
+    with 3 batches to check, requests are in flight before the last batch is checked (not
+    after 100,000 checks)."""
+    files = {f"f{i}": b"%d\n" % i for i in range(3 * CACHE_BATCH)}
+    events: list[str] = []
+    lacking = InputFetcher._lacking
+
+    def checking(self: InputFetcher, contents: list[FileInfo]) -> list[FileInfo]:
+        events.append("check")
+        return lacking(self, contents)
+
+    monkeypatch.setattr(InputFetcher, "_lacking", checking)
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, {sha(d): d for d in files.values()})
+        send = runner.send
+
+        async def sending(message: Message) -> None:
+            events.append("request")
+            await send(message)
+
+        runner.send = sending  # type: ignore[method-assign]
+        fetcher = fetcher_for(runner, tmp_path / "cache")
+        await place_inputs(assign_of(files), tmp_path / "in", fetcher)
+    assert events.count("check") == 3
+    assert events.index("request") < len(events) - 1 - events[::-1].index("check")
+    for path, data in files.items():
+        assert (tmp_path / "in" / "dep" / path).read_bytes() == data
 
 
 async def test_a_fetched_small_file_is_not_held_in_memory_once_written(

@@ -172,7 +172,7 @@ class InputCache:
         with self._lock:
             return self._verified(self.path_of(sha256), sha256, size, 0o444)
 
-    def place(self, sha256: str, size: int, executable: bool, target: Path) -> None:
+    def place(self, sha256: str, size: int, executable: bool, target: Path | str) -> None:
         """Put the verified entry at ``target`` (which must not exist; its directory must):
         a reflink, else a hard link, else a copy; read-only.  Raises ``FileNotFoundError`` if
         the entry is missing or no longer matches (the caller fetches it again)."""

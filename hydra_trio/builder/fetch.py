@@ -24,6 +24,7 @@ while requests are in flight, an error from the runner, or a mismatch raises ``F
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import math
@@ -35,7 +36,7 @@ import trio
 
 from hydra_trio.builder.attempt import Send
 from hydra_trio.builder.cache import InputCache, Target
-from hydra_trio.builder.inputs import FetchError
+from hydra_trio.builder.inputs import FetchError, Placement
 from hydra_trio.diskio import HashingFile, HashMismatch, beside, receiving
 from hydra_trio.protocol.messages import (
     Assign,
@@ -74,8 +75,6 @@ CACHE_BATCH = 1000
 
 #: Send several frames in one write (``net.FramedChannel.send_all``).
 SendAll = Callable[[list[Message]], Awaitable[None]]
-#: One file to put under ``$IN``: its listing entry and where it goes.
-Placement = tuple[FileInfo, Path]
 
 
 @attrs.define(eq=False)
@@ -162,25 +161,16 @@ class InputFetcher:
     async def place(self, assign: Assign, files: Sequence[Placement]) -> None:
         """Put each file at its target (whose directory exists, the file not): fetched into the
         cache unless it is there, then linked from it, read-only (see the module docstring).
-        A small file fetched is placed as it is written (``InputCache.write``)."""
-        wanted: dict[str, FileInfo] = {}
-        targets: dict[str, list[Target]] = {}
-        for info, target in files:
-            wanted.setdefault(info.sha256, info)
-            targets.setdefault(info.sha256, []).append((info.executable, target))
-        contents = list(wanted.values())
-        missing: list[FileInfo] = []
-        for start in range(0, len(contents), CACHE_BATCH):
-            batch = contents[start : start + CACHE_BATCH]
-            missing += await trio.to_thread.run_sync(self._lacking, batch)
-        small = [info for info in missing if info.size <= SMALL_FILE]
-        if small:
-            await self._fetch_small(assign, small, targets)
-            placed = {info.sha256 for info in small}
+        Which contents the cache lacks is checked a batch at a time as the small fetches need
+        more (the first requests go out after one batch, not after 100,000 checks), and a
+        small file fetched is placed as it is written (``InputCache.write``)."""
+        contents, targets = await trio.to_thread.run_sync(_by_content, files)
+        lacking = _Lacking(self, contents)
+        placed = await self._fetch_small(assign, lacking, targets)
+        for info in lacking.large:
+            await self.fetch(assign, info)
+        if placed:
             files = [(info, target) for info, target in files if info.sha256 not in placed]
-        for info in missing:
-            if info.size > SMALL_FILE:
-                await self.fetch(assign, info)
         for start in range(0, len(files), CACHE_BATCH):
             placing = files[start : start + CACHE_BATCH]
             again = await trio.to_thread.run_sync(self._link, placing, False)
@@ -206,10 +196,11 @@ class InputFetcher:
         return gone
 
     async def _fetch_small(
-        self, assign: Assign, infos: list[FileInfo], targets: dict[str, list[Target]]
-    ) -> None:
-        """Fetch the small files ``infos`` into the cache, pipelined, and place each at its
-        ``targets`` (module docstring)."""
+        self, assign: Assign, lacking: _Lacking, targets: dict[str, list[Target]]
+    ) -> set[str]:
+        """Fetch the small files the cache ``lacking``, pipelined, and place each at its
+        ``targets`` (module docstring); return their hashes."""
+        placed: set[str] = set()
         arrived_send, arrived = trio.open_memory_channel[_SmallFetch](math.inf)  # <= window
         batches, taken = trio.open_memory_channel[list[_SmallFetch]](1)
         # the requests of this call still unanswered, to forget if it ends early (not every
@@ -218,8 +209,7 @@ class InputFetcher:
 
         async def receive() -> None:
             async with batches:
-                queue = iter(infos)
-                upcoming = next(queue, None)
+                upcoming = await lacking.next_small()
                 in_flight = in_bytes = 0
                 pending: list[_SmallFetch] = []
                 pending_bytes = 0
@@ -237,7 +227,8 @@ class InputFetcher:
                         requests.append(small.request(assign))
                         in_flight += 1
                         in_bytes += upcoming.size
-                        upcoming = next(queue, None)
+                        placed.add(upcoming.sha256)
+                        upcoming = await lacking.next_small()
                     if requests:
                         await self._send_many(requests)
                     with trio.move_on_after(self.fetch_timeout) as stall:
@@ -284,6 +275,7 @@ class InputFetcher:
         finally:
             for request_id in asked:
                 self._small.pop(request_id, None)
+        return placed
 
     def _keep_small(self, batch: list[_SmallFetch], targets: dict[str, list[Target]]) -> None:
         """Check, write and place each fetched small file (in a thread)."""
@@ -359,6 +351,40 @@ class InputFetcher:
                 pending, pending_size = [], 0
             if transfer.ended:
                 break
+
+
+@attrs.define(eq=False)
+class _Lacking:
+    """The contents the cache lacks, checked ``CACHE_BATCH`` at a time (a thread hop each) as
+    they are asked for: the small ones are handed out by ``next_small``, the large ones kept
+    in ``large`` for ``fetch`` once the small ones are in."""
+
+    fetcher: InputFetcher
+    contents: list[FileInfo]
+    large: list[FileInfo] = attrs.field(factory=list)
+    _small: collections.deque[FileInfo] = attrs.field(factory=collections.deque)
+    _checked: int = 0
+
+    async def next_small(self) -> FileInfo | None:
+        """The next small content the cache lacks; None once every content is checked."""
+        while not self._small:
+            if self._checked >= len(self.contents):
+                return None
+            batch = self.contents[self._checked : self._checked + CACHE_BATCH]
+            self._checked += len(batch)
+            for info in await trio.to_thread.run_sync(self.fetcher._lacking, batch):
+                (self._small if info.size <= SMALL_FILE else self.large).append(info)
+        return self._small.popleft()
+
+
+def _by_content(files: Sequence[Placement]) -> tuple[list[FileInfo], dict[str, list[Target]]]:
+    """Each content of ``files`` once (the first entry listing it), and where each goes."""
+    wanted: dict[str, FileInfo] = {}
+    targets: dict[str, list[Target]] = {}
+    for info, target in files:
+        wanted.setdefault(info.sha256, info)
+        targets.setdefault(info.sha256, []).append((info.executable, target))
+    return list(wanted.values()), targets
 
 
 @attrs.define(eq=False)
