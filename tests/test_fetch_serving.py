@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import trio
 
-from hydra_trio.protocol.messages import FetchData, FetchRequest, Message
+from hydra_trio.protocol.messages import FetchData, FetchFiles, FetchRequest, Message
+from hydra_trio.runner import fetches
 from hydra_trio.runner.blobs import BlobStore
 from hydra_trio.runner.fetches import FetchServer
 from hydra_trio.runner.metrics import FarmMetrics
@@ -53,3 +55,50 @@ async def test_queued_requests_are_answered_in_order_each_answer_ended(tmp_path:
         (4, b"x" * 22, False, False),
     ]
     assert frames[1].error == "refused"
+
+
+async def test_a_fetch_files_request_is_answered_by_its_files_one_after_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(1.7) A ``FetchFiles`` is answered by its files' bytes concatenated in request order,
+    cut into frames of the piece size, the last with eof (empty files: one empty frame with
+    eof); a missing blob, or files holding more than the maximum together, get one error
+    frame and no bytes of any file."""
+    blobs = BlobStore(tmp_path / "blobs")
+    contents = [b"a" * 40, b"", b"b" * 50]
+    for data in contents:
+        path = blobs.path_of(hashlib.sha256(data).hexdigest())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    first, empty, second = (hashlib.sha256(d).hexdigest() for d in contents)
+    monkeypatch.setattr(fetches, "MAX_FETCH_FILES_BYTES", 100)
+
+    def files(request_id: int, *hashes: str) -> FetchFiles:
+        return FetchFiles(request_id=request_id, build_id="b", attempt=1, files=hashes)
+
+    posted: list[Message] = []
+    server = FetchServer(blobs, FarmMetrics(), posted.append, 64)
+    async with trio.open_nursery() as nursery:
+        await server.queue(files(0, first, empty, second))
+        await server.queue(files(1, empty, empty))
+        await server.queue(files(2, first, "0" * 64))
+        await server.queue(files(3, second, second))  # 100 bytes: at the maximum
+        await server.queue(files(4, second, first, second))  # 140 bytes: over it
+        await server.queue(files(5, first), "not an input")
+        nursery.start_soon(server.run)
+        with trio.fail_after(60):
+            while len(posted) < 8:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    frames = [m for m in posted if isinstance(m, FetchData)]
+    assert [(f.request_id, f.data, f.eof, bool(f.error)) for f in frames] == [
+        (0, b"a" * 40 + b"b" * 24, False, False),
+        (0, b"b" * 26, True, False),
+        (1, b"", True, False),
+        (2, b"", False, True),
+        (3, b"b" * 64, False, False),
+        (3, b"b" * 36, True, False),
+        (4, b"", False, True),
+        (5, b"", False, True),
+    ]
+    assert "more than 100 bytes" in frames[6].error and frames[7].error == "not an input"

@@ -18,12 +18,19 @@ import trio.lowlevel
 import trio.testing
 
 from hydra_trio.builder.cache import InputCache
-from hydra_trio.builder.fetch import CACHE_BATCH, SMALL_WINDOW, InputFetcher
+from hydra_trio.builder.fetch import (
+    CACHE_BATCH,
+    FILES_PER_REQUEST,
+    FILES_REQUEST_BYTES,
+    SMALL_WINDOW,
+    InputFetcher,
+)
 from hydra_trio.builder.inputs import FetchError, place_inputs
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
     Assign,
     FetchData,
+    FetchFiles,
     FetchRequest,
     FileInfo,
     InputSpec,
@@ -44,6 +51,8 @@ class Runner:
         self.blobs = blobs
         self.fetcher: InputFetcher | None = None
         self.requests: list[FetchRequest] = []
+        #: (1.7) the FetchFiles requests.
+        self.many: list[FetchFiles] = []
         self.in_flight = 0
         self.most_in_flight = 0
         #: sha256s never answered (a stalled runner), and when each was asked for.
@@ -51,6 +60,10 @@ class Runner:
         self.asked_at: dict[str, float] = {}
 
     async def send(self, message: Message) -> None:
+        if isinstance(message, FetchFiles):
+            self.many.append(message)
+            self.nursery.start_soon(self._answer_files, message)
+            return
         assert isinstance(message, FetchRequest)
         self.requests.append(message)
         self.asked_at[message.sha256] = trio.current_time()
@@ -63,6 +76,17 @@ class Runner:
     async def send_all(self, messages: list[Message]) -> None:
         for message in messages:
             await self.send(message)
+
+    async def _answer_files(self, msg: FetchFiles) -> None:
+        """(1.7) The files' bytes one after the other, in frames, the last with eof."""
+        await trio.lowlevel.checkpoint()
+        assert self.fetcher is not None
+        data = b"".join(self.blobs[sha256] for sha256 in msg.files)
+        pieces = [data[i : i + TRANSFER_FRAME] for i in range(0, len(data), TRANSFER_FRAME)]
+        pieces = pieces or [b""]
+        for index, piece in enumerate(pieces):
+            frame = FetchData(request_id=msg.request_id, data=piece, eof=index == len(pieces) - 1)
+            assert self.fetcher.deliver(frame)
 
     async def _answer(self, msg: FetchRequest) -> None:
         await trio.lowlevel.checkpoint()
@@ -258,6 +282,43 @@ async def test_the_first_small_fetches_go_out_before_every_content_is_checked(
     assert events.index("request") < len(events) - 1 - events[::-1].index("check")
     for path, data in files.items():
         assert (tmp_path / "in" / "dep" / path).read_bytes() == data
+
+
+async def test_a_runner_of_1_7_is_asked_for_many_small_files_per_request(tmp_path: Path) -> None:
+    """(1.7) With a runner that takes ``FetchFiles``, 3,000 small files (some sharing their
+    contents, some empty, one of 100 KiB) are asked for a group at a time, each group within
+    the bounds, each content once, and every file is placed; bytes that do not match their
+    hash fail the fetch."""
+    files = {f"d{i % 7}/f{i}": (b"%d\n" % (i % 2500)) * (i % 50) for i in range(3000)}
+    files["large"] = b"L" * (100 * 1024)
+    assign = assign_of(files)
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, {sha(d): d for d in files.values()})
+        fetcher = fetcher_for(runner, tmp_path / "cache")
+        fetcher.many = True
+        with trio.fail_after(600):
+            await place_inputs(assign, tmp_path / "in", fetcher)
+    distinct = len(set(files.values()))
+    assert not runner.requests
+    assert distinct // FILES_PER_REQUEST <= len(runner.many) < distinct // 10
+    asked = [sha256 for request in runner.many for sha256 in request.files]
+    assert sorted(asked) == sorted(set(sha(d) for d in files.values()))
+    by_sha = {sha(d): d for d in files.values()}
+    for request in runner.many:
+        size = sum(len(by_sha[sha256]) for sha256 in request.files)
+        assert len(request.files) <= FILES_PER_REQUEST
+        assert size <= FILES_REQUEST_BYTES or len(request.files) == 1
+    for path, data in files.items():
+        assert (tmp_path / "in" / "dep" / path).read_bytes() == data
+
+    wrong = {"a": b"one\n", "b": b"two\n"}
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, {sha(b"one\n"): b"two\n", sha(b"two\n"): b"one\n"})
+        fetcher = fetcher_for(runner, tmp_path / "cache2")
+        fetcher.many = True
+        with pytest.raises(FetchError, match="sha256"):
+            await place_inputs(assign_of(wrong), tmp_path / "in2", fetcher)
+    assert not (tmp_path / "in2" / "dep" / "a").exists()
 
 
 async def test_a_fetched_small_file_is_not_held_in_memory_once_written(

@@ -18,12 +18,14 @@ from hydra_trio.builder import jobs as jobs_module
 from hydra_trio.builder import outputs as outputs_module
 from hydra_trio.builder.attempt import ROUND_TRIPS
 from hydra_trio.builder.daemon import BuilderState, run_builder
+from hydra_trio.builder.fetch import FILES_PER_REQUEST
 from hydra_trio.builder.session import Session
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
     Assign,
     BuildStatus,
     FetchData,
+    FetchFiles,
     FetchRequest,
     FileInfo,
     ListRequest,
@@ -36,6 +38,7 @@ from hydra_trio.protocol.messages import (
 from hydra_trio.runner import blobs as blobs_module
 from hydra_trio.runner import farm as farm_module
 from hydra_trio.runner import frames as frames_module
+from hydra_trio.runner import session as runner_session
 from hydra_trio.runner.blobs import BlobStore, PendingUpload
 from hydra_trio.runner.frames import MAX_FETCH_CHUNK
 from hydra_trio.runner.model import Build, BuildSpec, BuildState
@@ -297,6 +300,49 @@ async def test_listings_travel_in_pieces_both_ways(
         assert via.text == "1\n"
     assert sent.count(OutputList) >= 3 * 2  # 61 listings of ~125 bytes, 2000 a piece
     assert sent.count(ListRequest) >= 2 * 9  # 61 files, 7 a piece, per input
+
+
+@pytest.mark.parametrize("runner_version", ["1.7", "1.6"])
+async def test_small_inputs_travel_many_per_request_where_the_runner_takes_it(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch, runner_version: str
+) -> None:
+    """(1.7) A builder fetches small inputs a group per ``FetchFiles`` from a runner that
+    speaks 1.7, and one per ``FetchRequest`` from a runner that says 1.6 (which would not know
+    the message); either way the consumer sees every file as it was made."""
+    monkeypatch.setattr(runner_session, "PROTOCOL_VERSION", runner_version)
+    sent: list[Any] = []
+    real_send_all = Session.send_all
+
+    async def spy(self: Session, messages: list[Any]) -> None:
+        sent.extend(type(message) for message in messages)
+        await real_send_all(self, messages)
+
+    monkeypatch.setattr(Session, "send_all", spy)
+    make = "mkdir -p $OUT/d; for i in $(seq 1 300); do echo $i > $OUT/d/f$i; done"
+    with trio.fail_after(LIMIT):
+        await runner.start_builder("b1")
+        graph = {
+            "builds": [
+                {"name": "make", "command": ["sh", "-c", make]},
+                {
+                    "name": "use",
+                    "command": ["sh", "-c", 'cat "$IN"/make/d/f* | sort -n | uniq > $OUT/all'],
+                    "after": ["make"],
+                },
+            ]
+        }
+        response = await runner.client.post("/builds", json=graph)
+        assert response.status_code == 201, response.text
+        ids = response.json()["ids"]
+        for name in ("make", "use"):
+            data = await _wait_done(runner, ids[name])
+            assert data["status"] == "success", data
+        seen = (await runner.client.get(f"/builds/{ids['use']}/outputs/all")).text.split()
+        assert seen == [str(i) for i in range(1, 301)]
+    if runner_version == "1.7":
+        assert FetchRequest not in sent and 300 // FILES_PER_REQUEST <= sent.count(FetchFiles) < 10
+    else:
+        assert FetchFiles not in sent and sent.count(FetchRequest) == 300
 
 
 async def test_a_builder_low_on_disk_gets_no_new_build_until_it_has_room(

@@ -5,11 +5,13 @@ build's input files under ``$IN``: it checks which contents the cache (``cache.I
 lacks, a batch of files per thread hop, fetches those, and links the cache entries into place
 (reflink, hard link, or copy as a fallback; read-only), again a batch per thread hop.
 
-Small files (up to ``SMALL_FILE`` bytes) are fetched pipelined: one ``FetchRequest`` each for
-the whole file, up to ``SMALL_WINDOW`` of them (and ``SMALL_WINDOW_BYTES``) in flight, sent
-several per write; what arrives is checked (size, sha256), written into the cache where it
-stays and linked at its targets at once (``InputCache.write``) by a writer task beside the
-receiving, as many files per thread hop as have arrived meanwhile.
+Small files (up to ``SMALL_FILE`` bytes) are fetched pipelined: from a runner of 1.7 on
+(``many``), a ``FetchFiles`` for up to ``FILES_PER_REQUEST`` of them (``FILES_REQUEST_BYTES``
+together), answered by their bytes one after the other; from an older one, a ``FetchRequest``
+each for the whole file.  Up to ``SMALL_WINDOW`` requests (and ``SMALL_WINDOW_BYTES``) are in
+flight, sent several per write; what arrives is checked (size, sha256), written into the
+cache where it stays and linked at its targets at once (``InputCache.write``) by a writer task
+beside the receiving, as many files per thread hop as have arrived meanwhile.
 Larger files are pulled one at a time by ``fetch`` with ``FetchRequest``s of ``FETCH_CHUNK``
 bytes, ``FETCH_WINDOW`` of them in flight, written and hashed as they arrive
 (``diskio.HashingFile``, in worker threads beside the receiving).
@@ -41,6 +43,7 @@ from hydra_trio.diskio import HashingFile, HashMismatch, beside, receiving
 from hydra_trio.protocol.messages import (
     Assign,
     FetchData,
+    FetchFiles,
     FetchRequest,
     FileInfo,
     InputSpec,
@@ -72,6 +75,10 @@ SMALL_WINDOW_BYTES = 8 * 1024 * 1024
 SMALL_BATCH = 512
 SMALL_BATCH_BYTES = 4 * 1024 * 1024
 CACHE_BATCH = 1000
+#: (1.7) A ``FetchFiles`` names at most this many files holding at most this many bytes
+#: together (an answer of one ``FetchData`` frame, ``codec.TRANSFER_FRAME``).
+FILES_PER_REQUEST = 128
+FILES_REQUEST_BYTES = 64 * 1024
 
 #: Send several frames in one write (``net.FramedChannel.send_all``).
 SendAll = Callable[[list[Message]], Awaitable[None]]
@@ -86,6 +93,8 @@ class InputFetcher:
     fetch_timeout: float
     #: several frames in one write; None: one ``send`` each.
     send_all: SendAll | None = None
+    #: (1.7) the runner takes ``FetchFiles``: many small files per request.
+    many: bool = False
     entries: InputCache = attrs.field(init=False)
     _transfers: dict[int, _Transfer] = attrs.field(factory=dict, init=False)
     _small: dict[int, _SmallFetch] = attrs.field(factory=dict, init=False)
@@ -212,7 +221,7 @@ class InputFetcher:
                 upcoming = await lacking.next_small()
                 in_flight = in_bytes = 0
                 pending: list[_SmallFetch] = []
-                pending_bytes = 0
+                pending_files = pending_bytes = 0
                 while upcoming is not None or in_flight:
                     requests: list[Message] = []
                     while (
@@ -220,15 +229,25 @@ class InputFetcher:
                         and in_flight < SMALL_WINDOW
                         and in_bytes < SMALL_WINDOW_BYTES
                     ):
-                        small = _SmallFetch(upcoming, self._next_request, arrived_send)
+                        group, size = [upcoming], upcoming.size
+                        upcoming = await lacking.next_small()
+                        while (
+                            self.many
+                            and upcoming is not None
+                            and len(group) < FILES_PER_REQUEST
+                            and size + upcoming.size <= FILES_REQUEST_BYTES
+                        ):
+                            group.append(upcoming)
+                            size += upcoming.size
+                            upcoming = await lacking.next_small()
+                        small = _SmallFetch(group, self._next_request, arrived_send, many=self.many)
                         self._next_request += 1
                         self._small[small.request_id] = small
                         asked.add(small.request_id)
                         requests.append(small.request(assign))
                         in_flight += 1
-                        in_bytes += upcoming.size
-                        placed.add(upcoming.sha256)
-                        upcoming = await lacking.next_small()
+                        in_bytes += size
+                        placed.update(info.sha256 for info in group)
                     if requests:
                         await self._send_many(requests)
                     with trio.move_on_after(self.fetch_timeout) as stall:
@@ -247,24 +266,25 @@ class InputFetcher:
                         del self._small[small.request_id]
                         asked.discard(small.request_id)
                         in_flight -= 1
-                        in_bytes -= small.info.size
+                        in_bytes -= small.size
                         if small.error:
-                            raise FetchError(f"fetching {small.info.path}: {small.error}")
+                            raise FetchError(f"fetching {small.what}: {small.error}")
                         pending.append(small)
+                        pending_files += len(small.infos)
                         pending_bytes += small.received
                     if pending and (
-                        len(pending) >= SMALL_BATCH
+                        pending_files >= SMALL_BATCH
                         or pending_bytes >= SMALL_BATCH_BYTES
                         or not in_flight
                     ):
                         await batches.send(pending)
-                        pending, pending_bytes = [], 0
+                        pending, pending_files, pending_bytes = [], 0, 0
                     elif pending:
                         try:  # the writer is idle: give it what there is
                             batches.send_nowait(pending)
                         except trio.WouldBlock:
                             continue
-                        pending, pending_bytes = [], 0
+                        pending, pending_files, pending_bytes = [], 0, 0
 
         async def write() -> None:
             async for batch in taken:
@@ -280,17 +300,18 @@ class InputFetcher:
     def _keep_small(self, batch: list[_SmallFetch], targets: dict[str, list[Target]]) -> None:
         """Check, write and place each fetched small file (in a thread)."""
         for small in batch:
-            info, chunks = small.info, small.chunks
-            digest = hashlib.sha256()
-            for chunk in chunks:
-                digest.update(chunk)
-            sha256 = digest.hexdigest()
-            if small.received != info.size or sha256 != info.sha256:
-                raise FetchError(
-                    f"fetched {small.received} bytes with sha256 {sha256} for {info.path}, "
-                    f"expected {info.size} bytes with {info.sha256}"
-                )
-            self.entries.write(sha256, info.size, chunks, targets[sha256])
+            for info, chunks in small.files():
+                digest = hashlib.sha256()
+                for chunk in chunks:
+                    digest.update(chunk)
+                sha256 = digest.hexdigest()
+                if sha256 != info.sha256:
+                    size = sum(len(chunk) for chunk in chunks)
+                    raise FetchError(
+                        f"fetched {size} bytes with sha256 {sha256} for {info.path}, "
+                        f"expected {info.size} bytes with {info.sha256}"
+                    )
+                self.entries.write(sha256, info.size, chunks, targets[sha256])
 
     async def _send_many(self, messages: list[Message]) -> None:
         if self.send_all is not None:
@@ -462,35 +483,56 @@ class _Transfer:
 
 @attrs.define(eq=False)
 class _SmallFetch:
-    """One small file fetched with a single request for all of it: the frames received, and
-    where to report that its answer has ended (``arrived``)."""
+    """Small files fetched with a single request for all of them: one with a ``FetchRequest``
+    for the whole file, or (``many``, 1.7) several with a ``FetchFiles``, answered by their
+    bytes one after the other.  The frames received, and where to report that the answer has
+    ended (``arrived``)."""
 
-    info: FileInfo
+    infos: list[FileInfo]
     request_id: int
     arrived: trio.MemorySendChannel[_SmallFetch]
+    many: bool = False
     chunks: list[bytes] = attrs.field(factory=list)
     received: int = 0
     error: str = ""
     ended: bool = False
+    #: the bytes of the files together.
+    size: int = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.size = sum(info.size for info in self.infos)
 
     @property
     def length(self) -> int:
-        # at least 1 (a positive count): an empty file's answer is one empty frame with eof
-        return max(self.info.size, 1)
+        # a FetchRequest asks for at least 1 (a positive count): an empty file's answer is one
+        # empty frame with eof
+        return self.size if self.many else max(self.size, 1)
 
-    def request(self, assign: Assign) -> FetchRequest:
+    @property
+    def what(self) -> str:
+        first = self.infos[0].path
+        return first if len(self.infos) == 1 else f"{len(self.infos)} files ({first}, ...)"
+
+    def request(self, assign: Assign) -> FetchRequest | FetchFiles:
+        if self.many:
+            return FetchFiles(
+                request_id=self.request_id,
+                build_id=assign.build_id,
+                attempt=assign.attempt,
+                files=tuple(info.sha256 for info in self.infos),
+            )
         return FetchRequest(
             request_id=self.request_id,
             build_id=assign.build_id,
             attempt=assign.attempt,
-            sha256=self.info.sha256,
+            sha256=self.infos[0].sha256,
             offset=0,
             length=self.length,
         )
 
     def deliver(self, message: FetchData) -> bool:
         """Take a frame of the answer; False if it is more than was asked for (or an empty
-        frame that neither ends the file nor reports an error: the runner never sends that)."""
+        frame that neither ends the answer nor reports an error: the runner never sends that)."""
         if self.ended:
             return False
         data = message.data
@@ -500,10 +542,27 @@ class _SmallFetch:
             self.chunks.append(data)
             self.received += len(data)
         self.error = message.error or ""
-        self.ended = bool(message.eof or message.error or self.received >= self.length)
+        # an answer to a FetchFiles always ends with eof (or error); one to a FetchRequest for
+        # the whole file may end at its length without it
+        full = not self.many and self.received >= self.length
+        self.ended = bool(message.eof or message.error or full)
         if self.ended:
             self.arrived.send_nowait(self)
         return True
+
+    def files(self) -> list[tuple[FileInfo, list[bytes]]]:
+        """Each file and its bytes (``FetchError`` if the answer is not as long as they are)."""
+        if self.received != self.size:
+            raise FetchError(f"fetched {self.received} bytes for {self.what}, expected {self.size}")
+        if len(self.infos) == 1:
+            return [(self.infos[0], self.chunks)]
+        joined = b"".join(self.chunks)
+        files: list[tuple[FileInfo, list[bytes]]] = []
+        at = 0
+        for info in self.infos:
+            files.append((info, [joined[at : at + info.size]]))
+            at += info.size
+        return files
 
 
 async def _write_behind(file: HashingFile, batches: trio.MemoryReceiveChannel[list[bytes]]) -> None:

@@ -41,6 +41,7 @@ from hydra_trio.builder.state import BuilderState, Ended, EventKind, SessionEnd
 from hydra_trio.protocol.connection import Connection
 from hydra_trio.protocol.errors import HydraTrioError, IncompatibleVersionError, ProtocolError
 from hydra_trio.protocol.messages import (
+    FILES_MINOR,
     LISTING_MINOR,
     PROTOCOL_VERSION,
     RUNNER_STOPPING,
@@ -336,6 +337,9 @@ class Session:
         with self.scope:
             async with trio.open_nursery() as nursery:
                 welcome = self.channel.connection.welcome
+                self.fetcher.many = welcome is not None and speaks(
+                    welcome.protocol_version, FILES_MINOR
+                )
                 jobs = Jobs(
                     self.config,
                     self.state,

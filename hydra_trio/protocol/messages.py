@@ -39,10 +39,17 @@ from hydra_trio.protocol import validators as v
 from hydra_trio.protocol.errors import RemoteProtocolError
 
 #: The protocol version this code speaks.  Same major = compatible.
-PROTOCOL_VERSION = "1.6"
+PROTOCOL_VERSION = "1.7"
 #: The minor version that added listings in pieces (``InputSpec.listed``, ``ListRequest``,
 #: ``ListData``, ``OutputList``, ``Result.listed_outputs``): sent only to peers speaking it.
 LISTING_MINOR = 3
+#: The minor version that added ``FetchFiles`` (many small input files in one request): sent
+#: only to runners speaking it.
+FILES_MINOR = 7
+#: The most files one ``FetchFiles`` may name, and the most bytes they may hold together (an
+#: answer to more is one ``error`` frame).
+MAX_FETCH_FILES = 256
+MAX_FETCH_FILES_BYTES = 1024 * 1024
 #: The feature a build requires to be given the network (``Assign.network``, 1.5): a builder
 #: supports it when its builds have the network (unsandboxed, or ``--sandbox-allow-network``).
 NETWORK_FEATURE = "network"
@@ -453,6 +460,26 @@ class FetchRequest:
 
 
 @attrs.frozen(kw_only=True)
+class FetchFiles:
+    """(1.7) Builder -> runner: send me the whole of each of these input files (of a build
+    this builder runs under ``attempt``), one after the other in this order, as one answer of
+    ``FetchData`` frames: many small files for one request and a few frames."""
+
+    TAG: ClassVar[str] = "fetch-files"
+    SENDERS: ClassVar[frozenset[Role]] = _B
+
+    request_id: int = attrs.field(validator=v.check_count)
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    attempt: int = attrs.field(validator=v.check_count)
+    files: tuple[str, ...] = attrs.field(converter=v.as_tuple, validator=v.check_sha256_tuple)
+
+    @files.validator
+    def _files_bounded(self, attr: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+        if not 0 < len(value) <= MAX_FETCH_FILES:
+            raise ValueError(f"files: from 1 to {MAX_FETCH_FILES} hashes, got {len(value)}")
+
+
+@attrs.frozen(kw_only=True)
 class FetchData:
     """Runner -> builder: the bytes of one ``FetchRequest``; ``eof`` when they reach the end of
     the file; ``error`` set means the request failed."""
@@ -548,6 +575,7 @@ Message = (
     | Drain
     | Goodbye
     | FetchRequest
+    | FetchFiles
     | FetchData
     | UploadData
     | ListRequest

@@ -249,6 +249,14 @@ def sha256_hex(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
         raise ValueError(f"{attr.name}: expected 64 lowercase hex digits")
 
 
+def check_sha256_tuple(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    check_list(inst, attr, value)
+    assert isinstance(value, tuple)
+    for item in value:
+        if type(item) is not str or len(item) != 64 or item.strip("0123456789abcdef"):
+            raise ValueError(f"{attr.name}: every item must be 64 lowercase hex digits")
+
+
 def as_tuple(value: Any) -> Any:
     """Converter: lists become tuples, so frozen messages are deeply immutable and hashable."""
     return tuple(value) if type(value) is list else value

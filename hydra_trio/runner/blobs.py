@@ -494,6 +494,23 @@ class BlobStore:
         pieces, eof = self.read_pieces(sha256, offset, length, length)
         return pieces[0], eof
 
+    def read_whole(self, sha256: str, limit: int) -> bytes | None:
+        """The whole blob, or None if it holds more than ``limit`` bytes."""
+        try:
+            fd = os.open(self.path_of(sha256), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BlobError(f"no file with sha256 {sha256}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size > limit:
+                return None
+            data = os.read(fd, size + 1) if size else b""
+        finally:
+            os.close(fd)
+        if len(data) != size:  # changed while read: not a blob this store wrote
+            raise BlobError(f"{sha256}: read {len(data)} bytes of a {size}-byte file")
+        return data
+
     def read_pieces(
         self, sha256: str, offset: int, length: int, piece: int
     ) -> tuple[list[bytes], bool]:

@@ -18,11 +18,18 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from hydra_trio.protocol.messages import FetchData, FetchRequest, Message
+from hydra_trio.protocol.messages import (
+    MAX_FETCH_FILES_BYTES,
+    FetchData,
+    FetchFiles,
+    FetchRequest,
+    Message,
+)
 from hydra_trio.runner.blobs import BlobError, BlobStore
 from hydra_trio.runner.metrics import FarmMetrics
 
-#: Requests read in one thread hop, and about this many bytes (the sum of their lengths).  The
+#: Requests read in one thread hop (a ``FetchFiles`` counts as its files), and about this many
+#: bytes (the sum of their lengths).  The
 #: byte cap is one ``MAX_FETCH_CHUNK`` (1 MiB): a large file's requests are read one per hop, so
 #: the frames of the first go out while the next is read, instead of a whole window (up to
 #: 8 MiB before) being read before any frame of it is posted.  Small files still share a hop.
@@ -30,6 +37,10 @@ SERVE_BATCH = 128
 SERVE_BATCH_BYTES = 1024 * 1024
 #: Requests queued and not yet read before the receive loop waits.
 QUEUE_SIZE = 256
+
+
+#: A request and the error to answer it with ("": read it).
+Queued = tuple["FetchRequest | FetchFiles", str]
 
 
 @attrs.define(eq=False)
@@ -42,13 +53,13 @@ class FetchServer:
     post: Callable[[Message], None]
     #: the size of the pieces an answer is cut into (``codec.TRANSFER_FRAME``).
     piece: int
-    _send: trio.MemorySendChannel[tuple[FetchRequest, str]] = attrs.field(init=False)
-    _receive: trio.MemoryReceiveChannel[tuple[FetchRequest, str]] = attrs.field(init=False)
+    _send: trio.MemorySendChannel[Queued] = attrs.field(init=False)
+    _receive: trio.MemoryReceiveChannel[Queued] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel(QUEUE_SIZE)
 
-    async def queue(self, request: FetchRequest, error: str = "") -> None:
+    async def queue(self, request: FetchRequest | FetchFiles, error: str = "") -> None:
         """Answer ``request`` after those queued before it: with ``error`` if one is given."""
         await self._send.send((request, error))
 
@@ -57,14 +68,15 @@ class FetchServer:
         post = self.post
         async for first in self._receive:
             batch = [first]
-            size = first[0].length
-            while len(batch) < SERVE_BATCH and size < SERVE_BATCH_BYTES:
+            files, size = _weight(first[0])
+            while files < SERVE_BATCH and size < SERVE_BATCH_BYTES:
                 try:
                     item = self._receive.receive_nowait()
                 except trio.WouldBlock:
                     break
                 batch.append(item)
-                size += item[0].length
+                more, bytes_ = _weight(item[0])
+                files, size = files + more, size + bytes_
             answers = await trio.to_thread.run_sync(self._read, batch)
             sent = 0
             for frames in answers:
@@ -73,12 +85,15 @@ class FetchServer:
                     sent += len(frame.data)
             self.metrics.fetched_bytes.inc(sent)
 
-    def _read(self, batch: list[tuple[FetchRequest, str]]) -> list[list[FetchData]]:
+    def _read(self, batch: list[Queued]) -> list[list[FetchData]]:
         """The answer to each request (in a worker thread)."""
         answers: list[list[FetchData]] = []
         for msg, error in batch:
             if not error:
                 try:
+                    if isinstance(msg, FetchFiles):
+                        answers.append(self._files(msg))
+                        continue
                     pieces, eof = self.blobs.read_pieces(
                         msg.sha256, msg.offset, msg.length, self.piece
                     )
@@ -86,7 +101,8 @@ class FetchServer:
                     error = str(exc)
                 except (OSError, OverflowError) as exc:  # the offset comes from the builder
                     why = getattr(exc, "strerror", None) or exc
-                    error = f"cannot read {msg.sha256} at offset {msg.offset}: {why}"
+                    where = msg.sha256 if isinstance(msg, FetchRequest) else "a file"
+                    error = f"cannot read {where}: {why}"
                 else:
                     last = len(pieces) - 1
                     answers.append(
@@ -98,3 +114,37 @@ class FetchServer:
                     continue
             answers.append([FetchData(request_id=msg.request_id, error=error)])
         return answers
+
+    def _files(self, msg: FetchFiles) -> list[FetchData]:
+        """(1.7) The answer to a ``FetchFiles``: each file whole, one after the other, in
+        pieces of ``piece`` bytes, the last with ``eof``; one ``error`` frame if they hold more
+        than ``MAX_FETCH_FILES_BYTES`` together (``BlobError``, ``OSError``: the caller's)."""
+        budget = MAX_FETCH_FILES_BYTES
+        contents: list[bytes] = []
+        for sha256 in msg.files:
+            data = self.blobs.read_whole(sha256, budget)
+            if data is None:
+                return [
+                    FetchData(
+                        request_id=msg.request_id,
+                        error=f"the files hold more than {MAX_FETCH_FILES_BYTES} bytes",
+                    )
+                ]
+            budget -= len(data)
+            contents.append(data)
+        joined = contents[0] if len(contents) == 1 else b"".join(contents)
+        step = self.piece
+        pieces = [joined[at : at + step] for at in range(0, len(joined), step)] or [b""]
+        last = len(pieces) - 1
+        return [
+            FetchData(request_id=msg.request_id, data=p, eof=i == last)
+            for i, p in enumerate(pieces)
+        ]
+
+
+def _weight(msg: FetchRequest | FetchFiles) -> tuple[int, int]:
+    """What a request counts towards a thread hop's ``SERVE_BATCH`` files and
+    ``SERVE_BATCH_BYTES`` (a ``FetchFiles``: its files; its size is known once read)."""
+    if isinstance(msg, FetchFiles):
+        return len(msg.files), 0
+    return 1, msg.length

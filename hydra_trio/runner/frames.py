@@ -19,6 +19,7 @@ import trio
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
     Drain,
+    FetchFiles,
     FetchRequest,
     ListData,
     ListRequest,
@@ -90,6 +91,7 @@ class FrameHandler:
             Ping: self.ping,
             UploadData: self.upload,
             FetchRequest: self.fetch,
+            FetchFiles: self.fetch_files,
             LogChunk: self.log,
             Result: self.result,
             Progress: self.progress,
@@ -193,4 +195,21 @@ class FrameHandler:
             error = f"length {msg.length} is above the maximum of {MAX_FETCH_CHUNK} bytes"
         elif not self.farm.is_input(build, msg.sha256):
             error = f"{msg.sha256} is not an input of build {msg.build_id}"
+        await self.fetches.queue(msg, error)
+
+    async def fetch_files(self, msg: FetchFiles) -> None:
+        """(1.7) Check a request for many whole input files, as ``fetch`` checks one, and
+        queue it for ``fetches``."""
+        await self.results.settled(msg.build_id, msg.attempt)
+        build = self.farm.current(
+            self.session, self.machine, msg.build_id, msg.attempt, kind="fetch"
+        )
+        error = ""
+        if build is None:
+            error = "not an input of a build you run under this attempt"
+        else:
+            for sha256 in msg.files:
+                if not self.farm.is_input(build, sha256):
+                    error = f"{sha256} is not an input of build {msg.build_id}"
+                    break
         await self.fetches.queue(msg, error)

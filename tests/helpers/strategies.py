@@ -141,6 +141,13 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
         offset=counts,
         length=positive_ints,
     ),
+    m.FetchFiles: st.builds(
+        m.FetchFiles,
+        request_id=counts,
+        build_id=nonempty,
+        attempt=counts,
+        files=st.lists(sha256, min_size=1, max_size=8).map(tuple),
+    ),
     m.FetchData: st.builds(
         m.FetchData, request_id=counts, data=data, eof=st.booleans(), error=text
     ),
@@ -237,6 +244,7 @@ EXAMPLES: dict[type[Any], Any] = {
     m.FetchRequest: m.FetchRequest(
         request_id=1, build_id="b1", attempt=2, sha256=SHA_EMPTY, offset=0, length=65536
     ),
+    m.FetchFiles: m.FetchFiles(request_id=2, build_id="b1", attempt=2, files=(SHA_EMPTY,)),
     m.FetchData: m.FetchData(request_id=1, data=b"abc", eof=True, error=""),
     m.UploadData: m.UploadData(
         build_id="b1", attempt=2, path="bin/x", offset=0, data=b"abc", eof=True
