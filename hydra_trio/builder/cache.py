@@ -169,8 +169,12 @@ class InputCache:
     def has(self, sha256: str, size: int) -> bool:
         """Whether a verified entry with this content is in the cache (an entry changed since it
         was verified is rehashed; one that no longer matches is removed: fetch it again)."""
+        path = os.path.join(self.root, sha256[:2], sha256)
+        if not os.path.lexists(path):  # most of a first fetch: no lock to wait for, no Path
+            self._known.pop(path, None)
+            return False
         with self._lock:
-            return self._verified(self.path_of(sha256), sha256, size, 0o444)
+            return self._verified(path, sha256, size, 0o444)
 
     def place(self, sha256: str, size: int, executable: bool, target: Path | str) -> None:
         """Put the verified entry at ``target`` (which must not exist; its directory must):
