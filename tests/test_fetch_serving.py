@@ -21,30 +21,46 @@ def request(request_id: int, sha256: str, length: int) -> FetchRequest:
     )
 
 
-async def test_queued_requests_are_answered_in_order_each_answer_ended(tmp_path: Path) -> None:
-    """Requests queued together (small files, a refused one, a missing blob, a multi-frame
-    read) get their answers in the order asked, each ended by eof, error or its length."""
-    blobs = BlobStore(tmp_path / "blobs")
-    contents = {b"small\n": None, b"": None, b"x" * 200: None}
+def stored(root: Path, *contents: bytes) -> tuple[BlobStore, list[str]]:
+    """A blob store at ``root`` holding ``contents``, and their hashes."""
+    blobs = BlobStore(root)
     for data in contents:
         path = blobs.path_of(hashlib.sha256(data).hexdigest())
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    small, empty, big = (hashlib.sha256(d).hexdigest() for d in contents)
+    return blobs, [hashlib.sha256(data).hexdigest() for data in contents]
+
+
+async def answers(
+    blobs: BlobStore, requests: list[tuple[FetchRequest | FetchFiles, str]], frames: int
+) -> list[FetchData]:
+    """The first ``frames`` frames a server posts for ``requests``, queued together (each with
+    its error, "" for none) before it runs."""
     posted: list[Message] = []
     server = FetchServer(blobs, FarmMetrics(), posted.append, 64)
     async with trio.open_nursery() as nursery:
-        await server.queue(request(0, small, 6))
-        await server.queue(request(1, small, 6), "refused")
-        await server.queue(request(2, "0" * 64, 10))
-        await server.queue(request(3, empty, 1))
-        await server.queue(request(4, big, 150))
+        for msg, error in requests:
+            await server.queue(msg, error)
         nursery.start_soon(server.run)
         with trio.fail_after(60):
-            while len(posted) < 7:
+            while len(posted) < frames:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
-    frames = [m for m in posted if isinstance(m, FetchData)]
+    return [m for m in posted if isinstance(m, FetchData)]
+
+
+async def test_queued_requests_are_answered_in_order_each_answer_ended(tmp_path: Path) -> None:
+    """Requests queued together (small files, a refused one, a missing blob, a multi-frame
+    read) get their answers in the order asked, each ended by eof, error or its length."""
+    blobs, (small, empty, big) = stored(tmp_path / "blobs", b"small\n", b"", b"x" * 200)
+    queued = [
+        (request(0, small, 6), ""),
+        (request(1, small, 6), "refused"),
+        (request(2, "0" * 64, 10), ""),
+        (request(3, empty, 1), ""),
+        (request(4, big, 150), ""),
+    ]
+    frames = await answers(blobs, list(queued), 7)
     assert [(f.request_id, f.data, f.eof, bool(f.error)) for f in frames] == [
         (0, b"small\n", True, False),
         (1, b"", False, True),
@@ -64,33 +80,21 @@ async def test_a_fetch_files_request_is_answered_by_its_files_one_after_the_othe
     cut into frames of the piece size, the last with eof (empty files: one empty frame with
     eof); a missing blob, or files holding more than the maximum together, get one error
     frame and no bytes of any file."""
-    blobs = BlobStore(tmp_path / "blobs")
-    contents = [b"a" * 40, b"", b"b" * 50]
-    for data in contents:
-        path = blobs.path_of(hashlib.sha256(data).hexdigest())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    first, empty, second = (hashlib.sha256(d).hexdigest() for d in contents)
+    blobs, (first, empty, second) = stored(tmp_path / "blobs", b"a" * 40, b"", b"b" * 50)
     monkeypatch.setattr(fetches, "MAX_FETCH_FILES_BYTES", 100)
 
     def files(request_id: int, *hashes: str) -> FetchFiles:
         return FetchFiles(request_id=request_id, build_id="b", attempt=1, files=hashes)
 
-    posted: list[Message] = []
-    server = FetchServer(blobs, FarmMetrics(), posted.append, 64)
-    async with trio.open_nursery() as nursery:
-        await server.queue(files(0, first, empty, second))
-        await server.queue(files(1, empty, empty))
-        await server.queue(files(2, first, "0" * 64))
-        await server.queue(files(3, second, second))  # 100 bytes: at the maximum
-        await server.queue(files(4, second, first, second))  # 140 bytes: over it
-        await server.queue(files(5, first), "not an input")
-        nursery.start_soon(server.run)
-        with trio.fail_after(60):
-            while len(posted) < 8:
-                await trio.sleep(0.01)
-        nursery.cancel_scope.cancel()
-    frames = [m for m in posted if isinstance(m, FetchData)]
+    queued = [
+        (files(0, first, empty, second), ""),
+        (files(1, empty, empty), ""),
+        (files(2, first, "0" * 64), ""),
+        (files(3, second, second), ""),  # 100 bytes: at the maximum
+        (files(4, second, first, second), ""),  # 140 bytes: over it
+        (files(5, first), "not an input"),
+    ]
+    frames = await answers(blobs, list(queued), 8)
     assert [(f.request_id, f.data, f.eof, bool(f.error)) for f in frames] == [
         (0, b"a" * 40 + b"b" * 24, False, False),
         (0, b"b" * 26, True, False),

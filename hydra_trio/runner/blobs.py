@@ -494,12 +494,16 @@ class BlobStore:
         pieces, eof = self.read_pieces(sha256, offset, length, length)
         return pieces[0], eof
 
-    def read_whole(self, sha256: str, limit: int) -> bytes | None:
-        """The whole blob, or None if it holds more than ``limit`` bytes."""
+    def _open(self, sha256: str) -> int:
+        """A descriptor of the blob, to read (``BlobError`` if the store has none)."""
         try:
-            fd = os.open(self.path_of(sha256), os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(self._path_of(sha256), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise BlobError(f"no file with sha256 {sha256}") from None
+
+    def read_whole(self, sha256: str, limit: int) -> bytes | None:
+        """The whole blob, or None if it holds more than ``limit`` bytes."""
+        fd = self._open(sha256)
         try:
             size = os.fstat(fd).st_size
             if size > limit:
@@ -517,10 +521,7 @@ class BlobStore:
         """``length`` bytes at ``offset`` as pieces of ``piece`` bytes (each read straight
         into its own object: nothing is copied to cut them), and whether they reach the end
         of the blob.  At least one piece, maybe empty."""
-        try:
-            fd = os.open(self.path_of(sha256), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise BlobError(f"no file with sha256 {sha256}") from None
+        fd = self._open(sha256)
         try:
             size = os.fstat(fd).st_size
             end = min(offset + length, size)

@@ -91,7 +91,7 @@ class FrameHandler:
             Ping: self.ping,
             UploadData: self.upload,
             FetchRequest: self.fetch,
-            FetchFiles: self.fetch_files,
+            FetchFiles: self.fetch,
             LogChunk: self.log,
             Result: self.result,
             Progress: self.progress,
@@ -181,9 +181,10 @@ class FrameHandler:
     async def drain(self, msg: Drain) -> None:
         self.farm.on_builder_drain(self.session, self.machine)
 
-    async def fetch(self, msg: FetchRequest) -> None:
-        """Check a request for a chunk of an input of a build this builder runs under the
-        current attempt, and queue it for ``fetches`` (which reads many per thread hop)."""
+    async def fetch(self, msg: FetchRequest | FetchFiles) -> None:
+        """Check a request for a chunk of an input (or, 1.7, for many whole inputs) of a build
+        this builder runs under the current attempt, and queue it for ``fetches`` (which reads
+        many per thread hop)."""
         await self.results.settled(msg.build_id, msg.attempt)
         build = self.farm.current(
             self.session, self.machine, msg.build_id, msg.attempt, kind="fetch"
@@ -191,24 +192,11 @@ class FrameHandler:
         error = ""
         if build is None:
             error = "not an input of a build you run under this attempt"
-        elif msg.length > MAX_FETCH_CHUNK:
+        elif isinstance(msg, FetchRequest) and msg.length > MAX_FETCH_CHUNK:
             error = f"length {msg.length} is above the maximum of {MAX_FETCH_CHUNK} bytes"
-        elif not self.farm.is_input(build, msg.sha256):
-            error = f"{msg.sha256} is not an input of build {msg.build_id}"
-        await self.fetches.queue(msg, error)
-
-    async def fetch_files(self, msg: FetchFiles) -> None:
-        """(1.7) Check a request for many whole input files, as ``fetch`` checks one, and
-        queue it for ``fetches``."""
-        await self.results.settled(msg.build_id, msg.attempt)
-        build = self.farm.current(
-            self.session, self.machine, msg.build_id, msg.attempt, kind="fetch"
-        )
-        error = ""
-        if build is None:
-            error = "not an input of a build you run under this attempt"
         else:
-            for sha256 in msg.files:
+            hashes = (msg.sha256,) if isinstance(msg, FetchRequest) else msg.files
+            for sha256 in hashes:
                 if not self.farm.is_input(build, sha256):
                     error = f"{sha256} is not an input of build {msg.build_id}"
                     break
