@@ -24,6 +24,7 @@ from hydra_trio.builder.fetch import (
     FILES_REQUEST_BYTES,
     SMALL_WINDOW,
     InputFetcher,
+    _SmallFetch,
 )
 from hydra_trio.builder.inputs import FetchError, place_inputs
 from hydra_trio.protocol.codec import TRANSFER_FRAME
@@ -319,6 +320,23 @@ async def test_a_runner_of_1_7_is_asked_for_many_small_files_per_request(tmp_pat
         with pytest.raises(FetchError, match="sha256"):
             await place_inputs(assign_of(wrong), tmp_path / "in2", fetcher)
     assert not (tmp_path / "in2" / "dep" / "a").exists()
+
+
+async def test_an_answer_to_fetch_files_longer_than_the_files_is_refused() -> None:
+    """(1.7) The builder knows the files' sizes from its listing: an answer carrying more
+    bytes than they add up to is refused (the session ends: a protocol violation), one that
+    adds up is taken, and ends with its eof."""
+    infos = [
+        FileInfo(path=name, size=len(data), sha256=sha(data), executable=False)
+        for name, data in (("a", b"one\n"), ("b", b"two\n"))
+    ]
+    arrived, _ = trio.open_memory_channel[Any](10)
+    group = _SmallFetch(infos, 1, arrived, many=True)
+    assert not group.deliver(FetchData(request_id=1, data=b"one\ntwo\n!", eof=True))
+    assert group.deliver(FetchData(request_id=1, data=b"one\n"))
+    assert not group.ended
+    assert group.deliver(FetchData(request_id=1, data=b"two\n", eof=True))
+    assert group.ended and [b"".join(c) for _, c in group.files()] == [b"one\n", b"two\n"]
 
 
 async def test_a_fetched_small_file_is_not_held_in_memory_once_written(
