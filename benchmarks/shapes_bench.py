@@ -321,8 +321,8 @@ def main() -> int:
         "--fresh-fs",
         type=int,
         metavar="GIB",
-        help="run on a new ext4 file system of GIB GiB (a loop mount; needs root; where it "
-        "cannot be made, in TMPDIR as without it)",
+        help="run each repetition on a new ext4 file system of GIB GiB (a loop mount; needs "
+        "root; where it cannot be made, in TMPDIR as without it)",
     )
     parser.add_argument("--probe", nargs=2, metavar=("PORT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -339,16 +339,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.quick:
         args.files, args.repeat = 10_000, 1
-    with contextlib.ExitStack() as stack:
-        base = None
-        if args.fresh_fs:
-            try:
-                base = stack.enter_context(fresh_fs(args.fresh_fs))
-            except (OSError, subprocess.CalledProcessError) as exc:
-                where = tempfile.gettempdir()
-                print(f"shapes_bench: --fresh-fs: cannot make a file system ({exc}); in {where}")
-        runs = repetitions(args, Path(tempfile.mkdtemp(prefix="shapes-bench-", dir=base)))
-    return report(args, runs)
+    return report(args, repetitions(args))
 
 
 @contextlib.contextmanager
@@ -374,10 +365,30 @@ def fresh_fs(gib: int) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def repetitions(args: argparse.Namespace, tmp: Path) -> list[dict[str, float]]:
+@contextlib.contextmanager
+def run_dir(gib: int) -> Iterator[Path]:
+    """Where one repetition runs: on a new file system of ``gib`` GiB (``fresh_fs``) when
+    asked for and one can be made, else in TMPDIR.  Each repetition gets its own: on one
+    they shared, the second and third ran slower, tar and the farm alike (tar 3.2 s, then
+    5.1 and 4.8 s)."""
+    with contextlib.ExitStack() as stack:
+        base = None
+        if gib:
+            try:
+                base = stack.enter_context(fresh_fs(gib))
+            except (OSError, subprocess.CalledProcessError) as exc:
+                where = tempfile.gettempdir()
+                print(f"shapes_bench: --fresh-fs: cannot make a file system ({exc}); in {where}")
+        yield Path(tempfile.mkdtemp(prefix="shapes-bench-", dir=base))
+
+
+def repetitions(args: argparse.Namespace) -> list[dict[str, float]]:
     runs = []
     for index in range(args.repeat):
-        run = one_run(tmp, args.files, index)  # on failure, its logs stay in tmp
+        with run_dir(args.fresh_fs) as tmp:
+            # on failure its logs stay in tmp (but for a fresh file system's, removed with it)
+            run = one_run(tmp, args.files, index)
+            shutil.rmtree(tmp, ignore_errors=True)
         runs.append(run)
         print(
             f"run {index + 1}: {args.files:,} files: commit {run['commit']:.1f} s, "
@@ -388,7 +399,6 @@ def repetitions(args: argparse.Namespace, tmp: Path) -> list[dict[str, float]]:
             f"cache + link {run['floor_place']:.1f} s",
             flush=True,
         )
-    shutil.rmtree(tmp, ignore_errors=True)
     return runs
 
 
