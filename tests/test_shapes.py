@@ -34,6 +34,7 @@ from hydra_trio.protocol.messages import (
     Pong,
     Result,
     UploadData,
+    UploadFiles,
 )
 from hydra_trio.runner import blobs as blobs_module
 from hydra_trio.runner import farm as farm_module
@@ -44,7 +45,7 @@ from hydra_trio.runner.frames import MAX_FETCH_CHUNK
 from hydra_trio.runner.model import Build, BuildSpec, BuildState
 from hydra_trio.runner.uploads import SMALL_BATCH
 
-from .helpers.common import RUNNER, SYSTEM, builder_config
+from .helpers.common import RUNNER, SYSTEM, builder_config, wait_until
 from .helpers.executor import Recorder
 from .helpers.fake_builder import FakeBuilder
 from .helpers.fake_runner import FakeRunner
@@ -303,12 +304,13 @@ async def test_listings_travel_in_pieces_both_ways(
 
 
 @pytest.mark.parametrize("runner_version", ["1.7", "1.6"])
-async def test_small_inputs_travel_many_per_request_where_the_runner_takes_it(
+async def test_small_files_travel_many_per_frame_where_the_runner_takes_it(
     runner: Runner, monkeypatch: pytest.MonkeyPatch, runner_version: str
 ) -> None:
-    """(1.7) A builder fetches small inputs a group per ``FetchFiles`` from a runner that
-    speaks 1.7, and one per ``FetchRequest`` from a runner that says 1.6 (which would not know
-    the message); either way the consumer sees every file as it was made."""
+    """(1.7) A builder uploads small outputs many per ``UploadFiles`` and fetches small inputs
+    a group per ``FetchFiles`` from a runner that speaks 1.7, and one per ``UploadData`` and
+    ``FetchRequest`` from a runner that says 1.6 (which would not know the messages); either
+    way the consumer sees every file as it was made."""
     monkeypatch.setattr(runner_session, "PROTOCOL_VERSION", runner_version)
     sent: list[Any] = []
     real_send_all = Session.send_all
@@ -318,6 +320,13 @@ async def test_small_inputs_travel_many_per_request_where_the_runner_takes_it(
         await real_send_all(self, messages)
 
     monkeypatch.setattr(Session, "send_all", spy)
+    real_send = Session.send
+
+    async def spy_one(self: Session, message: Any) -> None:
+        sent.append(type(message))
+        await real_send(self, message)
+
+    monkeypatch.setattr(Session, "send", spy_one)
     make = "mkdir -p $OUT/d; for i in $(seq 1 300); do echo $i > $OUT/d/f$i; done"
     with trio.fail_after(LIMIT):
         await runner.start_builder("b1")
@@ -341,8 +350,10 @@ async def test_small_inputs_travel_many_per_request_where_the_runner_takes_it(
         assert seen == [str(i) for i in range(1, 301)]
     if runner_version == "1.7":
         assert FetchRequest not in sent and 300 // FILES_PER_REQUEST <= sent.count(FetchFiles) < 10
+        assert UploadData not in sent and 2 <= sent.count(UploadFiles) < 10  # 300 + 1 outputs
     else:
         assert FetchFiles not in sent and sent.count(FetchRequest) == 300
+        assert UploadFiles not in sent and sent.count(UploadData) == 301
 
 
 async def test_a_builder_low_on_disk_gets_no_new_build_until_it_has_room(
@@ -427,6 +438,39 @@ async def test_a_ping_is_answered_at_once_while_a_result_commits(
                 nursery.cancel_scope.cancel()
     finally:
         release.set()
+
+
+async def test_the_runner_keeps_the_files_of_an_upload_files_frame(tmp_path: Path) -> None:
+    """(1.7) Each file of an ``UploadFiles`` is kept as the ``UploadData`` carrying it whole
+    would be: a result listing them succeeds and serves them; one whose bytes do not match the
+    listing fails as an upload failure."""
+    files = {"a": b"one\n", "d/b": b"two\n", "empty": b""}
+    infos = tuple(
+        FileInfo(path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        for path, data in files.items()
+    )
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            runner = Farmlet(nursery, RUNNER, tmp_path)
+            builder = runner.connect()
+            await builder.handshake("m1")
+            good = runner.farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)
+            assign = await assigned(builder)
+            ref: dict[str, Any] = {"build_id": assign.build_id, "attempt": assign.attempt}
+            paths, data = tuple(files), tuple(files.values())
+            await builder.send(UploadFiles(**ref, paths=paths, data=data))
+            await builder.send(Result(**ref, status=BuildStatus.SUCCESS, outputs=infos))
+            await wait_until(lambda: good.state is BuildState.SUCCEEDED)
+            for info in infos:
+                assert runner.storage.blobs.path_of(info.sha256).read_bytes() == files[info.path]
+            bad = runner.farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)
+            assign = await assigned(builder)
+            ref = {"build_id": assign.build_id, "attempt": assign.attempt}
+            await builder.send(UploadFiles(**ref, paths=("a", "d/b"), data=(b"two\n", b"one\n")))
+            await builder.send(Result(**ref, status=BuildStatus.SUCCESS, outputs=infos[:2]))
+            await wait_until(lambda: bad.infra_failures == 1)
+            assert bad.state is not BuildState.SUCCEEDED and "sha256" in bad.error
+            nursery.cancel_scope.cancel()
 
 
 def _small_files(count: int) -> dict[str, bytes]:
@@ -749,6 +793,8 @@ async def test_a_builder_pings_between_batches_of_small_uploads(tmp_path: Path) 
             uploads_between.append(0)
         elif isinstance(message, UploadData):
             uploads_between[-1] += 1
+        elif isinstance(message, UploadFiles):  # (1.7: the fake runner speaks it)
+            uploads_between[-1] += len(message.paths)
     assert sum(uploads_between) == 2000
     assert max(uploads_between) <= outputs_module.SMALL_BATCH
 

@@ -35,6 +35,7 @@ from hydra_trio.protocol.messages import (
     BuildStatus,
     Challenge,
     FetchData,
+    FetchFiles,
     FetchRequest,
     FileInfo,
     InputSpec,
@@ -54,7 +55,7 @@ from hydra_trio.runner.model import Build, BuildState, MachineState
 from .helpers.common import RUNNER, SYSTEM, spec, state_of
 from .helpers.executor import LIMIT, Recorder, run
 from .helpers.fake_builder import FakeBuilder, hello
-from .helpers.fake_runner import FakeRunner
+from .helpers.fake_runner import FakeRunner, whole_uploads
 from .helpers.sim import Farmlet
 
 
@@ -448,9 +449,13 @@ async def test_more_outputs_than_one_result_can_list_fail_the_build(
 
 
 def serving(blobs: dict[str, bytes]) -> Callable[[Message], list[Message]]:
-    """A ``FakeRunner`` answer: each FetchRequest gets the slice of ``blobs`` it asks for."""
+    """A ``FakeRunner`` answer: each FetchRequest gets the slice of ``blobs`` it asks for,
+    each FetchFiles (1.7, which the fake runner speaks) its files one after the other."""
 
     def answer(message: Message) -> list[Message]:
+        if isinstance(message, FetchFiles):
+            data = b"".join(blobs[sha256] for sha256 in message.files)
+            return [FetchData(request_id=message.request_id, data=data, eof=True)]
         if not isinstance(message, FetchRequest):
             return []
         blob = blobs[message.sha256]
@@ -597,7 +602,7 @@ async def test_a_build_id_naming_a_path_cannot_move_the_build_directory(tmp_path
     assign = Assign(build_id=build_id, attempt=1, command=("sh", "-c", "pwd > $OUT/where"))
     runner, _ = await build_with(tmp_path, assign)
     assert runner.result is not None and runner.result.status is BuildStatus.SUCCESS
-    [where] = [m.data for m in runner.received if isinstance(m, UploadData)]
+    [where] = whole_uploads(runner.received)
     assert Path(where.decode().strip()).parent.parent == (tmp_path / "builder" / "builds")
     assert sorted(p.name for p in outside.rglob("*")) == ["keep", "victim-1"]
 
@@ -625,7 +630,7 @@ async def test_valid_inputs_with_links_are_placed_under_in(tmp_path: Path) -> No
     runner, _ = await build_with(tmp_path, assign, {sha(hello_blob): hello_blob, sha(tool): tool})
     assert runner.result is not None, runner.received
     assert runner.result.status is BuildStatus.SUCCESS, runner.result.error
-    [got] = [m.data for m in runner.received if isinstance(m, UploadData)]
+    [got] = whole_uploads(runner.received)
     assert got == b"hello\nhello\n" + tool
 
 
@@ -654,6 +659,7 @@ async def test_a_build_that_rewrites_its_inputs_cannot_poison_the_cache(tmp_path
     for fetches in (1, 0):  # fetched again, then a cache hit
         runner, _ = await build_with(tmp_path, use, {sha(blob): blob})
         assert runner.result is not None and runner.result.status is BuildStatus.SUCCESS
-        assert len([m for m in runner.received if isinstance(m, FetchRequest)]) == fetches
-        [got] = [m.data for m in runner.received if isinstance(m, UploadData)]
+        asked = [m for m in runner.received if isinstance(m, FetchRequest | FetchFiles)]
+        assert len(asked) == fetches
+        [got] = whole_uploads(runner.received)
         assert got == blob

@@ -55,6 +55,10 @@ ROUND_TRIPS: contextvars.ContextVar[RoundTrips | None] = contextvars.ContextVar(
     "round_trips", default=None
 )
 
+#: (1.7) Whether the session's runner takes many small files per frame (``FetchFiles``,
+#: ``UploadFiles``); set by ``Session.run`` with ``ROUND_TRIPS``.
+MANY_FILES: contextvars.ContextVar[bool] = contextvars.ContextVar("many_files", default=False)
+
 #: The key of each phase's duration in ``Result.timings``.
 TIMING_KEYS = {Phase.FETCHING: "fetch", Phase.BUILDING: "build", Phase.UPLOADING: "upload"}
 #: Seconds the removal of a build directory may take once its attempt is over (shielded, so

@@ -25,10 +25,10 @@ from typing import BinaryIO
 import attrs
 import trio
 
-from hydra_trio.builder.attempt import ROUND_TRIPS, Send
+from hydra_trio.builder.attempt import MANY_FILES, ROUND_TRIPS, Send
 from hydra_trio.diskio import beside
 from hydra_trio.protocol.codec import TRANSFER_FRAME
-from hydra_trio.protocol.messages import Assign, FileInfo, UploadData
+from hydra_trio.protocol.messages import Assign, FileInfo, UploadData, UploadFiles
 from hydra_trio.protocol.validators import encodable
 
 #: Bytes read per thread hop while uploading: large enough that the hops do not set the pace;
@@ -461,24 +461,50 @@ async def _send_small(
     behind them waited that long (``sinceLastPing`` 1.5-2.0 s for 3 x 30,000 outputs)."""
     build_id, attempt = assign.build_id, assign.attempt
     round_trips = ROUND_TRIPS.get()
+    many = MANY_FILES.get()
     marks: collections.deque[int] = collections.deque()
     async with arriving:
         async for batch in arriving:
-            for info, data in batch:
-                await send(
-                    UploadData(
-                        build_id=build_id,
-                        attempt=attempt,
-                        path=info.path,
-                        offset=0,
-                        data=data,
-                        eof=True,
+            if many:  # (1.7) as many whole files per frame as TRANSFER_FRAME bytes hold
+                for group in _frames_of(batch):
+                    paths = tuple(info.path for info, _ in group)
+                    contents = tuple(data for _, data in group)
+                    await send(
+                        UploadFiles(build_id=build_id, attempt=attempt, paths=paths, data=contents)
                     )
-                )
+            else:
+                for info, data in batch:
+                    await send(
+                        UploadData(
+                            build_id=build_id,
+                            attempt=attempt,
+                            path=info.path,
+                            offset=0,
+                            data=data,
+                            eof=True,
+                        )
+                    )
             if round_trips is not None:
                 marks.append(await round_trips.mark())
                 if len(marks) > UPLOAD_WINDOW:
                     await round_trips.answered(marks.popleft())
+
+
+def _frames_of(batch: SmallBatch) -> list[SmallBatch]:
+    """``batch`` cut into groups of at most ``TRANSFER_FRAME`` bytes of data (a file alone
+    when it holds that much)."""
+    groups: list[SmallBatch] = []
+    group: SmallBatch = []
+    size = 0
+    for info, data in batch:
+        if group and size + len(data) > TRANSFER_FRAME:
+            groups.append(group)
+            group, size = [], 0
+        group.append((info, data))
+        size += len(data)
+    if group:
+        groups.append(group)
+    return groups
 
 
 async def _send_chunks(

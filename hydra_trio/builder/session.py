@@ -31,7 +31,7 @@ from pathlib import Path
 import trio
 
 from hydra_trio import auth, net, sdnotify
-from hydra_trio.builder.attempt import ROUND_TRIPS
+from hydra_trio.builder.attempt import MANY_FILES, ROUND_TRIPS
 from hydra_trio.builder.backoff import Backoff
 from hydra_trio.builder.config import BuilderConfig
 from hydra_trio.builder.fetch import InputFetcher
@@ -328,18 +328,20 @@ class Session:
         # The builds' tasks, started from here on, pace their uploads by this session's pings
         # (``attempt.ROUND_TRIPS``); reset as it ends, so no later task sees an ended one.
         token = ROUND_TRIPS.set(self)
+        welcome = self.channel.connection.welcome
+        many = welcome is not None and speaks(welcome.protocol_version, FILES_MINOR)
+        files_token = MANY_FILES.set(many)
         try:
             return await self._run()
         finally:
+            MANY_FILES.reset(files_token)
             ROUND_TRIPS.reset(token)
 
     async def _run(self) -> Ended:
         with self.scope:
             async with trio.open_nursery() as nursery:
                 welcome = self.channel.connection.welcome
-                self.fetcher.many = welcome is not None and speaks(
-                    welcome.protocol_version, FILES_MINOR
-                )
+                self.fetcher.many = MANY_FILES.get()
                 jobs = Jobs(
                     self.config,
                     self.state,

@@ -85,7 +85,7 @@ def encode_parts(message: Message, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE)
     it straight from there).  Raises ``LocalProtocolError`` if it exceeds ``max_frame_size``."""
     if type(message) not in _BULK:
         return [encode(message, max_frame_size)]
-    data = message.data  # type: ignore[union-attr]
+    data: bytes = message.data  # type: ignore[union-attr,assignment]
     if len(data) < ZERO_COPY_MIN:
         return [encode(message, max_frame_size)]
     wire = to_wire(message)

@@ -50,6 +50,9 @@ FILES_MINOR = 7
 #: answer to more is one ``error`` frame).
 MAX_FETCH_FILES = 256
 MAX_FETCH_FILES_BYTES = 1024 * 1024
+#: The most files one ``UploadFiles`` may carry (each a whole file, together at most one
+#: ``codec.TRANSFER_FRAME`` of data in the reference builder).
+MAX_UPLOAD_FILES = 256
 #: The feature a build requires to be given the network (``Assign.network``, 1.5): a builder
 #: supports it when its builds have the network (unsandboxed, or ``--sandbox-allow-network``).
 NETWORK_FEATURE = "network"
@@ -560,6 +563,28 @@ class UploadData:
     eof: bool = attrs.field(default=False, validator=v.check_bool)
 
 
+@attrs.frozen(kw_only=True)
+class UploadFiles:
+    """(1.7) Builder -> runner: several whole output files of an attempt in one frame, each
+    as an ``UploadData`` with ``offset`` 0 and ``eof`` would carry it: ``paths[i]`` holds
+    ``data[i]``."""
+
+    TAG: ClassVar[str] = "upload-files"
+    SENDERS: ClassVar[frozenset[Role]] = _B
+
+    build_id: str = attrs.field(validator=v.check_nonempty_str)
+    attempt: int = attrs.field(validator=v.check_count)
+    paths: tuple[str, ...] = attrs.field(converter=v.as_tuple, validator=v.check_path_tuple)
+    data: tuple[bytes, ...] = attrs.field(converter=v.as_tuple, validator=v.check_bytes_tuple)
+
+    @data.validator
+    def _one_each(self, attr: attrs.Attribute[Any], value: tuple[bytes, ...]) -> None:
+        if not 0 < len(self.paths) <= MAX_UPLOAD_FILES:
+            raise ValueError(f"paths: from 1 to {MAX_UPLOAD_FILES} files, got {len(self.paths)}")
+        if len(value) != len(self.paths):
+            raise ValueError(f"data: {len(value)} items for {len(self.paths)} paths")
+
+
 Message = (
     Challenge
     | Hello
@@ -578,6 +603,7 @@ Message = (
     | FetchFiles
     | FetchData
     | UploadData
+    | UploadFiles
     | ListRequest
     | ListData
     | OutputList

@@ -257,6 +257,24 @@ def check_sha256_tuple(inst: object, attr: attrs.Attribute[Any], value: object) 
             raise ValueError(f"{attr.name}: every item must be 64 lowercase hex digits")
 
 
+def check_path_tuple(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    check_list(inst, attr, value)
+    assert isinstance(value, tuple)
+    for item in value:
+        if type(item) is not str or len(item) > MAX_STRING or not is_relative_path(item):
+            raise ValueError(f"{attr.name}: every item must be a normalised relative path")
+        if not item.isascii() and not encodable(item):
+            raise ValueError(f"{attr.name}: not valid Unicode text (a lone surrogate)")
+
+
+def check_bytes_tuple(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
+    check_list(inst, attr, value)
+    assert isinstance(value, tuple)
+    for item in value:
+        if type(item) is not bytes:
+            raise ValueError(f"{attr.name}: every item must be bytes, got {type_name(item)}")
+
+
 def as_tuple(value: Any) -> Any:
     """Converter: lists become tuples, so frozen messages are deeply immutable and hashable."""
     return tuple(value) if type(value) is list else value

@@ -31,6 +31,7 @@ from hydra_trio.protocol.messages import (
     Progress,
     Result,
     UploadData,
+    UploadFiles,
 )
 from hydra_trio.runner.blobs import Storage
 from hydra_trio.runner.farm import Farm
@@ -90,6 +91,7 @@ class FrameHandler:
         self._table = {
             Ping: self.ping,
             UploadData: self.upload,
+            UploadFiles: self.upload,
             FetchRequest: self.fetch,
             FetchFiles: self.fetch,
             LogChunk: self.log,
@@ -122,12 +124,16 @@ class FrameHandler:
             await self.session.reply(Pong(seq=msg.seq))
         self.farm.on_ping(self.session, self.machine, msg, now)
 
-    async def upload(self, msg: UploadData) -> None:
+    async def upload(self, msg: UploadData | UploadFiles) -> None:
         await self.results.settled(msg.build_id, msg.attempt)
         current = self.farm.current(
             self.session, self.machine, msg.build_id, msg.attempt, kind="upload"
         )
-        if current is not None:
+        if current is None:
+            return
+        if isinstance(msg, UploadFiles):
+            await self.uploads.receive_files(msg)
+        else:
             await self.uploads.receive(msg)
 
     async def log(self, msg: LogChunk) -> None:

@@ -27,7 +27,14 @@ import trio
 
 from hydra_trio.diskio import write_and_hash
 from hydra_trio.protocol.errors import RemoteProtocolError
-from hydra_trio.protocol.messages import BuildStatus, FileInfo, OutputList, Result, UploadData
+from hydra_trio.protocol.messages import (
+    BuildStatus,
+    FileInfo,
+    OutputList,
+    Result,
+    UploadData,
+    UploadFiles,
+)
 from hydra_trio.protocol.validators import MAX_LIST, tree_conflict
 from hydra_trio.runner.blobs import BlobError, BlobStore, PendingUpload
 from hydra_trio.runner.metrics import FarmMetrics
@@ -148,31 +155,41 @@ class UploadReceiver:
 
     async def receive(self, msg: UploadData) -> None:
         """Append one chunk of a current attempt's output file (see the module)."""
-        ref = f"build {msg.build_id} attempt {msg.attempt}"
-        totals = self.totals.setdefault((msg.build_id, msg.attempt), UploadTotals())
-        totals.bytes += len(msg.data)
+        await self._chunk(msg.build_id, msg.attempt, msg.path, msg.offset, msg.data, msg.eof)
+
+    async def receive_files(self, msg: UploadFiles) -> None:
+        """(1.7) Take each whole file of ``msg`` as the ``UploadData`` that would carry it."""
+        for path, data in zip(msg.paths, msg.data, strict=True):
+            await self._chunk(msg.build_id, msg.attempt, path, 0, data, True)
+
+    async def _chunk(
+        self, build_id: str, attempt: int, path: str, offset: int, data: bytes, eof: bool
+    ) -> None:
+        ref = f"build {build_id} attempt {attempt}"
+        totals = self.totals.setdefault((build_id, attempt), UploadTotals())
+        totals.bytes += len(data)
         limit = self.max_output_bytes
         if totals.bytes > limit:
             raise RemoteProtocolError(f"{ref}: uploaded more than max_output_bytes ({limit})")
-        key = (msg.build_id, msg.attempt, msg.path)
+        key = (build_id, attempt, path)
         arriving = self.uploads.get(key[:2])
-        upload = None if arriving is None else arriving.get(msg.path)
+        upload = None if arriving is None else arriving.get(path)
         if upload is None:
-            if msg.offset != 0:
+            if offset != 0:
                 return  # its start was refused; the result will say the upload failed
-            if msg.eof:  # a whole file in one frame
-                await self._begin_small(key, totals, ref, msg.data)
+            if eof:  # a whole file in one frame
+                await self._begin_small(key, totals, ref, data)
                 return
             upload = await self._begin(key, totals, ref)
         if upload.done:
             return  # refused already; the result will say the upload failed
         try:
-            due = self.blobs.stage(upload, msg.offset, msg.data, msg.eof)
+            due = self.blobs.stage(upload, offset, data, eof)
         except BlobError as exc:
             log.warning("upload of %s: %s", ref, exc)
             await self._discard(upload)
             return
-        self.metrics.uploaded_bytes.inc(len(msg.data))
+        self.metrics.uploaded_bytes.inc(len(data))
         if due:
             await self._write_behind(upload, ref)
 

@@ -26,6 +26,8 @@ from hydra_trio.protocol.messages import (
     Reject,
     Result,
     Role,
+    UploadData,
+    UploadFiles,
     Welcome,
 )
 
@@ -137,3 +139,16 @@ class FakeRunner:
             frames = self.answer(message)
             if frames:
                 await stream.send_all(b"".join(conn.send(frame) for frame in frames))
+
+
+def whole_uploads(received: Sequence[Message]) -> list[bytes]:
+    """The contents of the files a builder uploaded whole, in order: each ``UploadData``
+    from offset 0 with eof, and (1.7, which this runner speaks) each file of an
+    ``UploadFiles``."""
+    found: list[bytes] = []
+    for message in received:
+        if isinstance(message, UploadFiles):
+            found.extend(message.data)
+        elif isinstance(message, UploadData) and message.offset == 0 and message.eof:
+            found.append(message.data)
+    return found

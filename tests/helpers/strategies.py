@@ -160,6 +160,14 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
         data=data,
         eof=st.booleans(),
     ),
+    m.UploadFiles: st.lists(st.tuples(paths, data), min_size=1, max_size=8).map(
+        lambda files: m.UploadFiles(
+            build_id="b1",
+            attempt=2,
+            paths=tuple(path for path, _ in files),
+            data=tuple(content for _, content in files),
+        )
+    ),
     m.ListRequest: st.builds(
         m.ListRequest,
         request_id=counts,
@@ -248,6 +256,9 @@ EXAMPLES: dict[type[Any], Any] = {
     m.FetchData: m.FetchData(request_id=1, data=b"abc", eof=True, error=""),
     m.UploadData: m.UploadData(
         build_id="b1", attempt=2, path="bin/x", offset=0, data=b"abc", eof=True
+    ),
+    m.UploadFiles: m.UploadFiles(
+        build_id="b1", attempt=2, paths=("bin/x", "bin/y"), data=(b"abc", b"")
     ),
     m.ListRequest: m.ListRequest(request_id=3, build_id="b1", attempt=2, of="b0", start=1000),
     m.ListData: m.ListData(
