@@ -253,12 +253,13 @@ async def test_a_pipelined_fetch_of_many_small_files_ends_with_all_of_them(
     assert not list((tmp_path / "cache" / "tmp").glob("*"))
 
 
+@pytest.mark.parametrize("many", [False, True])
 async def test_the_first_small_fetches_go_out_before_every_content_is_checked(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, many: bool
 ) -> None:
     """Which contents the cache lacks is checked a batch at a time as the fetches need more:
     with 3 batches to check, requests are in flight before the last batch is checked (not
-    after 100,000 checks)."""
+    after 100,000 checks), one file per request or (1.7) many."""
     files = {f"f{i}": b"%d\n" % i for i in range(3 * CACHE_BATCH)}
     events: list[str] = []
     lacking = InputFetcher._lacking
@@ -278,6 +279,7 @@ async def test_the_first_small_fetches_go_out_before_every_content_is_checked(
 
         runner.send = sending  # type: ignore[method-assign]
         fetcher = fetcher_for(runner, tmp_path / "cache")
+        fetcher.many = many
         await place_inputs(assign_of(files), tmp_path / "in", fetcher)
     assert events.count("check") == 3
     assert events.index("request") < len(events) - 1 - events[::-1].index("check")

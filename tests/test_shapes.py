@@ -22,6 +22,7 @@ from hydra_trio.builder.fetch import FILES_PER_REQUEST
 from hydra_trio.builder.session import Session
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
+    MAX_UPLOAD_FILES,
     Assign,
     BuildStatus,
     FetchData,
@@ -156,6 +157,24 @@ async def _fetch_answers_end(tmp_path: Path) -> None:
             assert not frame.data
             assert f"above the maximum of {MAX_FETCH_CHUNK} bytes" in frame.error
             await builder.ping()
+        # (1.7) fetch-files: one error frame for a hash that is not an input, a stale
+        # attempt, or files over the maximum together (this input alone is)
+        for files, attempt, error in (
+            (("0" * 64,), 1, "is not an input"),
+            ((INFO.sha256, "0" * 64), 1, "is not an input"),
+            ((INFO.sha256,), 2, "not an input of a build you run"),
+            ((INFO.sha256,), 1, "the files hold more than"),
+        ):
+            request_id += 1
+            await builder.send(
+                FetchFiles(
+                    request_id=request_id, build_id=consumer.id, attempt=attempt, files=files
+                )
+            )
+            reply = await builder.receive()
+            assert isinstance(reply, FetchData) and reply.request_id == request_id
+            assert not reply.data and error in reply.error, reply
+            await builder.ping()  # nothing else of this answer is left behind the pong
         nursery.cancel_scope.cancel()
 
 
@@ -471,6 +490,33 @@ async def test_the_runner_keeps_the_files_of_an_upload_files_frame(tmp_path: Pat
             await wait_until(lambda: bad.infra_failures == 1)
             assert bad.state is not BuildState.SUCCEEDED and "sha256" in bad.error
             nursery.cancel_scope.cancel()
+
+
+def test_small_outputs_are_cut_into_frames_of_a_transfer_frame_at_most() -> None:
+    """(1.7) The groups of an ``UploadFiles`` hold at most TRANSFER_FRAME bytes, paths and
+    data counted, and at most MAX_UPLOAD_FILES files; a file as large as a frame goes alone,
+    empty files are carried too, and every file is in one group, in order."""
+
+    def files(*sizes: int, name: str = "f") -> list[tuple[FileInfo, bytes]]:
+        return [
+            (FileInfo(path=f"{name}{i}", size=size, sha256="0" * 64), b"x" * size)
+            for i, size in enumerate(sizes)
+        ]
+
+    def weight(group: list[tuple[FileInfo, bytes]]) -> int:
+        return sum(len(data) + len(info.path) + 8 for info, data in group)
+
+    frames_of = outputs_module._frames_of
+    batch = files(TRANSFER_FRAME, 0, 10, TRANSFER_FRAME - 100, 0, 5)
+    groups = frames_of(batch)
+    assert [pair for group in groups for pair in group] == batch
+    assert all(weight(group) <= TRANSFER_FRAME or len(group) == 1 for group in groups)
+    assert groups[0] == batch[:1]  # a whole frame's worth alone
+    many = files(*[0] * (3 * MAX_UPLOAD_FILES + 1))
+    assert [len(group) for group in frames_of(many)] == [MAX_UPLOAD_FILES] * 3 + [1]
+    long_paths = files(*[0] * 100, name="p" * 2000)
+    assert all(weight(group) <= TRANSFER_FRAME for group in frames_of(long_paths))
+    assert frames_of([]) == []
 
 
 def _small_files(count: int) -> dict[str, bytes]:

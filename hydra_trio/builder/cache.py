@@ -171,8 +171,7 @@ class InputCache:
         was verified is rehashed; one that no longer matches is removed: fetch it again)."""
         path = os.path.join(self.root, sha256[:2], sha256)
         if not os.path.lexists(path):  # most of a first fetch: no lock to wait for, no Path
-            self._known.pop(path, None)
-            return False
+            return False  # (an identity left for it matches nothing: _verified lstats first)
         with self._lock:
             return self._verified(path, sha256, size, 0o444)
 

@@ -179,7 +179,7 @@ class InputFetcher:
         for info in lacking.large:
             await self.fetch(assign, info)
         if placed:
-            files = [(info, target) for info, target in files if info.sha256 not in placed]
+            files = await trio.to_thread.run_sync(_unplaced, files, placed)
         for start in range(0, len(files), CACHE_BATCH):
             placing = files[start : start + CACHE_BATCH]
             again = await trio.to_thread.run_sync(self._link, placing, False)
@@ -230,16 +230,21 @@ class InputFetcher:
                         and in_bytes < SMALL_WINDOW_BYTES
                     ):
                         group, size = [upcoming], upcoming.size
-                        upcoming = await lacking.next_small()
-                        while (
-                            self.many
-                            and upcoming is not None
-                            and len(group) < FILES_PER_REQUEST
-                            and size + upcoming.size <= FILES_REQUEST_BYTES
-                        ):
+                        while True:
+                            if requests and not lacking.ready():
+                                # what is made goes out before the next batch is checked
+                                await self._send_many(requests)
+                                requests = []
+                            upcoming = await lacking.next_small()
+                            if not (
+                                self.many
+                                and upcoming is not None
+                                and len(group) < FILES_PER_REQUEST
+                                and size + upcoming.size <= FILES_REQUEST_BYTES
+                            ):
+                                break
                             group.append(upcoming)
                             size += upcoming.size
-                            upcoming = await lacking.next_small()
                         small = _SmallFetch(group, self._next_request, arrived_send, many=self.many)
                         self._next_request += 1
                         self._small[small.request_id] = small
@@ -386,6 +391,10 @@ class _Lacking:
     _small: collections.deque[FileInfo] = attrs.field(factory=collections.deque)
     _checked: int = 0
 
+    def ready(self) -> bool:
+        """Whether ``next_small`` answers without checking another batch (a thread hop)."""
+        return bool(self._small) or self._checked >= len(self.contents)
+
     async def next_small(self) -> FileInfo | None:
         """The next small content the cache lacks; None once every content is checked."""
         while not self._small:
@@ -396,6 +405,11 @@ class _Lacking:
             for info in await trio.to_thread.run_sync(self.fetcher._lacking, batch):
                 (self._small if info.size <= SMALL_FILE else self.large).append(info)
         return self._small.popleft()
+
+
+def _unplaced(files: Sequence[Placement], placed: set[str]) -> list[Placement]:
+    """The files whose content is not among those ``placed`` (in a thread)."""
+    return [(info, target) for info, target in files if info.sha256 not in placed]
 
 
 def _by_content(files: Sequence[Placement]) -> tuple[list[FileInfo], dict[str, list[Target]]]:

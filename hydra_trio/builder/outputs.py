@@ -28,7 +28,13 @@ import trio
 from hydra_trio.builder.attempt import MANY_FILES, ROUND_TRIPS, Send
 from hydra_trio.diskio import beside
 from hydra_trio.protocol.codec import TRANSFER_FRAME
-from hydra_trio.protocol.messages import Assign, FileInfo, UploadData, UploadFiles
+from hydra_trio.protocol.messages import (
+    MAX_UPLOAD_FILES,
+    Assign,
+    FileInfo,
+    UploadData,
+    UploadFiles,
+)
 from hydra_trio.protocol.validators import encodable
 
 #: Bytes read per thread hop while uploading: large enough that the hops do not set the pace;
@@ -491,17 +497,18 @@ async def _send_small(
 
 
 def _frames_of(batch: SmallBatch) -> list[SmallBatch]:
-    """``batch`` cut into groups of at most ``TRANSFER_FRAME`` bytes of data (a file alone
-    when it holds that much)."""
+    """``batch`` cut into groups of at most ``MAX_UPLOAD_FILES`` files holding at most
+    ``TRANSFER_FRAME`` bytes, paths and data counted (a file alone when it is that large)."""
     groups: list[SmallBatch] = []
     group: SmallBatch = []
     size = 0
     for info, data in batch:
-        if group and size + len(data) > TRANSFER_FRAME:
+        weight = len(data) + len(info.path.encode("utf-8", "surrogateescape")) + 8
+        if group and (size + weight > TRANSFER_FRAME or len(group) >= MAX_UPLOAD_FILES):
             groups.append(group)
             group, size = [], 0
         group.append((info, data))
-        size += len(data)
+        size += weight
     if group:
         groups.append(group)
     return groups

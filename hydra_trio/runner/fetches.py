@@ -35,6 +35,9 @@ from hydra_trio.runner.metrics import FarmMetrics
 #: 8 MiB before) being read before any frame of it is posted.  Small files still share a hop.
 SERVE_BATCH = 128
 SERVE_BATCH_BYTES = 1024 * 1024
+#: What a ``FetchFiles`` counts towards ``SERVE_BATCH_BYTES`` (its answer holds at most
+#: ``MAX_FETCH_FILES_BYTES``, the reference builder's at most 256 KiB).
+FILES_WEIGHT = SERVE_BATCH_BYTES // 4
 #: Requests queued and not yet read before the receive loop waits.
 QUEUE_SIZE = 256
 
@@ -144,7 +147,8 @@ class FetchServer:
 
 def _weight(msg: FetchRequest | FetchFiles) -> tuple[int, int]:
     """What a request counts towards a thread hop's ``SERVE_BATCH`` files and
-    ``SERVE_BATCH_BYTES`` (a ``FetchFiles``: its files; its size is known once read)."""
+    ``SERVE_BATCH_BYTES``: a ``FetchFiles`` its files and ``FILES_WEIGHT`` bytes (its size is
+    known only once read), so a hop reads at most 4 of them, 4 MiB at the very most."""
     if isinstance(msg, FetchFiles):
-        return len(msg.files), 0
+        return len(msg.files), FILES_WEIGHT
     return 1, msg.length

@@ -15,7 +15,9 @@ from typing import Any, Protocol
 
 import attrs
 import trio
+import trio.lowlevel
 
+from hydra_trio.net import BACKLOG_RUN
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
     Drain,
@@ -126,15 +128,26 @@ class FrameHandler:
 
     async def upload(self, msg: UploadData | UploadFiles) -> None:
         await self.results.settled(msg.build_id, msg.attempt)
-        current = self.farm.current(
-            self.session, self.machine, msg.build_id, msg.attempt, kind="upload"
-        )
-        if current is None:
-            return
         if isinstance(msg, UploadFiles):
-            await self.uploads.receive_files(msg)
-        else:
+            await self._upload_files(msg)
+        elif self._uploading(msg.build_id, msg.attempt):
             await self.uploads.receive(msg)
+
+    async def _upload_files(self, msg: UploadFiles) -> None:
+        """(1.7) Each file of ``msg`` as its own ``upload`` frame would be taken: the attempt
+        checked before each (taking one may wait for the disk, and the attempt may end
+        meanwhile), and other tasks run every ``BACKLOG_RUN`` files, as between frames."""
+        for index, (path, data) in enumerate(zip(msg.paths, msg.data, strict=True)):
+            if index and not index % BACKLOG_RUN:
+                await trio.lowlevel.checkpoint()
+            if not self._uploading(msg.build_id, msg.attempt):
+                return
+            await self.uploads.receive_whole(msg.build_id, msg.attempt, path, data)
+
+    def _uploading(self, build_id: str, attempt: int) -> bool:
+        """Whether uploads of this attempt are taken (it is current, on this builder)."""
+        current = self.farm.current(self.session, self.machine, build_id, attempt, kind="upload")
+        return current is not None
 
     async def log(self, msg: LogChunk) -> None:
         await self.results.settled(msg.build_id, msg.attempt)

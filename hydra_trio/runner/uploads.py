@@ -33,7 +33,6 @@ from hydra_trio.protocol.messages import (
     OutputList,
     Result,
     UploadData,
-    UploadFiles,
 )
 from hydra_trio.protocol.validators import MAX_LIST, tree_conflict
 from hydra_trio.runner.blobs import BlobError, BlobStore, PendingUpload
@@ -157,10 +156,10 @@ class UploadReceiver:
         """Append one chunk of a current attempt's output file (see the module)."""
         await self._chunk(msg.build_id, msg.attempt, msg.path, msg.offset, msg.data, msg.eof)
 
-    async def receive_files(self, msg: UploadFiles) -> None:
-        """(1.7) Take each whole file of ``msg`` as the ``UploadData`` that would carry it."""
-        for path, data in zip(msg.paths, msg.data, strict=True):
-            await self._chunk(msg.build_id, msg.attempt, path, 0, data, True)
+    async def receive_whole(self, build_id: str, attempt: int, path: str, data: bytes) -> None:
+        """(1.7) One whole file of an ``UploadFiles``, as the ``UploadData`` that would carry
+        it (``FrameHandler.upload`` checks that the attempt is current before each)."""
+        await self._chunk(build_id, attempt, path, 0, data, True)
 
     async def _chunk(
         self, build_id: str, attempt: int, path: str, offset: int, data: bytes, eof: bool
