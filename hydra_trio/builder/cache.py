@@ -91,6 +91,10 @@ class InputCache:
     def path_of(self, sha256: str, executable: bool = False) -> Path:
         return self.root / sha256[:2] / (sha256 + (".x" if executable else ""))
 
+    def _entry(self, sha256: str) -> str:
+        """``path_of`` as a string (no ``Path`` object per file on the hot paths)."""
+        return os.path.join(self.root, sha256[:2], sha256)
+
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
 
@@ -120,7 +124,7 @@ class InputCache:
         mid-write leaves an entry this process never verified, which the next one rehashes
         (and removes, as it does not match) before any use.  A failed write (a full disk)
         removes the entry, whatever ``close`` says."""
-        path = os.path.join(self.root, sha256[:2], sha256)
+        path = self._entry(sha256)
         with self._lock:
             self._parent_made(os.path.dirname(path))
             try:
@@ -169,7 +173,7 @@ class InputCache:
     def has(self, sha256: str, size: int) -> bool:
         """Whether a verified entry with this content is in the cache (an entry changed since it
         was verified is rehashed; one that no longer matches is removed: fetch it again)."""
-        path = os.path.join(self.root, sha256[:2], sha256)
+        path = self._entry(sha256)
         if not os.path.lexists(path):  # most of a first fetch: no lock to wait for, no Path
             return False  # (an identity left for it matches nothing: _verified lstats first)
         with self._lock:

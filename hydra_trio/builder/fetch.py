@@ -218,43 +218,37 @@ class InputFetcher:
 
         async def receive() -> None:
             async with batches:
-                upcoming = await lacking.next_small()
                 in_flight = in_bytes = 0
+                more = True
                 pending: list[_SmallFetch] = []
                 pending_files = pending_bytes = 0
-                while upcoming is not None or in_flight:
-                    requests: list[Message] = []
-                    while (
-                        upcoming is not None
-                        and in_flight < SMALL_WINDOW
-                        and in_bytes < SMALL_WINDOW_BYTES
-                    ):
-                        group, size = [upcoming], upcoming.size
-                        while True:
-                            if requests and not lacking.ready():
-                                # what is made goes out before the next batch is checked
-                                await self._send_many(requests)
-                                requests = []
-                            upcoming = await lacking.next_small()
-                            if not (
-                                self.many
-                                and upcoming is not None
-                                and len(group) < FILES_PER_REQUEST
-                                and size + upcoming.size <= FILES_REQUEST_BYTES
-                            ):
-                                break
-                            group.append(upcoming)
-                            size += upcoming.size
+                requests: list[Message] = []
+
+                async def flush() -> None:
+                    """Send the requests made and not yet sent."""
+                    if requests:
+                        made = requests[:]
+                        requests.clear()
+                        await self._send_many(made)
+
+                while more or in_flight:
+                    while more and in_flight < SMALL_WINDOW and in_bytes < SMALL_WINDOW_BYTES:
+                        # what is made goes out before the next batch is checked
+                        group = await lacking.next_group(self.many, flush)
+                        if not group:
+                            more = False
+                            break
                         small = _SmallFetch(group, self._next_request, arrived_send, many=self.many)
                         self._next_request += 1
                         self._small[small.request_id] = small
                         asked.add(small.request_id)
                         requests.append(small.request(assign))
                         in_flight += 1
-                        in_bytes += size
+                        in_bytes += small.size
                         placed.update(info.sha256 for info in group)
-                    if requests:
-                        await self._send_many(requests)
+                    await flush()
+                    if not in_flight:
+                        break  # nothing (more) was lacking
                     with trio.move_on_after(self.fetch_timeout) as stall:
                         done = [await arrived.receive()]
                     if stall.cancelled_caught:
@@ -382,7 +376,7 @@ class InputFetcher:
 @attrs.define(eq=False)
 class _Lacking:
     """The contents the cache lacks, checked ``CACHE_BATCH`` at a time (a thread hop each) as
-    they are asked for: the small ones are handed out by ``next_small``, the large ones kept
+    they are asked for: the small ones are handed out by ``next_group``, the large ones kept
     in ``large`` for ``fetch`` once the small ones are in."""
 
     fetcher: InputFetcher
@@ -391,20 +385,30 @@ class _Lacking:
     _small: collections.deque[FileInfo] = attrs.field(factory=collections.deque)
     _checked: int = 0
 
-    def ready(self) -> bool:
-        """Whether ``next_small`` answers without checking another batch (a thread hop)."""
-        return bool(self._small) or self._checked >= len(self.contents)
-
-    async def next_small(self) -> FileInfo | None:
-        """The next small content the cache lacks; None once every content is checked."""
-        while not self._small:
-            if self._checked >= len(self.contents):
-                return None
-            batch = self.contents[self._checked : self._checked + CACHE_BATCH]
-            self._checked += len(batch)
-            for info in await trio.to_thread.run_sync(self.fetcher._lacking, batch):
-                (self._small if info.size <= SMALL_FILE else self.large).append(info)
-        return self._small.popleft()
+    async def next_group(
+        self, many: bool, before_check: Callable[[], Awaitable[None]]
+    ) -> list[FileInfo]:
+        """The next small contents the cache lacks, for one request: one, or (``many``) as many
+        as ``FILES_PER_REQUEST`` and ``FILES_REQUEST_BYTES`` allow; [] once every content is
+        checked.  ``before_check`` runs before each further batch is checked (a thread hop)."""
+        group: list[FileInfo] = []
+        size = 0
+        while len(group) < (FILES_PER_REQUEST if many else 1):
+            if not self._small:
+                if self._checked >= len(self.contents):
+                    break
+                await before_check()
+                batch = self.contents[self._checked : self._checked + CACHE_BATCH]
+                self._checked += len(batch)
+                for info in await trio.to_thread.run_sync(self.fetcher._lacking, batch):
+                    (self._small if info.size <= SMALL_FILE else self.large).append(info)
+                continue
+            if group and size + self._small[0].size > FILES_REQUEST_BYTES:
+                break
+            info = self._small.popleft()
+            group.append(info)
+            size += info.size
+        return group
 
 
 def _unplaced(files: Sequence[Placement], placed: set[str]) -> list[Placement]:

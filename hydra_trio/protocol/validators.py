@@ -245,15 +245,20 @@ def exactly(kind: type[Any]) -> Validator:
 def sha256_hex(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
     check_str(inst, attr, value)
     assert isinstance(value, str)
-    if len(value) != 64 or value.strip("0123456789abcdef"):
+    if not is_sha256(value):
         raise ValueError(f"{attr.name}: expected 64 lowercase hex digits")
+
+
+def is_sha256(value: str) -> bool:
+    """Whether ``value`` is a SHA-256 as the protocol writes it: 64 lowercase hex digits."""
+    return len(value) == 64 and not value.strip("0123456789abcdef")
 
 
 def check_sha256_tuple(inst: object, attr: attrs.Attribute[Any], value: object) -> None:
     check_list(inst, attr, value)
     assert isinstance(value, tuple)
     for item in value:
-        if type(item) is not str or len(item) != 64 or item.strip("0123456789abcdef"):
+        if type(item) is not str or not is_sha256(item):
             raise ValueError(f"{attr.name}: every item must be 64 lowercase hex digits")
 
 

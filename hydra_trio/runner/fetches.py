@@ -104,7 +104,9 @@ class FetchServer:
                     error = str(exc)
                 except (OSError, OverflowError) as exc:  # the offset comes from the builder
                     why = getattr(exc, "strerror", None) or exc
-                    where = msg.sha256 if isinstance(msg, FetchRequest) else "a file"
+                    where = "a file"
+                    if isinstance(msg, FetchRequest):
+                        where = f"{msg.sha256} at offset {msg.offset}"
                     error = f"cannot read {where}: {why}"
                 else:
                     last = len(pieces) - 1
@@ -135,7 +137,7 @@ class FetchServer:
                 ]
             budget -= len(data)
             contents.append(data)
-        joined = contents[0] if len(contents) == 1 else b"".join(contents)
+        joined = b"".join(contents)  # (one file: itself, not a copy)
         step = self.piece
         pieces = [joined[at : at + step] for at in range(0, len(joined), step)] or [b""]
         last = len(pieces) - 1
