@@ -229,7 +229,10 @@ def one_run(tmp: Path, files: int, index: int) -> dict[str, float]:
         fetch = (stamp(b["startedAt"]) - stamp(a["finishedAt"])) + b_timings.get("fetch", 0.0)
         probe.send_signal(signal.SIGINT)
         probe.wait(30)
-        gap = json.loads(gaps.read_text())["longest_gap"]
+        probed = json.loads(gaps.read_text())
+        gap = probed["longest_gap"]
+        if os.environ.get("SHAPES_SLOW_GAPS"):  # where to look for what held the runner
+            print("gaps over 50 ms (wall time, seconds):", probed.get("slow"))
         src = work / "tree"
         src.mkdir()
         subprocess.run([sys.executable, "-c", MAKE_FILES, str(src), str(files)], check=True)
@@ -288,6 +291,7 @@ async def _probe(port: int, out: Path) -> None:
     await stream.send_all(codec.encode(hello))
     assert isinstance(await receive(), Welcome)
     longest, last, pongs = 0.0, time.monotonic(), 0
+    slow: list[tuple[float, float]] = []  # (wall time, gap) of every gap over 50 ms
 
     async def pinger() -> None:
         seq = 0
@@ -305,10 +309,13 @@ async def _probe(port: int, out: Path) -> None:
             if isinstance(message, Pong):
                 now = time.monotonic()
                 gap, last, pongs = now - last, now, pongs + 1
+                if gap > 0.05:
+                    slow.append((time.time(), gap))
                 if gap > longest or pongs % 1000 == 0:
                     # the file always holds the longest so far: the probe ends by SIGINT
                     longest = max(longest, gap)
-                    await record.write_text(json.dumps({"longest_gap": longest, "pongs": pongs}))
+                    summary = {"longest_gap": longest, "pongs": pongs, "slow": slow[-50:]}
+                    await record.write_text(json.dumps(summary))
 
 
 def main() -> int:

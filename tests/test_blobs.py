@@ -1,12 +1,15 @@
-"""BlobStore: small uploads written a batch at a time, checked and kept, or removed."""
+"""BlobStore: small uploads written a batch to a pack, checked and indexed, or removed."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import stat
 from pathlib import Path
 
-from hydra_trio.runner.blobs import BlobStore, PendingUpload
+import pytest
+
+from hydra_trio.runner.blobs import BlobError, BlobStore, PendingUpload
 
 
 def small_uploads(blobs: BlobStore, datas: list[bytes]) -> list[PendingUpload]:
@@ -20,28 +23,45 @@ def sha(data: bytes) -> str:
 
 
 def temporaries(root: Path) -> list[Path]:
-    """The store's temporary files: in ``tmp``, and small uploads' beside the blobs."""
-    return [*(root / "tmp").iterdir(), *root.glob("??/.upload-*")]
+    """What the store holds that no committed result names: partial uploads in ``tmp``,
+    index files not published, and packs no published index file names."""
+    packs = root / "packs"
+    published = [idx for idx in packs.glob("*.idx") if not idx.name.startswith(".")]
+    named = {line.split()[1] for idx in published for line in idx.read_text().splitlines()}
+    return [
+        *(root / "tmp").iterdir(),
+        *packs.glob(".*.idx"),
+        *(p for p in packs.glob("*.pack") if p.name not in named),
+    ]
 
 
-def test_small_uploads_are_written_then_kept_read_only_and_nothing_is_left_behind(
+def test_small_uploads_are_written_into_one_pack_then_indexed_and_nothing_is_left_behind(
     tmp_path: Path,
 ) -> None:
     blobs = BlobStore(tmp_path)
     datas = [f"file {i}\n".encode() for i in range(300)] + [b""]
     uploads = small_uploads(blobs, datas)
     assert all(not u.staged and not u.done for u in uploads)
-    assert len(temporaries(tmp_path)) == len(datas)
-    # each in the directory of its blob: placing it is a rename within that directory
-    assert {p.parent.name for p in temporaries(tmp_path)} == {sha(d)[:2] for d in datas}
+    [pack] = (tmp_path / "packs").glob("*.pack")  # one file for the batch, read-only
+    assert pack.read_bytes() == b"".join(datas)
+    assert not stat.S_IMODE(pack.stat().st_mode) & 0o222
+    assert not any(blobs.has(sha(d)) for d in datas)  # not visible before the commit
     problems = blobs.commit_many([(u, len(d), sha(d)) for u, d in zip(uploads, datas, strict=True)])
     assert problems == [""] * len(datas)
     for data in datas:
-        kept = blobs.path_of(sha(data))
-        assert kept.read_bytes() == data
-        assert not stat.S_IMODE(kept.stat().st_mode) & 0o222  # read-only
+        assert blobs.has(sha(data))
+        assert blobs.packed(sha(data)) == data
+        assert blobs.read_whole(sha(data), 1024) == data
+    assert blobs.read_pieces(sha(datas[12]), 2, 100, 3) == ([b"le ", b"12\n"], True)
+    [index] = (tmp_path / "packs").glob("*.idx")
+    assert len(index.read_text().splitlines()) == len(datas)
+    assert not list(tmp_path.glob("??"))  # no file of its own
     assert temporaries(tmp_path) == []
     assert all(u.done for u in uploads)
+    # a runner that starts leading finds them in the index files
+    again = BlobStore(tmp_path)
+    assert again.remove_partial_uploads() == 0
+    assert all(again.packed(sha(d)) == d for d in datas)
 
 
 def test_a_small_upload_that_does_not_match_is_removed_and_the_others_kept(
@@ -60,43 +80,53 @@ def test_a_small_upload_that_does_not_match_is_removed_and_the_others_kept(
     assert temporaries(tmp_path) == []
 
 
-def test_a_blob_the_store_has_already_is_not_written_twice(tmp_path: Path) -> None:
+def test_a_blob_the_store_has_already_is_not_kept_twice(tmp_path: Path) -> None:
     blobs = BlobStore(tmp_path)
     first = small_uploads(blobs, [b"same"])
     assert blobs.commit_many([(first[0], 4, sha(b"same"))]) == [""]
-    inode = blobs.path_of(sha(b"same")).stat().st_ino
+    place = blobs.packs.find(sha(b"same"))
     again = small_uploads(blobs, [b"same"])
     assert blobs.commit_many([(again[0], 4, sha(b"same"))]) == [""]
-    assert blobs.path_of(sha(b"same")).stat().st_ino == inode
+    assert blobs.packs.find(sha(b"same")) == place
+    assert len(list((tmp_path / "packs").glob("*.pack"))) == 1  # the second one, unused: gone
     assert temporaries(tmp_path) == []
 
 
-def test_a_temporary_name_taken_already_is_not_overwritten(tmp_path: Path) -> None:
+def test_a_pack_none_of_whose_blobs_is_kept_is_removed(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path)
+    uploads = small_uploads(blobs, [b"one", b"two", b"three"])
+    blobs.discard(uploads[0])
+    assert len(list((tmp_path / "packs").glob("*.pack"))) == 1  # two of its blobs wait
+    blobs.discard_many(uploads[1:])
+    assert list((tmp_path / "packs").iterdir()) == []
+
+
+def test_a_pack_name_taken_already_is_not_overwritten(tmp_path: Path) -> None:
     """Two stores on one directory (or a leftover of the same name): the file there stays
-    as it is and the upload gets another name."""
+    as it is and the batch gets another name."""
     blobs = BlobStore(tmp_path)
     other = BlobStore(tmp_path)
-    taken = tmp_path / sha(b"mine")[:2] / f".{blobs._prefix}0"  # the first name it tries
-    taken.parent.mkdir()
+    taken = tmp_path / "packs" / f"{blobs._pack_name()}.pack"  # the name it would try
+    blobs._serial = itertools.count()  # (tried once above: try it again)
     taken.write_bytes(b"someone else's")
     [upload] = small_uploads(blobs, [b"mine"])
     assert taken.read_bytes() == b"someone else's"
     assert blobs.commit_many([(upload, 4, sha(b"mine"))]) == [""]
-    assert blobs.path_of(sha(b"mine")).read_bytes() == b"mine"
+    assert blobs.packed(sha(b"mine")) == b"mine"
     assert other.remove_partial_uploads() == 1  # the leftover, once no runner writes there
+    assert not taken.exists()
+    assert other.packed(sha(b"mine")) == b"mine"
 
 
-def test_small_uploads_that_cannot_be_created_are_refused_alone_and_reported(
+def test_small_uploads_that_cannot_be_written_are_refused_and_reported(
     tmp_path: Path,
 ) -> None:
-    """The directory a small upload is written in cannot be made (something else is in its
-    place, as a failing disk might make it): each upload of the batch is refused (its result
-    will be upload-failed), the fault is reported, and the store works again once the
-    directory can be made."""
+    """The pack of a batch cannot be created (something else is where the packs are, as a
+    failing disk might make it): each upload of the batch is refused (its result will be
+    upload-failed), the fault is reported, and the store works again once it can write."""
     blobs = BlobStore(tmp_path)
-    in_the_way = [tmp_path / sha(data)[:2] for data in (b"a", b"b")]
-    for path in in_the_way:
-        path.write_bytes(b"not a directory")
+    (tmp_path / "packs").rmdir()
+    (tmp_path / "packs").write_bytes(b"not a directory")
     uploads = small_uploads(blobs, [b"a", b"b"])
     assert all(u.done and u.file is None and not u.staged for u in uploads)
     problems = blobs.commit_many(
@@ -104,24 +134,65 @@ def test_small_uploads_that_cannot_be_created_are_refused_alone_and_reported(
     )
     assert all("refused" in p for p in problems)
     assert blobs.health.warning("outputs") is not None
-    for path in in_the_way:
-        path.unlink()
+    (tmp_path / "packs").unlink()
+    (tmp_path / "packs").mkdir()
     [upload] = small_uploads(blobs, [b"a"])
     assert blobs.commit_many([(upload, 1, sha(b"a"))]) == [""]
     assert blobs.health.warning("outputs") is None
 
 
-def test_small_uploads_a_killed_runner_left_are_removed_and_the_blobs_kept(
+def test_what_a_killed_runner_left_unindexed_is_removed_and_the_blobs_kept(
     tmp_path: Path,
 ) -> None:
-    """A runner killed between writing small uploads and placing them leaves ``.upload-*``
-    files beside the blobs: the next one removes them at start, and nothing else."""
+    """A runner killed between writing small uploads and indexing them leaves packs no index
+    file names (and maybe an index file never published): the next leader removes them as it
+    starts, and nothing else; an index file naming a pack that is gone is ignored."""
     blobs = BlobStore(tmp_path)
     [kept] = small_uploads(blobs, [b"kept"])
     assert blobs.commit_many([(kept, 4, sha(b"kept"))]) == [""]
-    small_uploads(blobs, [b"one", b"two"])  # written, never placed: the runner "dies" here
-    assert len(temporaries(tmp_path)) == 2
+    small_uploads(blobs, [b"one", b"two"])  # written, never indexed: the runner "dies" here
+    [staged] = small_uploads(blobs, [b"three"])
+    blobs.stage_index([(0, staged)])  # and here, before publishing that index
+    (tmp_path / "packs" / "gone.idx").write_text(f"{sha(b'gone')} gone.pack 0 4\nnot a line\n")
+    assert len(temporaries(tmp_path)) == 3
     (tmp_path / "notes").write_text("not a blob directory")
-    assert BlobStore(tmp_path).remove_partial_uploads() == 2
+    again = BlobStore(tmp_path)
+    assert again.remove_partial_uploads() == 3
     assert temporaries(tmp_path) == []
-    assert blobs.path_of(sha(b"kept")).read_bytes() == b"kept"
+    assert again.packed(sha(b"kept")) == b"kept"
+    assert not again.has(sha(b"one")) and not again.has(sha(b"three"))
+    assert not again.has(sha(b"gone"))
+
+
+def test_the_small_uploads_an_earlier_version_left_beside_the_blobs_are_removed(
+    tmp_path: Path,
+) -> None:
+    blobs = BlobStore(tmp_path)
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / ".upload-s1234-0").write_bytes(b"half")
+    (tmp_path / "ab" / ("ab" + "0" * 62)).write_bytes(b"a blob")
+    assert blobs.remove_partial_uploads() == 1
+    assert [p.name for p in (tmp_path / "ab").iterdir()] == ["ab" + "0" * 62]
+
+
+def test_many_blobs_are_read_one_after_the_other_a_run_of_a_pack_at_a_time(
+    tmp_path: Path,
+) -> None:
+    blobs = BlobStore(tmp_path)
+    first = [f"first {i}\n".encode() for i in range(5)]
+    second = [f"second {i}\n".encode() for i in range(3)]
+    for datas in (first, second):
+        uploads = small_uploads(blobs, datas)
+        batch = [(u, len(d), sha(d)) for u, d in zip(uploads, datas, strict=True)]
+        assert blobs.commit_many(batch) == [""] * len(datas)
+    large = BlobStore(tmp_path).begin("large")  # (a file of its own)
+    blobs.append(large, 0, b"L" * 100, eof=True)
+    blobs.commit(large, 100, sha(b"L" * 100))
+    wanted = [first[0], first[1], second[2], b"L" * 100, first[3], first[4], second[0]]
+    pieces = blobs.read_many([sha(d) for d in wanted], 10_000)
+    assert pieces is not None and b"".join(pieces) == b"".join(wanted)
+    # adjacent ones in one pack are one piece
+    assert pieces[:2] == [first[0] + first[1], second[2]] and len(pieces) == 5
+    assert blobs.read_many([sha(d) for d in wanted], 149) is None  # (they hold 150)
+    with pytest.raises(BlobError, match="no file"):
+        blobs.read_many([sha(first[0]), sha(b"not here")], 10_000)

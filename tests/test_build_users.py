@@ -32,6 +32,7 @@ from hydra_trio.builder.sandbox import Sandbox, SandboxError
 from hydra_trio.builder.workdir import claim_work_dir
 from hydra_trio.cli import main
 from hydra_trio.protocol.messages import BuildStatus
+from hydra_trio.runner.blobs import BlobStore
 from hydra_trio.runner.daemon import RunnerAddresses, make_farm, serve_runner
 from hydra_trio.runner.model import Build, BuildSpec, BuildState
 
@@ -97,7 +98,9 @@ def builder_command(server: str, work: Path, spec: str, *extra: str) -> list[str
 
 def output(state_dir: Path, build: Build, name: str) -> str:
     info = next(f for f in build.outputs if f.path == name)
-    return (state_dir / "blobs" / info.sha256[:2] / info.sha256).read_text()
+    data = BlobStore(state_dir / "blobs").read_whole(info.sha256, 1 << 20)  # (packed or not)
+    assert data is not None
+    return data.decode()
 
 
 HOLDER = """

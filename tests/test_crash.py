@@ -299,13 +299,22 @@ async def test_200_builds_all_succeed_once_across_repeated_runner_kills(tmp_path
     blobs = state / "blobs"
     seen = set()
     for directory in blobs.iterdir():
-        if directory.name == "tmp":
-            continue  # leftovers of killed uploads are allowed there
+        if directory.name in ("tmp", "packs"):
+            continue  # leftovers of killed uploads are allowed in tmp; packs: below
         assert directory.is_dir() and len(directory.name) == 2, directory
         for blob in directory.iterdir():
             assert blob.name.startswith(directory.name), blob
             assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name, blob
             seen.add(blob.name)
+    for index in (blobs / "packs").glob("*.idx"):  # packed blobs, where the index says
+        if index.name.startswith("."):
+            continue  # never published: names nothing
+        for line in index.read_text().splitlines():
+            sha256, pack, offset, size = line.split()
+            with (blobs / "packs" / pack).open("rb") as f:
+                f.seek(int(offset))
+                assert hashlib.sha256(f.read(int(size))).hexdigest() == sha256, line
+            seen.add(sha256)
     for name, build in infos.items():
         assert build["outputs"][0]["sha256"] in seen, name
 

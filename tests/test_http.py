@@ -370,7 +370,8 @@ async def test_a_build_runs_end_to_end_on_a_real_builder(runner: Runner) -> None
         assert "hi" in log.text
         output = await runner.client.get(f"/builds/{build_id}/outputs/f")
         assert output.status_code == 200
-        assert output.content == b"x\n"
+        assert output.content == b"x\n"  # (from its pack: a small output)
+        assert output.headers["content-disposition"] == 'attachment; filename="f"'
         machine = (await runner.client.get("/status")).json()["machines"][0]
         assert machine["succeededBuilds"] == 1
         assert machine["currentJobs"] == 0

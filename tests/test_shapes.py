@@ -44,6 +44,7 @@ from hydra_trio.runner import session as runner_session
 from hydra_trio.runner.blobs import BlobStore, PendingUpload
 from hydra_trio.runner.frames import MAX_FETCH_CHUNK
 from hydra_trio.runner.model import Build, BuildSpec, BuildState
+from hydra_trio.runner.packs import PackedFile
 from hydra_trio.runner.uploads import SMALL_BATCH
 
 from .helpers.common import RUNNER, SYSTEM, builder_config, wait_until
@@ -481,7 +482,7 @@ async def test_the_runner_keeps_the_files_of_an_upload_files_frame(tmp_path: Pat
             await builder.send(Result(**ref, status=BuildStatus.SUCCESS, outputs=infos))
             await wait_until(lambda: good.state is BuildState.SUCCEEDED)
             for info in infos:
-                assert runner.storage.blobs.path_of(info.sha256).read_bytes() == files[info.path]
+                assert runner.storage.blobs.packed(info.sha256) == files[info.path]
             bad = runner.farm.submit(BuildSpec(command=("true",), system=SYSTEM), 0.0)
             assign = await assigned(builder)
             ref = {"build_id": assign.build_id, "attempt": assign.attempt}
@@ -523,6 +524,19 @@ def _small_files(count: int) -> dict[str, bytes]:
     return {f"d{i // 100}/f{i}": f"small {i}\n".encode() for i in range(count)}
 
 
+def _unindexed(blobs: Path) -> list[Path]:
+    """The files of the blob store ``blobs``'s packs no committed result names: packs no
+    published index file names, and index files never published (``.*.idx``)."""
+    packs = blobs / "packs"
+    indexes = [p for p in packs.glob("*.idx") if not p.name.startswith(".")]
+    named = {line.split()[1] for index in indexes for line in index.read_text().splitlines()}
+    return [
+        p
+        for p in packs.iterdir()
+        if p.name.startswith(".") or (p.suffix == ".pack" and p.name not in named)
+    ]
+
+
 def _write_outputs(out: Path) -> dict[str, bytes]:
     """600 small files and a larger one, ``big`` (``CONTENT``), in ``out``; the small ones."""
     small = _small_files(600)
@@ -538,11 +552,18 @@ async def test_small_uploads_are_written_and_committed_many_per_thread_hop(
 ) -> None:
     """600 outputs of one frame each and one of several frames: every one is kept under its
     hash and nothing is left among the temporary files; the small ones were written a batch
-    per thread hop (no hop of their own), and all were checked and placed a batch per hop; a
-    small upload that does not match its listing fails its result (upload-failed) and is
-    not kept.  (Real clock: the writes hop to worker threads.)"""
-    calls: dict[str, list[int]] = {"write_small": [], "verify_many": [], "place": []}
+    per thread hop (no hop of their own) into packs, and all were checked a batch per hop;
+    the large one was placed, the small ones all kept by one index file; a small upload that
+    does not match its listing fails its result (upload-failed) and is not kept.  (Real
+    clock: the writes hop to worker threads.)"""
+    calls: dict[str, list[int]] = {
+        "write_small": [],
+        "verify_many": [],
+        "place": [],
+        "publish_index": [],
+    }
     write_small, verify_many, place = BlobStore.write_small, BlobStore.verify_many, BlobStore.place
+    publish_index = BlobStore.publish_index
 
     def counted_write(self: BlobStore, uploads: list[PendingUpload]) -> None:
         calls["write_small"].append(len(uploads))
@@ -556,9 +577,14 @@ async def test_small_uploads_are_written_and_committed_many_per_thread_hop(
         calls["place"].append(len(keeping))
         return place(self, keeping)
 
+    def counted_publish(self: BlobStore, tmp: str, keeping: list[tuple[int, PendingUpload]]) -> Any:
+        calls["publish_index"].append(sum(isinstance(u.file, PackedFile) for _, u in keeping))
+        return publish_index(self, tmp, keeping)
+
     monkeypatch.setattr(BlobStore, "write_small", counted_write)
     monkeypatch.setattr(BlobStore, "verify_many", counted_verify)
     monkeypatch.setattr(BlobStore, "place", counted_place)
+    monkeypatch.setattr(BlobStore, "publish_index", counted_publish)
     syncs: list[int] = []
     syncfs = blobs_module._syncfs
 
@@ -580,15 +606,20 @@ async def test_small_uploads_are_written_and_committed_many_per_thread_hop(
             await builder.send(Result(**ref, status=BuildStatus.SUCCESS, outputs=tuple(listed)))
             await _settled(builder)
             assert build.state is BuildState.SUCCEEDED
-            for data in [*small.values(), CONTENT]:
-                assert runner.storage.blobs.path_of(_sha(data)).read_bytes() == data
+            for data in small.values():
+                assert runner.storage.blobs.packed(_sha(data)) == data
+            assert runner.storage.blobs.path_of(_sha(CONTENT)).read_bytes() == CONTENT
             blobs = tmp_path / "blobs"
-            assert [*(blobs / "tmp").iterdir(), *blobs.glob("??/.upload-*")] == []
+            assert [*(blobs / "tmp").iterdir(), *_unindexed(blobs)] == []
             assert sum(calls["write_small"]) == 600
             assert len(calls["write_small"]) <= math.ceil(600 / SMALL_BATCH) + 1
-            assert sum(calls["verify_many"]) == sum(calls["place"]) == 601
+            assert sum(calls["verify_many"]) == 601
             assert len(calls["verify_many"]) <= math.ceil(601 / 256) + 1
-            assert len(calls["place"]) <= math.ceil(601 / 256)
+            assert calls["place"] == [1]  # the large one; the small ones: one index file
+            assert calls["publish_index"] == [600]
+            assert len([*(blobs / "packs").glob("*.idx")]) == 1
+            packs = [*(blobs / "packs").glob("*.pack")]
+            assert len(packs) == len(calls["write_small"])
             if runner.storage.blobs.whole_fs_sync:  # Linux: one syncfs for all data, one after
                 assert len(syncs) == 2
 
@@ -603,7 +634,7 @@ async def test_small_uploads_are_written_and_committed_many_per_thread_hop(
             assert build.state is not BuildState.SUCCEEDED
             assert not runner.storage.blobs.has(_sha(b"sent"))
             blobs = tmp_path / "blobs"
-            assert [*(blobs / "tmp").iterdir(), *blobs.glob("??/.upload-*")] == []
+            assert [*(blobs / "tmp").iterdir(), *_unindexed(blobs)] == []
             nursery.cancel_scope.cancel()
 
 
@@ -896,6 +927,6 @@ async def test_small_uploads_of_a_connection_that_ends_leave_no_file(tmp_path: P
             while 0 not in runner.ended:
                 await trio.sleep(0.01)
             blobs = tmp_path / "blobs"
-            assert [*(blobs / "tmp").iterdir(), *blobs.glob("??/.upload-*")] == []
+            assert [*(blobs / "tmp").iterdir(), *(blobs / "packs").iterdir()] == []
             assert not any(runner.storage.blobs.has(_sha(data)) for data in small.values())
             nursery.cancel_scope.cancel()

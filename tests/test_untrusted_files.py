@@ -122,7 +122,24 @@ def stored_files(tmp_path: Path) -> list[str]:
 
 
 def blobs(tmp_path: Path) -> list[str]:
-    return [p for p in stored_files(tmp_path) if p.startswith("state/blobs/")]
+    """What the runner's blob store keeps: each file of its own by its path, each packed blob
+    as ``packed <sha256>`` (a published index file names it), and by its path each file of
+    ``packs`` holding anything else: a pack holding more than the blobs indexed in it, one no
+    index file names, an index file never published."""
+    kept = [p for p in stored_files(tmp_path) if p.startswith("state/blobs/")]
+    found = [p for p in kept if not p.startswith("state/blobs/packs/")]
+    packs = tmp_path / "state" / "blobs" / "packs"
+    indexed: dict[str, int] = {}  # pack name -> bytes of the blobs indexed in it
+    for index in (p for p in packs.glob("*.idx") if not p.name.startswith(".")):
+        for line in index.read_text().splitlines():
+            sha256, pack, _, size = line.split()
+            found.append(f"packed {sha256}")
+            indexed[pack] = indexed.get(pack, 0) + int(size)
+    for path in packs.iterdir():  # (a published index file is read above)
+        published = path.suffix == ".idx" and not path.name.startswith(".")
+        if not published and indexed.get(path.name) != path.stat().st_size:
+            found.append(str(path.relative_to(tmp_path)))
+    return sorted(found)
 
 
 @pytest.mark.parametrize("frame", ["upload", "result"])
@@ -275,7 +292,8 @@ async def test_frames_of_a_stale_attempt_are_counted_and_never_applied(
             await builder.send(Result(**ref, status=BuildStatus.SUCCESS, outputs=(info,)))
             await sync(builder)
             assert state_of(build) is BuildState.SUCCEEDED
-            assert blobs(tmp_path) == [f"state/blobs/{info.sha256[:2]}/{info.sha256}"]
+            assert blobs(tmp_path) == [f"packed {info.sha256}"]
+            assert runner.storage.blobs.packs.places.keys() == {info.sha256}
             nursery.cancel_scope.cancel()
 
 

@@ -1,14 +1,14 @@
 """Content-addressed files in the runner's state dir: build outputs, served again as inputs.
 
-A file lives at ``<root>/<first two hex digits>/<sha256>``.  An upload is written to a
-temporary file (in ``<root>/tmp``, or a small one as ``.upload-*`` in the directory its blob
-will be in), hashed as it arrives, and renamed into place only after its
-size and hash match what the builder declared, so a crash or a lying builder never leaves a
-half-written or wrong file visible.  Every name in the store comes from a hash, from
-``mkstemp`` or from ``BlobStore._temp_name``, never from a builder: an output's path is only
-ever a label, so no path a builder sends can make the runner write outside ``root``.
-Methods block unless they say otherwise: call them through ``trio.to_thread.run_sync``, many
-files per call where they take many.
+A file lives at ``<root>/<first two hex digits>/<sha256>``, or (an output that arrived whole
+in one frame) in a pack with others (``runner.packs``).  An upload is written to a temporary
+file in ``<root>/tmp``, hashed as it arrives, and renamed into place only after its size and
+hash match what the builder declared; a packed one is indexed only then; so a crash or a
+lying builder never leaves a half-written or wrong file visible.  Every name in the store
+comes from a hash, from ``mkstemp`` or from ``BlobStore._temp_name``, never from a builder:
+an output's path is only ever a label, so no path a builder sends can make the runner write
+outside ``root``.  Methods block unless they say otherwise: call them through
+``trio.to_thread.run_sync``, many files per call where they take many.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 import secrets
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -32,6 +33,7 @@ from hydra_trio.nixstore import NixStore
 from hydra_trio.protocol.messages import FileInfo
 from hydra_trio.runner.health import Health
 from hydra_trio.runner.logs import Followers, LogStore
+from hydra_trio.runner.packs import PackedFile, PackIndex
 
 
 class BlobError(Exception):
@@ -40,47 +42,7 @@ class BlobError(Exception):
 
 #: Upload bytes staged in memory before one thread hop writes and hashes them.
 WRITE_BATCH = 1024 * 1024
-#: How ``write_small`` creates a temporary file: a new one, read-only from the start (its
-#: descriptor may still write it), so that keeping it takes no ``chmod``.
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_ONLY = 0o444
-
-
-class SmallFile:
-    """The temporary file of a small upload ``write_small`` wrote whole: its name in the
-    store's ``tmp``, size and sha256 (hashed from the data it was written from: nothing is
-    read back), and no descriptor.  What ``HashingFile`` is to a streamed upload, with one
-    object per file instead of five (file, buffer, hasher, path, ``HashingFile``)."""
-
-    __slots__ = ("dir", "kept", "name", "sha256", "size")
-
-    def __init__(self, dir: str, name: str, size: int, sha256: str) -> None:
-        self.dir = dir
-        self.name = name
-        self.size = size
-        self.sha256 = sha256
-        #: ``place`` renamed it: its name is no longer ours to remove.
-        self.kept = False
-
-    @property
-    def tmp(self) -> Path:
-        return Path(self.dir, self.name)
-
-    def hexdigest(self) -> str:
-        return self.sha256
-
-    def close(self) -> None:
-        """Nothing to close (``write_small`` closed it)."""
-
-    def verify(self, size: int, sha256: str) -> None:
-        if self.size != size or self.sha256 != sha256:
-            raise HashMismatch(self.size, self.sha256, size, sha256)
-
-    def discard(self) -> None:
-        """Remove the file, unless it was kept."""
-        if not self.kept:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self.dir}/{self.name}")
 
 
 @attrs.define(eq=False)
@@ -90,8 +52,8 @@ class PendingUpload:
     #: the builder's name for it: for messages only, never part of a file name.
     path: str
     #: the temporary file it is written and hashed into; None for a small upload until
-    #: ``write_small`` has written it (``BlobStore.small``), then a ``SmallFile``.
-    file: HashingFile | SmallFile | None
+    #: ``write_small`` has written it (``BlobStore.small``), then its ``PackedFile``.
+    file: HashingFile | PackedFile | None
     #: its last chunk arrived: ``file`` is closed (so a finished upload holds no descriptor
     #: while it waits for the build's result) and nothing more may be appended.
     complete: bool = False
@@ -107,7 +69,7 @@ class PendingUpload:
     def tmp(self) -> Path:
         return self.written().tmp
 
-    def written(self) -> HashingFile | SmallFile:
+    def written(self) -> HashingFile | PackedFile:
         """Its file (raises ``BlobError`` if it was never written: a refused upload)."""
         if self.file is None:
             raise BlobError(f"{self.path}: its upload was refused")
@@ -127,6 +89,8 @@ class BlobStore:
     #: where a failed write (disk full) is reported.
     health: Health = attrs.field(factory=Health)
 
+    #: the packs of small blobs, and where each is.
+    packs: PackIndex = attrs.field(init=False)
     #: ``root`` as a string, and the start of ``_temp_name``'s names.
     _root: str = attrs.field(init=False)
     _prefix: str = attrs.field(init=False)
@@ -134,21 +98,26 @@ class BlobStore:
 
     def __attrs_post_init__(self) -> None:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
+        self.packs = PackIndex(self.root / "packs")
         self._root = os.fspath(self.root)
         self._prefix = f"upload-s{secrets.token_hex(4)}-"
 
     def _temp_name(self) -> str:
-        """A name for a new temporary file (unique for this store: ``_CREATE`` refuses a name
-        taken anyway).  Cheaper than ``mkstemp``'s random ones, and as ``upload-*`` (or
-        ``.upload-*`` beside the blobs) removed by ``remove_partial_uploads`` after a crash."""
+        """A name for a new file (unique for this store: ``packs`` refuses a name taken
+        anyway)."""
         return f"{self._prefix}{next(self._serial):x}"
 
+    def _pack_name(self) -> str:
+        """A name for a new pack or index file (``s<random>-<serial>``)."""
+        return self._temp_name().removeprefix("upload-")
+
     def remove_partial_uploads(self) -> int:
-        """Delete uploads a killed runner left half-written: ``upload-*`` in ``tmp``, and the
-        small ones' ``.upload-*`` beside the blobs (one listing of each of the 256 blob
-        directories).  Only call it while holding the state dir's lock (no other runner can
-        be writing them).  Returns how many."""
-        removed = 0
+        """Delete uploads a killed runner left half-written: ``upload-*`` in ``tmp``, packs no
+        committed result names (and read the packs' index: ``PackIndex.load``), and the
+        ``.upload-*`` an earlier version wrote beside the blobs (one listing of each of the
+        256 blob directories).  Only call it while no other runner can be writing them (the
+        leader, as it starts leading).  Returns how many."""
+        removed = self.packs.load()
         for leftover in (self.root / "tmp").glob("upload-*"):
             leftover.unlink(missing_ok=True)
             removed += 1
@@ -168,7 +137,18 @@ class BlobStore:
         return f"{self._root}/{sha256[:2]}/{sha256}"
 
     def has(self, sha256: str) -> bool:
-        return self.path_of(sha256).is_file()
+        return sha256 in self.packs.places or self.path_of(sha256).is_file()
+
+    def packed(self, sha256: str) -> bytes | None:
+        """The content of a packed blob (None if it has a file of its own, or is not here)."""
+        place = self.packs.find(sha256)
+        if place is None:
+            return None
+        fd, offset, size = self._locate(sha256)
+        try:
+            return self._read_at(fd, offset, size, sha256)
+        finally:
+            os.close(fd)
 
     def begin(self, path: str) -> PendingUpload:
         """A new upload.  If its file cannot be created (the disk is full), the upload is
@@ -190,56 +170,37 @@ class BlobStore:
         return upload
 
     def write_small(self, uploads: list[PendingUpload]) -> None:
-        """Write, hash and close each upload of ``uploads`` (from ``small``) into a temporary
-        file of its own (a ``SmallFile``, read-only already): many small uploads per thread
-        hop instead of three hops each, and per file one hash of its data, one ``open``, one
-        ``write`` and one ``close``.  The file is made in the directory its blob will be in
-        (``.upload-*``), so that ``place`` renames it within one directory: renames from a
-        shared ``tmp`` into 256 others took a lock each that the kernel holds for every
-        cross-directory rename of the file system (100,000 took 1.6-1.7 s, in one thread or
-        two; within their directories, 1.0-1.1 s in two).  An upload whose file cannot be
-        created or written (the disk is full) is refused, alone: its result will be
-        ``upload-failed``.  Blocking."""
+        """Hash each upload of ``uploads`` (from ``small``) and write them all into one new
+        pack (``PackIndex.write``): per file, one hash of its data and no system call; a
+        file of its own each took a create, a rename and a page of the page cache, most of
+        the commit of 100,000 outputs.  If the pack cannot be written (the disk is full),
+        the batch is refused: each of its results will be ``upload-failed``.  Blocking."""
+        writing: list[PendingUpload] = []
+        pieces: list[bytes] = []
         for upload in uploads:
             chunks = upload.staged
             upload.staged = []
             upload.staged_size = 0
             if not upload.done:  # (else discarded meanwhile)
-                self._write_one(upload, chunks[0] if len(chunks) == 1 else b"".join(chunks))
-
-    def _write_one(self, upload: PendingUpload, data: bytes) -> None:
-        sha256 = hashlib.sha256(data).hexdigest()
-        shard = f"{self._root}/{sha256[:2]}"
-        made = False
-        while True:
-            name = f".{self._temp_name()}"
-            try:
-                try:
-                    fd = os.open(f"{shard}/{name}", _CREATE, _READ_ONLY)
-                    break
-                except FileNotFoundError:  # the blob's directory is not there yet
-                    if made:
-                        raise
-                    with contextlib.suppress(FileExistsError):  # (made by another thread)
-                        os.mkdir(shard)
-                    made = True
-            except FileExistsError:
-                continue  # (left by another store on the same directory: another name)
-            except OSError as exc:
-                self.failed(exc)
-                upload.done = True
-                return
-        upload.file = SmallFile(shard, name, len(data), sha256)
+                writing.append(upload)
+                pieces.append(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if not writing:
+            return
+        shas = [hashlib.sha256(data).hexdigest() for data in pieces]
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
+            while True:
+                try:
+                    files = self.packs.write(self._pack_name(), pieces, shas)
+                    break
+                except FileExistsError:
+                    continue  # (left by another store on the same directory: another name)
         except OSError as exc:
             self.failed(exc)
-            self.discard(upload)
+            for upload in writing:
+                upload.done = True
+            return
+        for upload, file in zip(writing, files, strict=True):
+            upload.file = file
 
     def failed(self, exc: OSError) -> None:
         """An upload could not be written or kept (reported, the upload fails alone)."""
@@ -306,24 +267,34 @@ class BlobStore:
     def commit_many(self, batch: list[tuple[PendingUpload, int, str]]) -> list[str]:
         """Check each finished upload of ``batch`` against its declared size and hash; keep
         those that match (the problem with each: "" if kept): ``verify_many``,
-        ``sync_data``, ``place``, ``sync_entries`` in one call (a result of many files
-        calls them a batch per thread hop, ``UploadReceiver.check``)."""
+        ``stage_index``, ``sync_data``, ``place``, ``publish_index``, ``sync_entries`` in
+        one call (a result of many files calls them a batch per thread hop,
+        ``UploadReceiver.check``)."""
         problems, keeping = self.verify_many(batch)
         if not keeping:
             return problems
+        staged = None
         try:
+            staged = self.stage_index(keeping)
             self.sync_data(keeping)
-            self.sync_entries(self.place(keeping))
+            dirs = self.place(keeping)
+            if staged is not None:
+                dirs |= self.publish_index(staged, keeping)
+            self.sync_entries(dirs)
         except OSError as exc:
+            if staged is not None:
+                self.packs.drop_staged(staged)
             problem = self.abandon(keeping, exc)
             for index, _ in keeping:
                 problems[index] = problem
         return problems
 
-    # A blob becomes visible only complete and verified: every kept file's data is made
-    # durable first (``sync_data``), then each is renamed into place (``place``), then the
-    # renames are made durable (``sync_entries``), so the database may say the build
-    # succeeded as soon as that is done and a power loss loses nothing.  On Linux (5.8 and
+    # A blob becomes visible only complete and verified: the index file of the packed ones
+    # is written (``stage_index``), every kept file's data and that index file are made
+    # durable (``sync_data``), then each file is renamed into place (``place``) and the
+    # index file too (``publish_index``), then the renames are made durable
+    # (``sync_entries``), so the database may say the build succeeded as soon as that is
+    # done and a power loss loses nothing.  On Linux (5.8 and
     # later, where ``syncfs`` reports write-back errors) each sync is one ``syncfs`` of the
     # store's file system for every file of a result together (``whole_fs_sync``); elsewhere,
     # an fsync per file and per directory.
@@ -364,9 +335,35 @@ class BlobStore:
         if self.whole_fs_sync:
             self._syncfs()
             return
-        for _, upload in keeping:
-            with upload.written().tmp.open("rb") as f:
+        for path in dict.fromkeys(upload.written().tmp for _, upload in keeping):
+            with path.open("rb") as f:  # (a pack once for all its blobs)
                 os.fsync(f.fileno())
+
+    def stage_index(self, keeping: list[tuple[int, PendingUpload]]) -> str | None:
+        """Write the index file of the packed blobs of ``keeping`` (``PackIndex.stage``),
+        before ``sync_data`` makes it durable with the packs (elsewhere than on Linux it is
+        fsynced here); its temporary name, or None if none of them is packed."""
+        packed = [u.file for _, u in keeping if isinstance(u.file, PackedFile)]
+        if not packed:
+            return None
+        tmp = self.packs.stage(self._pack_name(), packed)
+        if not self.whole_fs_sync:
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return tmp
+
+    def publish_index(self, tmp: str, keeping: list[tuple[int, PendingUpload]]) -> set[Path]:
+        """Make the index file ``stage_index`` wrote (made durable since) count: the packed
+        blobs of ``keeping`` are in the store; the directory changed."""
+        packed = [u.file for _, u in keeping if isinstance(u.file, PackedFile)]
+        self.packs.publish(tmp, packed)
+        for _, upload in keeping:
+            if isinstance(upload.file, PackedFile):
+                upload.done = True
+        return {self.packs.dir}
 
     def place(self, keeping: list[tuple[int, PendingUpload]]) -> set[Path]:
         """Rename each of ``keeping`` (made durable) into place; the directories changed."""
@@ -375,11 +372,11 @@ class BlobStore:
         root = self._root
         for _, upload in keeping:
             file = upload.written()
+            if isinstance(file, PackedFile):
+                continue  # (kept by ``publish_index``)
             sha256 = file.hexdigest()
             parent = f"{root}/{sha256[:2]}"
-            source = (
-                f"{file.dir}/{file.name}" if isinstance(file, SmallFile) else os.fspath(file.tmp)
-            )
+            source = os.fspath(file.tmp)
             target = f"{parent}/{sha256}"
             try:
                 os.replace(source, target)
@@ -394,8 +391,6 @@ class BlobStore:
             file.kept = True
             upload.done = True
         dirs.update(Path(parent) for parent in parents)
-        if parents:  # (``write_small`` may have made a directory: its entry is in root)
-            dirs.add(self.root)
         return dirs
 
     def sync_entries(self, dirs: set[Path]) -> None:
@@ -435,9 +430,9 @@ class BlobStore:
                 f"{upload.path}: received {exc.size} bytes with sha256 {exc.sha256}, "
                 f"declared {size} bytes with {sha256}"
             ) from None
-        if os.path.exists(self._path_of(sha256)):
+        if sha256 in self.packs.places or os.path.exists(self._path_of(sha256)):
             return False
-        if not isinstance(file, SmallFile):  # (a SmallFile is created read-only)
+        if not isinstance(file, PackedFile):  # (a pack is created read-only)
             os.chmod(file.tmp, _READ_ONLY)
         return True
 
@@ -450,6 +445,17 @@ class BlobStore:
         upload.done = True
         if upload.file is not None:
             upload.file.discard()  # (closes it, and removes it unless it was kept)
+
+    def as_file(self, sha256: str, copies: list[Path]) -> Path:
+        """A file holding the blob, for a program to read: its own, or (a packed one) a copy
+        among the partial uploads, added to ``copies`` for the caller to remove."""
+        data = self.packed(sha256)
+        if data is None:
+            return self.path_of(sha256)
+        copy = self.new_temp("packed")
+        copies.append(copy)
+        copy.write_bytes(data)
+        return copy
 
     def new_temp(self, prefix: str) -> Path:
         """A fresh empty file among the partial uploads (removed with them after a crash)."""
@@ -494,24 +500,85 @@ class BlobStore:
         pieces, eof = self.read_pieces(sha256, offset, length, length)
         return pieces[0], eof
 
-    def _open(self, sha256: str) -> int:
-        """A descriptor of the blob, to read (``BlobError`` if the store has none)."""
+    def _locate(self, sha256: str) -> tuple[int, int, int]:
+        """A descriptor to read the blob from, where it starts and its size (``BlobError`` if
+        the store has none)."""
+        place = self.packs.find(sha256)
+        path = self._path_of(sha256) if place is None else place[0]
         try:
-            return os.open(self._path_of(sha256), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise BlobError(f"no file with sha256 {sha256}") from None
+        if place is not None:
+            return fd, place[1], place[2]
+        try:
+            return fd, 0, os.fstat(fd).st_size
+        except OSError:
+            os.close(fd)
+            raise
 
     def read_whole(self, sha256: str, limit: int) -> bytes | None:
         """The whole blob, or None if it holds more than ``limit`` bytes."""
-        fd = self._open(sha256)
+        fd, offset, size = self._locate(sha256)
         try:
-            size = os.fstat(fd).st_size
             if size > limit:
                 return None
-            data = os.read(fd, size + 1) if size else b""
+            return self._read_at(fd, offset, size, sha256)
         finally:
             os.close(fd)
-        if len(data) != size:  # changed while read: not a blob this store wrote
+
+    def read_many(self, shas: Sequence[str], limit: int) -> list[bytes] | None:
+        """The blobs of ``shas``, one after the other, as pieces to join (not one a blob), or
+        None if they hold more than ``limit`` bytes together.  Packed blobs that lie one
+        after the other in a pack (the outputs of one upload, fetched in the same order) are
+        one ``pread`` and one piece, and each pack is opened once."""
+        places = self.packs.places
+        datas: list[bytes] = []
+        packs: dict[str, int] = {}  # pack path -> descriptor, for this call
+        run: list[tuple[str, int, int]] = []  # adjacent places in one pack, not read yet
+        total = 0
+
+        def read_run() -> None:
+            path, start = run[0][0], run[0][1]
+            fd = packs.get(path)
+            if fd is None:
+                fd = packs[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            end = run[-1][1] + run[-1][2]
+            data = os.pread(fd, end - start, start)
+            if len(data) != end - start:
+                raise BlobError(f"{path}: read {len(data)} bytes of {end - start}")
+            datas.append(data)
+            run.clear()
+
+        try:
+            for sha256 in shas:
+                place = places.get(sha256)
+                if place is not None:
+                    total += place[2]
+                    if total > limit:
+                        return None
+                    if run and (place[0] != run[-1][0] or place[1] != run[-1][1] + run[-1][2]):
+                        read_run()
+                    run.append(place)
+                    continue
+                if run:
+                    read_run()
+                data = self.read_whole(sha256, limit - total)
+                if data is None:
+                    return None
+                total += len(data)
+                datas.append(data)
+            if run:
+                read_run()
+        finally:
+            for fd in packs.values():
+                os.close(fd)
+        return datas
+
+    @staticmethod
+    def _read_at(fd: int, offset: int, size: int, sha256: str) -> bytes:
+        data = os.pread(fd, size, offset) if size else b""
+        if len(data) != size:  # shorter than its place says: not a blob this store wrote
             raise BlobError(f"{sha256}: read {len(data)} bytes of a {size}-byte file")
         return data
 
@@ -521,12 +588,12 @@ class BlobStore:
         """``length`` bytes at ``offset`` as pieces of ``piece`` bytes (each read straight
         into its own object: nothing is copied to cut them), and whether they reach the end
         of the blob.  At least one piece, maybe empty."""
-        fd = self._open(sha256)
+        fd, base, size = self._locate(sha256)
         try:
-            size = os.fstat(fd).st_size
             end = min(offset + length, size)
             pieces = [
-                os.pread(fd, min(piece, end - start), start) for start in range(offset, end, piece)
+                os.pread(fd, min(piece, end - start), base + start)
+                for start in range(offset, end, piece)
             ] or [b""]
         finally:
             os.close(fd)

@@ -124,20 +124,15 @@ class FetchServer:
         """(1.7) The answer to a ``FetchFiles``: each file whole, one after the other, in
         pieces of ``piece`` bytes, the last with ``eof``; one ``error`` frame if they hold more
         than ``MAX_FETCH_FILES_BYTES`` together (``BlobError``, ``OSError``: the caller's)."""
-        budget = MAX_FETCH_FILES_BYTES
-        contents: list[bytes] = []
-        for sha256 in msg.files:
-            data = self.blobs.read_whole(sha256, budget)
-            if data is None:
-                return [
-                    FetchData(
-                        request_id=msg.request_id,
-                        error=f"the files hold more than {MAX_FETCH_FILES_BYTES} bytes",
-                    )
-                ]
-            budget -= len(data)
-            contents.append(data)
-        joined = b"".join(contents)  # (one file: itself, not a copy)
+        contents = self.blobs.read_many(msg.files, MAX_FETCH_FILES_BYTES)
+        if contents is None:
+            return [
+                FetchData(
+                    request_id=msg.request_id,
+                    error=f"the files hold more than {MAX_FETCH_FILES_BYTES} bytes",
+                )
+            ]
+        joined = b"".join(contents)  # (one piece: itself, not a copy)
         step = self.piece
         pieces = [joined[at : at + step] for at in range(0, len(joined), step)] or [b""]
         last = len(pieces) - 1

@@ -16,6 +16,7 @@ import contextlib
 import json
 import re
 import secrets
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -287,14 +288,27 @@ class RunnerApi:
             return _error(404, f"build {build.id} has no output {path!r}")
         if info.link:
             return _error(409, f"{path} is a symbolic link to {info.link}")
-        blob = self.storage.blobs.path_of(info.sha256)
+        blobs = self.storage.blobs
+        name = path.rsplit("/", 1)[-1]
+        packed = await trio.to_thread.run_sync(blobs.packed, info.sha256)
+        if packed is not None:  # (small: read whole)
+            quoted = urllib.parse.quote(name)  # (as FileResponse says it)
+            disposition = (
+                f'attachment; filename="{name}"'
+                if quoted == name
+                else f"attachment; filename*=utf-8''{quoted}"
+            )
+            return Response(
+                packed,
+                media_type="application/octet-stream",
+                headers={"content-disposition": disposition},
+            )
+        blob = blobs.path_of(info.sha256)
         if not await trio.to_thread.run_sync(blob.is_file):
             return _error(
                 410, f"output {path!r} of build {build.id} is missing from the runner's state dir"
             )
-        return FileResponse(
-            blob, media_type="application/octet-stream", filename=path.rsplit("/", 1)[-1]
-        )
+        return FileResponse(blob, media_type="application/octet-stream", filename=name)
 
     async def metrics(self, request: Request) -> Response:
         # The snapshot is read on the event loop, where the farm cannot change meanwhile; the

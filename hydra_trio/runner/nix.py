@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -34,7 +35,7 @@ import trio
 
 from hydra_trio.nixstore import STORE_DIR, NixError, NixStore, export_label, is_store_path
 from hydra_trio.protocol.messages import BuildStatus, FileInfo, Result
-from hydra_trio.runner.blobs import BlobStore
+from hydra_trio.runner.blobs import BlobError, BlobStore
 from hydra_trio.runner.model import BuildSpec
 from hydra_trio.runner.specs import DrvRequest, SpecError
 
@@ -222,19 +223,26 @@ async def import_outputs(
 ) -> Result:
     """Import a successful Nix build's uploaded output closure into the runner's store and
     check that its outputs are then valid.  A failure is ``upload-failed`` (retried)."""
-    files = [
-        blobs.path_of(f.sha256)
+    exports = [
+        f.sha256
         for f in result.outputs
         if not f.link and f.path.startswith(STORE_DIR.lstrip("/") + "/")
     ]
+    copies: list[Path] = []  # (of packed exports, for nix-store to read)
     try:
+        files = [await trio.to_thread.run_sync(blobs.as_file, sha, copies) for sha in exports]
         await store.import_files(files)
         missing = await store.invalid(path for _, path in outputs)
     except NixError as exc:
         error = f"importing the outputs into the runner's store: {exc}"
+    except (BlobError, OSError) as exc:
+        error = f"reading the uploaded closure: {exc}"
     else:
         if not missing:
             return result
         error = f"the uploaded closure lacks {', '.join(sorted(missing))}"
+    finally:
+        for copy in copies:
+            await trio.to_thread.run_sync(copy.unlink, True)
     log.warning("build %s attempt %d: %s", result.build_id, result.attempt, error)
     return attrs.evolve(result, status=BuildStatus.UPLOAD_FAILED, error=error, outputs=())

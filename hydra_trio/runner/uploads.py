@@ -38,6 +38,7 @@ from hydra_trio.protocol.validators import MAX_LIST, tree_conflict
 from hydra_trio.runner.blobs import BlobError, BlobStore, PendingUpload
 from hydra_trio.runner.metrics import FarmMetrics
 from hydra_trio.runner.model import Machine
+from hydra_trio.runner.packs import PackedFile
 
 log = logging.getLogger("hydra_trio.runner")
 
@@ -371,19 +372,28 @@ class UploadReceiver:
         return attrs.evolve(result, outputs=())
 
     async def _keep(self, keeping: list[tuple[int, PendingUpload]]) -> str:
-        """Make verified uploads durable and visible (``BlobStore.sync_data``, ``place``,
-        ``sync_entries``), a batch per thread hop; the problem, or ""."""
+        """Make verified uploads durable and visible (``BlobStore.stage_index``,
+        ``sync_data``, ``place``, ``publish_index``, ``sync_entries``): the packed ones with
+        one index file, the others a batch per thread hop; the problem, or ""."""
         blobs = self.blobs
+        files = [(i, u) for i, u in keeping if not isinstance(u.file, PackedFile)]
+        index = None
         try:
+            if len(files) < len(keeping):
+                index = await trio.to_thread.run_sync(blobs.stage_index, keeping)
             if blobs.whole_fs_sync:
                 await trio.to_thread.run_sync(blobs.sync_data, keeping)
             else:
                 for start in range(0, len(keeping), _COMMIT_BATCH):
                     chunk = keeping[start : start + _COMMIT_BATCH]
                     await trio.to_thread.run_sync(blobs.sync_data, chunk)
-            dirs = await self._place(keeping)
+            dirs = await self._place(files)
+            if index is not None:
+                dirs |= await trio.to_thread.run_sync(blobs.publish_index, index, keeping)
             await trio.to_thread.run_sync(blobs.sync_entries, dirs)
         except OSError as exc:
+            if index is not None:
+                await trio.to_thread.run_sync(blobs.packs.drop_staged, index)
             return await trio.to_thread.run_sync(blobs.abandon, keeping, exc)
         return ""
 

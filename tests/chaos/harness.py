@@ -464,6 +464,8 @@ async def check_invariants(
     for blob in (chaos.state / "blobs").glob("??/*"):
         digest = await trio.to_thread.run_sync(_sha256, blob)
         assert digest == blob.name, f"{blob} holds other content"
+    for name, data in await trio.to_thread.run_sync(packed_blobs, chaos.state / "blobs"):
+        assert hashlib.sha256(data).hexdigest() == name, f"packed {name} holds other content"
     for name in (n for n in live if n not in orphaned):
         with trio.move_on_after(10):  # a build directory is removed just after its result
             while _leftovers(chaos.work_dir(name)):
@@ -471,6 +473,22 @@ async def check_invariants(
         assert not (leftovers := _leftovers(chaos.work_dir(name))), f"{name} left {leftovers}"
     await slot_probe(chaos, live)
     return tally
+
+
+def packed_blobs(blobs: Path) -> list[tuple[str, bytes]]:
+    """(sha256, content) of each blob a published index file of the blob store ``blobs``
+    names (``hydra_trio.runner.packs``), as the index places it: ``size`` bytes at
+    ``offset`` of its pack.  Unpublished index files (``.*.idx``) name nothing."""
+    found = []
+    for index in (blobs / "packs").glob("*.idx"):
+        if index.name.startswith("."):
+            continue
+        for line in index.read_text().splitlines():
+            sha256, pack, offset, size = line.split()
+            with (blobs / "packs" / pack).open("rb") as f:
+                f.seek(int(offset))
+                found.append((sha256, f.read(int(size))))
+    return found
 
 
 def _sha256(path: Path) -> str:
