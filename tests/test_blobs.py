@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from hydra_trio.runner.blobs import BlobError, BlobStore, PendingUpload
+from hydra_trio.runner.packs import UNNAMED_GRACE
 
 
 def small_uploads(blobs: BlobStore, datas: list[bytes]) -> list[PendingUpload]:
@@ -113,9 +116,51 @@ def test_a_pack_name_taken_already_is_not_overwritten(tmp_path: Path) -> None:
     assert taken.read_bytes() == b"someone else's"
     assert blobs.commit_many([(upload, 4, sha(b"mine"))]) == [""]
     assert blobs.packed(sha(b"mine")) == b"mine"
+    long_ago = time.time() - UNNAMED_GRACE - 1
+    os.utime(taken, (long_ago, long_ago))
     assert other.remove_partial_uploads() == 1  # the leftover, once no runner writes there
     assert not taken.exists()
     assert other.packed(sha(b"mine")) == b"mine"
+
+
+def test_an_index_file_is_never_published_over_another(tmp_path: Path) -> None:
+    """An index file whose name is taken (another process of the same names) is published
+    under another: the one there keeps naming its blobs."""
+    blobs = BlobStore(tmp_path)
+    [first] = small_uploads(blobs, [b"first"])
+    assert blobs.commit_many([(first, 5, sha(b"first"))]) == [""]
+    [published] = (tmp_path / "packs").glob("*.idx")
+    [second] = small_uploads(blobs, [b"second"])
+    staged = blobs.stage_index([(0, second)])
+    assert staged is not None
+    os.rename(staged, tmp_path / "packs" / f".{published.name}")  # as if it had that name
+    blobs.sync_data([(0, second)])
+    blobs.publish_index(str(tmp_path / "packs" / f".{published.name}"), [(0, second)])
+    assert len(list((tmp_path / "packs").glob("*.idx"))) == 2
+    again = BlobStore(tmp_path)
+    assert again.packed(sha(b"first")) == b"first" and again.packed(sha(b"second")) == b"second"
+
+
+def test_blobs_whose_index_may_not_be_durable_are_kept_anew_by_the_next_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync after publishing an index failed (the result is upload-failed): its blobs are
+    looked for no more, so that the next upload of the same content is kept and synced
+    anew rather than taken as there already."""
+    blobs = BlobStore(tmp_path)
+    [upload] = small_uploads(blobs, [b"data"])
+
+    def failing(self: BlobStore, dirs: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(BlobStore, "sync_entries", failing)
+    [problem] = blobs.commit_many([(upload, 4, sha(b"data"))])
+    assert "cannot keep it" in problem and "Input/output error" in problem
+    assert not blobs.has(sha(b"data"))
+    monkeypatch.undo()
+    [again] = small_uploads(blobs, [b"data"])
+    assert blobs.commit_many([(again, 4, sha(b"data"))]) == [""]
+    assert blobs.packs.find(sha(b"data")) == (again.file.pack.path, 0, 4)  # type: ignore[union-attr]
 
 
 def test_small_uploads_that_cannot_be_written_are_refused_and_reported(
@@ -146,7 +191,8 @@ def test_what_a_killed_runner_left_unindexed_is_removed_and_the_blobs_kept(
 ) -> None:
     """A runner killed between writing small uploads and indexing them leaves packs no index
     file names (and maybe an index file never published): the next leader removes them as it
-    starts, and nothing else; an index file naming a pack that is gone is ignored."""
+    starts, once they are UNNAMED_GRACE old, and nothing else; an index file naming a pack
+    that is gone is ignored."""
     blobs = BlobStore(tmp_path)
     [kept] = small_uploads(blobs, [b"kept"])
     assert blobs.commit_many([(kept, 4, sha(b"kept"))]) == [""]
@@ -157,7 +203,13 @@ def test_what_a_killed_runner_left_unindexed_is_removed_and_the_blobs_kept(
     assert len(temporaries(tmp_path)) == 3
     (tmp_path / "notes").write_text("not a blob directory")
     again = BlobStore(tmp_path)
-    assert again.remove_partial_uploads() == 3
+    # young: perhaps named by an index file this listing does not show yet (NFS)
+    assert again.remove_partial_uploads() == 1  # (the index file never published)
+    assert len(temporaries(tmp_path)) == 2 and not again.has(sha(b"one"))
+    long_ago = time.time() - UNNAMED_GRACE - 1
+    for pack in temporaries(tmp_path):
+        os.utime(pack, (long_ago, long_ago))
+    assert again.remove_partial_uploads() == 2
     assert temporaries(tmp_path) == []
     assert again.packed(sha(b"kept")) == b"kept"
     assert not again.has(sha(b"one")) and not again.has(sha(b"three"))

@@ -100,7 +100,7 @@ class BlobStore:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         self.packs = PackIndex(self.root / "packs")
         self._root = os.fspath(self.root)
-        self._prefix = f"upload-s{secrets.token_hex(4)}-"
+        self._prefix = f"upload-s{secrets.token_hex(8)}-"
 
     def _temp_name(self) -> str:
         """A name for a new file (unique for this store: ``packs`` refuses a name taken
@@ -140,9 +140,9 @@ class BlobStore:
         return sha256 in self.packs.places or self.path_of(sha256).is_file()
 
     def packed(self, sha256: str) -> bytes | None:
-        """The content of a packed blob (None if it has a file of its own, or is not here)."""
-        place = self.packs.find(sha256)
-        if place is None:
+        """The content of a packed blob (None if it has a file of its own, or is not here;
+        ``BlobError`` if its pack is gone)."""
+        if sha256 not in self.packs.places:
             return None
         fd, offset, size = self._locate(sha256)
         try:
@@ -274,16 +274,18 @@ class BlobStore:
         if not keeping:
             return problems
         staged = None
+        published = False
         try:
             staged = self.stage_index(keeping)
             self.sync_data(keeping)
             dirs = self.place(keeping)
             if staged is not None:
                 dirs |= self.publish_index(staged, keeping)
+                published = True
             self.sync_entries(dirs)
         except OSError as exc:
             if staged is not None:
-                self.packs.drop_staged(staged)
+                self.unpublish(staged, keeping, published)
             problem = self.abandon(keeping, exc)
             for index, _ in keeping:
                 problems[index] = problem
@@ -354,6 +356,16 @@ class BlobStore:
             finally:
                 os.close(fd)
         return tmp
+
+    def unpublish(
+        self, tmp: str, keeping: list[tuple[int, PendingUpload]], published: bool
+    ) -> None:
+        """Keeping failed after ``stage_index``: remove the index file staged, or (once
+        ``publish_index`` ran) forget its blobs (``PackIndex.forget``)."""
+        if published:
+            self.packs.forget([u.file for _, u in keeping if isinstance(u.file, PackedFile)])
+        else:
+            self.packs.drop_staged(tmp)
 
     def publish_index(self, tmp: str, keeping: list[tuple[int, PendingUpload]]) -> set[Path]:
         """Make the index file ``stage_index`` wrote (made durable since) count: the packed

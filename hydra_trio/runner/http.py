@@ -37,7 +37,7 @@ from starlette.routing import BaseRoute, Route
 
 from hydra_trio.nixstore import NixError
 from hydra_trio.runner import nix, openapi
-from hydra_trio.runner.blobs import Storage
+from hydra_trio.runner.blobs import BlobError, Storage
 from hydra_trio.runner.dashboard import dashboard
 from hydra_trio.runner.farm import Farm, InvalidGraphError, UnknownBuildError
 from hydra_trio.runner.front import unavailable_response
@@ -290,7 +290,11 @@ class RunnerApi:
             return _error(409, f"{path} is a symbolic link to {info.link}")
         blobs = self.storage.blobs
         name = path.rsplit("/", 1)[-1]
-        packed = await trio.to_thread.run_sync(blobs.packed, info.sha256)
+        missing = f"output {path!r} of build {build.id} is missing from the runner's state dir"
+        try:
+            packed = await trio.to_thread.run_sync(blobs.packed, info.sha256)
+        except BlobError:  # its pack is gone
+            return _error(410, missing)
         if packed is not None:  # (small: read whole)
             quoted = urllib.parse.quote(name)  # (as FileResponse says it)
             disposition = (
@@ -305,9 +309,7 @@ class RunnerApi:
             )
         blob = blobs.path_of(info.sha256)
         if not await trio.to_thread.run_sync(blob.is_file):
-            return _error(
-                410, f"output {path!r} of build {build.id} is missing from the runner's state dir"
-            )
+            return _error(410, missing)
         return FileResponse(blob, media_type="application/octet-stream", filename=name)
 
     async def metrics(self, request: Request) -> Response:

@@ -1,20 +1,22 @@
 """Small blobs, many to a file: the blob store's packs and their index.
 
-An output that arrives whole in one frame (at most 64 KiB, most outputs) is not given a file
-of its own: ``BlobStore.write_small`` writes a batch of them (up to ``SMALL_BATCH`` files or
-about 1 MiB) one after the other into one new *pack*, ``<root>/packs/<name>.pack``, in one
-``write``.  A file per blob cost the runner most of a result's commit at 100,000 outputs:
-a create, a rename and a page of the page cache each, where a pack costs one of each per 256.
+An output that arrives whole in one frame (64 KiB at most from a builder of this project,
+most outputs) is not given a file of its own: ``BlobStore.write_small`` writes a batch of
+them (up to ``SMALL_BATCH`` files or about 1 MiB) one after the other into one new *pack*,
+``<root>/packs/<name>.pack``, in one ``write``.  A file per blob cost the runner most of a
+result's commit at 100,000 outputs: a create, a rename and a page of the page cache each,
+where a pack costs one of each per 256.
 
 A pack is written once and never changed.  Its blobs become visible when a result that lists
-them is committed: their places (sha256, pack, offset, size) are written to an *index file*,
-``<root>/packs/<name>.idx``, after the packs' data is durable, and the index file is renamed
-into place (the commit point), then made durable itself, before the result counts.  So a crash
-at any moment leaves either an index file naming complete, durable blobs, or none; packs no
-index names (their results never committed) are removed when a runner starts leading
-(``PackIndex.load``).  Every reader finds a packed blob through the index each runner loads
-when it starts leading; a blob is in a pack or in a file of its own, never looked for by
-listing the packs.
+them is committed: their places (sha256, pack, offset, size) are written to an *index file*
+under a temporary name, made durable with the packs' data, then linked into place as
+``<root>/packs/<name>.idx`` (the commit point: never over another index file), and that made
+durable too, before the result counts.  So a crash at any moment leaves either an index file
+naming complete, durable blobs, or none.  Packs no index names (their results never
+committed) are removed when a runner starts leading (``PackIndex.load``), once they are
+``UNNAMED_GRACE`` old: on a data dir shared over NFS, a listing may not show yet an index
+file the previous leader published a moment before.  Readers find a packed blob through the
+index files, read as the store opens and again as a runner starts leading.
 
 Index files are plain text, one blob a line: ``<sha256> <pack> <offset> <size>``.  Methods
 block: call them through ``trio.to_thread.run_sync``.
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import threading
+import time
 from pathlib import Path
 
 import attrs
@@ -35,6 +39,8 @@ from hydra_trio.protocol.validators import is_sha256
 #: How a pack or an index file is created (never over another file).
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_ONLY = 0o444
+#: How old a pack no index file names must be before ``load`` removes it (seconds).
+UNNAMED_GRACE = 600.0
 
 
 @attrs.define(eq=False)
@@ -136,14 +142,32 @@ class PackIndex:
         return tmp
 
     def publish(self, tmp: str, files: list[PackedFile]) -> None:
-        """Rename the index file ``stage`` wrote into place: ``files`` are in the store."""
-        os.replace(tmp, _published(tmp))
+        """Link the index file ``stage`` wrote into place (under another name if its name is
+        taken: an index file is never replaced), then remove its temporary name: ``files``
+        are in the store."""
+        head, name = os.path.split(tmp)
+        final = os.path.join(head, name[1:])
+        while True:
+            try:
+                os.link(tmp, final)
+                break
+            except FileExistsError:
+                final = os.path.join(head, f"{name[1:-4]}-{secrets.token_hex(8)}.idx")
+        os.unlink(tmp)
         places = self.places
         for f in files:
             places.setdefault(f.sha256, (f.pack.path, f.offset, f.size))
             if not f.kept:
                 f.kept = True
                 self.settle(f.pack, kept=True)
+
+    def forget(self, files: list[PackedFile]) -> None:
+        """``publish`` made ``files`` visible, but what followed failed (their index may not
+        be durable): look for them no more, so that an upload of the same content is kept
+        anew.  (Their index file stays: after a restart it counts if it was made durable.)"""
+        for f in files:
+            if self.places.get(f.sha256) == (f.pack.path, f.offset, f.size):
+                del self.places[f.sha256]
 
     def drop_staged(self, tmp: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -152,8 +176,9 @@ class PackIndex:
     def load(self, clean: bool = True) -> int:
         """Read every index file (again as a runner starts leading: another may have written
         some since this process started), and (``clean``: only while no other runner writes
-        here) remove what no committed result names: packs no index file names and index
-        files never published.  Returns how many files were removed."""
+        here) remove what no committed result names: packs no index file names (once
+        ``UNNAMED_GRACE`` old) and index files never published.  Returns how many files
+        were removed."""
         places: dict[str, tuple[str, int, int]] = {}
         named: set[str] = set()
         removed = 0
@@ -168,10 +193,12 @@ class PackIndex:
             elif name.endswith(".idx"):
                 named.update(_read_index(self.dir, name, places))
         packs = {name for name in names if name.endswith(".pack")}
+        old = time.time() - UNNAMED_GRACE
         for name in packs - named if clean else ():
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / name)
-            removed += 1
+                if os.stat(self.dir / name).st_mtime < old:
+                    os.unlink(self.dir / name)
+                    removed += 1
         missing = {f"{self.dir}/{name}" for name in named - packs}
         self.places = {sha: place for sha, place in places.items() if place[0] not in missing}
         return removed
@@ -192,11 +219,6 @@ def _write_new(path: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         raise
-
-
-def _published(tmp: str) -> str:
-    head, name = os.path.split(tmp)
-    return os.path.join(head, name[1:])
 
 
 def _read_index(where: Path, name: str, places: dict[str, tuple[str, int, int]]) -> set[str]:

@@ -320,10 +320,10 @@ class UploadReceiver:
         elsewhere), as does one whose list could not be a directory tree (a path twice, or a
         file also used as a directory: placing those under a dependent's ``$IN`` would go
         through a link)."""
-        try:
-            return await self._check(result, uploads)
-        finally:
-            self._settled_by_result(uploads)
+        result = await self._check(result, uploads)
+        # (not if cancelled: the session is ending, and ``discard_all`` discards them)
+        self._settled_by_result(uploads)
+        return result
 
     async def _check(self, result: Result, uploads: dict[str, PendingUpload]) -> Result:
         if len(result.outputs) > _CHECK_INLINE:
@@ -378,6 +378,7 @@ class UploadReceiver:
         blobs = self.blobs
         files = [(i, u) for i, u in keeping if not isinstance(u.file, PackedFile)]
         index = None
+        published = False
         try:
             if len(files) < len(keeping):
                 index = await trio.to_thread.run_sync(blobs.stage_index, keeping)
@@ -390,10 +391,11 @@ class UploadReceiver:
             dirs = await self._place(files)
             if index is not None:
                 dirs |= await trio.to_thread.run_sync(blobs.publish_index, index, keeping)
+                published = True
             await trio.to_thread.run_sync(blobs.sync_entries, dirs)
         except OSError as exc:
             if index is not None:
-                await trio.to_thread.run_sync(blobs.packs.drop_staged, index)
+                await trio.to_thread.run_sync(blobs.unpublish, index, keeping, published)
             return await trio.to_thread.run_sync(blobs.abandon, keeping, exc)
         return ""
 
