@@ -192,6 +192,13 @@ async def receiving(tmp: Path) -> AsyncIterator[HashingFile]:
             await trio.to_thread.run_sync(file.discard)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def fsync_dir(path: Path) -> None:
     """fsync the directory ``path`` (what makes a rename in it durable)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import attrs
 
+from hydra_trio.diskio import write_all
+
 #: ``ioctl(FICLONE)``: share the source's blocks copy-on-write (btrfs, XFS, bcachefs).
 _FICLONE = 0x40049409
 _BLOCK = 1024 * 1024
@@ -138,9 +140,7 @@ class InputCache:
                 try:
                     try:
                         for chunk in chunks:
-                            view = memoryview(chunk)
-                            while view:
-                                view = view[os.write(fd, view) :]
+                            write_all(fd, chunk)
                     finally:
                         os.close(fd)
                 except BaseException:

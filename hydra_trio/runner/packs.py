@@ -33,7 +33,7 @@ from pathlib import Path
 
 import attrs
 
-from hydra_trio.diskio import HashMismatch
+from hydra_trio.diskio import HashMismatch, write_all
 from hydra_trio.protocol.validators import is_sha256
 
 #: How a pack or an index file is created (never over another file).
@@ -210,9 +210,7 @@ def _write_new(path: str, data: bytes) -> None:
     fd = os.open(path, _CREATE, _READ_ONLY)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
         finally:
             os.close(fd)
     except OSError:
