@@ -28,6 +28,8 @@ import trio
 PARALLEL_MIN = 256 * 1024
 #: Seconds the removal of a partial file may take when its transfer is cancelled.
 DISCARD_GRACE = 30.0
+#: How ``write_new`` creates a file.
+_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 async def write_and_hash(
@@ -197,6 +199,22 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def write_new(path: Path | str, data: bytes, mode: int = 0o444) -> None:
+    """Create ``path`` (never over another file, never through a link) holding ``data``, of
+    ``mode``; if it cannot be written whole (a full disk), nothing is left of it, whatever
+    ``close`` says."""
+    fd = os.open(path, _CREATE_NEW, mode)
+    try:
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Inputs are written once: ``$IN`` entries are read-only links of the verified cache, a
-tampered entry is found and fetched again, and many small files are fetched pipelined."""
+"""Inputs are fetched once: ``$IN`` entries are read-only links of the verified cache (small
+ones: files of their own, their bytes kept in packs), a tampered entry is found and fetched
+again, and many small files are fetched pipelined."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from hydra_trio.builder.fetch import (
     _SmallFetch,
 )
 from hydra_trio.builder.inputs import FetchError, place_inputs
+from hydra_trio.builder.packs import PACKED_MAX, InputPacks
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
     Assign,
@@ -124,10 +126,15 @@ def assign_of(files: dict[str, bytes], executable: frozenset[str] = frozenset())
     )
 
 
+#: contents too large to be packed: entries of their own, linked.
+LARGE = PACKED_MAX + 1
+
+
 async def test_inputs_are_read_only_links_of_the_verified_cache(tmp_path: Path) -> None:
-    """Each $IN file is the cache entry itself (a hard link: same inode; a reflink where the
-    file system has them), read-only: 0444, or 0555 for an executable input."""
-    files = {"a": b"alpha\n", "sub/b": b"beta\n", "tool": b"#!/bin/sh\n", "empty": b""}
+    """Each $IN file above ``PACKED_MAX`` is the cache entry itself (a hard link: same inode;
+    a reflink where the file system has them), read-only: 0444, or 0555 for an executable
+    input."""
+    files = {"a": b"a" * LARGE, "sub/b": b"b" * LARGE, "tool": b"#!/bin/sh\n" + b" " * LARGE}
     assign = assign_of(files, executable=frozenset({"tool"}))
     async with trio.open_nursery() as nursery:
         runner = Runner(nursery, {sha(d): d for d in files.values()})
@@ -144,11 +151,49 @@ async def test_inputs_are_read_only_links_of_the_verified_cache(tmp_path: Path) 
     assert os.lstat(tmp_path / "in" / "dep" / "a").st_nlink >= 2 or fetcher.entries.reflinks
 
 
+async def test_small_inputs_are_read_only_files_of_their_own_kept_in_packs(
+    tmp_path: Path,
+) -> None:
+    """An input of at most ``PACKED_MAX`` bytes is a new read-only file at each target (0444,
+    or 0555 executable; one inode each, so nothing a build does to it reaches the cache), and
+    its bytes are kept in a pack: a second build places it from there with no fetch, and an
+    entry of its own (for a Nix import) is made from there too."""
+    files = {"a": b"alpha\n", "sub/b": b"beta\n", "tool": b"#!/bin/sh\n", "empty": b""}
+    files["same"] = files["a"]
+    files["edge"] = b"e" * PACKED_MAX
+    assign = assign_of(files, executable=frozenset({"tool"}))
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, {sha(d): d for d in files.values()})
+        fetcher = fetcher_for(runner, tmp_path / "cache")
+        await place_inputs(assign, tmp_path / "in1", fetcher)
+        asked = len(runner.requests)
+        await place_inputs(assign, tmp_path / "in2", fetcher)
+        # a Nix import needs a file: made from the pack, not fetched
+        [info] = [i for i in assign.inputs[0].files if i.path == "sub/b"]
+        entry = await fetcher.fetch(assign, info)
+        assert entry.read_bytes() == files["sub/b"]
+    assert asked == len(set(files.values())) and len(runner.requests) == asked
+    inodes = set()
+    for build in ("in1", "in2"):
+        for path, data in files.items():
+            target = tmp_path / build / "dep" / path
+            assert target.read_bytes() == data
+            st = os.lstat(target)
+            assert stat.S_IMODE(st.st_mode) == (0o555 if path == "tool" else 0o444)
+            assert st.st_nlink == 1
+            inodes.add(st.st_ino)
+    assert len(inodes) == 2 * len(files)
+    packs = sorted(p.name for p in (tmp_path / "cache" / "packs").iterdir())
+    assert packs == ["0.idx", "0.pack"]
+    made = [d for d in files.values() if fetcher.entries.path_of(sha(d)).exists()]
+    assert made == [files["sub/b"]]
+
+
 async def test_a_tampered_cache_entry_is_fetched_again_not_linked(tmp_path: Path) -> None:
     """A build that chmods and rewrites its $IN file (so the shared cache entry) does not
     poison the next build: the entry's changed ctime has it rehashed, found wrong, discarded
     and fetched again; an entry that was only linked and unlinked is rehashed and kept."""
-    files = {"f": b"hello\n", "g": b"other\n"}
+    files = {"f": b"hello\n" * LARGE, "g": b"other\n" * LARGE}
     assign = assign_of(files)
     async with trio.open_nursery() as nursery:
         runner = Runner(nursery, {sha(d): d for d in files.values()})
@@ -160,11 +205,95 @@ async def test_a_tampered_cache_entry_is_fetched_again_not_linked(tmp_path: Path
         os.chmod(tampered, 0o444)
         runner.requests.clear()
         await place_inputs(assign, tmp_path / "in2", fetcher)
-    assert [r.sha256 for r in runner.requests] == [sha(files["f"])]
+    assert {r.sha256 for r in runner.requests} == {sha(files["f"])}
     assert fetcher.entries.discarded == 1
     for path, data in files.items():
         assert (tmp_path / "in2" / "dep" / path).read_bytes() == data
     assert fetcher.entries.path_of(sha(files["f"])).read_bytes() == files["f"]
+
+
+async def test_a_small_input_changed_in_its_pack_is_fetched_again(tmp_path: Path) -> None:
+    """A build that rewrites its small $IN file changes only its own copy; a packed blob
+    changed in the pack (or a pack cut short) fails its hash when read: forgotten, fetched
+    again, placed right."""
+    files = {"f": b"hello\n", "g": b"other\n"}
+    assign = assign_of(files)
+    async with trio.open_nursery() as nursery:
+        runner = Runner(nursery, {sha(d): d for d in files.values()})
+        fetcher = fetcher_for(runner, tmp_path / "cache")
+        await place_inputs(assign, tmp_path / "in1", fetcher)
+        mine = tmp_path / "in1" / "dep" / "f"
+        os.chmod(mine, 0o644)
+        mine.write_bytes(b"evil!\n")
+        runner.requests.clear()
+        await place_inputs(assign, tmp_path / "in2", fetcher)
+        assert runner.requests == [] and fetcher.entries.packs.discarded == 0
+        pack = tmp_path / "cache" / "packs" / "0.pack"
+        os.chmod(pack, 0o644)
+        with pack.open("r+b") as file:  # "hello" -> "jello", whichever blob is first
+            file.write(b"j")
+        await place_inputs(assign, tmp_path / "in3", fetcher)
+    assert len(runner.requests) == 1 and fetcher.entries.packs.discarded == 1
+    for path, data in files.items():
+        assert (tmp_path / "in2" / "dep" / path).read_bytes() == data
+        assert (tmp_path / "in3" / "dep" / path).read_bytes() == data
+
+
+def test_packs_are_found_by_the_next_process_and_crash_leftovers_removed(tmp_path: Path) -> None:
+    """A new process reads the index files: its packed blobs are there; a pack whose index
+    was never written (a crash between the two) and an index without its pack are removed,
+    a cut last line is skipped, and new packs never reuse a number."""
+    root = tmp_path / "packs"
+    first = InputPacks(root)
+    blobs = [(sha(b"%d" % i), b"%d" % i) for i in range(5)]
+    first.add(blobs[:3])
+    first.add(blobs[3:])
+    (root / "7.pack").write_bytes(b"orphan")
+    (root / "8.idx").write_text(f"{blobs[0][0]} 0 1\n")
+    with (root / "1.idx").open("a") as index:
+        index.write(f"{sha(b'cut')} 2")  # no newline: the write was cut
+    again = InputPacks(root)
+    assert all(again.has(sha256, len(data)) for sha256, data in blobs)
+    assert not again.has(sha(b"cut"), 2) and not again.has(blobs[0][0], 2)
+    assert again.read([s for s, _ in blobs] + [sha(b"x")]) == dict(blobs)
+    assert sorted(p.name for p in root.iterdir()) == ["0.idx", "0.pack", "1.idx", "1.pack"]
+    again.add([(sha(b"new"), b"new")])
+    assert (root / "9.pack").read_bytes() == b"new"
+
+
+def test_a_full_disk_while_small_inputs_are_kept_leaves_no_part_written_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk as a pack is written leaves neither it nor its index, and records nothing
+    as packed; as a target is written, leaves no target: whatever ``close`` says."""
+    cache = InputCache(tmp_path / "cache")
+    data = b"contents\n"
+    real_write, real_close = os.write, os.close
+    failing = "packs"
+
+    def write(fd: int, what: Any) -> int:
+        if failing in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, what)
+
+    def close(fd: int) -> None:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+        real_close(fd)
+        if failing in where:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "close", close)
+    with pytest.raises(OSError, match="No space"):
+        cache.keep([(sha(data), len(data), [data], [(False, tmp_path / "t")])])
+    assert (tmp_path / "t").read_bytes() == data  # placed (in the build dir) before the pack
+    assert list((tmp_path / "cache" / "packs").iterdir()) == []
+    assert not cache.packs.has(sha(data), len(data))
+    failing = "target"
+    with pytest.raises(OSError, match="No space"):
+        cache.keep([(sha(data), len(data), [data], [(False, tmp_path / "target")])])
+    assert not (tmp_path / "target").exists()
+    assert not cache.packs.has(sha(data), len(data))
 
 
 async def test_an_unchanged_cache_entry_is_linked_without_rehashing(tmp_path: Path) -> None:

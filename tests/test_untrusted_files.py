@@ -28,6 +28,7 @@ import trio.testing
 from hydra_trio.builder import outputs
 from hydra_trio.builder.daemon import BuilderConfig, BuilderState, run_builder
 from hydra_trio.builder.outputs import BadOutput, scan_outputs
+from hydra_trio.builder.packs import PACKED_MAX
 from hydra_trio.builder.state import EventKind
 from hydra_trio.protocol import codec
 from hydra_trio.protocol.messages import (
@@ -652,12 +653,16 @@ async def test_valid_inputs_with_links_are_placed_under_in(tmp_path: Path) -> No
     assert got == b"hello\nhello\n" + tool
 
 
-async def test_a_build_that_rewrites_its_inputs_cannot_poison_the_cache(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [6, PACKED_MAX + 6])
+async def test_a_build_that_rewrites_its_inputs_cannot_poison_the_cache(
+    tmp_path: Path, size: int
+) -> None:
     """Builds run as the builder's user, so a build can chmod and rewrite what it finds in
-    $IN, a hard link of the verified cache entry: the next build on the same builder finds
-    the entry changed, discards it, fetches it again and gets the bytes the runner listed;
-    the build after that gets the entry from the cache."""
-    blob = b"hello\n"
+    $IN.  A file above ``PACKED_MAX`` is a hard link of the verified cache entry: the next
+    build on the same builder finds the entry changed, discards it, fetches it again and gets
+    the bytes the runner listed; the build after that gets the entry from the cache.  A small
+    one is a file of its own: the pack keeps the bytes, no fetch is needed."""
+    blob = (b"hello\n" * size)[:size]
     files = (FileInfo(path="f", size=len(blob), sha256=sha(blob)),)
     inputs = (InputSpec(name="dep", build_id="d", files=files),)
     tamper = Assign(
@@ -674,7 +679,7 @@ async def test_a_build_that_rewrites_its_inputs_cannot_poison_the_cache(tmp_path
         command=("sh", "-c", "cat $IN/dep/f > $OUT/got"),
         inputs=inputs,
     )
-    for fetches in (1, 0):  # fetched again, then a cache hit
+    for fetches in (1, 0) if size > PACKED_MAX else (0, 0):  # fetched again, then a hit
         runner, _ = await build_with(tmp_path, use, {sha(blob): blob})
         assert runner.result is not None and runner.result.status is BuildStatus.SUCCESS
         asked = [m for m in runner.received if isinstance(m, FetchRequest | FetchFiles)]

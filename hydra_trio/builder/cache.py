@@ -1,6 +1,10 @@
 """The builder's verified input cache, and placing its entries under a build's ``$IN``.
 
-Theory of operation.  A fetched input is written once: into the cache, as
+Theory of operation.  A small input (at most ``packs.PACKED_MAX`` bytes) is kept in a pack
+(``packs``) and each of its ``$IN`` entries is a new read-only file holding its bytes: one
+creation per target, no inode shared with a build.  What follows is about the larger ones.
+
+A fetched input is written once: into the cache, as
 ``<cache>/<sha256[:2]>/<sha256>`` (read-only, 0444; an executable input also gets a 0555
 sibling ``<sha256>.x``, a copy made once, since a hard link shares its mode).  ``$IN`` entries
 are then **reflinks** of the cache entry where the file system has them (btrfs, XFS: an inode
@@ -42,7 +46,8 @@ from pathlib import Path
 
 import attrs
 
-from hydra_trio.diskio import write_all
+from hydra_trio.builder.packs import PACKED_MAX, InputPacks
+from hydra_trio.diskio import write_all, write_new
 
 #: ``ioctl(FICLONE)``: share the source's blocks copy-on-write (btrfs, XFS, bcachefs).
 _FICLONE = 0x40049409
@@ -55,6 +60,10 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 #: where an entry goes under ``$IN``: whether it is executable, and the path (which must not
 #: exist; its directory must).
 Target = tuple[bool, "Path | str"]
+#: a fetched content to keep: sha256, size, its bytes (in pieces), where it goes.
+Fetched = tuple[str, int, Sequence[bytes], Sequence[Target]]
+#: a content to place from the cache: sha256, size, executable, target.
+Placing = tuple[str, int, bool, "Path | str"]
 
 
 @attrs.frozen
@@ -83,12 +92,17 @@ class InputCache:
     root: Path
     #: None: not tried yet; False: a reflink failed here (hard links from then on).
     reflinks: bool | None = None
+    #: the small inputs (``packs``).
+    packs: InputPacks = attrs.field(init=False)
     _known: dict[str, Identity] = attrs.field(factory=dict, init=False)
     _dirs: set[str] = attrs.field(factory=set, init=False)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
     #: counts, for tests and benchmarks: entries rehashed, and discarded as tampered.
     rehashed: int = attrs.field(default=0, init=False)
     discarded: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.packs = InputPacks(self.root / "packs")
 
     def path_of(self, sha256: str, executable: bool = False) -> Path:
         return self.root / sha256[:2] / (sha256 + (".x" if executable else ""))
@@ -110,6 +124,39 @@ class InputCache:
         """``path`` (a cache entry) was just written, its hash checked: remember its identity."""
         with self._lock:
             self._known[str(path)] = Identity.of(os.lstat(path))
+
+    def keep(self, fetched: Sequence[Fetched]) -> None:
+        """Keep fetched contents (hashes already checked) and place each at its targets: a
+        small one (``PACKED_MAX``) as a new read-only file holding its bytes at each target,
+        then all of them in one pack; a larger one as an entry of its own (``write``)."""
+        packed: list[tuple[str, bytes]] = []
+        for sha256, size, chunks, targets in fetched:
+            if size > PACKED_MAX:
+                self.write(sha256, size, chunks, targets)
+                continue
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            for executable, target in targets:
+                write_new(target, data, 0o555 if executable else 0o444)
+            packed.append((sha256, data))
+        self.packs.add(packed)
+
+    def place_packed(self, files: Sequence[Placing]) -> list[int]:
+        """Place each of ``files`` whose content is packed (a copy of its bytes, read-only);
+        return the indices of the others (entries of their own, or packed blobs that failed
+        their hash), in order."""
+        found = self.packs.read(
+            sha256
+            for sha256, size, _, _ in files
+            if size <= PACKED_MAX and self.packs.has(sha256, size)
+        )
+        rest: list[int] = []
+        for index, (sha256, size, executable, target) in enumerate(files):
+            data = found.get(sha256) if size <= PACKED_MAX else None
+            if data is None:
+                rest.append(index)
+            else:
+                write_new(target, data, 0o555 if executable else 0o444)
+        return rest
 
     def write(
         self, sha256: str, size: int, chunks: Sequence[bytes], targets: Sequence[Target]
@@ -170,14 +217,28 @@ class InputCache:
                 return False
         return True
 
-    def has(self, sha256: str, size: int) -> bool:
-        """Whether a verified entry with this content is in the cache (an entry changed since it
-        was verified is rehashed; one that no longer matches is removed: fetch it again)."""
+    def has(self, sha256: str, size: int, packed: bool = True) -> bool:
+        """Whether a verified entry with this content is in the cache, or (``packed``) a pack
+        (an entry changed since it was verified is rehashed; one that no longer matches is
+        removed: fetch it again)."""
+        if packed and size <= PACKED_MAX and self.packs.has(sha256, size):
+            return True
         path = self._entry(sha256)
         if not os.path.lexists(path):  # most of a first fetch: no lock to wait for, no Path
             return False  # (an identity left for it matches nothing: _verified lstats first)
         with self._lock:
             return self._verified(path, sha256, size, 0o444)
+
+    def has_entry(self, sha256: str, size: int) -> bool:
+        """Whether a verified entry of its own (``path_of``) holds this content, made from its
+        pack if it is only packed (a Nix import reads files, not packs)."""
+        if self.has(sha256, size, packed=False):
+            return True
+        data = self.packs.read([sha256]).get(sha256) if size <= PACKED_MAX else None
+        if data is None or len(data) != size:
+            return False
+        self.write(sha256, size, [data], [])
+        return True
 
     def place(self, sha256: str, size: int, executable: bool, target: Path | str) -> None:
         """Put the verified entry at ``target`` (which must not exist; its directory must):

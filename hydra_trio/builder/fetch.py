@@ -37,7 +37,7 @@ import attrs
 import trio
 
 from hydra_trio.builder.attempt import Send
-from hydra_trio.builder.cache import InputCache, Target
+from hydra_trio.builder.cache import Fetched, InputCache, Target
 from hydra_trio.builder.inputs import FetchError, Placement
 from hydra_trio.diskio import HashingFile, HashMismatch, beside, receiving
 from hydra_trio.protocol.messages import (
@@ -192,10 +192,13 @@ class InputFetcher:
         return [info for info in contents if not self.entries.has(info.sha256, info.size)]
 
     def _link(self, files: Sequence[Placement], last: bool) -> list[Placement]:
-        """Link each file from the cache (in a thread); return those whose entry has gone
-        (tampered with, so removed), unless this is the ``last`` try."""
+        """Place each file from the cache (in a thread): a packed one as a copy of its bytes,
+        another as a link of its entry; return those whose blob or entry has gone (tampered
+        with, so forgotten or removed), unless this is the ``last`` try."""
         gone: list[Placement] = []
-        for info, target in files:
+        placing = [(info.sha256, info.size, info.executable, target) for info, target in files]
+        for index in self.entries.place_packed(placing):
+            info, target = files[index]
             try:
                 self.entries.place(info.sha256, info.size, info.executable, target)
             except FileNotFoundError:
@@ -297,7 +300,8 @@ class InputFetcher:
         return placed
 
     def _keep_small(self, batch: list[_SmallFetch], targets: dict[str, list[Target]]) -> None:
-        """Check, write and place each fetched small file (in a thread)."""
+        """Check, keep and place each fetched small file (in a thread)."""
+        fetched: list[Fetched] = []
         for small in batch:
             for info, chunks in small.files():
                 digest = hashlib.sha256()
@@ -310,7 +314,8 @@ class InputFetcher:
                         f"fetched {size} bytes with sha256 {sha256} for {info.path}, "
                         f"expected {info.size} bytes with {info.sha256}"
                     )
-                self.entries.write(sha256, info.size, chunks, targets[sha256])
+                fetched.append((sha256, info.size, chunks, targets[sha256]))
+        self.entries.keep(fetched)
 
     async def _send_many(self, messages: list[Message]) -> None:
         if self.send_all is not None:
@@ -325,7 +330,7 @@ class InputFetcher:
         Chunks are pulled FETCH_WINDOW at a time; nothing arriving for ``fetch_timeout``
         raises ``FetchError``, as does a size or hash that does not match."""
         target = self.entries.path_of(info.sha256)
-        if await trio.to_thread.run_sync(self.entries.has, info.sha256, info.size):
+        if await trio.to_thread.run_sync(self.entries.has_entry, info.sha256, info.size):
             return target
         request_id = self._next_request
         self._next_request += 1

@@ -33,12 +33,9 @@ from pathlib import Path
 
 import attrs
 
-from hydra_trio.diskio import HashMismatch, write_all
+from hydra_trio.diskio import HashMismatch, write_new
 from hydra_trio.protocol.validators import is_sha256
 
-#: How a pack or an index file is created (never over another file).
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_ONLY = 0o444
 #: How old a pack no index file names must be before ``load`` removes it (seconds).
 UNNAMED_GRACE = 600.0
 
@@ -112,7 +109,7 @@ class PackIndex:
         ``name``, read-only from the start; the place of each (``OSError`` if it could not be
         written whole: nothing is left of it)."""
         path = f"{self.dir}/{name}.pack"
-        _write_new(path, b"".join(pieces))
+        write_new(path, b"".join(pieces))
         pack = Pack(path, len(pieces))
         files, offset = [], 0
         for data, sha256 in zip(pieces, shas, strict=True):
@@ -138,7 +135,7 @@ class PackIndex:
         lines = "".join(
             f"{f.sha256} {os.path.basename(f.pack.path)} {f.offset} {f.size}\n" for f in files
         )
-        _write_new(tmp, lines.encode())
+        write_new(tmp, lines.encode())
         return tmp
 
     def publish(self, tmp: str, files: list[PackedFile]) -> None:
@@ -202,21 +199,6 @@ class PackIndex:
         missing = {f"{self.dir}/{name}" for name in named - packs}
         self.places = {sha: place for sha, place in places.items() if place[0] not in missing}
         return removed
-
-
-def _write_new(path: str, data: bytes) -> None:
-    """Create ``path`` (read-only, never over another file) holding ``data``; if it cannot be
-    written whole, nothing is left of it (``OSError``)."""
-    fd = os.open(path, _CREATE, _READ_ONLY)
-    try:
-        try:
-            write_all(fd, data)
-        finally:
-            os.close(fd)
-    except OSError:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        raise
 
 
 def _read_index(where: Path, name: str, places: dict[str, tuple[str, int, int]]) -> set[str]:
