@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from hydra_trio.protocol import messages as m
 from hydra_trio.protocol.errors import RemoteProtocolError
+from hydra_trio.protocol.validators import MAX_STRING, is_relative_path
 
 from .helpers.strategies import EXAMPLES, FAST, MESSAGES, RECORDS, SHA_EMPTY, any_message
 
@@ -368,3 +369,28 @@ def test_our_version_parses() -> None:
     """PROTOCOL_VERSION is itself a valid MAJOR.MINOR."""
     assert m.parse_version(m.PROTOCOL_VERSION) is not None
     assert m.compatible(m.PROTOCOL_VERSION, m.PROTOCOL_VERSION)
+
+
+def _split_check(value: str) -> bool:
+    """``is_relative_path`` as it was first written: the components, one by one."""
+    parts = value.split("/")
+    return bool(value) and "\0" not in value and not any(p in ("", ".", "..") for p in parts)
+
+
+@FAST
+@given(st.text(alphabet="a./\0é", max_size=14))
+def test_the_relative_path_check_is_the_check_of_each_component(value: str) -> None:
+    """The substring form of ``is_relative_path`` refuses exactly the paths with an empty,
+    ``.`` or ``..`` component, or a NUL."""
+    assert is_relative_path(value) == _split_check(value)
+
+
+def test_a_file_info_found_by_a_scan_is_the_checked_one_or_refused() -> None:
+    """``FileInfo.found`` (the builder's scan, validators skipped) makes the record the
+    checked constructor makes; a path past the string limit is refused as it would be."""
+    sha = "ab" * 32
+    found = m.FileInfo.found("d/f", 3, sha, True)
+    assert found == m.FileInfo(path="d/f", size=3, sha256=sha, executable=True)
+    assert m._decode_record(m.FileInfo, msgpack.unpackb(msgpack.packb(m._to_plain(found)))) == found
+    with pytest.raises(ValueError, match="longer than"):
+        m.FileInfo.found("d/" + "x" * MAX_STRING, 3, sha, False)

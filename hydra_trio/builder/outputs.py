@@ -226,15 +226,18 @@ def _entries(out_dir: Path) -> list[tuple[str, os.stat_result, str]]:
         raise BadOutput("$OUT is no longer a directory: the build replaced it")
     found: list[tuple[str, os.stat_result, str]] = []
     listing = 0
-    walk = os.fwalk(out_dir, onerror=_walk_error, follow_symlinks=False)
+    where = os.fspath(out_dir)
+    walk = os.fwalk(where, onerror=_walk_error, follow_symlinks=False)
     for root, dirs, names, root_fd in walk:
         dirs.sort()
-        base = Path(root).relative_to(out_dir)
+        # (strings, not a Path per file: 7 us each, 0.7 s of 100,000 files)
+        base = root[len(where) :].lstrip("/")
+        prefix = base + "/" if base else ""
         for name in [*sorted(names), *dirs]:
             info = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
             if stat.S_ISDIR(info.st_mode):
                 continue
-            rel = (base / name).as_posix()
+            rel = prefix + name
             if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
                 kind = _KIND.get(stat.S_IFMT(info.st_mode), "not a regular file")
                 raise BadOutput(
@@ -315,7 +318,7 @@ def _scan(
     small_bytes = 0
     with Beneath(out_dir) as beneath:  # (files come a directory at a time: one open each)
         for rel, info, link in found:
-            if not encodable(rel) or not encodable(link):
+            if not (rel.isascii() or encodable(rel)) or not (link.isascii() or encodable(link)):
                 name = rel.encode("utf-8", "replace")
                 raise BadOutput(f"output {name!r} (or its link target) is not a UTF-8 name")
             if link:
@@ -332,7 +335,7 @@ def _scan(
             hashed += size
             if max_bytes is not None and hashed > max_bytes:  # it grew while being read
                 raise OutputTooLarge(hashed, max_bytes)
-            file = FileInfo(path=rel, size=size, sha256=sha256, executable=executable)
+            file = FileInfo.found(rel, size, sha256, executable)
             files.append(file)
             if on_small is not None and data is not None:
                 small.append((file, data))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import operator
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -160,6 +161,25 @@ class FileInfo:
     sha256: str = attrs.field(validator=v.sha256_hex)
     executable: bool = attrs.field(default=False, validator=v.check_bool)
     link: str = attrs.field(default="", validator=v.check_str)
+
+    @classmethod
+    def found(cls, path: str, size: int, sha256: str, executable: bool) -> FileInfo:
+        """A regular file this process found and hashed itself: ``path`` made of names read
+        from a directory (never empty, ``.``, ``..``, nor holding ``/`` or NUL), already
+        checked to be UTF-8, ``size`` what it read, ``sha256`` what it computed.  The
+        validators' checks hold by construction but for the length, so they are skipped
+        (6 us a file, 0.6 s of a scan of 100,000 outputs); a path too long is built the
+        checked way, which refuses it."""
+        if len(path) > v.MAX_STRING or type(executable) is not bool:
+            return cls(path=path, size=size, sha256=sha256, executable=executable)
+        info = object.__new__(cls)
+        put = object.__setattr__  # (what attrs' own __init__ of a frozen class does)
+        put(info, "path", path)
+        put(info, "size", size)
+        put(info, "sha256", sha256)
+        put(info, "executable", executable)
+        put(info, "link", "")
+        return info
 
 
 @attrs.frozen(kw_only=True)
@@ -660,6 +680,14 @@ def _decode_record_list(record: type[Any], raw: object) -> object:
 def _decode_record(record: type[Any], raw: object) -> object:
     if not isinstance(raw, dict):
         return raw
+    flat = _FLAT.get(record)
+    if flat is not None and raw.keys() <= flat.keys and flat.required <= raw.keys():
+        # a record of scalars with the fields it should have (every FileInfo of a listing
+        # of 100,000): built at once, the validators checking each field
+        try:
+            return record(**raw)
+        except (ValueError, TypeError) as exc:
+            raise RemoteProtocolError(f"{record.__name__}.{exc}") from None
     return _build(record, _PLANS[record], raw, record.__name__)
 
 
@@ -678,6 +706,35 @@ def _build(cls: type[Any], plan: _Plan, raw: dict[Any, Any], what: str) -> Any:
 
 
 _PLANS: dict[type[Any], _Plan] = {cls: _plan(cls) for cls in (*RECORD_TYPES, *MESSAGE_TYPES)}
+
+
+@attrs.frozen
+class _Flat:
+    """A record whose fields are all scalars (no record, tuple or enum to convert)."""
+
+    names: tuple[str, ...]
+    keys: frozenset[str]
+    required: frozenset[str]
+    #: the fields' values of a record, as a tuple, in C.
+    get: Callable[[Any], tuple[Any, ...]]
+
+
+def _flat(cls: type[Any]) -> _Flat | None:
+    plan = _PLANS[cls]
+    if any(decode is not None for _, decode, _ in plan) or len(plan) < 2:
+        return None
+    names = tuple(name for name, _, _ in plan)
+    return _Flat(
+        names=names,
+        keys=frozenset(names),
+        required=frozenset(name for name, _, required in plan if required),
+        get=operator.attrgetter(*names),
+    )
+
+
+_FLAT: dict[type[Any], _Flat] = {
+    cls: flat for cls in RECORD_TYPES if (flat := _flat(cls)) is not None
+}
 
 
 @attrs.frozen
@@ -739,6 +796,9 @@ def _to_plain(value: Any) -> Any:
         return value
     if kind is tuple:
         return [_to_plain(v) for v in value]
+    flat = _FLAT.get(kind)
+    if flat is not None:  # scalars only: as they are (what _to_plain returns for each)
+        return dict(zip(flat.names, flat.get(value), strict=True))
     if kind in _PLANS:
         return {name: _to_plain(getattr(value, name)) for name, _, _ in _PLANS[kind]}
     if isinstance(value, enum.Enum):

@@ -65,11 +65,12 @@ def is_relative_path(value: str) -> bool:
     ``..``, ``.`` or empty component (so not absolute and no ``//``) and no NUL.  Joined to a
     directory, such a path names something inside it, unless one of its components there is
     a symbolic link (which the code that places files must refuse to go through)."""
-    return (
-        bool(value)
-        and "\0" not in value
-        and not any(part in ("", ".", "..") for part in value.split("/"))
-    )
+    if not value or "\0" in value:
+        return False
+    # each component between slashes, with a slash each side: an empty, "." or ".." one shows
+    # as "//", "/./" or "/../" (substring searches in C: every path of a listing comes here)
+    framed = f"/{value}/"
+    return "//" not in framed and "/./" not in framed and "/../" not in framed
 
 
 def is_path_component(value: str) -> bool:
