@@ -10,6 +10,7 @@ build's current attempt, may speak for it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -17,7 +18,6 @@ import attrs
 import trio
 import trio.lowlevel
 
-from hydra_trio.net import BACKLOG_RUN
 from hydra_trio.protocol.codec import TRANSFER_FRAME
 from hydra_trio.protocol.messages import (
     Drain,
@@ -135,14 +135,15 @@ class FrameHandler:
 
     async def _upload_files(self, msg: UploadFiles) -> None:
         """(1.7) Each file of ``msg`` as its own ``upload`` frame would be taken: the attempt
-        checked before each (taking one may wait for the disk, and the attempt may end
-        meanwhile), and other tasks run every ``BACKLOG_RUN`` files, as between frames."""
-        for index, (path, data) in enumerate(zip(msg.paths, msg.data, strict=True)):
-            if index and not index % BACKLOG_RUN:
-                await trio.lowlevel.checkpoint()
-            if not self._uploading(msg.build_id, msg.attempt):
-                return
-            await self.uploads.receive_whole(msg.build_id, msg.attempt, path, data)
+        checked first and again whenever other tasks ran (every ``BACKLOG_RUN`` files, as
+        between frames, or a wait for the disk: the attempt may end meanwhile)."""
+        if self._uploading(msg.build_id, msg.attempt):
+            await self.uploads.receive_files(
+                msg.build_id,
+                msg.attempt,
+                zip(msg.paths, msg.data, strict=True),
+                functools.partial(self._uploading, msg.build_id, msg.attempt),
+            )
 
     def _uploading(self, build_id: str, attempt: int) -> bool:
         """Whether uploads of this attempt are taken (it is current, on this builder)."""

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import attrs
 import trio
+import trio.lowlevel
 
 from hydra_trio.diskio import write_and_hash
+from hydra_trio.net import BACKLOG_RUN
 from hydra_trio.protocol.errors import RemoteProtocolError
 from hydra_trio.protocol.messages import (
     BuildStatus,
@@ -157,20 +160,12 @@ class UploadReceiver:
         """Append one chunk of a current attempt's output file (see the module)."""
         await self._chunk(msg.build_id, msg.attempt, msg.path, msg.offset, msg.data, msg.eof)
 
-    async def receive_whole(self, build_id: str, attempt: int, path: str, data: bytes) -> None:
-        """(1.7) One whole file of an ``UploadFiles``, as the ``UploadData`` that would carry
-        it (``FrameHandler.upload`` checks that the attempt is current before each)."""
-        await self._chunk(build_id, attempt, path, 0, data, True)
-
     async def _chunk(
         self, build_id: str, attempt: int, path: str, offset: int, data: bytes, eof: bool
     ) -> None:
         ref = f"build {build_id} attempt {attempt}"
         totals = self.totals.setdefault((build_id, attempt), UploadTotals())
-        totals.bytes += len(data)
-        limit = self.max_output_bytes
-        if totals.bytes > limit:
-            raise RemoteProtocolError(f"{ref}: uploaded more than max_output_bytes ({limit})")
+        self._count(totals, data, ref)
         key = (build_id, attempt, path)
         arriving = self.uploads.get(key[:2])
         upload = None if arriving is None else arriving.get(path)
@@ -193,6 +188,13 @@ class UploadReceiver:
         if due:
             await self._write_behind(upload, ref)
 
+    def _count(self, totals: UploadTotals, data: bytes, ref: str) -> None:
+        """Count ``data`` into its attempt's bytes (a protocol error past the limit)."""
+        totals.bytes += len(data)
+        limit = self.max_output_bytes
+        if totals.bytes > limit:
+            raise RemoteProtocolError(f"{ref}: uploaded more than max_output_bytes ({limit})")
+
     def _starting(self, key: _FileKey, totals: UploadTotals, ref: str) -> None:
         previous = totals.current
         if previous is not None and not (previous.complete or previous.done):
@@ -213,17 +215,64 @@ class UploadReceiver:
         self, key: _FileKey, totals: UploadTotals, ref: str, data: bytes
     ) -> None:
         """A whole file in one frame: staged, and written with others (``_flush_small``)."""
+        self._take_small(key, totals, ref, data)
+        self.metrics.uploaded_bytes.inc(len(data))
+        await self._small_room()
+
+    def _take_small(self, key: _FileKey, totals: UploadTotals, ref: str, data: bytes) -> None:
+        """``_begin_small`` but for the metric and the wait for room."""
         self._starting(key, totals, ref)
         upload = self.blobs.small(key[2], data)
         self.uploads.setdefault(key[:2], {})[key[2]] = totals.current = upload
-        self.metrics.uploaded_bytes.inc(len(data))
         self._small.append(upload)
         self._small_bytes += len(data)
         self._small_held += len(data) + SMALL_OVERHEAD
         if len(self._small) >= SMALL_BATCH or self._small_bytes >= SMALL_BATCH_BYTES:
             self._flush_small()
-        while self._small_held > SMALL_HELD:  # the disk is far behind: wait for it
+
+    async def _small_room(self) -> bool:
+        """Wait while the small uploads held are over ``SMALL_HELD`` (the disk is far
+        behind); whether it waited."""
+        waited = False
+        while self._small_held > SMALL_HELD:
             await self._small_written.wait()
+            waited = True
+        return waited
+
+    async def receive_files(
+        self,
+        build_id: str,
+        attempt: int,
+        files: Iterable[tuple[str, bytes]],
+        current: Callable[[], bool],
+    ) -> None:
+        """(1.7) The whole files of an ``UploadFiles`` (its attempt current as it starts), as
+        their ``UploadData`` frames would be taken (``receive``), with what is the same
+        for all of them done once (100,000 outputs: ~5 us a file less on the receive loop):
+        the attempt is checked again (``current``) only after other tasks ran (every
+        ``BACKLOG_RUN`` files, and whenever it waited for the disk), the metric counted once."""
+        ref = f"build {build_id} attempt {attempt}"
+        totals = self.totals.setdefault((build_id, attempt), UploadTotals())
+        arriving = self.uploads.setdefault((build_id, attempt), {})
+        taken = 0
+        try:
+            for index, (path, data) in enumerate(files):
+                if index and not index % BACKLOG_RUN:
+                    await trio.lowlevel.checkpoint()
+                    if not current():
+                        return
+                if path in arriving:  # a second upload of it: what _chunk makes of that
+                    await self._chunk(build_id, attempt, path, 0, data, True)
+                    if not current():
+                        return
+                    continue
+                self._count(totals, data, ref)
+                self._take_small((build_id, attempt, path), totals, ref, data)
+                taken += len(data)
+                if await self._small_room() and not current():
+                    return
+        finally:
+            self.metrics.uploaded_bytes.inc(taken)
 
     def _flush_small(self) -> None:
         """Hand the staged small uploads to ``_write_small`` in the background (the batches
