@@ -203,11 +203,12 @@ def write_all(fd: int, data: bytes) -> None:
 
 def write_new(path: Path | str, data: bytes, mode: int = 0o444) -> None:
     """Create ``path`` (never over another file, never through a link) holding ``data``, of
-    ``mode``; if it cannot be written whole (a full disk), nothing is left of it, whatever
-    ``close`` says."""
+    ``mode`` whatever the umask; if it cannot be written whole (a full disk), nothing is left
+    of it, whatever ``close`` says."""
     fd = os.open(path, _CREATE_NEW, mode)
     try:
         try:
+            os.fchmod(fd, mode)  # (the umask may have taken bits away: a build user reads it)
             write_all(fd, data)
         finally:
             os.close(fd)

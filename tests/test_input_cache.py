@@ -250,15 +250,41 @@ def test_packs_are_found_by_the_next_process_and_crash_leftovers_removed(tmp_pat
     first.add(blobs[3:])
     (root / "7.pack").write_bytes(b"orphan")
     (root / "8.idx").write_text(f"{blobs[0][0]} 0 1\n")
+    (root / "².pack").write_bytes(b"")  # not a number of ours, nor the rest: left alone
+    (root / "3.idx").mkdir()
+    (root / "notes.txt").write_text("x")
     with (root / "1.idx").open("a") as index:
         index.write(f"{sha(b'cut')} 2")  # no newline: the write was cut
     again = InputPacks(root)
     assert all(again.has(sha256, len(data)) for sha256, data in blobs)
     assert not again.has(sha(b"cut"), 2) and not again.has(blobs[0][0], 2)
     assert again.read([s for s, _ in blobs] + [sha(b"x")]) == dict(blobs)
-    assert sorted(p.name for p in root.iterdir()) == ["0.idx", "0.pack", "1.idx", "1.pack"]
+    left = sorted(p.name for p in root.iterdir())
+    assert left == ["0.idx", "0.pack", "1.idx", "1.pack", "3.idx", "notes.txt", "².pack"]
     again.add([(sha(b"new"), b"new")])
     assert (root / "9.pack").read_bytes() == b"new"
+
+
+def test_small_inputs_have_their_mode_whatever_the_umask(tmp_path: Path) -> None:
+    """A build user reads its inputs as "other": an input placed by a builder running under
+    a restrictive umask is still 0444 (0555 executable), small (a file of its own) or not
+    (a link of its cache entry)."""
+    data = b"contents\n"
+    cache = InputCache(tmp_path / "cache")
+    old = os.umask(0o077)
+    try:
+        cache.keep(
+            [(sha(data), len(data), [data], [(False, tmp_path / "a"), (True, tmp_path / "x")])]
+        )
+        assert cache.place_packed([(sha(data), len(data), False, tmp_path / "b")]) == []
+        large = b"L" * LARGE
+        cache.reflinks = False
+        cache.keep([(sha(large), len(large), [large], [(False, tmp_path / "l")])])
+    finally:
+        os.umask(old)
+    names = ("a", "x", "b", "l")
+    modes = {name: stat.S_IMODE(os.lstat(tmp_path / name).st_mode) for name in names}
+    assert modes == {"a": 0o444, "x": 0o555, "b": 0o444, "l": 0o444}
 
 
 def test_a_full_disk_while_small_inputs_are_kept_leaves_no_part_written_file(

@@ -186,6 +186,7 @@ class InputCache:
             if fd >= 0:
                 try:
                     try:
+                        os.fchmod(fd, 0o444)  # (whatever the umask: a build user reads it)
                         for chunk in chunks:
                             write_all(fd, chunk)
                     finally:

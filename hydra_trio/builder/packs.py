@@ -77,12 +77,11 @@ class InputPacks:
             lines.append(f"{sha256} {offset} {len(data)}\n")
             offset += len(data)
         pack, index = self._paths(number)
+        write_new(pack, b"".join(fresh.values()))  # (each leaves nothing if it fails)
         try:
-            write_new(pack, b"".join(fresh.values()))
             write_new(index, "".join(lines).encode())
         except BaseException:
-            for path in (pack, index):
-                _remove(path)
+            _remove(pack)
             raise
         with self._lock:
             offset = 0
@@ -128,26 +127,31 @@ class InputPacks:
         return base + ".pack", base + ".idx"
 
     def _load(self) -> None:
-        """Read every index (once): a pack without one (a crash between the two writes) and
-        an index without its pack are removed; a line that does not parse is skipped."""
+        """Read every index (once, in the order the packs were written): a pack without one
+        (a crash between the two writes) and an index without its pack are removed; a line
+        that does not parse, and anything else in the directory, are skipped."""
         if self._loaded:
             return
         with self._lock:
             if self._loaded:
                 return
             self.root.mkdir(parents=True, exist_ok=True)
-            names = {entry.name for entry in os.scandir(self.root)}
-            for name in sorted(names):
-                stem, _, kind = name.partition(".")
-                if not stem.isdigit() or kind not in ("pack", "idx"):
-                    continue
-                number = int(stem)
+            found: dict[int, set[str]] = {}
+            for entry in os.scandir(self.root):
+                stem, _, kind = entry.name.partition(".")
+                ours = stem.isascii() and stem.isdigit() and kind in ("pack", "idx")
+                if ours and entry.is_file(follow_symlinks=False):
+                    found.setdefault(int(stem), set()).add(kind)
+            for number in sorted(found):
                 self._next = max(self._next, number + 1)
-                other = f"{stem}.{'idx' if kind == 'pack' else 'pack'}"
-                if other not in names:
-                    _remove(os.path.join(self.root, name))
-                elif kind == "idx":
-                    self._read_index(number, os.path.join(self.root, name))
+                pack, index = self._paths(number)
+                if found[number] != {"pack", "idx"}:
+                    _remove(pack if "pack" in found[number] else index)
+                    continue
+                try:
+                    self._read_index(number, index)
+                except OSError:  # unreadable: its blobs are fetched again when needed
+                    continue
             self._loaded = True
 
     def _read_index(self, number: int, path: str) -> None:
@@ -165,5 +169,5 @@ class InputPacks:
 
 
 def _remove(path: Path | str) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):  # (gone already, or not ours to remove: left)
         os.unlink(path)
