@@ -47,7 +47,7 @@ from pathlib import Path
 import attrs
 
 from hydra_trio.builder.packs import PACKED_MAX, InputPacks
-from hydra_trio.diskio import write_all, write_new
+from hydra_trio.diskio import write_new
 
 #: ``ioctl(FICLONE)``: share the source's blocks copy-on-write (btrfs, XFS, bcachefs).
 _FICLONE = 0x40049409
@@ -174,26 +174,17 @@ class InputCache:
         (and removes, as it does not match) before any use.  A failed write (a full disk)
         removes the entry, whatever ``close`` says."""
         path = self._entry(sha256)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         with self._lock:
             self._parent_made(os.path.dirname(path))
+            wrote = True
             try:
-                fd = os.open(path, _CREATE, 0o444)
+                write_new(path, data)
             except FileExistsError:
-                fd = -1
-                if not self._verified(path, sha256, size, 0o444):
-                    # not the content (a write cut short by a crash): removed, written anew
-                    fd = os.open(path, _CREATE, 0o444)
-            if fd >= 0:
-                try:
-                    try:
-                        os.fchmod(fd, 0o444)  # (whatever the umask: a build user reads it)
-                        for chunk in chunks:
-                            write_all(fd, chunk)
-                    finally:
-                        os.close(fd)
-                except BaseException:
-                    os.unlink(path)
-                    raise
+                wrote = not self._verified(path, sha256, size, 0o444)
+                if wrote:  # not the content (a write cut short by a crash): removed, anew
+                    write_new(path, data)
+            if wrote:
                 linked = self.reflinks is False and self._link_all(path, targets)
                 self._known[path] = Identity.of(os.lstat(path))
                 if linked:
