@@ -67,6 +67,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -77,6 +78,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import figures
 from daemons import Daemons, cpu_model, print_profiles
 from figures import Figure, Goal
@@ -114,6 +116,20 @@ def memory(pid: int) -> dict[str, int]:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (all its threads; 0 once it is gone)."""
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def own_cpu() -> float:
+    """This process's user + system CPU seconds so far (a baseline reports its own)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 # ---------------------------------------------------------------------------------------------
 # The raw baseline: --sink and --source, two processes.
 
@@ -125,11 +141,13 @@ async def sink_main(lifetime: float) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         print(f"PORT {listeners[0].socket.getsockname()[1]}", flush=True)
         stream = await listeners[0].accept()
+        begun = own_cpu()
         total = 0
         while data := await stream.receive_some(CHUNK):
             total += len(data)
         await stream.send_all(total.to_bytes(8, "big"))
         await stream.aclose()
+        print(f"CPU {own_cpu() - begun:.6f}", flush=True)
 
 
 async def source_main(port: int, size: int, lifetime: float) -> None:
@@ -138,7 +156,7 @@ async def source_main(port: int, size: int, lifetime: float) -> None:
     with trio.fail_after(lifetime):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         block = os.urandom(CHUNK)
-        start = time.monotonic()
+        start, begun = time.monotonic(), own_cpu()
         sent = 0
         while sent < size:
             piece = block if size - sent >= CHUNK else block[: size - sent]
@@ -154,11 +172,25 @@ async def source_main(port: int, size: int, lifetime: float) -> None:
         elapsed = time.monotonic() - start
         await stream.aclose()
     assert int.from_bytes(reply, "big") == size, reply
-    print(f"ELAPSED {elapsed:.6f}", flush=True)
+    print(f"ELAPSED {elapsed:.6f}\nCPU {own_cpu() - begun:.6f}", flush=True)
 
 
-def raw_copy(size: int) -> float:
-    """Seconds to copy ``size`` bytes over loopback between two fresh processes."""
+@attrs.frozen
+class Copy:
+    """One baseline's run: the seconds its source reports, and each end's CPU seconds over the
+    copy (the sink's from the accepted connection on, the source's from its first byte)."""
+
+    seconds: float
+    sink_cpu: float
+    source_cpu: float
+
+    @property
+    def cpu(self) -> float:
+        return self.sink_cpu + self.source_cpu
+
+
+def raw_copy(size: int) -> Copy:
+    """``size`` bytes over loopback between two fresh processes."""
     return pair(["--sink"], ["--size", str(size), "--source"], lifetime=120.0)
 
 
@@ -181,6 +213,7 @@ def naive_sink(lifetime: float, target: str) -> None:
         server.settimeout(lifetime)
         print(f"PORT {server.getsockname()[1]}", flush=True)
         conn, _ = server.accept()
+        begun = own_cpu()
         with conn, open(target, "xb", buffering=0) as out:
             conn.settimeout(lifetime)
             digest = hashlib.sha256()
@@ -191,6 +224,7 @@ def naive_sink(lifetime: float, target: str) -> None:
                 digest.update(view[:got])
             conn.sendall(digest.digest())
         os.unlink(target)
+        print(f"CPU {own_cpu() - begun:.6f}", flush=True)
 
 
 def naive_source(port: int, size: int, lifetime: float, source: str | None) -> None:
@@ -199,7 +233,7 @@ def naive_source(port: int, size: int, lifetime: float, source: str | None) -> N
 
     with socket.create_connection(("127.0.0.1", port), timeout=lifetime) as conn:
         digest = hashlib.sha256()
-        start = time.monotonic()
+        start, begun = time.monotonic(), own_cpu()
         if source is None:
             block = os.urandom(NAIVE_CHUNK)
             sent = 0
@@ -219,11 +253,12 @@ def naive_source(port: int, size: int, lifetime: float, source: str | None) -> N
             reply += data
         elapsed = time.monotonic() - start
     assert reply == digest.digest(), "the sink's hash differs"
-    print(f"ELAPSED {elapsed:.6f}", flush=True)
+    print(f"ELAPSED {elapsed:.6f}\nCPU {own_cpu() - begun:.6f}", flush=True)
 
 
-def pair(sink_args: list[str], source_args: list[str], lifetime: float = 300.0) -> float:
-    """Start this script as ``--<sink>`` then ``--<source>``; the seconds the source reports."""
+def pair(sink_args: list[str], source_args: list[str], lifetime: float = 300.0) -> Copy:
+    """Start this script as ``--<sink>`` then ``--<source>``; the seconds the source reports,
+    and the CPU seconds each end reports."""
     life = f"{lifetime:g}"
     sink = subprocess.Popen(
         [sys.executable, __file__, *sink_args, "--lifetime", f"{lifetime:g}"],
@@ -243,9 +278,10 @@ def pair(sink_args: list[str], source_args: list[str], lifetime: float = 300.0) 
             text=True,
         )
         out, _ = source.communicate(timeout=lifetime + 10)
-        assert out.startswith("ELAPSED "), out
+        said = _reports(out)
         sink.wait(30)
-        return float(out.split()[1])
+        sink_said = _reports(sink.stdout.read())
+        return Copy(said["ELAPSED"], sink_said["CPU"], said["CPU"])
     finally:
         for process in (source, sink):
             if process is not None and process.poll() is None:
@@ -256,12 +292,22 @@ def pair(sink_args: list[str], source_args: list[str], lifetime: float = 300.0) 
                     process.stdout.close()
 
 
-def naive_receive(size: int, target: Path) -> float:
+def _reports(out: str) -> dict[str, float]:
+    """The ``NAME value`` lines a baseline process printed."""
+    said = {}
+    for line in out.splitlines():
+        name, _, value = line.partition(" ")
+        said[name] = float(value)
+    assert "CPU" in said, out
+    return said
+
+
+def naive_receive(size: int, target: Path) -> Copy:
     """Seconds for memory -> socket -> new file + SHA-256 (the upload's runner side)."""
     return pair(["--naive-sink", str(target)], ["--size", str(size), "--naive-source"])
 
 
-def naive_file_to_file(source: Path, target: Path) -> float:
+def naive_file_to_file(source: Path, target: Path) -> Copy:
     """Seconds for file read + SHA-256 -> socket -> new file + SHA-256 (a fetch's whole work)."""
     return pair(["--naive-sink", str(target)], ["--from", str(source), "--naive-source"])
 
@@ -348,6 +394,14 @@ def one_run(workdir: Path, size: int, profile: Path | None) -> dict[str, Any]:
         upload_left: float | None = None
         a_done: float | None = None
         phases_seen: list[tuple[float, str, str]] = []
+        #: the daemons' CPU seconds when each phase was first seen (100 ms polls): A
+        #: uploading, A no longer uploading, B fetching, B no longer fetching.
+        marks: dict[str, dict[str, float]] = {}
+
+        def mark(name: str) -> None:
+            if name not in marks:
+                marks[name] = {daemon: cpu_seconds(pid) for daemon, pid in pids.items()}
+
         start = time.monotonic()
         while True:
             now = time.monotonic() - start
@@ -363,16 +417,23 @@ def one_run(workdir: Path, size: int, profile: Path | None) -> dict[str, Any]:
             if a["state"] == "running":
                 since["bA"] = max(since["bA"], machines["bA"]["sinceLastPing"])
                 if a["phase"] == "uploading":
+                    mark("upload")
                     seen_uploading = True
                     since_uploading = max(since_uploading, machines["bA"]["sinceLastPing"])
                 elif seen_uploading and upload_left is None:
                     upload_left = now
+                    mark("upload over")
             elif seen_uploading and upload_left is None:
                 upload_left = now
+                mark("upload over")
             if a["state"] == "succeeded" and a_done is None:
                 a_done = now
             if b["state"] == "running":
                 since["bB"] = max(since["bB"], machines["bB"]["sinceLastPing"])
+                if b["phase"] == "fetching":
+                    mark("fetch")
+                elif "fetch" in marks:
+                    mark("fetch over")
                 if b["phase"] == "fetching":
                     since_fetching = max(since_fetching, machines["bB"]["sinceLastPing"])
             for m in machines.values():
@@ -381,6 +442,8 @@ def one_run(workdir: Path, size: int, profile: Path | None) -> dict[str, Any]:
             if a["state"] in ("failed", "cancelled") or b["state"] in ("failed", "cancelled"):
                 raise RuntimeError(f"A {a['state']} {a['status']}, B {b['state']} {b['status']}")
             if b["state"] == "succeeded":
+                if "fetch" in marks:
+                    mark("fetch over")
                 break
             time.sleep(SAMPLE)
         hwm = {name: memory(pid).get("VmHWM", 0) for name, pid in pids.items()}
@@ -400,9 +463,56 @@ def one_run(workdir: Path, size: int, profile: Path | None) -> dict[str, Any]:
             "since_fetching": since_fetching,
             "attempts": attempts,
             "phases": phases_seen,
+            "cpu": {
+                phase: {
+                    daemon: marks[f"{phase} over"][daemon] - marks[phase][daemon]
+                    for daemon in pids
+                }
+                for phase in ("upload", "fetch")
+                if phase in marks and f"{phase} over" in marks
+            },
         }
     finally:
         farm.close()
+
+
+def cpu_per_gib(result: dict[str, Any], size: int) -> dict[str, float]:
+    """CPU seconds per GiB moved: the farm's daemons in the phase (as the 100 ms polls saw it:
+    the upload phase includes the runner's commit, mostly waiting for its fsync), and the
+    naive baselines' two processes."""
+    gib = size / (1 << 30)
+    farm = result.get("cpu", {})
+    base = result["baseline_cpu"]
+    found = {
+        "naive receive-write-hash": sum(base["naive_in"].values()) / gib,
+        "naive read-hash-send -> receive-write-hash": sum(base["naive_ff"].values()) / gib,
+    }
+    if "upload" in farm:
+        found["upload"] = (farm["upload"]["runner"] + farm["upload"]["bA"]) / gib
+    if "fetch" in farm:
+        found["fetch"] = (farm["fetch"]["runner"] + farm["fetch"]["bB"]) / gib
+    return found
+
+
+def cpu_line(result: dict[str, Any], size: int) -> str:
+    gib = size / (1 << 30)
+    farm = result.get("cpu", {})
+    base = result["baseline_cpu"]
+    parts = []
+    for phase, builder, naive, label in (
+        ("upload", "bA", "naive_in", "naive receive-write-hash"),
+        ("fetch", "bB", "naive_ff", "naive pair"),
+    ):
+        if phase in farm:
+            parts.append(
+                f"{phase} runner {farm[phase]['runner'] / gib:.2f} + {builder} "
+                f"{farm[phase][builder] / gib:.2f}"
+            )
+        parts.append(
+            f"{label} sink {base[naive]['sink'] / gib:.2f} + source "
+            f"{base[naive]['source'] / gib:.2f}"
+        )
+    return "; ".join(parts)
 
 
 def main() -> int:
@@ -468,14 +578,18 @@ def main() -> int:
             finally:
                 if not args.keep:
                     shutil.rmtree(workdir, ignore_errors=True)
-            result["raw"] = raw
-            result["naive_in"] = naive_in
-            result["naive_ff"] = naive_ff
+            result["raw"] = raw.seconds
+            result["naive_in"] = naive_in.seconds
+            result["naive_ff"] = naive_ff.seconds
+            result["baseline_cpu"] = {
+                name: {"sink": copy.sink_cpu, "source": copy.source_cpu}
+                for name, copy in (("raw", raw), ("naive_in", naive_in), ("naive_ff", naive_ff))
+            }
             runs.append(result)
             print(
-                f"run {index + 1}: raw {mb / raw:,.0f} MB/s, naive receive-write-hash "
-                f"{mb / naive_in:,.0f} MB/s, naive read-hash-send -> receive-write-hash "
-                f"{mb / naive_ff:,.0f} MB/s, upload {mb / result['upload']:,.0f}"
+                f"run {index + 1}: raw {mb / raw.seconds:,.0f} MB/s, naive receive-write-hash "
+                f"{mb / naive_in.seconds:,.0f} MB/s, naive read-hash-send -> receive-write-hash "
+                f"{mb / naive_ff.seconds:,.0f} MB/s, upload {mb / result['upload']:,.0f}"
                 f" MB/s, fetch {mb / result['fetch']:,.0f} MB/s; VmHWM "
                 + ", ".join(f"{k} {v:.0f} MiB" for k, v in result["hwm_mib"].items())
                 + "; max sinceLastPing "
@@ -487,6 +601,7 @@ def main() -> int:
                 ),
                 flush=True,
             )
+            print(f"  CPU seconds per GiB: {cpu_line(result, args.size)}", flush=True)
     finally:
         if args.keep:
             print(f"work dir kept: {tmp}")

@@ -19,6 +19,8 @@ import pytest
 import trio
 import trio.testing
 
+from hydra_trio.builder import outputs
+from hydra_trio.builder.attempt import Sender
 from hydra_trio.builder.daemon import BuilderState, run_builder
 from hydra_trio.builder.state import EventKind, SessionEnd
 from hydra_trio.protocol.codec import TRANSFER_FRAME
@@ -285,3 +287,71 @@ async def test_a_frame_crawling_over_a_lossy_link_keeps_the_builder_from_giving_
         )
         assert trio.current_time() - ended_at <= 30.0
         nursery.cancel_scope.cancel()
+
+
+async def _send_over_a_link(rate: float, frames: int) -> list[list[UploadData]]:
+    """The writes ``outputs._send_chunks`` makes of a file of ``frames`` full frames (its
+    chunks as ``_read_ahead`` cuts them) when each write takes as long as ``rate`` bytes a
+    second make it (a link that takes nothing at once: the worst case for a ping)."""
+    writes: list[list[UploadData]] = []
+
+    async def one(message: Message) -> None:
+        raise AssertionError(f"a frame sent alone: {message.TAG}")
+
+    async def many(messages: list[Message]) -> None:
+        write = [m for m in messages if isinstance(m, UploadData)]
+        assert len(write) == len(messages), messages
+        writes.append(write)
+        await trio.sleep(sum(len(m.data) for m in write) / rate)
+
+    per_chunk = outputs.UPLOAD_CHUNK // TRANSFER_FRAME
+    pieces = [bytes([i % 251]) * TRANSFER_FRAME for i in range(frames)]
+    chunks, arriving = trio.open_memory_channel[tuple[list[bytes], bool]](100)
+    for start in range(0, frames, per_chunk):
+        chunks.send_nowait((pieces[start : start + per_chunk], start + per_chunk >= frames))
+    chunks.close()
+    sent: list[int] = []
+    assign = Assign(build_id="b1", attempt=1, command=("true",))
+    await outputs._send_chunks(assign, "blob", arriving, Sender(one, many), sent)
+    frames_sent = [m for write in writes for m in write]
+    assert b"".join(m.data for m in frames_sent) == b"".join(pieces)
+    assert [m.offset for m in frames_sent] == [i * TRANSFER_FRAME for i in range(frames)]
+    assert [m.eof for m in frames_sent] == [False] * (frames - 1) + [True]
+    assert sum(sent) == frames * TRANSFER_FRAME
+    return writes
+
+
+async def test_a_large_upload_over_a_fast_link_goes_out_a_chunk_per_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Writes the socket takes at once (a loopback link, 1 GB/s) grow to a chunk each:
+    1, 2, 4, 8 frames, then the rest of the first chunk, then 16 frames a write."""
+    writes = await _send_over_a_link(1e9, 48)
+    assert [len(write) for write in writes] == [1, 2, 4, 8, 1, 16, 16]
+
+
+async def test_a_large_upload_over_a_slow_link_goes_out_a_frame_per_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Over 200 KB/s a frame takes 0.33 s: every write holds one, so a ping waits behind at
+    most one frame (what the chaos suite's slow-link upload needs), as before the grouping."""
+    writes = await _send_over_a_link(200 * 1024, 20)
+    assert [len(write) for write in writes] == [1] * 20
+
+
+async def test_a_link_that_slows_down_shrinks_the_writes_to_its_rate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``WriteGroups``: grown to a chunk on a fast link, a write that took 0.1 s for 16 frames
+    (10 MB/s) shrinks the next to what 50 ms hold at that rate (8 frames); a link back to
+    taking writes at once grows them again."""
+    groups = outputs.WriteGroups()
+    for _ in range(5):
+        groups.took(groups.size, groups.size * TRANSFER_FRAME, 0.0)
+    assert groups.size == outputs.GROUP_MOST == 16
+    groups.took(16, 16 * TRANSFER_FRAME, 0.1)
+    assert groups.size == 8
+    groups.took(8, 8 * TRANSFER_FRAME, 5.0)  # 100 KB/s: a frame takes longer than 50 ms
+    assert groups.size == 1
+    groups.took(1, TRANSFER_FRAME, 0.001)
+    assert groups.size == 2

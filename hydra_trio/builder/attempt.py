@@ -35,6 +35,30 @@ from hydra_trio.protocol.messages import (
 
 #: How a build sends its frames (progress, log, uploads) to the runner.
 Send = Callable[[Message], Awaitable[None]]
+#: Several frames in one write (``net.FramedChannel.send_all``).
+SendAll = Callable[[list[Message]], Awaitable[None]]
+
+
+@attrs.frozen
+class Sender:
+    """A session's ``Send`` that can also hand several frames to the socket in one write
+    (``many``): what a build is given, so that a large upload can go out several frames per
+    ``sendmsg`` (``send_many``)."""
+
+    one: Send
+    many: SendAll
+
+    async def __call__(self, message: Message) -> None:
+        await self.one(message)
+
+
+async def send_many(send: Send, messages: list[Message]) -> None:
+    """``messages`` in one write if ``send`` can (a ``Sender``), else one ``send`` each."""
+    if isinstance(send, Sender):
+        await send.many(messages)
+        return
+    for message in messages:
+        await send(message)
 
 
 class RoundTrips(Protocol):

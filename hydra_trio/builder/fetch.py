@@ -36,7 +36,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from hydra_trio.builder.attempt import Send
+from hydra_trio.builder.attempt import Send, SendAll
 from hydra_trio.builder.cache import Fetched, InputCache, Target
 from hydra_trio.builder.inputs import FetchError, Placement
 from hydra_trio.diskio import HashingFile, HashMismatch, beside, receiving
@@ -79,9 +79,6 @@ CACHE_BATCH = 1000
 #: together (an answer of one ``FetchData`` frame, ``codec.TRANSFER_FRAME``).
 FILES_PER_REQUEST = 128
 FILES_REQUEST_BYTES = 64 * 1024
-
-#: Send several frames in one write (``net.FramedChannel.send_all``).
-SendAll = Callable[[list[Message]], Awaitable[None]]
 
 
 @attrs.define(eq=False)

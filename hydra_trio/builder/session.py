@@ -31,7 +31,7 @@ from pathlib import Path
 import trio
 
 from hydra_trio import auth, net, sdnotify
-from hydra_trio.builder.attempt import MANY_FILES, ROUND_TRIPS
+from hydra_trio.builder.attempt import MANY_FILES, ROUND_TRIPS, Sender
 from hydra_trio.builder.backoff import Backoff
 from hydra_trio.builder.config import BuilderConfig
 from hydra_trio.builder.fetch import InputFetcher
@@ -345,7 +345,7 @@ class Session:
                 jobs = Jobs(
                     self.config,
                     self.state,
-                    self.send,
+                    Sender(self.send, self.send_all),
                     self.fetcher,
                     nursery,
                     listing=self.fetcher.listing,
