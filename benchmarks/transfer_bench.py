@@ -19,6 +19,11 @@ Measured:
   runner's check + fsync + rename after are not in it); **fetch MB/s** = size / B's
   ``timings.fetch`` (first ``FetchRequest`` to the file verified in bB's cache and linked into
   ``$IN``).  MB = 10^6 bytes.
+- **CPU seconds per GiB** (printed per run, no goal): the runner's and bA's CPU over A's
+  ``uploading`` phase, the runner's and bB's over B's ``fetching`` phase (``/proc/<pid>/stat``
+  read when the 100 ms polls first see a phase and see it over: the upload phase includes the
+  runner's commit), and each baseline process's own over its copy (``getrusage``): where the
+  farm spends more than the naive loops doing the same hashing, writing and copying.
 - **RSS**: ``VmRSS`` of the runner, bA and bB sampled every 100 ms, and ``VmHWM`` (the kernel's
   peak) read just before they are stopped.
 - **liveness**: ``GET /status`` every 100 ms; the largest ``sinceLastPing`` of bA while A is
@@ -465,8 +470,7 @@ def one_run(workdir: Path, size: int, profile: Path | None) -> dict[str, Any]:
             "phases": phases_seen,
             "cpu": {
                 phase: {
-                    daemon: marks[f"{phase} over"][daemon] - marks[phase][daemon]
-                    for daemon in pids
+                    daemon: marks[f"{phase} over"][daemon] - marks[phase][daemon] for daemon in pids
                 }
                 for phase in ("upload", "fetch")
                 if phase in marks and f"{phase} over" in marks
