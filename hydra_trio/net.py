@@ -58,9 +58,6 @@ class FramedChannel:
         # protocol layer.  This class already has exactly one reader (``receive`` is not meant
         # for concurrent use) and one writer (the lock), and translates errors the same way.
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
-        #: the caller's silence watchdog: moved to the connection's deadline whenever bytes
-        #: arrive, also when they do not complete a frame (see ``Connection.receive_data``).
-        self.watchdog: trio.CancelScope | None = None
 
     async def send(self, message: Message) -> None:
         """Send one message.  Returns once it has been handed to the stream.
@@ -124,13 +121,6 @@ class FramedChannel:
         received = self._received
         data: bytes | bytearray
         if received:
-            if self.watchdog is not None:
-                # Working through frames read earlier (one read can bring thousands of small
-                # ones): the peer sent them all, and the time it takes to apply them is ours,
-                # not its silence.  Its deadline counts from now while the backlog lasts.
-                self.watchdog.deadline = max(
-                    self.watchdog.deadline, trio.current_time() + self.connection.peer_timeout
-                )
             return received.popleft()
         while not received:
             if self.connection.pending:
@@ -141,8 +131,6 @@ class FramedChannel:
                 # loop ~20 ms on an idle core, 100+ ms on a busy one.
                 await trio.lowlevel.checkpoint()
                 received.extend(self.connection.receive_data(b"", trio.current_time(), BACKLOG_RUN))
-                if self.watchdog is not None:
-                    self.watchdog.deadline = self.connection.deadline
                 continue
             if self._eof:
                 raise ConnectionLost("connection closed by peer")
@@ -158,12 +146,27 @@ class FramedChannel:
                 self.connection.receive_eof()
                 raise ConnectionLost("connection closed by peer")
             received.extend(self.connection.receive_data(data, trio.current_time(), BACKLOG_RUN))
-            if self.watchdog is not None:
-                self.watchdog.deadline = self.connection.deadline
         return received.popleft()
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+async def watch_silence(connection: Connection, watchdog: trio.CancelScope) -> None:
+    """Cancel ``watchdog`` once nothing has been heard from the peer for its timeout (both
+    sides run it beside their receive loop).
+
+    Lazy: it sleeps until the connection's deadline as it stood, then looks again, since any
+    frame (or a frame's progress, or a backlog of frames read earlier being decoded: see
+    ``Connection.receive_data``) has moved it.  The receive loop thus moves no cancel scope's
+    deadline per frame or read (trio's setter costs more than a Pong's encoding), and this task
+    wakes about once per timeout, not once per frame."""
+    while True:
+        deadline = connection.deadline
+        if deadline <= trio.current_time():
+            watchdog.cancel()
+            return
+        await trio.sleep_until(deadline)
 
 
 #: Buffers per ``sendmsg`` at most (Linux's ``IOV_MAX`` is 1024).

@@ -355,15 +355,18 @@ class Session:
                 nursery.start_soon(self._pinger, jobs)
                 nursery.start_soon(self._disk_watcher)
                 nursery.start_soon(self._drainer, jobs)
-                await self._receive_loop(jobs)
+                watchdog = trio.CancelScope()
+                nursery.start_soon(net.watch_silence, self.channel.connection, watchdog)
+                await self._receive_loop(jobs, watchdog)
                 nursery.cancel_scope.cancel()
         return self.ended or Ended(SessionEnd.CLOSED, "closed")
 
-    async def _receive_loop(self, jobs: Jobs) -> None:
+    async def _receive_loop(self, jobs: Jobs, watchdog: trio.CancelScope) -> None:
+        """Act on the runner's frames until the session ends, or until ``watchdog`` is
+        cancelled (``net.watch_silence``: any frame, or a frame's progress, proves it alive)."""
         conn = self.channel.connection
         try:
-            with trio.CancelScope(deadline=conn.deadline) as watchdog:
-                self.channel.watchdog = watchdog  # any frame (or its progress) proves it alive
+            with watchdog:
                 while self._on_message(await self.channel.receive(), jobs):
                     pass
         except (net.ConnectionLost, ProtocolError) as exc:

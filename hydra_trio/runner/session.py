@@ -18,7 +18,7 @@ Task layout::
     `-- session.cancel_scope: connection nursery
         |-- BuilderSession.writer       the one writer (Outbox.run)
         |-- Outbox.keepalive
-        |-- _watch                     the watchdog: cancels the receive loop after silence
+        |-- net.watch_silence          the watchdog: cancels the receive loop after silence
         `-- _receive_loop              FrameHandler.handle per frame, under the watchdog
 """
 
@@ -216,7 +216,7 @@ async def serve_builder(
                         session.outbox.keepalive, hello.ping_interval, lambda: results.settling
                     )
                     watchdog = trio.CancelScope()
-                    nursery.start_soon(_watch, conn, watchdog)
+                    nursery.start_soon(net.watch_silence, conn, watchdog)
                     ending = await _receive_loop(session, channel, handler, config, watchdog)
                     nursery.cancel_scope.cancel()
             if ending is not None:
@@ -303,22 +303,6 @@ async def _settle(results: ResultCommitter, ending: Ending, config: SessionConfi
         await results.finish(imports=ending.reason is EndReason.GOODBYE)
 
 
-async def _watch(conn: Connection, watchdog: trio.CancelScope) -> None:
-    """Cancel ``watchdog`` once nothing has been heard from the builder for its timeout.
-
-    Lazy: it sleeps until the connection's deadline as it stood, then looks again, since any
-    frame (or a frame's progress, see ``Connection.receive_data``) has moved it.  The receive
-    loop thus moves no cancel scope's deadline per frame (trio's setter costs more than a
-    Pong's encoding), and this task wakes about once per builder timeout, not once per ping.
-    """
-    while True:
-        deadline = conn.deadline
-        if deadline <= trio.current_time():
-            watchdog.cancel()
-            return
-        await trio.sleep_until(deadline)
-
-
 async def _receive_loop(
     session: BuilderSession,
     channel: FramedChannel,
@@ -327,7 +311,7 @@ async def _receive_loop(
     watchdog: trio.CancelScope,
 ) -> Ending:
     """Apply frames until the builder leaves or goes silent (``watchdog`` cancelled by
-    ``_watch``); returns why the loop ended."""
+    ``net.watch_silence``); returns why the loop ended."""
     try:
         with watchdog:
             while True:
