@@ -13,7 +13,7 @@ import psutil
 import pytest
 import trio
 
-from hydra_trio.builder import builddir, outputs
+from hydra_trio.builder import builddir, outputs, process
 from hydra_trio.builder.executor import execute
 from hydra_trio.protocol.messages import (
     Assign,
@@ -131,6 +131,33 @@ async def test_a_command_that_does_not_exist_fails_with_127_and_says_why(tmp_pat
     assert "No such file" in log
     assert result.error == log.strip()
     assert not build_dir.exists()
+
+
+def test_a_command_found_once_is_looked_for_again_once_it_is_gone(tmp_path: Path) -> None:
+    """``process._on_path`` remembers where a program was found on a PATH, and checks it
+    there each time: a program removed, made non-executable or replaced by a directory is
+    missing at once (another directory of the PATH holding it still counts)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    path = f"{first}:{second}"
+    tool = first / "hydra-trio-probe"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    assert process._on_path("hydra-trio-probe", path)
+    assert process._on_path("hydra-trio-probe", path)  # (from where it was found)
+    tool.chmod(0o644)
+    assert not process._on_path("hydra-trio-probe", path)
+    tool.unlink()
+    tool.mkdir()
+    assert not process._on_path("hydra-trio-probe", path)
+    other = second / "hydra-trio-probe"
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    assert process._on_path("hydra-trio-probe", path)
+    other.unlink()
+    assert not process._on_path("hydra-trio-probe", path)
+    assert not process._on_path("hydra-trio-probe", str(tmp_path / "nowhere"))
 
 
 async def test_a_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
