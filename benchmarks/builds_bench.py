@@ -56,7 +56,7 @@ from typing import Any
 
 import figures
 import trio
-from daemons import Daemons, cpu_model, print_profiles
+from daemons import Daemons, cpu_model, print_profiles, process_cpu
 from figures import Figure, Goal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,15 +71,6 @@ GOAL_P99 = 0.020
 #: the longest any one timed phase may take before the script gives up.
 PHASE_TIMEOUT = 600.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu(pid: int) -> float:
-    """utime + stime of ``pid`` itself (all threads), seconds."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def machine_busy() -> tuple[float, float]:

@@ -11,6 +11,7 @@ import contextlib
 import os
 import platform
 import pstats
+import resource
 import signal
 import socket
 import subprocess
@@ -35,6 +36,22 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` itself (all its threads, not its children), from
+    ``/proc/<pid>/stat``; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    """This process's user + system CPU seconds so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def print_profiles(directory: Path, top: int) -> None:

@@ -72,7 +72,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import statistics
@@ -85,7 +84,7 @@ from typing import Any
 
 import attrs
 import figures
-from daemons import Daemons, cpu_model, print_profiles
+from daemons import Daemons, cpu_model, own_cpu, print_profiles, process_cpu
 from figures import Figure, Goal
 
 PING_INTERVAL = 1.0
@@ -119,20 +118,6 @@ def memory(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 found[key] = int(value.split()[0])
     return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` (all its threads; 0 once it is gone)."""
-    with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
-
-
-def own_cpu() -> float:
-    """This process's user + system CPU seconds so far (a baseline reports its own)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +390,7 @@ def one_run(workdir: Path, size: int, profile: Path | None) -> dict[str, Any]:
 
         def mark(name: str) -> None:
             if name not in marks:
-                marks[name] = {daemon: cpu_seconds(pid) for daemon, pid in pids.items()}
+                marks[name] = {daemon: process_cpu(pid) for daemon, pid in pids.items()}
 
         start = time.monotonic()
         while True:
@@ -480,25 +465,10 @@ def one_run(workdir: Path, size: int, profile: Path | None) -> dict[str, Any]:
         farm.close()
 
 
-def cpu_per_gib(result: dict[str, Any], size: int) -> dict[str, float]:
+def cpu_line(result: dict[str, Any], size: int) -> str:
     """CPU seconds per GiB moved: the farm's daemons in the phase (as the 100 ms polls saw it:
     the upload phase includes the runner's commit, mostly waiting for its fsync), and the
     naive baselines' two processes."""
-    gib = size / (1 << 30)
-    farm = result.get("cpu", {})
-    base = result["baseline_cpu"]
-    found = {
-        "naive receive-write-hash": sum(base["naive_in"].values()) / gib,
-        "naive read-hash-send -> receive-write-hash": sum(base["naive_ff"].values()) / gib,
-    }
-    if "upload" in farm:
-        found["upload"] = (farm["upload"]["runner"] + farm["upload"]["bA"]) / gib
-    if "fetch" in farm:
-        found["fetch"] = (farm["fetch"]["runner"] + farm["fetch"]["bB"]) / gib
-    return found
-
-
-def cpu_line(result: dict[str, Any], size: int) -> str:
     gib = size / (1 << 30)
     farm = result.get("cpu", {})
     base = result["baseline_cpu"]
