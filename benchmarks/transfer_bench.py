@@ -36,7 +36,10 @@ Measured:
   mode: ``send_all`` of 256 KiB ``bytes`` / ``receive_some(256 KiB)`` discarded; no disk, no
   framing); the **naive receive-write-hash loop** (``--naive-sink``: plain blocking Python,
   ``recv_into`` a reused 1 MiB buffer, write to a new file and SHA-256 in the same thread;
-  the source sends from memory), the work of an upload's receiving end; and the **naive
+  the source sends from memory), the work of an upload's receiving end; the same loop
+  writing **around the page cache** (``--naive-direct-sink``: each 1 MiB gathered in a
+  page-aligned buffer and written with ``O_DIRECT``, as the runner writes a large upload,
+  ``diskio.DirectFile``; reported beside the goal, not part of it); and the **naive
   read-hash-send -> receive-write-hash** pair (the source reads a file of the same bytes in
   1 MiB pieces and hashes them before sending), the work of a fetch end to end.
 - **page state**: on the project's VM (a custom ``page_reporting`` module: virtio-balloon free
@@ -195,8 +198,7 @@ def raw_copy(size: int) -> Copy:
 NAIVE_CHUNK = 1 << 20
 
 
-def naive_sink(lifetime: float, target: str) -> None:
-    import hashlib
+def naive_sink(lifetime: float, target: str, direct: bool = False) -> None:
     import socket
 
     with socket.create_server(("127.0.0.1", 0)) as server:
@@ -204,17 +206,55 @@ def naive_sink(lifetime: float, target: str) -> None:
         print(f"PORT {server.getsockname()[1]}", flush=True)
         conn, _ = server.accept()
         begun = own_cpu()
-        with conn, open(target, "xb", buffering=0) as out:
+        with conn:
             conn.settimeout(lifetime)
-            digest = hashlib.sha256()
-            buffer = bytearray(NAIVE_CHUNK)
-            view = memoryview(buffer)
-            while got := conn.recv_into(buffer):
-                out.write(view[:got])
-                digest.update(view[:got])
-            conn.sendall(digest.digest())
+            receive = _receive_direct if direct else _receive_buffered
+            digest = receive(conn, target)
+            conn.sendall(digest)
         os.unlink(target)
         print(f"CPU {own_cpu() - begun:.6f}", flush=True)
+
+
+def _receive_buffered(conn: Any, target: str) -> bytes:
+    import hashlib
+
+    with open(target, "xb", buffering=0) as out:
+        digest = hashlib.sha256()
+        buffer = bytearray(NAIVE_CHUNK)
+        view = memoryview(buffer)
+        while got := conn.recv_into(buffer):
+            out.write(view[:got])
+            digest.update(view[:got])
+    return digest.digest()
+
+
+def _receive_direct(conn: Any, target: str) -> bytes:
+    """``_receive_buffered`` around the page cache: each 1 MiB gathered in a page-aligned
+    buffer, written with ``O_DIRECT``; the last partial block through the page cache."""
+    import fcntl
+    import hashlib
+    import mmap
+
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+    digest = hashlib.sha256()
+    buffer = mmap.mmap(-1, NAIVE_CHUNK)
+    with memoryview(buffer) as view:
+        try:
+            while True:
+                filled = 0
+                while filled < NAIVE_CHUNK and (got := conn.recv_into(view[filled:])):
+                    filled += got
+                digest.update(view[:filled])
+                if filled < NAIVE_CHUNK:
+                    whole = filled - filled % 4096
+                    if whole:
+                        os.write(fd, view[:whole])
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                    os.write(fd, view[whole:filled])
+                    return digest.digest()
+                os.write(fd, view)
+        finally:
+            os.close(fd)
 
 
 def naive_source(port: int, size: int, lifetime: float, source: str | None) -> None:
@@ -292,9 +332,11 @@ def _reports(out: str) -> dict[str, float]:
     return said
 
 
-def naive_receive(size: int, target: Path) -> Copy:
-    """Seconds for memory -> socket -> new file + SHA-256 (the upload's runner side)."""
-    return pair(["--naive-sink", str(target)], ["--size", str(size), "--naive-source"])
+def naive_receive(size: int, target: Path, *, direct: bool = False) -> Copy:
+    """Seconds for memory -> socket -> new file + SHA-256 (the upload's runner side); with
+    ``direct``, the file written around the page cache, as the runner writes a large upload."""
+    sink = "--naive-direct-sink" if direct else "--naive-sink"
+    return pair([sink, str(target)], ["--size", str(size), "--naive-source"])
 
 
 def naive_file_to_file(source: Path, target: Path) -> Copy:
@@ -475,6 +517,7 @@ def cpu_line(result: dict[str, Any], size: int) -> str:
     parts = []
     for phase, builder, naive, label in (
         ("upload", "bA", "naive_in", "naive receive-write-hash"),
+        ("", "", "naive_direct", "its O_DIRECT version"),
         ("fetch", "bB", "naive_ff", "naive pair"),
     ):
         if phase in farm:
@@ -508,6 +551,7 @@ def main() -> int:
     parser.add_argument("--source", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--lifetime", type=float, default=120.0, help=argparse.SUPPRESS)
     parser.add_argument("--naive-sink", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--naive-direct-sink", metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--naive-source", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--from", dest="source_file", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -516,6 +560,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.naive_sink is not None:
         naive_sink(args.lifetime, args.naive_sink)
+        return 0
+    if args.naive_direct_sink is not None:
+        naive_sink(args.lifetime, args.naive_direct_sink, direct=True)
         return 0
     if args.naive_source is not None:
         naive_source(args.naive_source, args.size, args.lifetime, args.source_file)
@@ -544,6 +591,8 @@ def main() -> int:
             time.sleep(args.settle)
             naive_in = naive_receive(args.size, tmp / "naive-in")
             time.sleep(args.settle)
+            naive_direct = naive_receive(args.size, tmp / "naive-direct", direct=True)
+            time.sleep(args.settle)
             naive_ff = naive_file_to_file(source_file, tmp / "naive-ff")
             workdir = tmp / f"run{index + 1}"
             workdir.mkdir()
@@ -555,14 +604,18 @@ def main() -> int:
             result["raw"] = raw.seconds
             result["naive_in"] = naive_in.seconds
             result["naive_ff"] = naive_ff.seconds
+            result["naive_direct"] = naive_direct.seconds
+            copies = {"raw": raw, "naive_in": naive_in, "naive_direct": naive_direct}
+            copies["naive_ff"] = naive_ff
             result["baseline_cpu"] = {
                 name: {"sink": copy.sink_cpu, "source": copy.source_cpu}
-                for name, copy in (("raw", raw), ("naive_in", naive_in), ("naive_ff", naive_ff))
+                for name, copy in copies.items()
             }
             runs.append(result)
             print(
                 f"run {index + 1}: raw {mb / raw.seconds:,.0f} MB/s, naive receive-write-hash "
-                f"{mb / naive_in.seconds:,.0f} MB/s, naive read-hash-send -> receive-write-hash "
+                f"{mb / naive_in.seconds:,.0f} MB/s (O_DIRECT {mb / naive_direct.seconds:,.0f}), "
+                "naive read-hash-send -> receive-write-hash "
                 f"{mb / naive_ff.seconds:,.0f} MB/s, upload {mb / result['upload']:,.0f}"
                 f" MB/s, fetch {mb / result['fetch']:,.0f} MB/s; VmHWM "
                 + ", ".join(f"{k} {v:.0f} MiB" for k, v in result["hwm_mib"].items())
@@ -590,6 +643,8 @@ def main() -> int:
     fetch_rates = [mb / r["fetch"] for r in runs]
     naive_in_rates = [mb / r["naive_in"] for r in runs]
     naive_ff_rates = [mb / r["naive_ff"] for r in runs]
+    naive_direct_rates = [mb / r["naive_direct"] for r in runs]
+    up_direct = med([r["naive_direct"] / r["upload"] for r in runs])
     up_ratio = med([r["raw"] / r["upload"] for r in runs])
     fetch_ratio = med([r["raw"] / r["fetch"] for r in runs])
     up_naive = med([r["naive_in"] / r["upload"] for r in runs])
@@ -602,10 +657,11 @@ def main() -> int:
     print(f"{args.repeat} repetitions of {args.size:,} bytes ({args.size / (1 << 20):,.0f} MiB)")
     print(f"raw trio socket copy: {med(raw_rates):,.0f} MB/s")
     print(f"naive receive-write-hash: {med(naive_in_rates):,.0f} MB/s")
+    print(f"naive receive-write-hash, O_DIRECT: {med(naive_direct_rates):,.0f} MB/s")
     print(f"naive read-hash-send -> receive-write-hash: {med(naive_ff_rates):,.0f} MB/s")
     print(
         f"upload:  {med(up_rates):,.0f} MB/s, {up_ratio:.2f} of raw, "
-        f"{up_naive:.2f} of naive receive-write-hash"
+        f"{up_naive:.2f} of naive receive-write-hash, {up_direct:.2f} of its O_DIRECT version"
     )
     print(
         f"fetch:   {med(fetch_rates):,.0f} MB/s, {fetch_ratio:.2f} of raw, "
@@ -639,6 +695,14 @@ def main() -> int:
             "naive receive-write-hash",
             Goal(">=", GOAL_NAIVE, of_baseline=True),
             paired_ratio=up_naive,
+        ),
+        Figure(
+            f"upload {size} vs the naive loop writing around the page cache",
+            med(up_rates),
+            "MB/s",
+            med(naive_direct_rates),
+            "naive receive-write-hash, O_DIRECT",
+            paired_ratio=up_direct,
         ),
         Figure(
             f"fetch {size} input, runner -> builder",

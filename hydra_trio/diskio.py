@@ -15,12 +15,16 @@ a second thread hop to pay off do both in one.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import hashlib
+import mmap
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import trio
 
@@ -30,6 +34,14 @@ PARALLEL_MIN = 256 * 1024
 DISCARD_GRACE = 30.0
 #: How ``write_new`` creates a file.
 _CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+#: ``O_DIRECT`` where the platform has it (Linux), else 0 (``DirectFile`` then writes through
+#: the page cache).
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+#: What direct I/O must be aligned to: the buffer's address (an ``mmap`` is page-aligned), the
+#: file offset and the length of each write.  4 KiB suits every logical block size in use.
+DIRECT_BLOCK = 4096
+#: What a ``DirectFile`` gathers before one write.
+DIRECT_BUFFER = 1024 * 1024
 
 
 async def write_and_hash(
@@ -78,6 +90,164 @@ class HashMismatch(Exception):
         self.expected_sha256 = expected_sha256
 
 
+class Writable(Protocol):
+    """What ``HashingFile`` writes into: a binary file object, or a ``DirectFile``."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class DirectFile:
+    """A new file written around the page cache (``O_DIRECT``) where the file system allows
+    it, else through it: for large files this process writes once and rarely reads again (the
+    runner's uploaded outputs, which dependents fetch from disk).
+
+    Why: a buffered write first needs a free page of memory per 4 KiB of file, and on a
+    virtual machine whose free memory is handed back to the host (virtio-balloon free page
+    reporting) finding it costs far more than the copy: on the project's VM a plain 1 GiB
+    write loop took 2.5 s of kernel CPU through the page cache (~420 MB/s) and 0.09 s with
+    ``O_DIRECT`` (~2 GB/s), the data going straight from this buffer to the disk.  On any
+    machine it keeps gigabytes of outputs from pushing more useful pages out of memory.
+
+    ``write`` gathers data into a page-aligned buffer of ``DIRECT_BUFFER`` bytes and writes
+    it whole; ``close`` writes what is left of the last block through the page cache.  A file
+    system that refuses direct I/O (tmpfs, some network file systems) gets buffered writes
+    from the first refusal on.  One writer at a time; blocking: call it from a thread."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        #: writes go around the page cache (through ``_buffer``, ``_filled`` bytes of it used).
+        self.direct = bool(_O_DIRECT) and _set_direct(fd, on=True)
+        self._buffer = mmap.mmap(-1, DIRECT_BUFFER) if self.direct else None
+        self._filled = 0
+        self._closed = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: bytes, /) -> int:
+        buffer = self._buffer
+        with memoryview(data) as view:
+            taken = 0
+            while taken < len(view):
+                if not self.direct or buffer is None:
+                    write_all(self._fd, view[taken:])
+                    break
+                room = min(DIRECT_BUFFER - self._filled, len(view) - taken)
+                buffer[self._filled : self._filled + room] = view[taken : taken + room]
+                self._filled += room
+                taken += room
+                if self._filled == DIRECT_BUFFER:
+                    self._write_gathered(DIRECT_BUFFER)
+        return len(data)
+
+    def _write_gathered(self, length: int) -> None:
+        """Write the first ``length`` bytes gathered (whole blocks), then move the rest to the
+        buffer's start.  A refusal (``EINVAL``: the file system takes the flag but not the
+        alignment) or a short write (a nearly full disk) turns direct I/O off and writes all
+        that is gathered through the page cache."""
+        buffer = self._buffer
+        assert buffer is not None
+        with memoryview(buffer) as whole:
+            done = 0
+            while done < length:
+                try:
+                    written = os.write(self._fd, whole[done:length])
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    written = 0
+                done += written
+                if done < length:
+                    _set_direct(self._fd, on=False)
+                    self.direct = False
+                    write_all(self._fd, whole[done : self._filled])
+                    self._filled = 0
+                    return
+            rest = self._filled - length
+            if rest:
+                whole[:rest] = whole[length : self._filled]
+        self._filled = rest
+
+    def close(self) -> None:
+        """Write what is gathered (its last partial block through the page cache) and close
+        the descriptor, also if that write fails; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._filled:
+                whole = self._filled - self._filled % DIRECT_BLOCK
+                if whole:
+                    self._write_gathered(whole)
+                if self._filled:
+                    assert self._buffer is not None
+                    _set_direct(self._fd, on=False)
+                    with memoryview(self._buffer) as gathered:
+                        write_all(self._fd, gathered[: self._filled])
+                    self._filled = 0
+        finally:
+            os.close(self._fd)
+            self._buffer = None  # (freed with the last view of it: an error's may be about)
+
+
+#: Each worker thread's buffer for ``read_direct`` (one block more than ``DIRECT_BUFFER``: a
+#: read not starting on a block boundary begins that much earlier).  Allocated once per
+#: thread: fresh pages would cost what reading around the page cache saves.
+_read_buffers = threading.local()
+
+
+def read_direct(fd: int, offset: int, end: int, piece: int) -> list[bytes] | None:
+    """The bytes of ``fd`` from ``offset`` to ``end`` (fewer if the file ends first) as
+    pieces of ``piece`` bytes, read around the page cache (``O_DIRECT``, left set on ``fd``)
+    into this thread's buffer: the other side of ``DirectFile``, whose files are not in the
+    page cache, so that a buffered read would need a fresh page per 4 KiB as much as the
+    write did.  None where it cannot be done (no ``O_DIRECT`` here, a file system refusing
+    it, a piece larger than the buffer): the caller reads through the page cache."""
+    if not _O_DIRECT or piece > DIRECT_BUFFER or not _set_direct(fd, on=True):
+        return None
+    buffer: mmap.mmap | None = getattr(_read_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _read_buffers.buffer = mmap.mmap(-1, DIRECT_BUFFER + DIRECT_BLOCK)
+    step = DIRECT_BUFFER // piece * piece  # (a read's pieces are whole but for the last)
+    pieces: list[bytes] = []
+    with memoryview(buffer) as view:
+        at = offset
+        while at < end:
+            start = at - at % DIRECT_BLOCK
+            want = min(step, end - at)
+            span = -(-(at + want - start) // DIRECT_BLOCK) * DIRECT_BLOCK
+            try:
+                got = os.preadv(fd, [view[:span]], start)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and not pieces:
+                    return None  # (the file system takes the flag, not the alignment)
+                raise
+            have = min(got - (at - start), want)
+            if have <= 0:
+                break
+            first = at - start
+            pieces += [
+                bytes(view[cut : min(cut + piece, first + have)])
+                for cut in range(first, first + have, piece)
+            ]
+            at += have
+            if have < want:
+                break
+    return pieces
+
+
+def _set_direct(fd: int, *, on: bool) -> bool:
+    """Turn ``O_DIRECT`` on or off for ``fd``; whether the file system let it."""
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT if on else flags & ~_O_DIRECT)
+    except OSError:
+        return False
+    return True
+
+
 class HashingFile:
     """A file being received into ``tmp``: written and hashed as its data arrives, moved to
     its final name (read-only) only once its size and hash match, else removed.
@@ -85,7 +255,7 @@ class HashingFile:
     Writes happen one batch at a time, in order; ``write`` overlaps a batch's write and hash
     in two threads.  Every other method blocks: call it through a thread."""
 
-    def __init__(self, tmp: Path, file: BinaryIO) -> None:
+    def __init__(self, tmp: Path, file: BinaryIO | Writable) -> None:
         self.tmp = tmp
         self.file = file
         self.size = 0
@@ -194,7 +364,7 @@ async def receiving(tmp: Path) -> AsyncIterator[HashingFile]:
             await trio.to_thread.run_sync(file.discard)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     """Write all of ``data`` to ``fd`` (``os.write`` may write less than it is given)."""
     view = memoryview(data)
     while view:

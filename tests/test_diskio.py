@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import itertools
+import os
 import stat
 import threading
 from pathlib import Path
@@ -11,11 +15,15 @@ import pytest
 import trio
 import trio.lowlevel
 
+from hydra_trio import diskio
 from hydra_trio.diskio import (
+    DIRECT_BUFFER,
     PARALLEL_MIN,
+    DirectFile,
     HashingFile,
     HashMismatch,
     beside,
+    read_direct,
     receiving,
     write_and_hash,
 )
@@ -141,8 +149,142 @@ def test_a_full_disk_still_removes_the_partial_file(tmp_path: Path) -> None:
     escape ``discard``, so a transfer's own error is the one reported."""
     partial = tmp_path / "partial"
     partial.write_bytes(b"what was written before the disk filled")
-    file = HashingFile(partial, Path("/dev/full").open("wb"))  # noqa: SIM115 (discard closes it)
+    full = Path("/dev/full").open("wb")  # noqa: SIM115 (discard closes it)
+    file = HashingFile(partial, full)
     file.write_chunks([b"x" * 100])  # buffered: the flush at close fails
     file.discard()
     assert not partial.exists()
-    assert file.file.closed
+    assert full.closed
+
+
+# ---------------------------------------------------------------------------------------------
+# DirectFile and read_direct: large files written and read around the page cache.
+
+
+def _direct_file(path: Path) -> DirectFile:
+    return DirectFile(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, 4095, 4096, 4097, DIRECT_BUFFER - 1, DIRECT_BUFFER, 3 * DIRECT_BUFFER + 4097]
+)
+def test_a_direct_file_holds_what_was_written_whatever_its_length(
+    tmp_path: Path, size: int
+) -> None:
+    data = os.urandom(size)
+    target = tmp_path / "out"
+    file = _direct_file(target)
+    # (chunks that do not fall on block boundaries: a frame's 64 KiB, then odd ones)
+    steps = itertools.cycle([65_536, 1_000, 464, 1_100_000])
+    start = 0
+    while start < size:
+        step = next(steps)
+        file.write(data[start : start + step])
+        start += step
+    file.close()
+    file.close()  # (a second close does nothing)
+    assert target.read_bytes() == data
+
+
+def test_a_direct_file_writes_around_the_page_cache_where_the_file_system_allows(
+    tmp_path: Path,
+) -> None:
+    file = _direct_file(tmp_path / "out")
+    if not file.direct:
+        file.close()
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    assert fcntl.fcntl(file.fileno(), fcntl.F_GETFL) & os.O_DIRECT
+    file.write(b"x" * (DIRECT_BUFFER + 10))
+    assert file.direct
+    file.close()
+    assert (tmp_path / "out").read_bytes() == b"x" * (DIRECT_BUFFER + 10)
+
+
+def test_a_refused_direct_write_goes_on_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that takes the flag but not the alignment says EINVAL at the first
+    write: that write and every later one go through the page cache, nothing lost."""
+    real_write = os.write
+    refused: list[int] = []
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    file = _direct_file(tmp_path / "out")
+    if not file.direct:
+        file.close()
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    monkeypatch.setattr(os, "write", write)
+    data = os.urandom(2 * DIRECT_BUFFER + 3)
+    file.write(data[: DIRECT_BUFFER + 1])
+    file.write(data[DIRECT_BUFFER + 1 :])
+    file.close()
+    monkeypatch.undo()
+    assert refused == [DIRECT_BUFFER]
+    assert not file.direct
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_a_direct_file_on_a_full_disk_fails_the_write_and_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC is the write's error (the upload fails, the runner goes on), and
+    ``HashingFile.discard`` still closes the descriptor and removes the partial file."""
+    partial = tmp_path / "partial"
+    file = HashingFile(partial, _direct_file(partial))
+
+    def full(fd: int, data: bytes | memoryview) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError, match="No space"):
+        file.write_chunks([b"y" * (DIRECT_BUFFER + 5)])
+    file.discard()
+    monkeypatch.undo()
+    assert not partial.exists()
+
+
+def _pieces(data: bytes, offset: int, end: int, piece: int) -> list[bytes]:
+    end = min(end, len(data))
+    return [data[at : min(at + piece, end)] for at in range(offset, end, piece)]
+
+
+@pytest.mark.parametrize("piece", [65_536, 1_000])
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [(0, 1 << 20), (1, 1 << 20), (4095, 3 << 20), (1 << 20, 1 << 20), (3 << 20, 1 << 20)],
+)
+def test_read_direct_cuts_any_range_into_the_pieces_asked_for(
+    tmp_path: Path, piece: int, offset: int, length: int
+) -> None:
+    data = os.urandom((3 << 20) + 777)
+    path = tmp_path / "blob"
+    file = _direct_file(path)
+    file.write(data)
+    file.close()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pieces = read_direct(fd, offset, offset + length, piece)
+    finally:
+        os.close(fd)
+    if pieces is None:
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    assert pieces == _pieces(data, offset, offset + length, piece)
+
+
+def test_read_direct_leaves_to_the_caller_what_it_cannot_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(b"z" * 10_000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert read_direct(fd, 0, 10_000, DIRECT_BUFFER + 1) is None  # (a piece too large)
+        monkeypatch.setattr(diskio, "_set_direct", lambda fd, on: False)
+        assert read_direct(fd, 0, 10_000, 4096) is None  # (a file system refusing it)
+    finally:
+        os.close(fd)

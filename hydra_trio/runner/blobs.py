@@ -28,7 +28,7 @@ from pathlib import Path
 
 import attrs
 
-from hydra_trio.diskio import HashingFile, HashMismatch, fsync_dir
+from hydra_trio.diskio import DirectFile, HashingFile, HashMismatch, fsync_dir, read_direct
 from hydra_trio.nixstore import NixStore
 from hydra_trio.protocol.messages import FileInfo
 from hydra_trio.runner.health import Health
@@ -42,6 +42,10 @@ class BlobError(Exception):
 
 #: Upload bytes staged in memory before one thread hop writes and hashes them.
 WRITE_BATCH = 1024 * 1024
+#: Reads of at least this many bytes go around the page cache (``diskio.read_direct``): an
+#: uploaded file was written so (``DirectFile``), and a buffered read would need as many
+#: fresh pages of memory as the write avoided.
+DIRECT_READ_MIN = 256 * 1024
 _READ_ONLY = 0o444
 
 
@@ -160,7 +164,7 @@ class BlobStore:
             # Nothing on disk: ``tmp`` names no file (discarding it unlinks nothing).
             refused = HashingFile(self.root / "tmp" / "refused", io.BytesIO())
             return PendingUpload(path=path, file=refused, done=True)
-        return PendingUpload(path=path, file=HashingFile(Path(name), os.fdopen(fd, "wb")))
+        return PendingUpload(path=path, file=HashingFile(Path(name), DirectFile(fd)))
 
     def small(self, path: str, data: bytes) -> PendingUpload:
         """A complete upload of one frame (``data``), staged in memory without I/O (call it
@@ -603,10 +607,15 @@ class BlobStore:
         fd, base, size = self._locate(sha256)
         try:
             end = min(offset + length, size)
-            pieces = [
-                os.pread(fd, min(piece, end - start), base + start)
-                for start in range(offset, end, piece)
-            ] or [b""]
+            pieces = None
+            if end - offset >= DIRECT_READ_MIN:  # (written by a ``DirectFile``: not cached)
+                pieces = read_direct(fd, base + offset, base + end, piece)
+            if pieces is None:
+                pieces = [
+                    os.pread(fd, min(piece, end - start), base + start)
+                    for start in range(offset, end, piece)
+                ]
+            pieces = pieces or [b""]
         finally:
             os.close(fd)
         got = sum(len(p) for p in pieces)
