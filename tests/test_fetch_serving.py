@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,26 @@ async def test_a_fetch_files_request_is_answered_by_its_files_one_after_the_othe
         (5, b"", False, True),
     ]
     assert "more than 100 bytes" in frames[6].error and frames[7].error == "not an input"
+
+
+async def test_a_batch_read_sooner_than_the_one_before_waits_to_be_posted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches are read at once (``READERS``); the answers still go out in the order the
+    requests came, also when the second batch's read ends first."""
+    blobs, (first, second) = stored(tmp_path / "blobs", b"1" * 10, b"2" * 10)
+    monkeypatch.setattr(fetches, "SERVE_BATCH", 1)  # (one request a batch)
+    second_read = threading.Event()
+    read = FetchServer._read
+
+    def slow_first(self: FetchServer, batch: list[fetches.Queued]) -> list[list[FetchData]]:
+        if batch[0][0].request_id == 0:
+            assert second_read.wait(10), "the second batch was not read beside the first"
+        answers = read(self, batch)
+        if batch[0][0].request_id == 1:
+            second_read.set()
+        return answers
+
+    monkeypatch.setattr(FetchServer, "_read", slow_first)
+    frames = await answers(blobs, [(request(0, first, 10), ""), (request(1, second, 10), "")], 2)
+    assert [(f.request_id, f.data) for f in frames] == [(0, b"1" * 10), (1, b"2" * 10)]
