@@ -48,9 +48,11 @@ Measured:
   freed a moment ago.  Measured here with a plain 1 GiB write loop after a pause following
   the deletion of the previous 1 GiB file: 0.2 s -> 4,000-4,400 MiB/s, 1 s -> 2,500-4,800,
   4 s -> 1,150-1,300, 10 s -> 600.  The farm's transfers always write into such cold pages
-  (the daemons start and the build runs first), while a baseline run just after the
-  previous one's file was deleted wrote at up to twice their rate.  So each naive baseline
-  runs after ``PAGE_SETTLE`` seconds of quiet: the same work in the same conditions.
+  (the daemons start and the build runs first; since 2026-12-08 the runner writes a large
+  upload around the page cache, bB still writes a fetched input through it), while a
+  baseline run just after the previous one's file was deleted wrote at up to twice their
+  rate.  So each naive baseline runs after ``PAGE_SETTLE`` seconds of quiet: the same work in
+  the same conditions.
 
 Goals: upload >= 1.0x the naive receive-write-hash loop, fetch >= 1.0x the naive
 read-hash-send -> receive-write-hash pair (the ratios to the raw copy are reported too);
