@@ -79,6 +79,7 @@ class FetchServer:
         posted = trio.Event()
         posted.set()
         async with trio.open_nursery() as nursery:
+            await readers.acquire()  # (before taking a batch: it takes all queued by then)
             async for first in self._receive:
                 batch = [first]
                 files, size = _weight(first[0])
@@ -90,9 +91,9 @@ class FetchServer:
                     batch.append(item)
                     more, bytes_ = _weight(item[0])
                     files, size = files + more, size + bytes_
-                await readers.acquire()
                 before, posted = posted, trio.Event()
                 nursery.start_soon(self._answer, batch, before, posted, readers)
+                await readers.acquire()
 
     async def _answer(
         self,
