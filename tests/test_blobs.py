@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hydra_trio.runner.blobs import BlobError, BlobStore, PendingUpload
+from hydra_trio.runner.blobs import DIRECT_READ_MIN, BlobError, BlobStore, PendingUpload
 from hydra_trio.runner.packs import UNNAMED_GRACE
 
 
@@ -248,3 +248,35 @@ def test_many_blobs_are_read_one_after_the_other_a_run_of_a_pack_at_a_time(
     assert blobs.read_many([sha(d) for d in wanted], 149) is None  # (they hold 150)
     with pytest.raises(BlobError, match="no file"):
         blobs.read_many([sha(first[0]), sha(b"not here")], 10_000)
+
+
+def test_a_large_upload_is_written_and_read_back_around_the_page_cache_intact(
+    tmp_path: Path,
+) -> None:
+    """A streamed upload goes through ``DirectFile`` (``O_DIRECT`` where the file system
+    allows it) and is read back by ``read_direct`` for reads of ``DIRECT_READ_MIN`` or more:
+    whatever the chunking of the upload and the offsets of the reads, the bytes are the
+    ones uploaded, cut into the pieces asked for."""
+    data = os.urandom(3 * (1 << 20) + 4_321)
+    blobs = BlobStore(tmp_path)
+    upload = blobs.begin("out/big")
+    offset = 0
+    for step in itertools.cycle([65_536, 65_536, 1_000, 300_000]):
+        chunk = data[offset : offset + step]
+        blobs.append(upload, offset, chunk, eof=offset + len(chunk) == len(data))
+        offset += len(chunk)
+        if offset == len(data):
+            break
+    blobs.commit(upload, len(data), sha(data))
+    for start, length in (
+        (0, 1 << 20),
+        (1 << 20, 1 << 20),
+        (12_345, DIRECT_READ_MIN),
+        (3 << 20, 1 << 20),
+        (len(data) + 5, 1 << 20),
+    ):
+        pieces, eof = blobs.read_pieces(sha(data), start, length, 65_536)
+        end = min(start + length, len(data))
+        expected = [data[at : min(at + 65_536, end)] for at in range(start, end, 65_536)]
+        assert pieces == (expected or [b""]), (start, length)
+        assert eof == (end >= len(data))
