@@ -603,12 +603,13 @@ def main() -> int:
             finally:
                 if not args.keep:
                     shutil.rmtree(workdir, ignore_errors=True)
-            result["raw"] = raw.seconds
-            result["naive_in"] = naive_in.seconds
-            result["naive_ff"] = naive_ff.seconds
-            result["naive_direct"] = naive_direct.seconds
-            copies = {"raw": raw, "naive_in": naive_in, "naive_direct": naive_direct}
-            copies["naive_ff"] = naive_ff
+            copies = {
+                "raw": raw,
+                "naive_in": naive_in,
+                "naive_direct": naive_direct,
+                "naive_ff": naive_ff,
+            }
+            result.update((name, copy.seconds) for name, copy in copies.items())
             result["baseline_cpu"] = {
                 name: {"sink": copy.sink_cpu, "source": copy.source_cpu}
                 for name, copy in copies.items()

@@ -160,15 +160,22 @@ class DirectFile:
                     written = 0
                 done += written
                 if done < length:
-                    _set_direct(self._fd, on=False)
-                    self.direct = False
-                    write_all(self._fd, whole[done : self._filled])
-                    self._filled = 0
+                    self._through_cache(done)
                     return
             rest = self._filled - length
             if rest:
                 whole[:rest] = whole[length : self._filled]
         self._filled = rest
+
+    def _through_cache(self, start: int) -> None:
+        """Turn direct I/O off and write what is gathered from ``start`` on through the page
+        cache."""
+        assert self._buffer is not None
+        _set_direct(self._fd, on=False)
+        self.direct = False
+        with memoryview(self._buffer) as gathered:
+            write_all(self._fd, gathered[start : self._filled])
+        self._filled = 0
 
     def close(self) -> None:
         """Write what is gathered (its last partial block through the page cache) and close
@@ -182,11 +189,7 @@ class DirectFile:
                 if whole:
                     self._write_gathered(whole)
                 if self._filled:
-                    assert self._buffer is not None
-                    _set_direct(self._fd, on=False)
-                    with memoryview(self._buffer) as gathered:
-                        write_all(self._fd, gathered[: self._filled])
-                    self._filled = 0
+                    self._through_cache(0)
         finally:
             os.close(self._fd)
             self._buffer = None  # (freed with the last view of it: an error's may be about)
