@@ -10,6 +10,10 @@ write into pages the kernel has to find first (a fresh virtual machine's memory)
 still.  ``write_and_hash`` runs the two in two worker threads at the same time (both release
 the GIL), so a batch costs the slower of the two instead of their sum.  Batches too small for
 a second thread hop to pay off do both in one.
+
+A large file received to be kept rather than used at once (the runner's uploaded outputs) can
+be written around the page cache, ``DirectFile``, and read back the same way, ``read_direct``:
+on such a virtual machine a buffered write or read of data not cached needs those pages too.
 """
 
 from __future__ import annotations
