@@ -1,9 +1,11 @@
-"""Every descendant dies with its build (builder/contain.py), with real processes, in both
-ways a build can be contained: its own cgroup v2 (where this machine lets the test make one)
+"""Every descendant dies with its build (builder/contain.py), with real processes, in every
+way a build can be contained: its own cgroup v2 (where this machine lets the test make one),
+entered through the wrapper shell or through a shell standing by in it (builder/standby.py),
 and the fallback (the builder as subreaper and a process-tree kill)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -14,26 +16,43 @@ from pathlib import Path
 import pytest
 import trio
 
-from hydra_trio.builder import contain
+from hydra_trio.builder import contain, standby
 from hydra_trio.builder.executor import execute
 from hydra_trio.protocol.messages import BuildStatus
 
+from .helpers import executor as helpers
 from .helpers.executor import LIMIT, Recorder, assign, run
 from .test_executor import alive, gone, pids_in
 
 pytestmark = pytest.mark.realnet
 
 
-@pytest.fixture(params=["cgroup", "tree"])
-def containment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+@pytest.fixture(params=["cgroup", "standby", "tree"])
+def containment(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[str]:
     """Each test runs with a cgroup per build (skipped where the machine does not let this
-    process make cgroups) and with the fallback."""
-    if request.param == "cgroup":
-        if contain.cgroup_parent() is None:
-            pytest.skip("no writable cgroup v2 hierarchy for this process")
-    else:
+    process make cgroups), entered through the wrapper shell and through a shell standing by,
+    and with the fallback."""
+    if request.param == "tree":
         monkeypatch.setattr(contain, "cgroup_parent", lambda: None)
-    yield request.param
+        yield request.param
+        return
+    if contain.cgroup_parent() is None:
+        pytest.skip("no writable cgroup v2 hierarchy for this process")
+    if request.param == "cgroup":
+        yield request.param
+        return
+    shells = standby.for_builds(tmp_path / "build", 2)
+    assert shells is not None
+    shells.fill()
+    monkeypatch.setattr(helpers, "execute", functools.partial(execute, standby=shells))
+    try:
+        yield request.param
+    finally:
+        shells.close()
+    assert shells.taken >= 1  # the build did not go the usual way
+    assert not list(shells.parent.glob(f"{contain.CGROUP_PREFIX}{shells.owner}-*"))
 
 
 #: A daemon that leaves the build's session and process group (its output elsewhere), and a
@@ -60,7 +79,14 @@ async def test_a_setsid_daemon_and_a_double_forked_grandchild_die_when_the_build
         made.append(create(marker, name))
         return made[-1]
 
+    taken = standby.Shell.containment
+
+    def recording_taken(shell: standby.Shell, marker: str) -> contain.Containment:
+        made.append(taken(shell, marker))
+        return made[-1]
+
     monkeypatch.setattr(contain.Containment, "create", recording)
+    monkeypatch.setattr(standby.Shell, "containment", recording_taken)
     pids = tmp_path / "pids"
     result, _, _ = await run(tmp_path, "sh", "-c", escapees(pids))
     assert result.status is BuildStatus.SUCCESS
@@ -68,7 +94,7 @@ async def test_a_setsid_daemon_and_a_double_forked_grandchild_die_when_the_build
     assert len(escaped) == 2
     assert await all_gone(escaped)
     [used] = made
-    assert (used.cgroup is not None) == (containment == "cgroup")
+    assert (used.cgroup is not None) == (containment != "tree")
     assert used.cgroup is None or not used.cgroup.exists()  # removed with its build
 
 
@@ -88,7 +114,7 @@ async def test_they_die_when_the_build_is_cancelled(tmp_path: Path, containment:
         async with trio.open_nursery() as nursery:
 
             async def build() -> None:
-                await execute(
+                await helpers.execute(
                     assign("sh", "-c", script),
                     tmp_path / "build",
                     Recorder(),
@@ -143,7 +169,7 @@ async def test_the_command_itself_runs_in_its_builds_cgroup(
     assert result.status is BuildStatus.SUCCESS
     pid, cgroup = send.log().decode().split("\n", 1)
     assert int(pid) > 0
-    assert (contain.CGROUP_PREFIX in cgroup) == (containment == "cgroup")
+    assert (contain.CGROUP_PREFIX in cgroup) == (containment != "tree")
 
 
 @pytest.mark.parametrize(

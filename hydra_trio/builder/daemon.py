@@ -60,6 +60,12 @@ async def run_builder(
     if state is None:
         machine_id = await trio.to_thread.run_sync(load_machine_id, config.work_dir)
         state = BuilderState(config=config, machine_id=machine_id)
-    task_status.started(state)
-    sdnotify.notify(f"READY=1\nSTATUS=connecting to {config.server}")
-    await reconnect(config, state, connect or tcp_connector(config, state.servers))
+    if state.standby is not None:
+        state.standby.fill()
+    try:
+        task_status.started(state)
+        sdnotify.notify(f"READY=1\nSTATUS=connecting to {config.server}")
+        await reconnect(config, state, connect or tcp_connector(config, state.servers))
+    finally:
+        if state.standby is not None:
+            state.standby.close()

@@ -26,6 +26,7 @@ from hydra_trio.builder.inputs import Fetch, FetchError, place_inputs
 from hydra_trio.builder.outputs import BadOutput, OutputTooLarge, nothing_in, scan_and_upload
 from hydra_trio.builder.process import run_command
 from hydra_trio.builder.sandbox import Sandbox
+from hydra_trio.builder.standby import Standby
 from hydra_trio.protocol.messages import Assign, BuildStatus, FileInfo, Phase, Result
 
 
@@ -38,12 +39,14 @@ async def execute(
     *,
     sandbox: Sandbox | None = None,
     users: BuildUserPool | None = None,
+    standby: Standby | None = None,
 ) -> Result:
     """Run ``assign`` in ``build_dir`` (created fresh, removed afterwards): fetch its inputs
     into ``$IN``, run the command (in ``sandbox``, if given; as a build user of ``users`` if
-    given), upload what it left in ``$OUT``."""
+    given; else through a shell of ``standby``, if given, see ``standby``), upload what it
+    left in ``$OUT``."""
     with users.lease() if users is not None else contextlib.nullcontext() as user:
-        return await _execute(assign, build_dir, send, base_env, fetch, sandbox, user)
+        return await _execute(assign, build_dir, send, base_env, fetch, sandbox, user, standby)
 
 
 async def _execute(
@@ -54,6 +57,7 @@ async def _execute(
     fetch: Fetch | None,
     sandbox: Sandbox | None,
     user: BuildUser | None,
+    standby: Standby | None,
 ) -> Result:
     async with attempt(assign, build_dir, send) as phases:
         if assign.network and sandbox is not None and not sandbox.allow_network:
@@ -81,7 +85,9 @@ async def _execute(
                 )
             env = build_env(assign, phases.dir, base_env)
             # everything running as ``user`` is dead once this returns: $OUT stays as it is
-            ended = await run_command(assign, phases.dir.work, env, send, argv=argv, user=user)
+            ended = await run_command(
+                assign, phases.dir.work, env, send, argv=argv, user=user, standby=standby
+            )
         if user is not None:
             buildusers.take_back(phases.dir.path, phases.dir.mode)
         status, error = ended.status, ended.error

@@ -44,6 +44,7 @@ from hydra_trio.builder import contain
 from hydra_trio.builder.attempt import Send
 from hydra_trio.builder.buildusers import BuildUser, kill_uid
 from hydra_trio.builder.contain import MARKER_VARIABLE, Containment
+from hydra_trio.builder.standby import Shell, Standby
 from hydra_trio.protocol.messages import Assign, BuildStatus, LogChunk
 
 #: Log bytes per LogChunk frame at most (a read returns what the pipe has, up to this).
@@ -111,6 +112,7 @@ async def run_command(
     *,
     argv: Sequence[str] | None = None,
     user: BuildUser | None = None,
+    standby: Standby | None = None,
 ) -> Outcome:
     """Run ``assign.command`` in ``cwd`` under its limits, as ``user`` if given (else as the
     builder).  ``deliver_cancel`` stops it when the build is cancelled or the wall-clock
@@ -118,14 +120,19 @@ async def run_command(
     its process group); then, and whenever the command ends, everything it started is
     killed (and with ``user``, everything running as ``user``).  ``argv``: what to execute
     instead of the bare command (the command wrapped in its sandbox,
-    ``sandbox.Sandbox.argv``)."""
+    ``sandbox.Sandbox.argv``).  ``standby``: shells standing by in cgroups of their own, one
+    of which runs the command if it can (``standby``), without ``user`` only."""
     marker = env.get(MARKER_VARIABLE) or str(cwd.parent)
     env = {**env, MARKER_VARIABLE: marker}
     argv = list(assign.command if argv is None else argv)
-    containment = Containment.create(marker, cwd.parent.name)  # a mkdir: on the loop
+    shell = standby.take(argv, cwd, env) if standby is not None and user is None else None
+    if shell is not None:
+        containment = shell.containment(marker)
+    else:
+        containment = Containment.create(marker, cwd.parent.name)  # a mkdir: on the loop
     try:
         return await _run_contained(
-            assign, argv, cwd, env, send, deliver_cancel, stop, containment, user
+            assign, argv, cwd, env, send, deliver_cancel, stop, containment, user, standby, shell
         )
     finally:
         with trio.CancelScope(shield=True):
@@ -145,6 +152,8 @@ async def _run_contained(
     stop: Stop,
     containment: Containment,
     user: BuildUser | None,
+    standby: Standby | None = None,
+    shell: Shell | None = None,
 ) -> Outcome:
     timeout = assign.limits.timeout if assign.limits.timeout is not None else math.inf
     limited: Outcome | None = None
@@ -180,7 +189,10 @@ async def _run_contained(
                     if start_error is not None:  # as subprocess would have raised it
                         raise start_error
                     with contain.spawning():
-                        if preexec_fn is None and SPAWN_ON_LOOP:
+                        if shell is not None and shell.run():
+                            process = child = _Child.standing_by(shell)
+                            nursery.start_soon(_supervise, child, cancel)
+                        elif preexec_fn is None and SPAWN_ON_LOOP:
                             process = child = _Child.spawn(argv, cwd, env)
                             nursery.start_soon(_supervise, child, cancel)
                         else:
@@ -202,6 +214,8 @@ async def _run_contained(
                         assert process is not None
                         contain.track_main(process.pid)
                         containment.started(process.pid)
+                    if standby is not None:  # a replacement, now that the command runs
+                        standby.fill()
                 except (OSError, subprocess.SubprocessError) as exc:  # could not be started
                     start_error = exc if isinstance(exc, OSError) else OSError(str(exc))
                 else:
@@ -214,6 +228,8 @@ async def _run_contained(
             contain.untrack_main(process.pid)
         if child is not None:
             child.close()
+        if shell is not None:  # what it still holds if it did not run the command
+            shell.discard()
     if start_error is not None:
         return await _not_started(assign, send, start_error)
     if wall.cancelled_caught:
@@ -269,6 +285,12 @@ class _Child:
             popen.wait()  # killed: at once
             raise
         return cls(popen, trio.lowlevel.FdStream(read), pidfd)
+
+    @classmethod
+    def standing_by(cls, shell: Shell) -> _Child:
+        """The command ``shell`` runs now that it has its script (``Shell.run``)."""
+        output, pidfd = shell.hand_over()
+        return cls(shell.popen, trio.lowlevel.FdStream(output), pidfd)
 
     @property
     def pid(self) -> int:

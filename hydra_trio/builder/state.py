@@ -25,6 +25,7 @@ from hydra_trio.builder.executor import execute
 from hydra_trio.builder.inputs import Fetch
 from hydra_trio.builder.nixexec import execute_nix
 from hydra_trio.builder.servers import ServerList
+from hydra_trio.builder.standby import Standby, for_builds
 from hydra_trio.nixstore import NixStore
 from hydra_trio.protocol.messages import Assign, Result
 
@@ -138,16 +139,26 @@ class BuilderState:
     servers: ServerList = attrs.field(init=False)
     #: the build users not running a build (``config.build_users``), or None.
     build_users: BuildUserPool | None = attrs.field(init=False)
+    #: shells standing by for the next builds (``standby``; filled by ``run_builder``), or
+    #: None: builds have no cgroups here, or run as build users.
+    standby: Standby | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.servers = ServerList(self.config.addresses)
         users = self.config.build_users
         self.build_users = BuildUserPool(users) if users is not None else None
+        self.standby = None
         if self.execute is execute:
             if self.config.sandbox is not None:
                 self.execute = functools.partial(self.execute, sandbox=self.config.sandbox)
             if self.build_users is not None:
                 self.execute = functools.partial(self.execute, users=self.build_users)
+            else:
+                builds = self.config.work_dir.absolute() / "builds"
+                sandboxed = self.config.sandbox is not None
+                self.standby = for_builds(builds, self.config.max_jobs, sandboxed=sandboxed)
+                if self.standby is not None:
+                    self.execute = functools.partial(self.execute, standby=self.standby)
 
     def record(self, kind: EventKind, ended: Ended | None = None) -> None:
         self.events.append(BuilderEvent(trio.current_time(), kind, ended))

@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from hydra_trio.builder.executor import execute
+from hydra_trio.builder.executor import execute as execute  # replaced by some tests
 from hydra_trio.protocol.messages import Assign, Limits, LogChunk, Message, Result, UploadData
 
 #: Every test is bounded: a hung child process must fail the test, not the suite.
