@@ -54,6 +54,19 @@ def run_script(text: bytes, cwd: Path) -> tuple[list[str], dict[str, str]]:
     return argv, env
 
 
+def test_a_script_cut_short_runs_nothing(tmp_path: Path) -> None:
+    """It is one block: a shell given part of it (a short write) reads to the end of its input
+    and runs none of it."""
+    marker = tmp_path / "ran"
+    text = standby.script(["touch", str(marker)], tmp_path, {"PATH": os.environ["PATH"]})
+    assert text is not None
+    done = subprocess.run(["/bin/sh", "-s"], input=text[:-3], env={}, timeout=LIMIT)
+    assert done.returncode != 0
+    assert not marker.exists()
+    subprocess.run(["/bin/sh", "-s"], input=text, env={}, timeout=LIMIT, check=True)
+    assert marker.exists()
+
+
 def test_the_script_gives_the_command_exactly_its_arguments_and_environment(
     tmp_path: Path,
 ) -> None:
@@ -77,6 +90,11 @@ def test_the_script_gives_the_command_exactly_its_arguments_and_environment(
         (["true"], {"IFS": ":"}),
         (["true"], {"PWD": "/elsewhere"}),
         (["true"], {"PPID": "1"}),
+        (["true"], {"BASH_VERSINFO": "x"}),
+        (["true"], {"BASHPID": "1"}),
+        (["true"], {"FUNCNAME": "f"}),
+        (["true"], {"A": "nul\0byte"}),
+        (["true", "nul\0byte"], {}),
         (["-dash-first"], {}),
         ([], {}),
         (["true"], {"BIG": "x" * standby.SCRIPT_MOST}),
@@ -170,15 +188,16 @@ def test_a_shell_that_died_standing_by_is_never_given_a_build(
     shells: standby.Standby, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     shells.fill()
-    dead = shells._ready[-1]  # the one taken first
+    dead = shells._ready[0]  # the one taken first
     os.kill(dead.pid, signal.SIGKILL)
     wait_until(lambda: dead.untouched() == "had ended", "the shell died")
     with caplog.at_level(logging.WARNING, logger="hydra_trio.builder"):
         shell = shells.take(["true"], tmp_path, {})
     assert shell is not None and shell is not dead and shell.untouched() == ""
     assert f"(pid {dead.pid}) had ended" in caplog.text
-    assert not dead.cgroup.exists()
     assert shells.take(["true"], tmp_path, {}) is None  # none left until refilled
+    shells.fill()  # which removes the dead one's cgroup (never on the event loop)
+    assert not dead.cgroup.exists()
     shell.discard()
     shell.popen.wait(timeout=LIMIT)
     shell.cgroup.rmdir()
@@ -191,7 +210,7 @@ def test_no_build_can_write_into_a_shell_standing_by(
     """Its stdin (the next build's script) cannot be opened through /proc, even by root; what
     is written into its output that way (the next build's log) makes it unusable."""
     shells.fill()
-    first, second = shells._ready[-1], shells._ready[-2]
+    first, second = shells._ready[0], shells._ready[1]
     wait_until(lambda: idle(first), "the shell waits")
     with pytest.raises(OSError) as raised:
         os.open(f"/proc/{first.pid}/fd/0", os.O_WRONLY)
@@ -211,17 +230,20 @@ def test_no_build_can_write_into_a_shell_standing_by(
     shell.cgroup.rmdir()
 
 
-def test_shells_stand_by_only_where_builds_cannot_trace_them(
-    monkeypatch: pytest.MonkeyPatch,
+def test_shells_stand_by_only_where_builds_cannot_reach_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    scope = Path("/proc/sys/kernel/yama/ptrace_scope")
-    restricted = scope.exists() and scope.read_text().strip() not in ("", "0")
+    """In a sandbox, or on a root builder (whose builds are root); not for an unprivileged
+    builder's own-user builds, which could stop a shell or freeze its cgroup."""
     assert standby.out_of_reach(sandboxed=True)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert standby.out_of_reach(sandboxed=False)  # builds are root: nothing more to reach
+    assert standby.out_of_reach(sandboxed=False)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert standby.out_of_reach(sandboxed=False) == restricted
+    assert not standby.out_of_reach(sandboxed=False)
     assert standby.out_of_reach(sandboxed=True)
+    monkeypatch.setattr(contain, "cgroup_parent", lambda: tmp_path)
+    assert standby.for_builds(tmp_path / "builds", 2) is None
+    assert standby.for_builds(tmp_path / "builds", 2, sandboxed=True) is not None
 
 
 @needs_cgroups
@@ -237,15 +259,25 @@ def test_closing_ends_every_shell_standing_by(shells: standby.Standby) -> None:
 
 
 @needs_cgroups
-def test_a_standby_that_cannot_start_shells_gives_up_and_builds_go_the_usual_way(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_standby_that_cannot_start_shells_waits_and_builds_go_the_usual_way(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A shell that cannot be started (here: no cgroup can be made) is logged once, no other
+    is tried for ``FILL_RETRY`` seconds, and then one is tried again."""
     shells = standby.Standby(2, tmp_path / "not-a-cgroup", "x")
     with caplog.at_level(logging.WARNING, logger="hydra_trio.builder"):
         shells.fill()
-    assert shells.size == 0 and shells.started == 0
-    assert "cannot start a shell standing by for builds" in caplog.text
+        shells.fill()
+    assert shells.started == 0
+    assert caplog.text.count("cannot start a shell standing by for builds") == 1
     assert shells.take(["true"], tmp_path, {}) is None
+    monkeypatch.setattr(shells, "parent", contain.cgroup_parent())
+    shells.fill()  # within FILL_RETRY: nothing tried
+    assert shells.started == 0
+    shells._retry_at = 0.0  # as if FILL_RETRY had passed
+    shells.fill()
+    assert shells.started == 2
+    shells.close()
 
 
 async def build(
@@ -280,6 +312,34 @@ async def test_a_build_takes_a_replacement_standing_by_once_its_command_runs(
         assert (status, code) == (BuildStatus.SUCCESS, 0)
     assert shells.taken == 3 and shells.started == 5
     assert len(shells._ready) == 2
+    assert all(shell.entered for shell in shells._ready)  # told to move as each build ended
+
+
+@needs_cgroups
+def test_a_shell_started_while_a_build_runs_moves_when_told_or_when_taken(
+    shells: standby.Standby, tmp_path: Path
+) -> None:
+    """A replacement is started while its build runs and moves once that build's cgroup is
+    gone (a cold move holds the kernel's cgroup lock, which the build's rmdir would wait
+    for); one taken before it was told still runs its command in its cgroup."""
+    shells.fill(enter=False)
+    first, second = shells._ready[0], shells._ready[1]
+    time.sleep(0.05)
+    assert first.cgroup.name not in cgroup_of(first.pid)
+    shell = shells.take(
+        ["sh", "-c", "cat /proc/self/cgroup"], tmp_path, {"PATH": os.environ["PATH"]}
+    )
+    assert shell is first and shell.run()
+    output, pidfd = shell.hand_over()
+    try:
+        assert shell.popen.wait(timeout=LIMIT) == 0
+        assert first.cgroup.name in os.read(output, 65536).decode()
+    finally:
+        os.close(output)
+        os.close(pidfd)
+    first.cgroup.rmdir()
+    shells.enter()
+    wait_until(lambda: idle(second), "told, it moved")
 
 
 @needs_cgroups
@@ -311,7 +371,7 @@ async def test_a_missing_command_fails_127_and_its_shell_is_ended(
     shells: standby.Standby, tmp_path: Path
 ) -> None:
     shells.fill()
-    first = shells._ready[-1]
+    first = shells._ready[0]
     status, code, log = await build(tmp_path, shells, "no-such-command-hydra-trio")
     assert (status, code) == (BuildStatus.BUILD_FAILED, 127)
     assert "No such file" in log

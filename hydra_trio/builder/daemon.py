@@ -60,8 +60,9 @@ async def run_builder(
     if state is None:
         machine_id = await trio.to_thread.run_sync(load_machine_id, config.work_dir)
         state = BuilderState(config=config, machine_id=machine_id)
-    if state.standby is not None:
-        state.standby.fill()
+    if state.standby is not None:  # started, then told to move: no mkdir waits on a move
+        state.standby.fill(enter=False)
+        state.standby.enter()
     try:
         task_status.started(state)
         sdnotify.notify(f"READY=1\nSTATUS=connecting to {config.server}")

@@ -140,6 +140,8 @@ async def run_command(
                 await trio.to_thread.run_sync(containment.close)
             if user is not None:
                 await trio.to_thread.run_sync(kill_uid, user)
+            if standby is not None:  # this build's cgroup is gone: its replacement may move
+                standby.enter()
 
 
 async def _run_contained(
@@ -214,12 +216,12 @@ async def _run_contained(
                         assert process is not None
                         contain.track_main(process.pid)
                         containment.started(process.pid)
-                    if standby is not None:  # a replacement, now that the command runs
-                        standby.fill()
                 except (OSError, subprocess.SubprocessError) as exc:  # could not be started
                     start_error = exc if isinstance(exc, OSError) else OSError(str(exc))
                 else:
                     assert process is not None
+                    if standby is not None:  # a replacement, moved once this build ends
+                        standby.fill(enter=False)
                     reading = trio.CancelScope()
                     nursery.start_soon(_end_with_main, process, containment, reading)
                     limited = await _stream_log(process, assign, send, stop_all, reading)

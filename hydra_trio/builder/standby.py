@@ -19,28 +19,35 @@ its command with stdin from ``/dev/null``.  The command starts contained, as the
 given it (the build's, and the ``PWD`` the shell sets), about as fast as a bare ``vfork`` and
 exec.  The builder starts a replacement once the command runs.
 
-A shell standing by is the next build's, so no build may reach it.  Its stdin is a socket,
-which cannot be opened through ``/proc/<pid>/fd`` (a pipe can, by any process of the same
-user); its output pipe can, so a shell with anything in it when taken is not used; and a
-process that may trace it could do anything to it, so shells stand by only where builds
-cannot trace them beyond what they can trace already (``out_of_reach``: a sandbox, a root
-builder whose builds are root anyway, or Yama's ``ptrace_scope`` >= 1).  A single-user
-builder of another user on a kernel letting any process trace its user's others, and a
-builder with build users (whose commands start through a ``preexec_fn``), start every build
-the usual way.
+A shell standing by is the next build's, so no build may reach it: a build of the builder's
+own user could stop it (``kill -STOP``), freeze or empty its cgroup, or trace it, and so reach
+a build that starts after its own has ended.  So shells stand by only where builds cannot do
+more to them than they can already do to everything (``out_of_reach``): builds in a sandbox
+(their own PID namespace, no cgroup file system), or a root builder, whose builds are root.
+An unprivileged builder without ``--sandbox``, and a builder with build users (whose commands
+start through a ``preexec_fn``), start every build the usual way.  Where they stand by, their
+stdin is a socket all the same (no process can open it through ``/proc/<pid>/fd``, as it could
+a pipe), and a shell whose output holds anything when taken is ended, not used.
 
 A build whose environment the shell cannot ``export`` exactly (a name that is not a shell
-variable's, or one the shell treats as its own, such as ``PWD`` or ``IFS``), whose command
-starts with ``-`` (``exec`` would take it for an option), or whose script would not fit in the
-socket at once, is started the usual way (``Containment.wrap``); so is one that finds no shell
-ready.  A shell that died while standing by (its move into the cgroup failed, someone killed
-it) is found when taken and replaced.  Closing the standby ends the shells; a shell whose
+variable's, or one the shell treats as its own, such as ``PWD``, ``IFS`` or bash's ``BASH*``),
+whose command starts with ``-`` (``exec`` would take it for an option), whose command or
+environment holds a NUL (which ``subprocess`` refuses and a shell would drop), or whose script
+would not fit in the socket at once, is started the usual way (``Containment.wrap``); so is one
+that finds no shell ready.  The script is one ``{ ...; }`` block: cut short, it runs nothing.
+A cold move holds the kernel's ``cgroup_mutex`` for the grace period, and every ``mkdir`` or
+``rmdir`` of a cgroup waits for it meanwhile, on the event loop too: so a replacement, started
+right after a build's command runs (``fill``, a ``mkdir`` and a ``vfork`` on the loop, as the
+wrapper's were), is told to move only once that build's own cgroup is gone (``enter``).
+A shell that died while standing by (its move into the cgroup failed, someone killed it) is
+found when taken and replaced.  Closing the standby ends the shells; a shell whose
 stdin reaches its end exits by itself, also when the builder is killed, and the empty cgroups
 a killed builder leaves are removed by the next one (``remove_leftover_cgroups``).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -52,6 +59,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -66,6 +75,8 @@ log = logging.getLogger("hydra_trio.builder")
 #: Shells standing by at most (fewer if the builder runs fewer builds at once): beyond, a
 #: burst of builds starts the usual way, when the kernel's lock is warm anyway.
 STANDBY_MOST = 4
+#: Seconds without starting shells after one could not be started.
+FILL_RETRY = 60.0
 #: A script larger than this goes the usual way: written at once, it never waits for the socket.
 SCRIPT_MOST = 32 * 1024
 #: What a standing-by shell runs first: move itself into its cgroup ($1 is its cgroup.procs).
@@ -74,9 +85,12 @@ _ENTER = b'echo 0 > "$1" || exit 2\n'
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SHELL_NAMES = frozenset(
     {"CDPATH", "ENV", "HISTFILE", "IFS", "LINENO", "MAIL", "MAILCHECK", "MAILPATH", "OLDPWD"}
-    | {"OPTARG", "OPTIND", "PPID", "PS1", "PS2", "PS4", "PWD", "SHELLOPTS", "BASHOPTS"}
-    | {"BASH_ENV", "SHLVL", "UID", "EUID", "GROUPS", "HOSTNAME", "RANDOM", "SECONDS", "_"}
+    | {"OPTARG", "OPTIND", "PPID", "PS1", "PS2", "PS4", "PWD", "SHELLOPTS", "SHLVL", "UID"}
+    | {"EUID", "GROUPS", "HOSTNAME", "RANDOM", "SECONDS", "FUNCNAME", "SRANDOM", "HISTCMD"}
+    | {"DIRSTACK", "PIPESTATUS", "_"}
 )
+#: ... and none beginning so (bash's own: ``BASH_VERSINFO`` is read-only, ``BASHPID`` set).
+_SHELL_PREFIXES = ("BASH", "COMP_", "EPOCH")
 
 
 def script(argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> bytes | None:
@@ -84,13 +98,16 @@ def script(argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> bytes | No
     the ``PWD`` it sets), or None if a shell cannot be told so (see the module docstring)."""
     if not argv or argv[0].startswith("-"):
         return None
-    if any(not _NAME.fullmatch(name) or name in _SHELL_NAMES for name in env):
-        return None
-    lines = [f"cd -P -- {shlex.quote(str(cwd))} || exit 2", "unset OLDPWD"]
+    for name in env:
+        if not _NAME.fullmatch(name) or name in _SHELL_NAMES or name.startswith(_SHELL_PREFIXES):
+            return None
+    lines = ["{", f"cd -P -- {shlex.quote(str(cwd))} || exit 2", "unset OLDPWD"]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
-    lines.append(f"exec {' '.join(shlex.quote(arg) for arg in argv)} </dev/null\n")
+    lines += [f"exec {' '.join(shlex.quote(arg) for arg in argv)} </dev/null", "}\n"]
     text = os.fsencode("\n".join(lines))
-    return text if len(text) <= SCRIPT_MOST else None
+    if b"\0" in text or len(text) > SCRIPT_MOST:
+        return None
+    return text
 
 
 @attrs.define(eq=False)
@@ -105,6 +122,9 @@ class Shell:
     pidfd: int
     #: what it runs (``script``), once a build took it.
     script: bytes = b""
+    #: whether it has been told to move into its cgroup (``_ENTER``): a replacement started
+    #: while a build runs is told once that build's own cgroup is gone (``Standby.enter``).
+    entered: bool = False
 
     @property
     def pid(self) -> int:
@@ -128,17 +148,27 @@ class Shell:
     def run(self) -> bool:
         """Give it its script: it executes the command next.  False if it died meanwhile
         (then it is discarded)."""
+        # (not told to move yet: it moves first, and the command waits for that)
+        text = self.script if self.entered else _ENTER + self.script
         try:
-            # a socket takes up to its buffer at once (over 100 KiB; SCRIPT_MOST is less)
-            written = os.write(self.stdin, self.script)
-        except OSError:  # BrokenPipeError
+            # non-blocking: a socket takes up to its buffer at once (over 100 KiB here;
+            # SCRIPT_MOST is less), and what takes less (a smaller buffer) fails the shell
+            written = os.write(self.stdin, text)
+        except OSError:  # BrokenPipeError, BlockingIOError
             written = -1
         os.close(self.stdin)
         self.stdin = -1
-        if written == len(self.script):
+        if written == len(text):
             return True
         self.discard()
         return False
+
+    def enter(self) -> None:
+        """Tell it to move into its cgroup now (a failure shows when it is taken)."""
+        if not self.entered and self.stdin >= 0:
+            self.entered = True
+            with contextlib.suppress(OSError):
+                os.write(self.stdin, _ENTER)
 
     def containment(self, marker: str) -> Containment:
         return Containment(marker, self.cgroup)
@@ -157,9 +187,11 @@ class Shell:
             if fd >= 0:
                 os.close(fd)
         self.output = self.pidfd = -1
-        contain.untrack_main(self.popen.pid)
-        if self.popen.poll() is None:
-            _ENDING.append(self.popen)
+        if self.popen.poll() is None:  # still tracked, so no subreaper's waitpid takes it
+            with _ENDING_LOCK:
+                _ENDING.append(self.popen)
+        else:
+            contain.untrack_main(self.popen.pid)
 
     def hand_over(self) -> tuple[int, int]:
         """Its output's read end and pidfd, which the caller owns from now on."""
@@ -181,11 +213,20 @@ def _kill(pidfd: int) -> None:
 
 #: Shells ended but not reaped yet (``Shell.discard``); ``reap`` waits for them.
 _ENDING: list[subprocess.Popen[bytes]] = []
+_ENDING_LOCK = threading.Lock()
 
 
 def reap() -> None:
-    """Reap the shells ended since the last call that have exited (never blocks)."""
-    _ENDING[:] = [popen for popen in _ENDING if popen.poll() is None]
+    """Reap the shells ended since the last call that have exited (never blocks), and stop
+    tracking their pids (``contain.track_main``) only then."""
+    with _ENDING_LOCK:
+        ending = []
+        for popen in _ENDING:
+            if popen.poll() is None:
+                ending.append(popen)
+            else:
+                contain.untrack_main(popen.pid)
+        _ENDING[:] = ending
 
 
 def for_builds(builds: Path, max_jobs: int, *, sandboxed: bool = False) -> Standby | None:
@@ -199,8 +240,8 @@ def for_builds(builds: Path, max_jobs: int, *, sandboxed: bool = False) -> Stand
         return None
     if not out_of_reach(sandboxed):
         log.info(
-            "builds start without shells standing by: a build of this builder's user could "
-            "trace them (no --sandbox, not root, kernel.yama.ptrace_scope 0)"
+            "builds start without shells standing by (builder/standby.py): a build of this "
+            "builder's user could reach them (no --sandbox, not root)"
         )
         return None
     return Standby(min(max_jobs, STANDBY_MOST), parent, contain.owner_tag(builds))
@@ -208,49 +249,46 @@ def for_builds(builds: Path, max_jobs: int, *, sandboxed: bool = False) -> Stand
 
 def out_of_reach(sandboxed: bool) -> bool:
     """Whether a build can do nothing to a shell standing by that it cannot do already to
-    the builds running beside it: it runs in a sandbox (its own PID namespace: it sees none
-    of the builder's processes), or as root (the builder is root and so are its builds: they
-    can do anything to anything), or the kernel lets no process trace one it did not start
-    (Yama's ``ptrace_scope`` 1 or more).  Otherwise a build of the builder's user could
-    trace a shell standing by (that user's and dumpable, unlike the builder) and so reach a
-    build that starts after its own has ended.  (Opening the shell's stdin through
-    ``/proc/<pid>/fd`` fails whatever the user: it is a socket; something written into its
-    output pipe that way is seen before the shell is given a build: ``Shell.untouched``.)"""
-    if sandboxed or os.geteuid() == 0:
-        return True
-    try:
-        scope = Path("/proc/sys/kernel/yama/ptrace_scope").read_text().strip()
-    except OSError:
-        return False
-    return scope.isdigit() and int(scope) >= 1
+    anything: it runs in a sandbox (its own PID namespace, and no cgroup file system: it sees
+    none of the builder's processes or cgroups), or as root (the builder is root, and so are
+    its builds).  Otherwise a build of the builder's user could stop a shell, freeze or empty
+    its cgroup, or trace it, and so reach a build that starts after its own has ended (a
+    stricter ``ptrace_scope`` would stop only the last)."""
+    return sandboxed or os.geteuid() == 0
 
 
 class Standby:
     """Up to ``size`` shells standing by under ``parent`` (the builder's cgroup), named after
     ``owner`` (``contain.owner_tag`` of the builds directory), so a builder restarted on the
-    same work dir removes what a killed one left (see the module docstring)."""
+    same work dir removes what a killed one left (see the module docstring).  Its methods are
+    called on the event loop (``fill`` may also be called from a thread: one at a time)."""
 
     def __init__(self, size: int, parent: Path, owner: str) -> None:
         self.size = size
         self.parent = parent
         self.owner = owner
-        self._ready: list[Shell] = []
+        #: oldest first: the first taken has surely moved into its cgroup.
+        self._ready: collections.deque[Shell] = collections.deque()
         #: shells ended whose cgroups are removed once they have exited (``_tidy``).
         self._ending: list[Shell] = []
         self._closed = False
+        #: one ``fill`` at a time; ``_lock`` guards ``_ending`` (held for list updates only).
+        self._filling = threading.Lock()
+        self._lock = threading.Lock()
+        #: after a shell could not be started, no other is tried before this (monotonic).
+        self._retry_at = 0.0
         #: shells started, and taken by builds, so far.
         self.started = 0
         self.taken = 0
 
     def take(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> Shell | None:
         """A shell to run ``argv`` in ``cwd`` with ``env`` (``Shell.run``); None: start it the
-        usual way."""
+        usual way.  No cgroup is touched here (a ``rmdir`` could wait on the kernel's lock)."""
         text = script(argv, cwd, env)
         if text is None:
             return None
-        self._tidy()
         while self._ready:
-            shell = self._ready.pop()
+            shell = self._ready.popleft()
             why = shell.untouched()
             if not why:
                 self.taken += 1
@@ -260,43 +298,64 @@ class Standby:
             self._remove(shell)
         return None
 
-    def fill(self) -> None:
-        """Start shells until ``size`` stand by (a ``mkdir`` and a ``vfork`` each: on the loop,
-        as a build's own start would be).  A shell that cannot be started is logged, and the
-        standby stops trying: builds start the usual way."""
-        self._tidy()
-        while not self._closed and len(self._ready) < self.size:
-            try:
-                shell = self._start()
-            except OSError as exc:
-                log.warning("cannot start a shell standing by for builds: %s", exc)
-                self.size = 0
+    def fill(self, enter: bool = True) -> None:
+        """Start shells until ``size`` stand by (a ``mkdir`` and a ``vfork`` each), and remove
+        the cgroups of those ended since; each moves into its cgroup at once if ``enter``,
+        else when told (``enter``).  A ``mkdir`` waits while another process's cold move holds
+        the kernel's cgroup lock: with ``enter=False`` none of this standby's own is.  A shell
+        that cannot be started is logged, and none is tried for ``FILL_RETRY`` seconds: builds
+        start the usual way meanwhile."""
+        with self._filling:
+            self._tidy()
+            if time.monotonic() < self._retry_at:
                 return
-            self._ready.append(shell)
-            self.started += 1
+            while not self._closed and len(self._ready) < self.size:
+                try:
+                    shell = self._start(enter)
+                except OSError as exc:
+                    log.warning(
+                        "cannot start a shell standing by for builds (trying again in %g s): %s",
+                        FILL_RETRY,
+                        exc,
+                    )
+                    self._retry_at = time.monotonic() + FILL_RETRY
+                    return
+                self._ready.append(shell)
+                self.started += 1
+
+    def enter(self) -> None:
+        """Tell the shells not yet told to move into their cgroups.  A cold move holds the
+        kernel's cgroup lock for the grace period, and the event loop removes a build's cgroup
+        when it ends: a replacement started while a build runs moves once it has ended."""
+        for shell in list(self._ready):
+            shell.enter()
 
     def close(self) -> None:
         """End every shell standing by and remove its cgroup (each exits at once: blocking
         only for as long as that takes, bounded)."""
         self._closed = True
-        ready, self._ready = self._ready, []
-        for shell in ready:
-            shell.discard()
-        for shell in [*ready, *self._ending]:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                shell.popen.wait(timeout=1.0)
-            with contextlib.suppress(OSError):
-                shell.cgroup.rmdir()
-        self._ending = []
-        reap()
+        with self._filling:  # a fill in progress ends first (it sees ``_closed``)
+            ready = list(self._ready)
+            self._ready.clear()
+            for shell in ready:
+                shell.discard()
+            with self._lock:
+                ending, self._ending = [*ready, *self._ending], []
+            for shell in ending:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    shell.popen.wait(timeout=1.0)
+                with contextlib.suppress(OSError):
+                    shell.cgroup.rmdir()
+            reap()
 
-    def _start(self) -> Shell:
+    def _start(self, enter: bool) -> Shell:
         cgroup = self.parent / f"{CGROUP_PREFIX}{self.owner}-standby-{uuid.uuid4().hex[:8]}"
         cgroup.mkdir()
         try:
             # stdin a socket, not a pipe: a process of the same user can open another's pipe
             # through /proc/<pid>/fd (and so write into the next build's script), not a socket
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ours.setblocking(False)  # the script never waits for the shell (``Shell.run``)
             stdin, stdin_read = ours.detach(), theirs.detach()
             try:
                 read, write = os.pipe()
@@ -324,9 +383,11 @@ class Standby:
             shell = Shell(popen, cgroup, stdin, read, -1)
             try:
                 shell.pidfd = _pidfd_open(popen.pid)
-                os.write(stdin, _ENTER)
+                if enter:
+                    shell.entered = True
+                    os.write(stdin, _ENTER)
             except OSError:
-                shell.discard()
+                self._remove(shell)  # (and its cgroup with it, once it has exited)
                 raise
         except BaseException:
             with contextlib.suppress(OSError):
@@ -335,19 +396,23 @@ class Standby:
         return shell
 
     def _remove(self, shell: Shell) -> None:
+        """End ``shell``; its cgroup is removed by the next ``fill`` once it has exited."""
         shell.discard()
-        self._ending.append(shell)
-        self._tidy()
+        with self._lock:
+            self._ending.append(shell)
 
     def _tidy(self) -> None:
         """Remove the cgroups of the ended shells that have exited (a killed process leaves
         its cgroup a moment later, and the kernel refuses to remove it until then)."""
         reap()
-        ending = []
-        for shell in self._ending:
-            if shell.popen.poll() is None:
-                ending.append(shell)
+        with self._lock:
+            ending, self._ending = self._ending, []
+        left = []
+        for shell in ending:
+            if shell.popen.returncode is None:
+                left.append(shell)
                 continue
             with contextlib.suppress(OSError):
                 shell.cgroup.rmdir()
-        self._ending = ending
+        with self._lock:
+            self._ending += left
