@@ -301,8 +301,9 @@ class Standby:
     def fill(self, enter: bool = True) -> None:
         """Start shells until ``size`` stand by (a ``mkdir`` and a ``vfork`` each), and remove
         the cgroups of those ended since; each moves into its cgroup at once if ``enter``,
-        else when told (``enter``).  A ``mkdir`` waits while another process's cold move holds
-        the kernel's cgroup lock: with ``enter=False`` none of this standby's own is.  A shell
+        else when told (``enter``).  A ``mkdir`` waits while any process's cold move holds the
+        kernel's cgroup lock (a shell told to move as the last build ended, say); with
+        ``enter=False`` the shells started here add no such move while builds run.  A shell
         that cannot be started is logged, and none is tried for ``FILL_RETRY`` seconds: builds
         start the usual way meanwhile."""
         with self._filling:
