@@ -198,9 +198,7 @@ def test_a_shell_that_died_standing_by_is_never_given_a_build(
     assert shells.take(["true"], tmp_path, {}) is None  # none left until refilled
     shells.fill()  # which removes the dead one's cgroup (never on the event loop)
     assert not dead.cgroup.exists()
-    shell.discard()
-    shell.popen.wait(timeout=LIMIT)
-    shell.cgroup.rmdir()
+    shells.drop(shell)  # (reaped, its cgroup removed, by the fixture's close)
 
 
 @needs_cgroups
@@ -225,9 +223,7 @@ def test_no_build_can_write_into_a_shell_standing_by(
     wait_until(lambda: first.popen.poll() is not None, "the shell was ended")
     shells.fill()  # and its cgroup removed now that it has exited
     assert not first.cgroup.exists()
-    shell.discard()
-    shell.popen.wait(timeout=LIMIT)
-    shell.cgroup.rmdir()
+    shells.drop(shell)  # (reaped, its cgroup removed, by the fixture's close)
 
 
 def test_shells_stand_by_only_where_builds_cannot_reach_them(

@@ -230,8 +230,9 @@ async def _run_contained(
             contain.untrack_main(process.pid)
         if child is not None:
             child.close()
-        if shell is not None:  # what it still holds if it did not run the command
-            shell.discard()
+        if shell is not None and (child is None or child.popen is not shell.popen):
+            assert standby is not None
+            standby.drop(shell)  # taken, but it did not run the command
     if start_error is not None:
         return await _not_started(assign, send, start_error)
     if wall.cancelled_caught:

@@ -59,7 +59,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -147,7 +146,7 @@ class Shell:
 
     def run(self) -> bool:
         """Give it its script: it executes the command next.  False if it died meanwhile
-        (then it is discarded)."""
+        (then it is discarded: give it back with ``Standby.drop``)."""
         # (not told to move yet: it moves first, and the command waits for that)
         text = self.script if self.entered else _ENTER + self.script
         try:
@@ -175,8 +174,8 @@ class Shell:
 
     def discard(self) -> None:
         """End it if it has not run a command (SIGKILL through its pidfd: never another
-        process) and close what of its pipes and pidfd it still holds.  Its cgroup is left to
-        the caller.  Reaped at once if it has exited, else by the next ``reap``."""
+        process) and close what of its pipes and pidfd it still holds.  Reaping it and its
+        cgroup are left to the caller (``Standby.drop``)."""
         if self.stdin >= 0:
             os.close(self.stdin)
             self.stdin = -1
@@ -187,11 +186,6 @@ class Shell:
             if fd >= 0:
                 os.close(fd)
         self.output = self.pidfd = -1
-        if self.popen.poll() is None:  # still tracked, so no subreaper's waitpid takes it
-            with _ENDING_LOCK:
-                _ENDING.append(self.popen)
-        else:
-            contain.untrack_main(self.popen.pid)
 
     def hand_over(self) -> tuple[int, int]:
         """Its output's read end and pidfd, which the caller owns from now on."""
@@ -209,24 +203,6 @@ def _pidfd_open(pid: int) -> int:
 def _kill(pidfd: int) -> None:
     if sys.platform == "linux":
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-
-
-#: Shells ended but not reaped yet (``Shell.discard``); ``reap`` waits for them.
-_ENDING: list[subprocess.Popen[bytes]] = []
-_ENDING_LOCK = threading.Lock()
-
-
-def reap() -> None:
-    """Reap the shells ended since the last call that have exited (never blocks), and stop
-    tracking their pids (``contain.track_main``) only then."""
-    with _ENDING_LOCK:
-        ending = []
-        for popen in _ENDING:
-            if popen.poll() is None:
-                ending.append(popen)
-            else:
-                contain.untrack_main(popen.pid)
-        _ENDING[:] = ending
 
 
 def for_builds(builds: Path, max_jobs: int, *, sandboxed: bool = False) -> Standby | None:
@@ -261,7 +237,7 @@ class Standby:
     """Up to ``size`` shells standing by under ``parent`` (the builder's cgroup), named after
     ``owner`` (``contain.owner_tag`` of the builds directory), so a builder restarted on the
     same work dir removes what a killed one left (see the module docstring).  Its methods are
-    called on the event loop (``fill`` may also be called from a thread: one at a time)."""
+    called on the event loop."""
 
     def __init__(self, size: int, parent: Path, owner: str) -> None:
         self.size = size
@@ -269,12 +245,10 @@ class Standby:
         self.owner = owner
         #: oldest first: the first taken has surely moved into its cgroup.
         self._ready: collections.deque[Shell] = collections.deque()
-        #: shells ended whose cgroups are removed once they have exited (``_tidy``).
+        #: shells ended and not reaped yet, their pids still tracked (so no subreaper's
+        #: ``waitpid`` takes them) and their cgroups still there (``_tidy``).
         self._ending: list[Shell] = []
         self._closed = False
-        #: one ``fill`` at a time; ``_lock`` guards ``_ending`` (held for list updates only).
-        self._filling = threading.Lock()
-        self._lock = threading.Lock()
         #: after a shell could not be started, no other is tried before this (monotonic).
         self._retry_at = 0.0
         #: shells started, and taken by builds, so far.
@@ -295,7 +269,7 @@ class Standby:
                 shell.script = text
                 return shell
             log.warning("a shell standing by for builds (pid %d) %s", shell.pid, why)
-            self._remove(shell)
+            self.drop(shell)
         return None
 
     def fill(self, enter: bool = True) -> None:
@@ -306,23 +280,22 @@ class Standby:
         ``enter=False`` the shells started here add no such move while builds run.  A shell
         that cannot be started is logged, and none is tried for ``FILL_RETRY`` seconds: builds
         start the usual way meanwhile."""
-        with self._filling:
-            self._tidy()
-            if time.monotonic() < self._retry_at:
+        self._tidy()
+        if time.monotonic() < self._retry_at:
+            return
+        while not self._closed and len(self._ready) < self.size:
+            try:
+                shell = self._start(enter)
+            except OSError as exc:
+                log.warning(
+                    "cannot start a shell standing by for builds (trying again in %g s): %s",
+                    FILL_RETRY,
+                    exc,
+                )
+                self._retry_at = time.monotonic() + FILL_RETRY
                 return
-            while not self._closed and len(self._ready) < self.size:
-                try:
-                    shell = self._start(enter)
-                except OSError as exc:
-                    log.warning(
-                        "cannot start a shell standing by for builds (trying again in %g s): %s",
-                        FILL_RETRY,
-                        exc,
-                    )
-                    self._retry_at = time.monotonic() + FILL_RETRY
-                    return
-                self._ready.append(shell)
-                self.started += 1
+            self._ready.append(shell)
+            self.started += 1
 
     def enter(self) -> None:
         """Tell the shells not yet told to move into their cgroups.  A cold move holds the
@@ -335,19 +308,18 @@ class Standby:
         """End every shell standing by and remove its cgroup (each exits at once: blocking
         only for as long as that takes, bounded)."""
         self._closed = True
-        with self._filling:  # a fill in progress ends first (it sees ``_closed``)
-            ready = list(self._ready)
-            self._ready.clear()
-            for shell in ready:
-                shell.discard()
-            with self._lock:
-                ending, self._ending = [*ready, *self._ending], []
-            for shell in ending:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    shell.popen.wait(timeout=1.0)
-                with contextlib.suppress(OSError):
-                    shell.cgroup.rmdir()
-            reap()
+        for shell in self._ready:
+            shell.discard()
+        ending = [*self._ready, *self._ending]
+        self._ready.clear()
+        self._ending = []
+        for shell in ending:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                shell.popen.wait(timeout=1.0)
+            if shell.popen.returncode is not None:
+                contain.untrack_main(shell.pid)
+            with contextlib.suppress(OSError):
+                shell.cgroup.rmdir()
 
     def _start(self, enter: bool) -> Shell:
         cgroup = self.parent / f"{CGROUP_PREFIX}{self.owner}-standby-{uuid.uuid4().hex[:8]}"
@@ -388,7 +360,7 @@ class Standby:
                     shell.entered = True
                     os.write(stdin, _ENTER)
             except OSError:
-                self._remove(shell)  # (and its cgroup with it, once it has exited)
+                self.drop(shell)  # (and its cgroup with it, once it has exited)
                 raise
         except BaseException:
             with contextlib.suppress(OSError):
@@ -396,24 +368,22 @@ class Standby:
             raise
         return shell
 
-    def _remove(self, shell: Shell) -> None:
-        """End ``shell``; its cgroup is removed by the next ``fill`` once it has exited."""
+    def drop(self, shell: Shell) -> None:
+        """End ``shell`` (taken and not run, dead, or unusable); it is reaped and its cgroup
+        removed (unless a build's containment did) once it has exited (``_tidy``)."""
         shell.discard()
-        with self._lock:
-            self._ending.append(shell)
+        self._ending.append(shell)
 
     def _tidy(self) -> None:
-        """Remove the cgroups of the ended shells that have exited (a killed process leaves
-        its cgroup a moment later, and the kernel refuses to remove it until then)."""
-        reap()
-        with self._lock:
-            ending, self._ending = self._ending, []
-        left = []
-        for shell in ending:
-            if shell.popen.returncode is None:
-                left.append(shell)
+        """Reap the ended shells that have exited (never waiting), stop tracking their pids
+        only then, and remove their cgroups (a killed process leaves its cgroup a moment
+        later, and the kernel refuses to remove it until then)."""
+        ending = []
+        for shell in self._ending:
+            if shell.popen.poll() is None:
+                ending.append(shell)
                 continue
+            contain.untrack_main(shell.pid)
             with contextlib.suppress(OSError):
                 shell.cgroup.rmdir()
-        with self._lock:
-            self._ending += left
+        self._ending = ending
