@@ -33,6 +33,8 @@ import httpx
 import psutil
 import trio
 
+from hydra_trio.builder import contain
+
 T = TypeVar("T")
 
 #: Seconds a daemon gets to exit after SIGINT before it is killed.
@@ -264,3 +266,7 @@ async def real_farm(tmp_path: Path) -> AsyncIterator[RealFarm]:
     finally:
         if farm is not None:
             farm.show_logs()  # complete now: every daemon has exited
+        # what a builder restarted on each work dir would remove: the cgroups of the builds and
+        # shells standing by that a builder killed by the test left (never reused otherwise)
+        for work_dir in sorted((tmp_path / "builders").glob("*")):
+            contain.remove_leftover_cgroups(work_dir.absolute() / "builds")
